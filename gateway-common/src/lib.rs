@@ -1,0 +1,17 @@
+//! Types and pure logic shared by the kernel programs (`gateway-ebpf`), the
+//! userspace daemon/CLI (`gateway`) and the fuzzers.
+//!
+//! Everything here is `no_std`, allocation-free and `#[repr(C)]` where it
+//! crosses the kernel boundary, so both sides agree on every byte.
+#![no_std]
+
+#[cfg(any(test, feature = "user"))]
+extern crate std;
+
+pub mod bucket;
+pub mod cidr;
+pub mod maps;
+pub mod packet;
+pub mod verdict;
+
+pub use maps::*;

@@ -1,0 +1,45 @@
+//! The maps of the XDP program. Names, key and value layouts are the
+//! contract in `gateway_common::maps`; userspace pins them by name.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray},
+};
+use gateway_common::{capacity, BlockValue, Bucket, Counter, Limits, Reason, SourceKey};
+
+#[map]
+pub static ALLOW_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(capacity::ALLOW, 0);
+#[map]
+pub static ALLOW_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(capacity::ALLOW, 0);
+
+#[map]
+pub static BLOCK_V4: LpmTrie<[u8; 4], BlockValue> =
+    LpmTrie::with_max_entries(capacity::BLOCK_CIDR, 0);
+#[map]
+pub static BLOCK_V6: LpmTrie<[u8; 16], BlockValue> =
+    LpmTrie::with_max_entries(capacity::BLOCK_CIDR, 0);
+
+/// Exact-address blocks (/32, /128): one hash lookup instead of a trie walk.
+#[map]
+pub static BLOCK_HOST_V4: HashMap<[u8; 4], BlockValue> =
+    HashMap::with_max_entries(capacity::BLOCK_HOST_V4, 0);
+#[map]
+pub static BLOCK_HOST_V6: HashMap<[u8; 16], BlockValue> =
+    HashMap::with_max_entries(capacity::BLOCK_HOST_V6, 0);
+
+#[map]
+pub static SYN_BUCKETS: LruHashMap<SourceKey, Bucket> =
+    LruHashMap::with_max_entries(capacity::SYN_BUCKETS, 0);
+#[map]
+pub static SYN_GLOBAL: Array<Bucket> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static LIMITS: Array<Limits> = Array::with_max_entries(1, 0);
+#[map]
+pub static PORTS: Array<u32> = Array::with_max_entries(capacity::PORTS, 0);
+
+#[map]
+pub static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+#[map]
+pub static TOP_SOURCES: LruHashMap<SourceKey, u64> =
+    LruHashMap::with_max_entries(capacity::TOP_SOURCES, 0);

@@ -1,0 +1,113 @@
+//! `gateway_common`'s `Bytes` and `Tables` over the XDP context and the BPF
+//! maps. The kernel only reads policy maps; it writes buckets and counters.
+
+use aya_ebpf::{maps::lpm_trie::Key, programs::XdpContext};
+use gateway_common::{
+    bucket,
+    packet::{Bytes, Source},
+    verdict::Tables,
+    Limits, SourceKey, PORT_PROTECTED,
+};
+
+use crate::maps::*;
+
+/// Packet access for the verifier: every read is checked against
+/// `data_end` on the same pointer it dereferences.
+pub struct Packet<'a>(pub &'a XdpContext);
+
+impl Bytes for Packet<'_> {
+    #[inline(always)]
+    fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        let start = self.0.data();
+        let end = self.0.data_end();
+        // Offsets are capped by the parser; the explicit bound here keeps
+        // the verifier's range tracking simple.
+        if off > 1024 {
+            return None;
+        }
+        let p = start + off;
+        if p + N > end {
+            return None;
+        }
+        // SAFETY: [p, p + N) lies inside the packet (checked above).
+        Some(unsafe { core::ptr::read_unaligned(p as *const [u8; N]) })
+    }
+}
+
+pub struct Maps;
+
+#[inline(always)]
+fn active(v: Option<&gateway_common::BlockValue>, now: u64) -> bool {
+    matches!(v, Some(v) if v.active(now))
+}
+
+impl Tables for Maps {
+    #[inline(always)]
+    fn allowed(&self, src: &Source) -> bool {
+        match src {
+            Source::V4(a) => ALLOW_V4.get(Key::new(32, *a)).is_some(),
+            Source::V6(a) => ALLOW_V6.get(Key::new(128, *a)).is_some(),
+        }
+    }
+
+    #[inline(always)]
+    fn blocked(&self, src: &Source, now: u64) -> bool {
+        // SAFETY: values are plain integers; a racing update can at worst
+        // show the old or new expiry.
+        match src {
+            Source::V4(a) => {
+                active(unsafe { BLOCK_HOST_V4.get(a) }, now)
+                    || active(BLOCK_V4.get(Key::new(32, *a)), now)
+            }
+            Source::V6(a) => {
+                active(unsafe { BLOCK_HOST_V6.get(a) }, now)
+                    || active(BLOCK_V6.get(Key::new(128, *a)), now)
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn protected(&self, port: u16) -> bool {
+        matches!(PORTS.get(port as u32), Some(v) if *v == PORT_PROTECTED)
+    }
+
+    #[inline(always)]
+    fn limits(&self) -> Option<Limits> {
+        LIMITS.get(0).copied()
+    }
+
+    #[inline(always)]
+    fn take_source(&self, key: &SourceKey, l: &Limits, now: u64) -> bool {
+        match SYN_BUCKETS.get_ptr_mut(key) {
+            // SAFETY: the pointer is into the map value; concurrent CPUs may
+            // race on the same source, which only blurs its rate slightly.
+            Some(b) => bucket::take(
+                unsafe { &mut *b },
+                l.syn_rate,
+                l.syn_burst,
+                l.syn_fill_ns,
+                now,
+            ),
+            None => {
+                let _ = SYN_BUCKETS.insert(key, bucket::fresh(l.syn_burst, now), 0);
+                l.syn_burst > 0
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn take_global(&self, l: &Limits, now: u64) -> bool {
+        match SYN_GLOBAL.get_ptr_mut(0) {
+            Some(b) => {
+                // SAFETY: as above; a zeroed (never used) bucket starts full.
+                let b = unsafe { &mut *b };
+                if b.last_ns == 0 {
+                    *b = bucket::fresh(l.global_burst, now);
+                    return l.global_burst > 0;
+                }
+                bucket::take(b, l.global_rate, l.global_burst, l.global_fill_ns, now)
+            }
+            None => true,
+        }
+    }
+}

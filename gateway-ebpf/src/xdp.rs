@@ -1,0 +1,40 @@
+//! The XDP entry point: decide, count, act.
+
+use aya_ebpf::{
+    bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
+};
+use gateway_common::{verdict::decide, Counter};
+
+use crate::{
+    maps::{STATS, TOP_SOURCES},
+    tables::{Maps, Packet},
+};
+
+#[xdp]
+pub fn gateway_xdp(ctx: XdpContext) -> u32 {
+    // SAFETY: a helper with no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let v = decide(&Packet(&ctx), &Maps, now);
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    if let Some(c) = STATS.get_ptr_mut(v.reason as u32) {
+        // SAFETY: per-CPU slot, no other writer on this CPU.
+        let c: &mut Counter = unsafe { &mut *c };
+        c.packets += 1;
+        c.bytes += len;
+    }
+    if !v.drop() {
+        return xdp_action::XDP_PASS;
+    }
+    if let Some(src) = v.source {
+        match TOP_SOURCES.get_ptr_mut(&src) {
+            // SAFETY: pointer into the map value. Shared across CPUs, so two
+            // CPUs dropping the same source at once may lose an increment:
+            // this map ranks offenders, the exact totals are in STATS.
+            Some(n) => unsafe { *n += 1 },
+            None => {
+                let _ = TOP_SOURCES.insert(&src, 1u64, 0);
+            }
+        }
+    }
+    xdp_action::XDP_DROP
+}

@@ -1,0 +1,228 @@
+//! `gateway block ...` and `gateway allow ...`: runtime changes to the
+//! kernel lists, persisted in state_dir so they survive restarts.
+//!
+//! Every change is validated first and persisted before the map is touched;
+//! if the map update fails the previous state file is restored, so an error
+//! changes nothing.
+
+use anyhow::{Context as _, Result};
+use gateway_common::{cidr::Cidr, BlockValue};
+use serde::Serialize;
+
+use super::{output, AllowCmd, BlockCmd};
+use crate::{
+    config::Config,
+    error::UsageError,
+    kernel::{
+        clock,
+        maps::KernelMaps,
+        runtime::open_running,
+        state::{BlockEntry, State},
+    },
+};
+
+/// Applies `change` to the state, persists it, then runs `apply` on the
+/// maps; restores the old state file if `apply` fails.
+fn persist_then_apply(
+    cfg: &Config,
+    state: State,
+    changed: State,
+    apply: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    changed.save(&cfg.server.state_dir)?;
+    if let Err(e) = apply() {
+        state
+            .save(&cfg.server.state_dir)
+            .context("restoring the previous state after a failure")?;
+        return Err(e);
+    }
+    Ok(())
+}
+
+pub fn block(cfg: &Config, cmd: BlockCmd) -> Result<()> {
+    match cmd {
+        BlockCmd::Add { cidr, ttl, comment } => {
+            let mut maps = open_running(cfg)?;
+            let state = State::load(&cfg.server.state_dir)?;
+            let now = clock::unix_ms();
+            let entry = BlockEntry {
+                cidr,
+                expires_unix_ms: ttl.map(|t| now + t.as_millis() as u64),
+                cause: "manual".into(),
+                comment,
+                added_unix_ms: now,
+            };
+            let value = BlockValue {
+                expires_ns: ttl.map_or(0, |t| clock::monotonic_ns() + t.as_nanos() as u64),
+            };
+            let mut changed = state.clone();
+            changed.upsert_block(entry);
+            persist_then_apply(cfg, state, changed, || maps.block_insert(&cidr, value))?;
+            if let Some(a) = maps.allow_entries()?.into_iter().find(|a| covers(a, &cidr)) {
+                eprintln!("warning: {cidr} is inside allowlisted {a}; the allowlist wins until it is removed");
+            }
+            match ttl {
+                Some(t) => println!("blocked {cidr} for {}", crate::config::duration::format(t)),
+                None => println!("blocked {cidr}"),
+            }
+            Ok(())
+        }
+        BlockCmd::Del { cidr } => {
+            let mut maps = open_running(cfg)?;
+            let state = State::load(&cfg.server.state_dir)?;
+            let in_maps = maps.block_entries()?.iter().any(|(c, _)| *c == cidr);
+            let mut changed = state.clone();
+            let in_state = changed.remove_block(&cidr);
+            if !in_maps && !in_state {
+                return Err(UsageError(format!(
+                    "{cidr} is not in the blocklist (see `gateway block list`)"
+                ))
+                .into());
+            }
+            persist_then_apply(cfg, state, changed, || maps.block_remove(&cidr).map(|_| ()))?;
+            if from_config(cfg, &cidr) {
+                eprintln!(
+                    "warning: {cidr} comes from the config (xdp.block or xdp.block_files); \
+                     it returns at the next start unless removed there"
+                );
+            }
+            println!("unblocked {cidr}");
+            Ok(())
+        }
+        BlockCmd::List(f) => {
+            let maps = open_running(cfg)?;
+            let rows = block_rows(cfg, &maps)?;
+            if f.json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                let mut t = vec![["CIDR", "EXPIRES IN", "CAUSE", "SOURCE", "COMMENT"]
+                    .map(String::from)
+                    .to_vec()];
+                for r in &rows {
+                    t.push(vec![
+                        r.cidr.clone(),
+                        output::remaining(r.expires_in_secs.map(std::time::Duration::from_secs)),
+                        r.cause.clone(),
+                        r.source.into(),
+                        r.comment.clone().unwrap_or_default(),
+                    ]);
+                }
+                output::table(&t);
+                eprintln!("{} entries", rows.len());
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A blocklist entry as `block list` shows it.
+#[derive(Serialize)]
+pub struct BlockRow {
+    pub cidr: String,
+    /// `None` = permanent.
+    pub expires_in_secs: Option<u64>,
+    pub cause: String,
+    /// "runtime" (CLI, bans) or "config" (xdp.block, block_files).
+    pub source: &'static str,
+    pub comment: Option<String>,
+}
+
+fn block_rows(cfg: &Config, maps: &KernelMaps) -> Result<Vec<BlockRow>> {
+    let state = State::load(&cfg.server.state_dir)?;
+    let now = clock::monotonic_ns();
+    let mut entries = maps.block_entries()?;
+    entries.sort_by_key(|(c, _)| *c);
+    Ok(entries
+        .into_iter()
+        .filter(|(_, v)| v.active(now))
+        .map(|(c, v)| {
+            let meta = state.block.iter().find(|e| e.cidr == c);
+            BlockRow {
+                cidr: c.to_string(),
+                expires_in_secs: clock::remaining(v.expires_ns).map(|d| d.as_secs()),
+                cause: meta.map_or_else(|| "config".into(), |m| m.cause.clone()),
+                source: if meta.is_some() { "runtime" } else { "config" },
+                comment: meta.and_then(|m| m.comment.clone()),
+            }
+        })
+        .collect())
+}
+
+fn covers(outer: &Cidr, inner: &Cidr) -> bool {
+    outer.len() <= inner.len() && outer.contains(inner.addr())
+}
+
+fn from_config(cfg: &Config, cidr: &Cidr) -> bool {
+    cfg.xdp.block.contains(cidr)
+        || crate::kernel::policy::load_block_files(&cfg.xdp)
+            .0
+            .contains(cidr)
+}
+
+pub fn allow(cfg: &Config, cmd: AllowCmd) -> Result<()> {
+    match cmd {
+        AllowCmd::Add { cidr } => {
+            let mut maps = open_running(cfg)?;
+            let state = State::load(&cfg.server.state_dir)?;
+            let mut changed = state.clone();
+            if !changed.allow.contains(&cidr) {
+                changed.allow.push(cidr);
+            }
+            persist_then_apply(cfg, state, changed, || maps.allow_insert(&cidr))?;
+            println!("allowed {cidr}");
+            Ok(())
+        }
+        AllowCmd::Del { cidr } => {
+            let mut maps = open_running(cfg)?;
+            let state = State::load(&cfg.server.state_dir)?;
+            let in_maps = maps.allow_entries()?.contains(&cidr);
+            let mut changed = state.clone();
+            changed.allow.retain(|c| *c != cidr);
+            if !in_maps && changed.allow.len() == state.allow.len() {
+                return Err(UsageError(format!(
+                    "{cidr} is not in the allowlist (see `gateway allow list`)"
+                ))
+                .into());
+            }
+            persist_then_apply(cfg, state, changed, || maps.allow_remove(&cidr).map(|_| ()))?;
+            if cfg.xdp.allow.contains(&cidr) {
+                eprintln!("warning: {cidr} comes from xdp.allow in the config; it returns at the next start");
+            }
+            println!("removed {cidr} from the allowlist");
+            Ok(())
+        }
+        AllowCmd::List(f) => {
+            let maps = open_running(cfg)?;
+            let state = State::load(&cfg.server.state_dir)?;
+            let mut list = maps.allow_entries()?;
+            list.sort();
+            #[derive(Serialize)]
+            struct Row {
+                cidr: String,
+                source: &'static str,
+            }
+            let rows: Vec<Row> = list
+                .iter()
+                .map(|c| Row {
+                    cidr: c.to_string(),
+                    source: if state.allow.contains(c) {
+                        "runtime"
+                    } else {
+                        "config"
+                    },
+                })
+                .collect();
+            if f.json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                let mut t = vec![vec!["CIDR".to_string(), "SOURCE".to_string()]];
+                t.extend(
+                    rows.iter()
+                        .map(|r| vec![r.cidr.clone(), r.source.to_string()]),
+                );
+                output::table(&t);
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! Command-line surface (DESIGN.md section 6): argument definitions and
+//! dispatch. Each command group lives in its own module.
+
+mod lists;
+mod output;
+mod run;
+mod stats;
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use gateway_common::cidr::Cidr;
+
+use crate::{
+    config::{self, Config},
+    error::UsageError,
+};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "gateway",
+    version,
+    about = "XDP-accelerated edge gateway for LLM APIs"
+)]
+pub struct Cli {
+    /// Config file. Commands other than `run` and `check` fall back to
+    /// built-in defaults when the default path does not exist.
+    #[arg(long, global = true, env = "GATEWAY_CONFIG", default_value = config::DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// Log format of the daemon.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon: load and attach the kernel programs and serve.
+    Run,
+    /// Validate the config; print every problem with its TOML path.
+    Check,
+    /// Manage the kernel blocklist.
+    #[command(subcommand)]
+    Block(BlockCmd),
+    /// Manage the kernel allowlist (allowlisted sources skip every check).
+    #[command(subcommand)]
+    Allow(AllowCmd),
+    /// Show or change the SYN rate limits at runtime.
+    #[command(subcommand)]
+    Limits(LimitsCmd),
+    /// Kernel counters by reason, map occupancy and attach state.
+    Stats(JsonFlag),
+    /// Sources with the most dropped packets.
+    Top(TopArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct JsonFlag {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BlockCmd {
+    /// Block an address or CIDR (IPv4 or IPv6).
+    Add {
+        #[arg(value_parser = parse_cidr)]
+        cidr: Cidr,
+        /// Lift the block after this long (e.g. 15m); permanent without it.
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: Option<Duration>,
+        /// Free text shown by `block list`.
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// Remove a blocklist entry.
+    #[command(alias = "rm")]
+    Del {
+        #[arg(value_parser = parse_cidr)]
+        cidr: Cidr,
+    },
+    /// List the blocklist.
+    #[command(alias = "ls")]
+    List(JsonFlag),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AllowCmd {
+    Add {
+        #[arg(value_parser = parse_cidr)]
+        cidr: Cidr,
+    },
+    #[command(alias = "rm")]
+    Del {
+        #[arg(value_parser = parse_cidr)]
+        cidr: Cidr,
+    },
+    #[command(alias = "ls")]
+    List(JsonFlag),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LimitsCmd {
+    /// Show the limits in force.
+    Show(JsonFlag),
+    /// Change limits now; the change survives restarts.
+    Set(LimitsSet),
+}
+
+#[derive(Args, Debug)]
+pub struct LimitsSet {
+    /// New connections per second per source (0 = no per-source limit).
+    #[arg(long)]
+    pub syn_rate: Option<u64>,
+    /// SYNs a source may send back to back.
+    #[arg(long)]
+    pub syn_burst: Option<u64>,
+    /// New connections per second from all sources (0 = no global budget).
+    #[arg(long)]
+    pub global_syn_rate: Option<u64>,
+    /// Drop every runtime override and return to the config's values.
+    #[arg(long, conflicts_with_all = ["syn_rate", "syn_burst", "global_syn_rate"])]
+    pub reset: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct TopArgs {
+    /// How many sources to show.
+    #[arg(short = 'n', long, default_value_t = 20)]
+    pub n: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_cidr(s: &str) -> Result<Cidr, String> {
+    s.parse::<Cidr>()
+        .map_err(|e| format!("{s:?} is not a valid IP or CIDR: {e}"))
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    match config::duration::parse(s)? {
+        d if d.is_zero() => {
+            Err("the TTL must be longer than 0 (omit --ttl for a permanent block)".into())
+        }
+        d => Ok(d),
+    }
+}
+
+/// Loads the config for a command. `run` and `check` insist on the file;
+/// other commands use defaults when the default path does not exist.
+fn load_config(path: &std::path::Path, required: bool) -> Result<Config> {
+    if !required && path == std::path::Path::new(config::DEFAULT_CONFIG_PATH) && !path.exists() {
+        return Ok(Config::defaults());
+    }
+    Ok(Config::load(path)?)
+}
+
+pub fn init_logging(cli: &Cli) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GATEWAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match cli.log_format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+pub fn dispatch(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run => run::run(&load_config(&cli.config, true)?),
+        Command::Check => check(&cli.config),
+        Command::Block(cmd) => lists::block(&load_config(&cli.config, false)?, cmd),
+        Command::Allow(cmd) => lists::allow(&load_config(&cli.config, false)?, cmd),
+        Command::Limits(cmd) => stats::limits(&load_config(&cli.config, false)?, cmd),
+        Command::Stats(f) => stats::stats(&load_config(&cli.config, false)?, f.json),
+        Command::Top(a) => stats::top(&load_config(&cli.config, false)?, a.n, a.json),
+    }
+}
+
+fn check(path: &std::path::Path) -> Result<()> {
+    let cfg = Config::load(path)?;
+    let (_, warnings) = crate::kernel::policy::load_block_files(&cfg.xdp);
+    for w in &warnings {
+        println!("warning: {w}");
+    }
+    println!(
+        "{}: ok ({} model{}, {} key{}, xdp {})",
+        path.display(),
+        cfg.models.len(),
+        if cfg.models.len() == 1 { "" } else { "s" },
+        cfg.keys.len(),
+        if cfg.keys.len() == 1 { "" } else { "s" },
+        if cfg.xdp.enabled {
+            format!("on {}", cfg.xdp.interfaces.join(", "))
+        } else {
+            "off".into()
+        },
+    );
+    if !warnings.is_empty() {
+        return Err(UsageError(format!("{} bad line(s) in block files", warnings.len())).into());
+    }
+    Ok(())
+}

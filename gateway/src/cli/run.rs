@@ -1,0 +1,52 @@
+//! `gateway run`: the daemon. Today it owns the kernel fast path: it loads
+//! and attaches the XDP program, keeps the blocklist tidy, and on SIGINT or
+//! SIGTERM detaches cleanly (the pinned maps, and so the policy, remain).
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+
+use crate::{config::Config, kernel::runtime::Kernel};
+
+/// How often lapsed temporary blocks are swept from the maps.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+pub fn run(cfg: &Config) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(serve(cfg))
+}
+
+async fn serve(cfg: &Config) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+
+    let mut kernel = if cfg.xdp.enabled {
+        Some(Kernel::start(cfg)?)
+    } else {
+        tracing::info!("xdp.enabled is false: no kernel fast path");
+        None
+    };
+    tracing::info!(pid = std::process::id(), "gateway running");
+
+    let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = sweep.tick() => {
+                if let Some(k) = kernel.as_mut() {
+                    if let Err(e) = k.sweep() {
+                        tracing::warn!("sweeping lapsed blocks failed: {e:#}");
+                    }
+                }
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    tracing::info!("shutting down: detaching XDP (pinned maps and policy stay)");
+    drop(kernel);
+    Ok(())
+}

@@ -1,0 +1,260 @@
+//! `gateway limits`, `gateway stats` and `gateway top`.
+
+use anyhow::Result;
+use gateway_common::Limits;
+use serde::Serialize;
+
+use super::{output, LimitsCmd};
+use crate::{
+    config::{check_limits, Config},
+    error::UsageError,
+    kernel::{
+        policy,
+        runtime::{open_running, Status},
+        state::{LimitOverrides, State},
+    },
+};
+
+#[derive(Serialize)]
+struct LimitsView {
+    syn_rate: u64,
+    syn_burst: u64,
+    global_syn_rate: u64,
+    ipv4_prefix: u8,
+    ipv6_prefix: u8,
+    protected_ports: Vec<u16>,
+    /// Which values are runtime overrides of the config.
+    overrides: LimitOverrides,
+}
+
+fn view(l: &Limits, ports: Vec<u16>, overrides: LimitOverrides) -> LimitsView {
+    LimitsView {
+        syn_rate: l.syn_rate,
+        syn_burst: l.syn_burst,
+        global_syn_rate: l.global_rate,
+        ipv4_prefix: l.ipv4_prefix,
+        ipv6_prefix: l.ipv6_prefix,
+        protected_ports: ports,
+        overrides,
+    }
+}
+
+pub fn limits(cfg: &Config, cmd: LimitsCmd) -> Result<()> {
+    match cmd {
+        LimitsCmd::Show(f) => {
+            let maps = open_running(cfg)?;
+            let state = State::load(&cfg.server.state_dir)?;
+            let l = maps
+                .limits()?
+                .unwrap_or_else(|| policy::effective_limits(&cfg.xdp, &state));
+            let v = view(&l, maps.ports()?, state.limits);
+            if f.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let mark = |o: Option<u64>| {
+                    if o.is_some() {
+                        "  (runtime override)"
+                    } else {
+                        ""
+                    }
+                };
+                let off = |n: u64| {
+                    if n == 0 {
+                        "off".to_string()
+                    } else {
+                        n.to_string()
+                    }
+                };
+                println!(
+                    "syn_rate         {}/s per source{}",
+                    off(v.syn_rate),
+                    mark(v.overrides.syn_rate)
+                );
+                println!(
+                    "syn_burst        {}{}",
+                    v.syn_burst,
+                    mark(v.overrides.syn_burst)
+                );
+                println!(
+                    "global_syn_rate  {}/s{}",
+                    off(v.global_syn_rate),
+                    mark(v.overrides.global_syn_rate)
+                );
+                println!(
+                    "source prefix    IPv4 /{}, IPv6 /{}",
+                    v.ipv4_prefix, v.ipv6_prefix
+                );
+                let ports: Vec<String> = v.protected_ports.iter().map(u16::to_string).collect();
+                println!("protected ports  {}", ports.join(", "));
+            }
+            Ok(())
+        }
+        LimitsCmd::Set(s) => {
+            if !s.reset
+                && s.syn_rate.is_none()
+                && s.syn_burst.is_none()
+                && s.global_syn_rate.is_none()
+            {
+                return Err(UsageError(
+                    "nothing to set: pass --syn-rate, --syn-burst, --global-syn-rate or --reset"
+                        .into(),
+                )
+                .into());
+            }
+            let mut maps = open_running(cfg)?;
+            let state = State::load(&cfg.server.state_dir)?;
+            let mut changed = state.clone();
+            if s.reset {
+                changed.limits = LimitOverrides::default();
+            } else {
+                let o = &mut changed.limits;
+                o.syn_rate = s.syn_rate.or(o.syn_rate);
+                o.syn_burst = s.syn_burst.or(o.syn_burst);
+                o.global_syn_rate = s.global_syn_rate.or(o.global_syn_rate);
+            }
+            let l = policy::effective_limits(&cfg.xdp, &changed);
+            let problems = check_limits(l.syn_rate, l.syn_burst, l.global_rate);
+            if let Some(p) = problems.first() {
+                return Err(
+                    UsageError(format!("--{}: {}", p.path.replace('_', "-"), p.message)).into(),
+                );
+            }
+            changed.save(&cfg.server.state_dir)?;
+            if let Err(e) = maps.set_limits(&l) {
+                state.save(&cfg.server.state_dir)?;
+                return Err(e);
+            }
+            println!(
+                "limits now: syn_rate {}/s, syn_burst {}, global_syn_rate {}/s",
+                l.syn_rate, l.syn_burst, l.global_rate
+            );
+            Ok(())
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct StatsView {
+    attached: Option<Status>,
+    reasons: Vec<ReasonRow>,
+    total_packets: u64,
+    dropped_packets: u64,
+    maps: MapsRow,
+}
+
+#[derive(Serialize)]
+struct ReasonRow {
+    reason: &'static str,
+    action: &'static str,
+    packets: u64,
+    bytes: u64,
+}
+
+#[derive(Serialize)]
+struct MapsRow {
+    allow: usize,
+    block_cidr: usize,
+    block_host: usize,
+    syn_buckets: usize,
+    top_sources: usize,
+}
+
+pub fn stats(cfg: &Config, json: bool) -> Result<()> {
+    let maps = open_running(cfg)?;
+    let reasons: Vec<ReasonRow> = maps
+        .stats()?
+        .into_iter()
+        .map(|(r, c)| ReasonRow {
+            reason: r.name(),
+            action: if r.is_drop() { "drop" } else { "pass" },
+            packets: c.packets,
+            bytes: c.bytes,
+        })
+        .collect();
+    let o = maps.occupancy()?;
+    let v = StatsView {
+        attached: Status::read(&cfg.server.state_dir),
+        total_packets: reasons.iter().map(|r| r.packets).sum(),
+        dropped_packets: reasons
+            .iter()
+            .filter(|r| r.action == "drop")
+            .map(|r| r.packets)
+            .sum(),
+        reasons,
+        maps: MapsRow {
+            allow: o.allow,
+            block_cidr: o.block_cidr,
+            block_host: o.block_host,
+            syn_buckets: o.syn_buckets,
+            top_sources: o.top_sources,
+        },
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    match &v.attached {
+        Some(s) => {
+            let ifs: Vec<String> = s
+                .interfaces
+                .iter()
+                .map(|i| format!("{} ({})", i.name, i.mode))
+                .collect();
+            println!("XDP attached to {} by pid {}", ifs.join(", "), s.pid);
+        }
+        None => println!(
+            "XDP attached (no status file in {})",
+            cfg.server.state_dir.display()
+        ),
+    }
+    let mut t = vec![["REASON", "ACTION", "PACKETS", "BYTES"]
+        .map(String::from)
+        .to_vec()];
+    for r in &v.reasons {
+        t.push(vec![
+            r.reason.into(),
+            r.action.into(),
+            r.packets.to_string(),
+            r.bytes.to_string(),
+        ]);
+    }
+    output::table(&t);
+    println!(
+        "total {} packets, {} dropped",
+        v.total_packets, v.dropped_packets
+    );
+    println!(
+        "maps: allow {}, block {} CIDR + {} host, syn buckets {}, top sources {}",
+        o.allow, o.block_cidr, o.block_host, o.syn_buckets, o.top_sources
+    );
+    Ok(())
+}
+
+pub fn top(cfg: &Config, n: usize, json: bool) -> Result<()> {
+    let maps = open_running(cfg)?;
+    let rows: Vec<(String, u64)> = maps
+        .top(n)?
+        .iter()
+        .map(|(k, c)| (output::source(k).to_string(), *c))
+        .collect();
+    if json {
+        #[derive(Serialize)]
+        struct Row<'a> {
+            source: &'a str,
+            dropped_packets: u64,
+        }
+        let out: Vec<Row> = rows
+            .iter()
+            .map(|(s, c)| Row {
+                source: s,
+                dropped_packets: *c,
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        let mut t = vec![vec!["SOURCE".to_string(), "DROPPED".to_string()]];
+        t.extend(rows.into_iter().map(|(s, c)| vec![s, c.to_string()]));
+        output::table(&t);
+    }
+    Ok(())
+}

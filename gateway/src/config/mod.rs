@@ -1,0 +1,692 @@
+//! Configuration: the TOML file (`raw`) validated into typed runtime values.
+//!
+//! Validation collects every problem with its TOML path before failing, so an
+//! operator fixes a file in one pass. Runtime types never derive
+//! `Deserialize`; defaults are the named constants below.
+
+pub mod duration;
+mod raw;
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use gateway_common::cidr::Cidr;
+
+/// Default config path used by every command.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/gateway/gateway.toml";
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8443";
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9090";
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 256;
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/gateway";
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/gateway/admin.sock";
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/gateway";
+pub const DEFAULT_SYN_RATE: u64 = 20;
+pub const DEFAULT_SYN_BURST: u64 = 40;
+pub const DEFAULT_GLOBAL_SYN_RATE: u64 = 50_000;
+pub const DEFAULT_IPV4_PREFIX: u8 = 32;
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+pub const DEFAULT_RETRIES: u32 = 2;
+pub const DEFAULT_WEIGHT: u32 = 1;
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+pub const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_TOTAL_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub metrics: MetricsConfig,
+    pub xdp: XdpConfig,
+    pub abuse: AbuseConfig,
+    pub keys: Vec<KeyConfig>,
+    pub models: Vec<ModelConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Default: `0.0.0.0:8443`.
+    pub listen: Vec<SocketAddr>,
+    /// Worker sockets; 0 = one per CPU. Default: 0.
+    pub workers: u32,
+    /// PEM certificate and key; `None` serves plain HTTP.
+    pub tls: Option<TlsConfig>,
+    /// Default: 10 MiB.
+    pub max_body_bytes: u64,
+    /// Default: 10s.
+    pub header_read_timeout: Duration,
+    /// Default: 256.
+    pub max_connections_per_ip: u32,
+    /// Persisted blocklist, allowlist, limits and bans. Default: /var/lib/gateway.
+    pub state_dir: PathBuf,
+    /// Default: /run/gateway/admin.sock.
+    pub admin_socket: PathBuf,
+}
+
+#[derive(Clone, Debug)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Debug)]
+pub struct MetricsConfig {
+    /// Default: 127.0.0.1:9090.
+    pub listen: SocketAddr,
+}
+
+/// How the XDP program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// Native (driver) mode when the driver supports it, else generic (skb).
+    Auto,
+    Driver,
+    Skb,
+}
+
+impl AttachMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            AttachMode::Auto => "auto",
+            AttachMode::Driver => "driver",
+            AttachMode::Skb => "skb",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct XdpConfig {
+    /// Default: true when an [xdp] section exists.
+    pub enabled: bool,
+    pub interfaces: Vec<String>,
+    /// Default: auto.
+    pub mode: AttachMode,
+    /// Default: the ports of `server.listen`.
+    pub protected_ports: Vec<u16>,
+    /// Default: 20 new connections per second per source.
+    pub syn_rate: u64,
+    /// Default: 40.
+    pub syn_burst: u64,
+    /// Default: 50,000 per second from all sources.
+    pub global_syn_rate: u64,
+    /// Default: 32 (each IPv4 address has its own bucket).
+    pub ipv4_prefix: u8,
+    /// Default: 64.
+    pub ipv6_prefix: u8,
+    pub allow: Vec<Cidr>,
+    pub block: Vec<Cidr>,
+    pub block_files: Vec<PathBuf>,
+    /// bpffs directory for pinned maps (the schema version is appended).
+    /// Default: /sys/fs/bpf/gateway.
+    pub pin_dir: PathBuf,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct AbuseConfig {
+    pub auth_failures: Option<AbuseRule>,
+    pub rate_limited: Option<AbuseRule>,
+}
+
+#[derive(Clone, Debug)]
+pub struct AbuseRule {
+    pub max: u32,
+    pub window: Duration,
+    pub ban: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct KeyConfig {
+    pub name: String,
+    pub sha256: [u8; 32],
+    pub models: Vec<String>,
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+    pub max_concurrent: Option<u32>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ModelConfig {
+    pub name: String,
+    pub aliases: Vec<String>,
+    pub upstream_model: Option<String>,
+    pub timeouts: Timeouts,
+    /// Default: 2.
+    pub retries: u32,
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Timeouts {
+    /// Default: 2s.
+    pub connect: Duration,
+    /// Default: 60s.
+    pub first_byte: Duration,
+    /// Default: 30s.
+    pub idle: Duration,
+    /// Default: 10m.
+    pub total: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct BackendConfig {
+    pub url: http::Uri,
+    /// Default: 1.
+    pub weight: u32,
+    /// `None` = unlimited.
+    pub max_connections: Option<u32>,
+}
+
+/// One problem found in a config file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// TOML path, e.g. `models[1].backends[0].url`.
+    pub path: String,
+    pub message: String,
+}
+
+/// Every problem of a config file.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "{}: {n} problem{}",
+            self.file.display(),
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            if p.path.is_empty() {
+                write!(f, "\n  {}", p.message)?;
+            } else {
+                write!(f, "\n  {}: {}", p.path, p.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let fail = |message: String| ConfigError {
+            file: path.to_owned(),
+            problems: vec![Problem {
+                path: String::new(),
+                message,
+            }],
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| fail(format!("cannot read the config file: {e}")))?;
+        Config::parse(&text).map_err(|problems| ConfigError {
+            file: path.to_owned(),
+            problems,
+        })
+    }
+
+    /// The configuration an empty file gives.
+    pub fn defaults() -> Config {
+        Config::parse("").expect("the empty config is valid")
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
+        let file: raw::File = toml::from_str(text).map_err(|e| vec![toml_problem(text, &e)])?;
+        let mut v = Validator::default();
+        let config = v.file(file);
+        if v.problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(v.problems)
+        }
+    }
+
+    /// Directory holding the pinned maps of this schema version.
+    pub fn pin_path(&self) -> PathBuf {
+        self.xdp
+            .pin_dir
+            .join(format!("v{}", gateway_common::SCHEMA_VERSION))
+    }
+}
+
+fn toml_problem(text: &str, e: &toml::de::Error) -> Problem {
+    let at = e
+        .span()
+        .map(|s| {
+            let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: ")
+        })
+        .unwrap_or_default();
+    Problem {
+        path: String::new(),
+        message: format!("{at}{}", e.message()),
+    }
+}
+
+#[derive(Default)]
+struct Validator {
+    problems: Vec<Problem>,
+}
+
+impl Validator {
+    fn problem(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, path: &str, s: Option<&str>, default: Duration) -> Duration {
+        match s.map(duration::parse) {
+            None => default,
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                self.problem(path, e);
+                default
+            }
+        }
+    }
+
+    fn cidrs(&mut self, path: &str, list: Option<Vec<String>>) -> Vec<Cidr> {
+        let mut out = Vec::new();
+        for (i, s) in list.unwrap_or_default().iter().enumerate() {
+            match s.parse::<Cidr>() {
+                Ok(c) => out.push(c),
+                Err(e) => self.problem(format!("{path}[{i}]"), format!("{s:?}: {e}")),
+            }
+        }
+        out
+    }
+
+    fn file(&mut self, f: raw::File) -> Config {
+        let server = self.server(f.server.unwrap_or_default());
+        let metrics = self.metrics(f.metrics.unwrap_or_default());
+        let xdp_present = f.xdp.is_some();
+        let xdp = self.xdp(f.xdp.unwrap_or_default(), xdp_present, &server);
+        let abuse = AbuseConfig {
+            auth_failures: f
+                .abuse
+                .as_ref()
+                .and_then(|a| a.auth_failures.as_ref())
+                .map(|r| self.abuse_rule("abuse.auth_failures", r)),
+            rate_limited: f
+                .abuse
+                .as_ref()
+                .and_then(|a| a.rate_limited.as_ref())
+                .map(|r| self.abuse_rule("abuse.rate_limited", r)),
+        };
+        let keys = f
+            .keys
+            .into_iter()
+            .enumerate()
+            .map(|(i, k)| self.key(i, k))
+            .collect();
+        let models: Vec<ModelConfig> = f
+            .models
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| self.model(i, m))
+            .collect();
+        self.unique_model_names(&models);
+        Config {
+            server,
+            metrics,
+            xdp,
+            abuse,
+            keys,
+            models,
+        }
+    }
+
+    fn server(&mut self, s: raw::Server) -> ServerConfig {
+        let mut listen = Vec::new();
+        let raw_listen = s.listen.unwrap_or_else(|| vec![DEFAULT_LISTEN.to_owned()]);
+        if raw_listen.is_empty() {
+            self.problem(
+                "server.listen",
+                "list at least one address, e.g. [\"0.0.0.0:8443\"]",
+            );
+        }
+        for (i, a) in raw_listen.iter().enumerate() {
+            match a.parse::<SocketAddr>() {
+                Ok(a) => listen.push(a),
+                Err(_) => self.problem(
+                    format!("server.listen[{i}]"),
+                    format!("{a:?} is not an IP:port address (e.g. \"0.0.0.0:8443\")"),
+                ),
+            }
+        }
+        let max_body_bytes = s.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
+        if max_body_bytes == 0 {
+            self.problem("server.max_body_bytes", "must be greater than 0");
+        }
+        ServerConfig {
+            listen,
+            workers: s.workers.unwrap_or(0),
+            tls: s.tls.map(|t| TlsConfig {
+                cert: t.cert.into(),
+                key: t.key.into(),
+            }),
+            max_body_bytes,
+            header_read_timeout: self.duration(
+                "server.header_read_timeout",
+                s.header_read_timeout.as_deref(),
+                DEFAULT_HEADER_READ_TIMEOUT,
+            ),
+            max_connections_per_ip: s
+                .max_connections_per_ip
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_IP),
+            state_dir: s
+                .state_dir
+                .unwrap_or_else(|| DEFAULT_STATE_DIR.into())
+                .into(),
+            admin_socket: s
+                .admin_socket
+                .unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into())
+                .into(),
+        }
+    }
+
+    fn metrics(&mut self, m: raw::Metrics) -> MetricsConfig {
+        let s = m.listen.unwrap_or_else(|| DEFAULT_METRICS_LISTEN.into());
+        let listen = s.parse().unwrap_or_else(|_| {
+            self.problem("metrics.listen", format!("{s:?} is not an IP:port address"));
+            DEFAULT_METRICS_LISTEN.parse().expect("valid default")
+        });
+        MetricsConfig { listen }
+    }
+
+    fn xdp(&mut self, x: raw::Xdp, present: bool, server: &ServerConfig) -> XdpConfig {
+        let enabled = x.enabled.unwrap_or(present);
+        let interfaces = x.interfaces.unwrap_or_default();
+        if enabled && interfaces.is_empty() {
+            self.problem(
+                "xdp.interfaces",
+                "list the interfaces to protect (e.g. [\"eth0\"]), or set xdp.enabled = false",
+            );
+        }
+        for (i, name) in interfaces.iter().enumerate() {
+            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+                self.problem(
+                    format!("xdp.interfaces[{i}]"),
+                    format!("{name:?} is not an interface name"),
+                );
+            }
+        }
+        let mode = match x.mode.as_deref().unwrap_or("auto") {
+            "auto" => AttachMode::Auto,
+            "driver" | "native" => AttachMode::Driver,
+            "skb" | "generic" => AttachMode::Skb,
+            other => {
+                self.problem(
+                    "xdp.mode",
+                    format!("{other:?} is not one of auto, driver, skb"),
+                );
+                AttachMode::Auto
+            }
+        };
+        let protected_ports = x
+            .protected_ports
+            .unwrap_or_else(|| server.listen.iter().map(|a| a.port()).collect());
+        if protected_ports.contains(&0) {
+            self.problem("xdp.protected_ports", "port 0 cannot be protected");
+        }
+        let syn_rate = x.syn_rate.unwrap_or(DEFAULT_SYN_RATE);
+        let syn_burst = x.syn_burst.unwrap_or(DEFAULT_SYN_BURST);
+        let global_syn_rate = x.global_syn_rate.unwrap_or(DEFAULT_GLOBAL_SYN_RATE);
+        self.limits("xdp", syn_rate, syn_burst, global_syn_rate);
+        let ipv4_prefix = x.ipv4_prefix.unwrap_or(DEFAULT_IPV4_PREFIX);
+        if ipv4_prefix > 32 {
+            self.problem(
+                "xdp.ipv4_prefix",
+                format!("{ipv4_prefix} is longer than 32"),
+            );
+        }
+        let ipv6_prefix = x.ipv6_prefix.unwrap_or(DEFAULT_IPV6_PREFIX);
+        if ipv6_prefix > 128 {
+            self.problem(
+                "xdp.ipv6_prefix",
+                format!("{ipv6_prefix} is longer than 128"),
+            );
+        }
+        XdpConfig {
+            enabled,
+            interfaces,
+            mode,
+            protected_ports,
+            syn_rate,
+            syn_burst,
+            global_syn_rate,
+            ipv4_prefix,
+            ipv6_prefix,
+            allow: self.cidrs("xdp.allow", x.allow),
+            block: self.cidrs("xdp.block", x.block),
+            block_files: x
+                .block_files
+                .unwrap_or_default()
+                .into_iter()
+                .map(PathBuf::from)
+                .collect(),
+            pin_dir: x.pin_dir.unwrap_or_else(|| DEFAULT_PIN_DIR.into()).into(),
+        }
+    }
+
+    /// Shared by the config and `gateway limits set`.
+    fn limits(&mut self, at: &str, rate: u64, burst: u64, global: u64) {
+        for e in check_limits(rate, burst, global) {
+            self.problem(format!("{at}.{}", e.path), e.message);
+        }
+    }
+
+    fn abuse_rule(&mut self, path: &str, r: &raw::AbuseRule) -> AbuseRule {
+        if r.max == 0 {
+            self.problem(format!("{path}.max"), "must be at least 1");
+        }
+        AbuseRule {
+            max: r.max,
+            window: self.duration(
+                &format!("{path}.window"),
+                Some(&r.window),
+                Duration::from_secs(60),
+            ),
+            ban: self.duration(
+                &format!("{path}.ban"),
+                Some(&r.ban),
+                Duration::from_secs(900),
+            ),
+        }
+    }
+
+    fn key(&mut self, i: usize, k: raw::Key) -> KeyConfig {
+        let at = format!("keys[{i}]");
+        let name = k.name.unwrap_or_else(|| {
+            self.problem(
+                format!("{at}.name"),
+                "missing (a label used in logs and metrics)",
+            );
+            String::new()
+        });
+        let sha256 = match k.sha256.as_deref().map(parse_sha256) {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                self.problem(format!("{at}.sha256"), e);
+                [0; 32]
+            }
+            None => {
+                self.problem(
+                    format!("{at}.sha256"),
+                    "missing (`gateway keys new` prints one)",
+                );
+                [0; 32]
+            }
+        };
+        KeyConfig {
+            name,
+            sha256,
+            models: k.models,
+            requests_per_minute: k.requests_per_minute,
+            tokens_per_minute: k.tokens_per_minute,
+            max_concurrent: k.max_concurrent,
+        }
+    }
+
+    fn model(&mut self, i: usize, m: raw::Model) -> ModelConfig {
+        let at = format!("models[{i}]");
+        let name = m.name.unwrap_or_else(|| {
+            self.problem(format!("{at}.name"), "missing");
+            String::new()
+        });
+        let t = m.timeouts.unwrap_or_default();
+        let timeouts = Timeouts {
+            connect: self.duration(
+                &format!("{at}.timeouts.connect"),
+                t.connect.as_deref(),
+                DEFAULT_CONNECT_TIMEOUT,
+            ),
+            first_byte: self.duration(
+                &format!("{at}.timeouts.first_byte"),
+                t.first_byte.as_deref(),
+                DEFAULT_FIRST_BYTE_TIMEOUT,
+            ),
+            idle: self.duration(
+                &format!("{at}.timeouts.idle"),
+                t.idle.as_deref(),
+                DEFAULT_IDLE_TIMEOUT,
+            ),
+            total: self.duration(
+                &format!("{at}.timeouts.total"),
+                t.total.as_deref(),
+                DEFAULT_TOTAL_TIMEOUT,
+            ),
+        };
+        if m.backends.is_empty() {
+            self.problem(
+                format!("{at}.backends"),
+                "a model needs at least one backend",
+            );
+        }
+        let backends = m
+            .backends
+            .into_iter()
+            .enumerate()
+            .filter_map(|(j, b)| self.backend(&format!("{at}.backends[{j}]"), b))
+            .collect();
+        ModelConfig {
+            name,
+            aliases: m.aliases,
+            upstream_model: m.upstream_model,
+            timeouts,
+            retries: m.retries.unwrap_or(DEFAULT_RETRIES),
+            backends,
+        }
+    }
+
+    fn backend(&mut self, at: &str, b: raw::Backend) -> Option<BackendConfig> {
+        let weight = b.weight.unwrap_or(DEFAULT_WEIGHT);
+        if weight == 0 {
+            self.problem(
+                format!("{at}.weight"),
+                "must be at least 1 (drain a backend instead)",
+            );
+        }
+        if b.max_connections == Some(0) {
+            self.problem(
+                format!("{at}.max_connections"),
+                "must be at least 1 (omit for no cap)",
+            );
+        }
+        let Some(url) = b.url else {
+            self.problem(format!("{at}.url"), "missing");
+            return None;
+        };
+        let uri = match url.parse::<http::Uri>() {
+            Ok(u)
+                if matches!(u.scheme_str(), Some("http") | Some("https"))
+                    && u.host().is_some_and(|h| !h.is_empty()) =>
+            {
+                u
+            }
+            _ => {
+                self.problem(
+                    format!("{at}.url"),
+                    format!("{url:?} is not an http(s) URL"),
+                );
+                return None;
+            }
+        };
+        Some(BackendConfig {
+            url: uri,
+            weight,
+            max_connections: b.max_connections,
+        })
+    }
+
+    fn unique_model_names(&mut self, models: &[ModelConfig]) {
+        let mut seen = HashSet::new();
+        for (i, m) in models.iter().enumerate() {
+            for n in std::iter::once(&m.name).chain(&m.aliases) {
+                if !n.is_empty() && !seen.insert(n.clone()) {
+                    self.problem(
+                        format!("models[{i}]"),
+                        format!("model name or alias {n:?} is used twice"),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Checks SYN limits; shared by config validation and `gateway limits set`.
+/// Paths in the returned problems are the bare key names.
+pub fn check_limits(rate: u64, burst: u64, global: u64) -> Vec<Problem> {
+    let max = gateway_common::bucket::MAX_RATE;
+    let mut out = Vec::new();
+    for (key, v) in [
+        ("syn_rate", rate),
+        ("syn_burst", burst),
+        ("global_syn_rate", global),
+    ] {
+        if v > max {
+            out.push(Problem {
+                path: key.into(),
+                message: format!("{v} is above the maximum {max}"),
+            });
+        }
+    }
+    if rate > 0 && burst == 0 {
+        out.push(Problem {
+            path: "syn_burst".into(),
+            message: "must be at least 1 when syn_rate is set (0 would refuse every SYN)".into(),
+        });
+    }
+    out
+}
+
+fn parse_sha256(s: &str) -> Result<[u8; 32], String> {
+    let s = s.trim();
+    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err("must be 64 hex digits: the SHA-256 of the key, never the key itself".into());
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("checked hex");
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,153 @@
+//! Loading the embedded eBPF object, pinning its maps, attaching the XDP
+//! program to interfaces, and finding out whether a program is running.
+
+use std::{
+    ffi::CString,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{anyhow, Context as _, Result};
+use aya::{
+    programs::{ProgramError, Xdp, XdpMode},
+    Ebpf, EbpfLoader,
+};
+use gateway_common::{names, XDP_PROGRAM};
+
+use crate::{config::AttachMode, error::UsageError};
+
+/// The eBPF object built by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway"));
+
+/// `statfs` magic of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// Fails unless `dir`'s nearest existing ancestor lives on a bpffs mount.
+pub fn check_bpffs(dir: &Path) -> Result<()> {
+    let mut probe: PathBuf = dir.to_owned();
+    while !probe.exists() {
+        if !probe.pop() {
+            break;
+        }
+    }
+    let c = CString::new(probe.as_os_str().as_encoded_bytes()).context("pin path contains NUL")?;
+    // SAFETY: valid C string and a zeroed statfs out-parameter.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    if rc != 0 || st.f_type as i64 != BPF_FS_MAGIC {
+        return Err(UsageError(format!(
+            "{} is not on a bpffs mount: mount it with `mount -t bpf bpf /sys/fs/bpf` \
+             (`cargo xtask setup` does) or set xdp.pin_dir",
+            probe.display()
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// Fails with a usage error unless every interface exists.
+pub fn check_interfaces(ifaces: &[String]) -> Result<()> {
+    for name in ifaces {
+        let c = CString::new(name.as_str())
+            .map_err(|_| UsageError(format!("bad interface name {name:?}")))?;
+        // SAFETY: valid C string.
+        if unsafe { libc::if_nametoindex(c.as_ptr()) } == 0 {
+            return Err(UsageError(format!(
+                "interface {name:?} does not exist (see `ip link`); fix xdp.interfaces"
+            ))
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// Turns permission errors into the one line an operator needs.
+pub fn explain(e: anyhow::Error) -> anyhow::Error {
+    let text = format!("{e:#}");
+    if text.contains("Operation not permitted") || text.contains("EPERM") {
+        anyhow!(
+            "not permitted to use eBPF: run as root or with CAP_BPF, CAP_NET_ADMIN and \
+             CAP_PERFMON ({text})"
+        )
+    } else {
+        e
+    }
+}
+
+/// Loads the object. With `pin_path`, every map is reused from (or pinned
+/// to) that directory so the CLI and a restarted daemon share them.
+pub fn load(pin_path: Option<&Path>) -> Result<Ebpf> {
+    raise_memlock();
+    let mut loader = EbpfLoader::new();
+    let paths: Vec<(&str, PathBuf)> = match pin_path {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating the pin directory {}", dir.display()))?;
+            names::ALL.iter().map(|n| (*n, dir.join(n))).collect()
+        }
+        None => Vec::new(),
+    };
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader
+        .load(OBJECT)
+        .map_err(|e| explain(anyhow!(e).context("loading the eBPF object")))?;
+    let prog: &mut Xdp = xdp_program(&mut ebpf)?;
+    prog.load().map_err(|e| explain(verifier_context(e)))?;
+    Ok(ebpf)
+}
+
+fn verifier_context(e: ProgramError) -> anyhow::Error {
+    anyhow!(e).context("the kernel refused the XDP program")
+}
+
+pub fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
+    ebpf.program_mut(XDP_PROGRAM)
+        .context("the eBPF object has no XDP program")?
+        .try_into()
+        .context("gateway_xdp is not an XDP program")
+}
+
+/// Attaches to `iface`, returning the mode it ended up in. `Auto` tries the
+/// driver (native) mode first and falls back to generic (skb) mode.
+pub fn attach(ebpf: &mut Ebpf, iface: &str, mode: AttachMode) -> Result<AttachMode> {
+    let prog = xdp_program(ebpf)?;
+    let try_mode = |prog: &mut Xdp, m: XdpMode| {
+        prog.attach(iface, m)
+            .map_err(|e| explain(anyhow!(e).context(format!("attaching XDP to {iface}"))))
+    };
+    match mode {
+        AttachMode::Driver => try_mode(prog, XdpMode::Driver).map(|_| AttachMode::Driver),
+        AttachMode::Skb => try_mode(prog, XdpMode::Skb).map(|_| AttachMode::Skb),
+        AttachMode::Auto => match try_mode(prog, XdpMode::Driver) {
+            Ok(_) => Ok(AttachMode::Driver),
+            Err(e) => {
+                tracing::warn!(
+                    interface = iface,
+                    "native XDP is not available ({e:#}); using generic (skb) mode, which is slower"
+                );
+                try_mode(prog, XdpMode::Skb).map(|_| AttachMode::Skb)
+            }
+        },
+    }
+}
+
+/// Whether a loaded program uses the map with id `stats_id`, i.e. whether
+/// the maps at a pin path belong to a live program.
+pub fn program_running(stats_id: u32) -> bool {
+    aya::programs::loaded_programs()
+        .flatten()
+        .any(|p| matches!(p.map_ids(), Ok(Some(ids)) if ids.contains(&stats_id)))
+}
+
+fn raise_memlock() {
+    // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; harmless after.
+    let rl = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: valid rlimit struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rl) } != 0 {
+        tracing::debug!("could not raise RLIMIT_MEMLOCK; fine on kernels >= 5.11");
+    }
+}

@@ -1,0 +1,299 @@
+//! Typed handles over the XDP program's maps, opened either from a freshly
+//! loaded object or from their pins, with the operations the CLI and daemon
+//! need. The only code that touches map layouts in userspace.
+
+use std::path::Path;
+
+use anyhow::{Context as _, Result};
+use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
+use gateway_common::{
+    cidr::Cidr, names, BlockValue, Bucket, Counter, Limits, Reason, SourceKey, PORT_PROTECTED,
+};
+
+/// Every map of the XDP program.
+pub struct KernelMaps {
+    allow_v4: LpmTrie<MapData, [u8; 4], u32>,
+    allow_v6: LpmTrie<MapData, [u8; 16], u32>,
+    block_v4: LpmTrie<MapData, [u8; 4], BlockValue>,
+    block_v6: LpmTrie<MapData, [u8; 16], BlockValue>,
+    host_v4: HashMap<MapData, [u8; 4], BlockValue>,
+    host_v6: HashMap<MapData, [u8; 16], BlockValue>,
+    syn_buckets: HashMap<MapData, SourceKey, Bucket>,
+    limits: Array<MapData, Limits>,
+    ports: Array<MapData, u32>,
+    stats: PerCpuArray<MapData, Counter>,
+    top: HashMap<MapData, SourceKey, u64>,
+    /// Kernel id of STATS, to find the program that uses these maps.
+    stats_id: u32,
+}
+
+/// Counters of one reason, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReasonCount {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Entries in the maps userspace fills (for stats and metrics).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Occupancy {
+    pub allow: usize,
+    pub block_cidr: usize,
+    pub block_host: usize,
+    pub syn_buckets: usize,
+    pub top_sources: usize,
+}
+
+fn typed<T>(map: Map, name: &str) -> Result<T>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    T::try_from(map)
+        .with_context(|| format!("map {name} has an unexpected type (schema mismatch?)"))
+}
+
+impl KernelMaps {
+    /// Builds the handles from a map source (pins or a loaded object).
+    fn build(mut get: impl FnMut(&str) -> Result<Map>) -> Result<Self> {
+        let stats = get(names::STATS)?;
+        let stats_id = match &stats {
+            Map::PerCpuArray(data) => data.info().context("reading the STATS map info")?.id(),
+            _ => anyhow::bail!("map STATS has an unexpected type (schema mismatch?)"),
+        };
+        let stats: PerCpuArray<MapData, Counter> = typed(stats, names::STATS)?;
+        Ok(KernelMaps {
+            allow_v4: typed(get(names::ALLOW_V4)?, names::ALLOW_V4)?,
+            allow_v6: typed(get(names::ALLOW_V6)?, names::ALLOW_V6)?,
+            block_v4: typed(get(names::BLOCK_V4)?, names::BLOCK_V4)?,
+            block_v6: typed(get(names::BLOCK_V6)?, names::BLOCK_V6)?,
+            host_v4: typed(get(names::BLOCK_HOST_V4)?, names::BLOCK_HOST_V4)?,
+            host_v6: typed(get(names::BLOCK_HOST_V6)?, names::BLOCK_HOST_V6)?,
+            syn_buckets: typed(get(names::SYN_BUCKETS)?, names::SYN_BUCKETS)?,
+            limits: typed(get(names::LIMITS)?, names::LIMITS)?,
+            ports: typed(get(names::PORTS)?, names::PORTS)?,
+            top: typed(get(names::TOP_SOURCES)?, names::TOP_SOURCES)?,
+            stats,
+            stats_id,
+        })
+    }
+
+    /// Opens the maps pinned in `dir`.
+    pub fn open_pinned(dir: &Path) -> Result<Self> {
+        Self::build(|name| {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path)
+                .with_context(|| format!("opening the pinned map {}", path.display()))?;
+            Ok(Map::from_map_data(data)?)
+        })
+    }
+
+    /// Takes the maps out of a loaded object.
+    pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> Result<Self> {
+        Self::build(|name| {
+            ebpf.take_map(name)
+                .with_context(|| format!("the eBPF object has no map {name}"))
+        })
+    }
+
+    /// Kernel id of the STATS map.
+    pub fn stats_id(&self) -> u32 {
+        self.stats_id
+    }
+
+    pub fn block_insert(&mut self, cidr: &Cidr, v: BlockValue) -> Result<()> {
+        let r = match *cidr {
+            Cidr::V4 { addr, len: 32 } => self.host_v4.insert(addr, v, 0),
+            Cidr::V6 { addr, len: 128 } => self.host_v6.insert(addr, v, 0),
+            Cidr::V4 { addr, len } => self.block_v4.insert(&Key::new(len.into(), addr), v, 0),
+            Cidr::V6 { addr, len } => self.block_v6.insert(&Key::new(len.into(), addr), v, 0),
+        };
+        r.with_context(|| format!("adding {cidr} to the kernel blocklist (is the map full?)"))
+    }
+
+    /// Removes a blocklist entry; `false` if it was not there.
+    pub fn block_remove(&mut self, cidr: &Cidr) -> Result<bool> {
+        let r = match *cidr {
+            Cidr::V4 { addr, len: 32 } => self.host_v4.remove(&addr),
+            Cidr::V6 { addr, len: 128 } => self.host_v6.remove(&addr),
+            Cidr::V4 { addr, len } => self.block_v4.remove(&Key::new(len.into(), addr)),
+            Cidr::V6 { addr, len } => self.block_v6.remove(&Key::new(len.into(), addr)),
+        };
+        not_found_is_false(r).with_context(|| format!("removing {cidr} from the kernel blocklist"))
+    }
+
+    /// Every blocklist entry with its kernel value.
+    pub fn block_entries(&self) -> Result<Vec<(Cidr, BlockValue)>> {
+        let mut out = Vec::new();
+        for kv in self.host_v4.iter() {
+            let (addr, v) = kv?;
+            out.push((Cidr::V4 { addr, len: 32 }, v));
+        }
+        for kv in self.host_v6.iter() {
+            let (addr, v) = kv?;
+            out.push((Cidr::V6 { addr, len: 128 }, v));
+        }
+        for kv in self.block_v4.iter() {
+            let (k, v) = kv?;
+            out.push((
+                Cidr::V4 {
+                    addr: k.data(),
+                    len: k.prefix_len() as u8,
+                },
+                v,
+            ));
+        }
+        for kv in self.block_v6.iter() {
+            let (k, v) = kv?;
+            out.push((
+                Cidr::V6 {
+                    addr: k.data(),
+                    len: k.prefix_len() as u8,
+                },
+                v,
+            ));
+        }
+        Ok(out)
+    }
+
+    pub fn allow_insert(&mut self, cidr: &Cidr) -> Result<()> {
+        let r = match *cidr {
+            Cidr::V4 { addr, len } => self.allow_v4.insert(&Key::new(len.into(), addr), 1, 0),
+            Cidr::V6 { addr, len } => self.allow_v6.insert(&Key::new(len.into(), addr), 1, 0),
+        };
+        r.with_context(|| format!("adding {cidr} to the kernel allowlist (is the map full?)"))
+    }
+
+    pub fn allow_remove(&mut self, cidr: &Cidr) -> Result<bool> {
+        let r = match *cidr {
+            Cidr::V4 { addr, len } => self.allow_v4.remove(&Key::new(len.into(), addr)),
+            Cidr::V6 { addr, len } => self.allow_v6.remove(&Key::new(len.into(), addr)),
+        };
+        not_found_is_false(r).with_context(|| format!("removing {cidr} from the kernel allowlist"))
+    }
+
+    pub fn allow_entries(&self) -> Result<Vec<Cidr>> {
+        let mut out = Vec::new();
+        for k in self.allow_v4.keys() {
+            let k = k?;
+            out.push(Cidr::V4 {
+                addr: k.data(),
+                len: k.prefix_len() as u8,
+            });
+        }
+        for k in self.allow_v6.keys() {
+            let k = k?;
+            out.push(Cidr::V6 {
+                addr: k.data(),
+                len: k.prefix_len() as u8,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The SYN bucket of a source key, if it has one.
+    pub fn syn_bucket(&self, key: &SourceKey) -> Result<Option<Bucket>> {
+        match self.syn_buckets.get(key, 0) {
+            Ok(b) => Ok(Some(b)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading SYN_BUCKETS"),
+        }
+    }
+
+    /// Current limits; `None` before they were ever written.
+    pub fn limits(&self) -> Result<Option<Limits>> {
+        let l = self.limits.get(&0, 0).context("reading LIMITS")?;
+        Ok((l.syn_fill_ns != 0 || l.global_fill_ns != 0 || l.ipv4_prefix != 0).then_some(l))
+    }
+
+    pub fn set_limits(&mut self, l: &Limits) -> Result<()> {
+        self.limits.set(0, l, 0).context("writing LIMITS")
+    }
+
+    /// Makes exactly `ports` the protected ports.
+    pub fn set_ports(&mut self, ports: &[u16]) -> Result<()> {
+        for port in 0..gateway_common::capacity::PORTS {
+            let want = if ports.contains(&(port as u16)) {
+                PORT_PROTECTED
+            } else {
+                0
+            };
+            if self.ports.get(&port, 0)? != want {
+                self.ports.set(port, want, 0).context("writing PORTS")?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn ports(&self) -> Result<Vec<u16>> {
+        let mut out = Vec::new();
+        for (port, v) in self.ports.iter().enumerate() {
+            if v? == PORT_PROTECTED {
+                out.push(port as u16);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Per-reason counters, summed over CPUs, in `Reason::ALL` order.
+    pub fn stats(&self) -> Result<Vec<(Reason, ReasonCount)>> {
+        Reason::ALL
+            .iter()
+            .map(|r| {
+                let per_cpu = self.stats.get(&(*r as u32), 0).context("reading STATS")?;
+                let sum = per_cpu
+                    .iter()
+                    .fold(ReasonCount::default(), |a, c| ReasonCount {
+                        packets: a.packets + c.packets,
+                        bytes: a.bytes + c.bytes,
+                    });
+                Ok((*r, sum))
+            })
+            .collect()
+    }
+
+    /// The sources with the most dropped packets, most first.
+    pub fn top(&self, n: usize) -> Result<Vec<(SourceKey, u64)>> {
+        let mut all: Vec<(SourceKey, u64)> = self.top.iter().collect::<Result<_, _>>()?;
+        all.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        all.truncate(n);
+        Ok(all)
+    }
+
+    pub fn occupancy(&self) -> Result<Occupancy> {
+        Ok(Occupancy {
+            allow: self.allow_v4.keys().count() + self.allow_v6.keys().count(),
+            block_cidr: self.block_v4.keys().count() + self.block_v6.keys().count(),
+            block_host: self.host_v4.keys().count() + self.host_v6.keys().count(),
+            syn_buckets: self.syn_buckets.keys().count(),
+            top_sources: self.top.keys().count(),
+        })
+    }
+
+    /// Removes blocklist entries whose kernel expiry has passed (the kernel
+    /// already ignores them; this frees their slots). Returns what it removed.
+    pub fn remove_expired(&mut self, now_ns: u64) -> Result<Vec<Cidr>> {
+        let expired: Vec<Cidr> = self
+            .block_entries()?
+            .into_iter()
+            .filter(|(_, v)| !v.active(now_ns))
+            .map(|(c, _)| c)
+            .collect();
+        for c in &expired {
+            self.block_remove(c)?;
+        }
+        Ok(expired)
+    }
+}
+
+fn not_found_is_false(r: Result<(), aya::maps::MapError>) -> Result<bool, aya::maps::MapError> {
+    match r {
+        Ok(()) => Ok(true),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}

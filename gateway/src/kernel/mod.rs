@@ -1,0 +1,15 @@
+//! The kernel half of the gateway in userspace: loading and attaching the XDP
+//! program (`loader`), typed access to its maps (`maps`), the policy that
+//! config and state ask for (`policy`), and its persistence (`state`).
+
+pub mod clock;
+pub mod loader;
+pub mod maps;
+pub mod policy;
+pub mod runtime;
+pub mod state;
+
+pub mod testrun;
+
+#[cfg(test)]
+mod testrun_tests;

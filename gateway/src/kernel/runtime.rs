@@ -1,0 +1,152 @@
+//! The kernel program at run time: started by the daemon (`Kernel`), found
+//! and opened by the CLI (`open_running`), and described by a status file.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _, Result};
+use aya::Ebpf;
+use serde::{Deserialize, Serialize};
+
+use super::{clock, loader, maps::KernelMaps, policy, state::State};
+use crate::{config::Config, error::UsageError};
+
+pub const STATUS_FILE: &str = "xdp-status.json";
+
+/// Where and how the program is attached; written by the daemon.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub pid: u32,
+    pub started_unix_ms: u64,
+    pub pin_path: PathBuf,
+    pub interfaces: Vec<Attached>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Attached {
+    pub name: String,
+    pub mode: String,
+}
+
+impl Status {
+    pub fn read(state_dir: &Path) -> Option<Status> {
+        let text = std::fs::read_to_string(state_dir.join(STATUS_FILE)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+}
+
+/// Opens the maps of the running program for the CLI. Fails with a one-line
+/// explanation when nothing runs.
+pub fn open_running(cfg: &Config) -> Result<KernelMaps> {
+    let pin = cfg.pin_path();
+    if !pin.join(gateway_common::names::STATS).exists() {
+        bail!(
+            "no gateway XDP maps at {}: start the daemon with `gateway run` \
+             (or pass the --config it runs with)",
+            pin.display()
+        );
+    }
+    let maps = KernelMaps::open_pinned(&pin).map_err(loader::explain)?;
+    if !loader::program_running(maps.stats_id()) {
+        bail!(
+            "the gateway XDP program is not attached (its maps are pinned at {} but no \
+             program uses them): start it with `gateway run`",
+            pin.display()
+        );
+    }
+    Ok(maps)
+}
+
+/// The XDP program loaded and attached by the daemon. Dropping it detaches
+/// the program; the pinned maps (and so the policy and counters) remain.
+pub struct Kernel {
+    /// Owns the program and its links.
+    _ebpf: Ebpf,
+    pub maps: KernelMaps,
+    state_dir: PathBuf,
+    pub status: Status,
+}
+
+impl Kernel {
+    /// Loads the program, brings the maps to the configured and persisted
+    /// policy, then attaches to every interface. Checks everything it can
+    /// before touching the kernel.
+    pub fn start(cfg: &Config) -> Result<Kernel> {
+        let x = &cfg.xdp;
+        loader::check_interfaces(&x.interfaces)?;
+        let pin = cfg.pin_path();
+        loader::check_bpffs(&pin)?;
+        if pin.join(gateway_common::names::STATS).exists() {
+            if let Ok(maps) = KernelMaps::open_pinned(&pin) {
+                if loader::program_running(maps.stats_id()) {
+                    let who = Status::read(&cfg.server.state_dir)
+                        .map(|s| format!(" (pid {})", s.pid))
+                        .unwrap_or_default();
+                    return Err(UsageError(format!(
+                        "a gateway XDP program already uses the maps at {}{who}; stop it first",
+                        pin.display()
+                    ))
+                    .into());
+                }
+            }
+        }
+        let state = State::load(&cfg.server.state_dir)?;
+        let (file_blocks, warnings) = policy::load_block_files(x);
+        for w in &warnings {
+            tracing::warn!("block file: {w}");
+        }
+        let mut ebpf = loader::load(Some(&pin))?;
+        let mut maps = KernelMaps::from_ebpf(&mut ebpf)?;
+        let want = policy::desired(x, &state, &file_blocks);
+        let applied = policy::apply(&mut maps, &want)?;
+        tracing::info!(
+            blocklist = want.block.len(),
+            allowlist = want.allow.len(),
+            added = applied.block_added,
+            removed = applied.block_removed,
+            pin_path = %pin.display(),
+            "kernel policy loaded"
+        );
+        let mut interfaces = Vec::new();
+        for iface in &x.interfaces {
+            let mode = loader::attach(&mut ebpf, iface, x.mode)?;
+            tracing::info!(interface = %iface, mode = mode.name(), "XDP program attached");
+            interfaces.push(Attached {
+                name: iface.clone(),
+                mode: mode.name().into(),
+            });
+        }
+        let status = Status {
+            pid: std::process::id(),
+            started_unix_ms: clock::unix_ms(),
+            pin_path: pin,
+            interfaces,
+        };
+        std::fs::create_dir_all(&cfg.server.state_dir)
+            .with_context(|| format!("creating {}", cfg.server.state_dir.display()))?;
+        let status_path = cfg.server.state_dir.join(STATUS_FILE);
+        std::fs::write(&status_path, serde_json::to_vec_pretty(&status)?)
+            .with_context(|| format!("writing {}", status_path.display()))?;
+        Ok(Kernel {
+            _ebpf: ebpf,
+            maps,
+            state_dir: cfg.server.state_dir.clone(),
+            status,
+        })
+    }
+
+    /// Frees the slots of lapsed blocklist entries (the kernel already
+    /// ignores them). Returns how many were removed.
+    pub fn sweep(&mut self) -> Result<usize> {
+        let gone = self.maps.remove_expired(clock::monotonic_ns())?;
+        for c in &gone {
+            tracing::info!(cidr = %c, "temporary block lapsed");
+        }
+        Ok(gone.len())
+    }
+}
+
+impl Drop for Kernel {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.state_dir.join(STATUS_FILE));
+    }
+}

@@ -1,0 +1,354 @@
+//! The real XDP program on crafted frames, one test per verdict and reason.
+//! Each test loads its own copy of the program, so maps start empty.
+
+use std::time::{Duration, Instant};
+
+use gateway_common::{
+    cidr::Cidr,
+    packet::{craft::*, ETH_P_8021AD, ETH_P_8021Q, TCP_ACK, TCP_RST, TCP_SYN},
+    BlockValue, Bucket, Limits, Reason,
+};
+
+use super::{
+    clock,
+    testrun::{kernel_tests_enabled, Harness, XDP_DROP, XDP_PASS},
+};
+
+const PORT: u16 = 8443;
+const SRC: [u8; 4] = [198, 51, 100, 7];
+const SRC2: [u8; 4] = [198, 51, 100, 8];
+const DST: [u8; 4] = [192, 0, 2, 1];
+
+/// Per-source 5/s burst 5, no global budget.
+fn limits() -> Limits {
+    Limits::new(5, 5, 0, 32, 64)
+}
+
+macro_rules! harness {
+    ($limits:expr) => {{
+        if !kernel_tests_enabled(module_path!()) {
+            return;
+        }
+        Harness::new($limits, &[PORT]).expect("loading the XDP program")
+    }};
+}
+
+fn syn(src: [u8; 4]) -> Vec<u8> {
+    Frame::v4(src, DST).tcp(PORT, TCP_SYN).build()
+}
+
+fn block(h: &mut Harness, c: &str, expires_ns: u64) {
+    h.maps
+        .block_insert(&c.parse::<Cidr>().unwrap(), BlockValue { expires_ns })
+        .unwrap();
+}
+
+#[track_caller]
+fn expect(h: &mut Harness, frame: &[u8], action: u32, reason: Reason) {
+    let before = h.count(reason).unwrap();
+    let got = h.run(frame).unwrap();
+    let name = if action == XDP_DROP { "DROP" } else { "PASS" };
+    assert_eq!(
+        got,
+        action,
+        "expected {name} ({}) for {frame:02x?}",
+        reason.name()
+    );
+    assert_eq!(
+        h.count(reason).unwrap(),
+        before + 1,
+        "counter {} did not move",
+        reason.name()
+    );
+}
+
+#[test]
+fn exact_and_cidr_blocks_v4_and_v6() {
+    let mut h = harness!(limits());
+    block(&mut h, "198.51.100.7", 0);
+    block(&mut h, "203.0.113.0/24", 0);
+    block(&mut h, "2001:db8::a", 0);
+    block(&mut h, "2001:db8:1::/48", 0);
+    expect(&mut h, &syn(SRC), XDP_DROP, Reason::Blocklist);
+    expect(&mut h, &syn(SRC2), XDP_PASS, Reason::SynPass);
+    // Blocked sources are dropped whatever they send, to any port.
+    let udp = Frame::v4([203, 0, 113, 200], DST).udp(53).build();
+    expect(&mut h, &udp, XDP_DROP, Reason::Blocklist);
+    let v6_exact = Frame::v6(V6_A, V6_B).tcp(22, TCP_ACK).build();
+    expect(&mut h, &v6_exact, XDP_DROP, Reason::Blocklist);
+    let mut in48 = V6_A;
+    in48[5] = 1; // 2001:db8:1::a
+    let v6_cidr = Frame::v6(in48, V6_B).tcp(PORT, TCP_SYN).build();
+    expect(&mut h, &v6_cidr, XDP_DROP, Reason::Blocklist);
+    let v6_other = Frame::v6(V6_B, V6_A).tcp(PORT, TCP_SYN).build();
+    expect(&mut h, &v6_other, XDP_PASS, Reason::SynPass);
+    // The top-sources map ranks what was dropped.
+    let top = h.maps.top(10).unwrap();
+    assert_eq!(top.len(), 4, "{top:?}");
+}
+
+#[test]
+fn allowlist_beats_blocklist() {
+    let mut h = harness!(limits());
+    block(&mut h, "198.51.100.0/24", 0);
+    h.maps
+        .allow_insert(&"198.51.100.7".parse().unwrap())
+        .unwrap();
+    for _ in 0..20 {
+        // Also never rate-limited: 20 SYNs with a burst of 5.
+        expect(&mut h, &syn(SRC), XDP_PASS, Reason::Allowlist);
+    }
+    expect(&mut h, &syn(SRC2), XDP_DROP, Reason::Blocklist);
+}
+
+#[test]
+fn expiry_lapses_in_the_kernel() {
+    let mut h = harness!(limits());
+    let now = clock::monotonic_ns();
+    block(&mut h, "198.51.100.7", now + 60_000_000_000);
+    block(&mut h, "198.51.100.8", now - 1);
+    expect(&mut h, &syn(SRC), XDP_DROP, Reason::Blocklist);
+    expect(&mut h, &syn(SRC2), XDP_PASS, Reason::SynPass);
+    // A CIDR entry lapses the same way, and the host entry's lapse does not
+    // hide an active covering CIDR.
+    block(&mut h, "198.51.100.0/24", now + 60_000_000_000);
+    expect(&mut h, &syn(SRC2), XDP_DROP, Reason::Blocklist);
+    // Sweeping removes exactly the lapsed entry.
+    let gone = h.maps.remove_expired(clock::monotonic_ns()).unwrap();
+    assert_eq!(gone, vec!["198.51.100.8".parse::<Cidr>().unwrap()]);
+}
+
+#[test]
+fn syn_bucket_drains_and_refills_over_time() {
+    let mut h = harness!(Limits::new(50, 5, 0, 32, 64));
+    for i in 0..5 {
+        let got = h.run(&syn(SRC)).unwrap();
+        assert_eq!(got, XDP_PASS, "SYN {i} of the burst of 5 was dropped");
+    }
+    expect(&mut h, &syn(SRC), XDP_DROP, Reason::SynRate);
+    // Another source is unaffected.
+    expect(&mut h, &syn(SRC2), XDP_PASS, Reason::SynPass);
+    // At 50/s a token comes back every 20 ms: poll until it does.
+    let start = Instant::now();
+    loop {
+        if h.run(&syn(SRC)).unwrap() == XDP_PASS {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "bucket did not refill within 2 s"
+        );
+        std::thread::yield_now();
+    }
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(5),
+        "refilled after only {waited:?}"
+    );
+    // The bucket in the map is keyed by the v4-mapped source.
+    let key = gateway_common::v4_mapped(SRC);
+    let _: Bucket = bucket_of(&h, key).expect("bucket for the source");
+}
+
+fn bucket_of(h: &Harness, key: gateway_common::SourceKey) -> Option<Bucket> {
+    h.maps.syn_bucket(&key).unwrap()
+}
+
+#[test]
+fn global_budget_caps_many_sources() {
+    // No per-source limit; 10 SYNs per second from everyone together.
+    let mut h = harness!(Limits::new(0, 0, 10, 32, 64));
+    let mut passed = 0;
+    for i in 0..30u8 {
+        let f = syn([203, 0, 113, i]);
+        if h.run(&f).unwrap() == XDP_PASS {
+            passed += 1;
+        }
+    }
+    assert_eq!(passed, 10, "the global budget holds one second's worth");
+    assert_eq!(h.count(Reason::SynGlobal).unwrap(), 20);
+}
+
+#[test]
+fn limits_change_at_runtime_without_reload() {
+    let mut h = harness!(Limits::new(1, 1, 0, 32, 64));
+    expect(&mut h, &syn(SRC), XDP_PASS, Reason::SynPass);
+    expect(&mut h, &syn(SRC), XDP_DROP, Reason::SynRate);
+    h.maps.set_limits(&Limits::new(0, 0, 0, 32, 64)).unwrap();
+    expect(&mut h, &syn(SRC), XDP_PASS, Reason::SynPass);
+}
+
+#[test]
+fn syn_ack_and_non_syn_pass() {
+    let mut h = harness!(Limits::new(1, 1, 1, 32, 64));
+    for flags in [TCP_SYN | TCP_ACK, TCP_ACK, TCP_RST, 0] {
+        for _ in 0..5 {
+            let f = Frame::v4(SRC, DST).tcp(PORT, flags).build();
+            expect(&mut h, &f, XDP_PASS, Reason::Pass);
+        }
+    }
+    // A SYN to an unprotected port is not limited.
+    for _ in 0..5 {
+        let f = Frame::v4(SRC, DST).tcp(22, TCP_SYN).build();
+        expect(&mut h, &f, XDP_PASS, Reason::Pass);
+    }
+}
+
+#[test]
+fn vlan_single_and_double_tags() {
+    let mut h = harness!(limits());
+    block(&mut h, "198.51.100.7", 0);
+    for tags in [vec![ETH_P_8021Q], vec![ETH_P_8021AD, ETH_P_8021Q]] {
+        let f = Frame::v4(SRC, DST).vlans(&tags).tcp(PORT, TCP_SYN).build();
+        expect(&mut h, &f, XDP_DROP, Reason::Blocklist);
+        let f = Frame::v4(SRC2, DST).vlans(&tags).tcp(PORT, TCP_SYN).build();
+        expect(&mut h, &f, XDP_PASS, Reason::SynPass);
+    }
+}
+
+#[test]
+fn ipv4_options_and_malformed_headers() {
+    let mut h = harness!(limits());
+    let opts = Frame::v4(SRC, DST)
+        .ip_options(40)
+        .tcp(PORT, TCP_SYN)
+        .build();
+    expect(&mut h, &opts, XDP_PASS, Reason::SynPass);
+    let bad_ihl = Frame::v4(SRC, DST).tcp(PORT, TCP_SYN).ihl(4).build();
+    expect(&mut h, &bad_ihl, XDP_DROP, Reason::Malformed);
+    let bad_doff = Frame::v4(SRC, DST).tcp(PORT, TCP_SYN).tcp_doff(3).build();
+    expect(&mut h, &bad_doff, XDP_DROP, Reason::Malformed);
+    // Malformed but not aimed at a protected port: not ours to drop.
+    let other = Frame::v4(SRC, DST).tcp(22, TCP_SYN).tcp_doff(3).build();
+    expect(&mut h, &other, XDP_PASS, Reason::Pass);
+}
+
+#[test]
+fn ipv6_extension_headers() {
+    let mut h = harness!(Limits::new(5, 1, 0, 32, 64));
+    let f = Frame::v6(V6_A, V6_B)
+        .ext(&[0, 60, 43, 51])
+        .tcp(PORT, TCP_SYN)
+        .build();
+    expect(&mut h, &f, XDP_PASS, Reason::SynPass);
+    // Same /64, so the same bucket: the extension headers do not hide it.
+    expect(&mut h, &f, XDP_DROP, Reason::SynRate);
+    let too_long = Frame::v6(V6_B, V6_A)
+        .ext(&[60; 9])
+        .tcp(PORT, TCP_SYN)
+        .build();
+    expect(&mut h, &too_long, XDP_DROP, Reason::Malformed);
+    let esp = Frame::v6(V6_B, V6_A).ext(&[0]).udp(500).build();
+    expect(&mut h, &esp, XDP_PASS, Reason::Pass);
+}
+
+#[test]
+fn fragments_get_address_checks_only() {
+    let mut h = harness!(Limits::new(1, 1, 0, 32, 64));
+    block(&mut h, "198.51.100.7", 0);
+    let blocked_frag = Frame::v4(SRC, DST)
+        .frag(100, true)
+        .tcp(PORT, TCP_SYN)
+        .build();
+    expect(&mut h, &blocked_frag, XDP_DROP, Reason::Blocklist);
+    for _ in 0..3 {
+        let frag = Frame::v4(SRC2, DST)
+            .frag(100, false)
+            .tcp(PORT, TCP_SYN)
+            .build();
+        expect(&mut h, &frag, XDP_PASS, Reason::Fragment);
+        let v6 = Frame::v6(V6_A, V6_B)
+            .frag(8, true)
+            .tcp(PORT, TCP_SYN)
+            .build();
+        expect(&mut h, &v6, XDP_PASS, Reason::Fragment);
+    }
+    // A first fragment carries the TCP header and is limited like any SYN.
+    let first = Frame::v4(SRC2, DST)
+        .frag(0, true)
+        .tcp(PORT, TCP_SYN)
+        .build();
+    expect(&mut h, &first, XDP_PASS, Reason::SynPass);
+    expect(&mut h, &first, XDP_DROP, Reason::SynRate);
+}
+
+#[test]
+fn truncated_at_every_header_boundary() {
+    let mut h = harness!(limits());
+    let v4 = Frame::v4(SRC, DST)
+        .vlans(&[ETH_P_8021Q])
+        .ip_options(8)
+        .tcp(PORT, TCP_SYN)
+        .build();
+    // Ethernet (14) + VLAN (4) = 18; IPv4 fixed header ends at 38, options
+    // at 46, TCP at 66.
+    let cases: &[(usize, u32, Reason)] = &[
+        (0, XDP_PASS, Reason::NotIp),
+        (13, XDP_PASS, Reason::NotIp),
+        (17, XDP_PASS, Reason::NotIp),
+        (18, XDP_PASS, Reason::Unparsed),
+        (37, XDP_PASS, Reason::Unparsed),
+        // Options cut before the TCP port: not provably aimed at us.
+        (38, XDP_PASS, Reason::Pass),
+        (45, XDP_PASS, Reason::Pass),
+        (46, XDP_PASS, Reason::Pass),
+        (49, XDP_PASS, Reason::Pass),
+        (50, XDP_DROP, Reason::Malformed), // port readable, TCP header cut
+        (65, XDP_DROP, Reason::Malformed),
+        (66, XDP_PASS, Reason::SynPass),
+    ];
+    for (len, action, reason) in cases {
+        let got = h.run(&v4[..*len]).unwrap_or(u32::MAX);
+        // The kernel refuses test frames shorter than an Ethernet header.
+        if *len < 14 {
+            assert!(got == XDP_PASS || got == u32::MAX, "cut at {len}: {got}");
+            continue;
+        }
+        let before = h.count(*reason).unwrap();
+        let got = h.run(&v4[..*len]).unwrap();
+        assert_eq!(
+            got,
+            *action,
+            "frame cut at {len} bytes should be {}",
+            reason.name()
+        );
+        assert_eq!(
+            h.count(*reason).unwrap(),
+            before + 1,
+            "cut at {len}: {} not counted",
+            reason.name()
+        );
+    }
+    let v6 = Frame::v6(V6_A, V6_B).ext(&[0]).tcp(PORT, TCP_SYN).build();
+    // IPv6 header ends at 54, hop-by-hop at 62, TCP at 82.
+    for (len, action, reason) in [
+        (53, XDP_PASS, Reason::Unparsed),
+        (54, XDP_PASS, Reason::Pass),
+        (61, XDP_PASS, Reason::Pass),
+        (62, XDP_PASS, Reason::Pass),
+        (66, XDP_DROP, Reason::Malformed),
+        (82, XDP_PASS, Reason::SynPass),
+    ] {
+        let before = h.count(reason).unwrap();
+        assert_eq!(
+            h.run(&v6[..len]).unwrap(),
+            action,
+            "IPv6 frame cut at {len}"
+        );
+        assert_eq!(
+            h.count(reason).unwrap(),
+            before + 1,
+            "IPv6 cut at {len}: {} not counted",
+            reason.name()
+        );
+    }
+}
+
+#[test]
+fn non_ip_frames_pass_untouched() {
+    let mut h = harness!(limits());
+    for ethertype in [0x0806u16, 0x88cc, 0x8847] {
+        let f = Frame::raw_ethertype(ethertype, 46).build();
+        expect(&mut h, &f, XDP_PASS, Reason::NotIp);
+    }
+}

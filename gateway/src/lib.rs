@@ -1,0 +1,7 @@
+//! The gateway as a library: the `gateway` binary is a thin `main` over
+//! these modules, and the integration tests and benchmarks use them too.
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod kernel;

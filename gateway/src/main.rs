@@ -1,0 +1,20 @@
+//! `gateway`: the daemon and its command-line interface in one binary.
+//!
+//! Exit codes: 0 ok, 1 runtime failure, 2 usage or config error.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use gateway::{cli, error};
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    cli::init_logging(&args);
+    match cli::dispatch(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(error::exit_code(&e) as u8)
+        }
+    }
+}
