@@ -129,12 +129,29 @@ impl Reason {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BlockValue {
-    /// `CLOCK_MONOTONIC` (bpf_ktime_get_ns) time at which the entry lapses;
-    /// 0 = permanent. Checked by the kernel, so bans expire without userspace.
+    /// `CLOCK_MONOTONIC` time (ns) at which the entry lapses; 0 = permanent.
+    /// Checked by the kernel, so bans expire without userspace.
     pub expires_ns: u64,
+    /// Packets this entry dropped, counted by the kernel with an atomic add
+    /// on the value it already looked up (no extra map access per drop).
+    pub hits: u64,
 }
 
 impl BlockValue {
+    pub const fn permanent() -> Self {
+        BlockValue {
+            expires_ns: 0,
+            hits: 0,
+        }
+    }
+
+    pub const fn until(expires_ns: u64) -> Self {
+        BlockValue {
+            expires_ns,
+            hits: 0,
+        }
+    }
+
     #[inline(always)]
     pub const fn active(&self, now_ns: u64) -> bool {
         self.expires_ns == 0 || now_ns < self.expires_ns
@@ -274,7 +291,7 @@ mod pod {
     unsafe impl aya::Pod for Counter {}
 }
 
-const _: () = assert!(core::mem::size_of::<BlockValue>() == 8);
+const _: () = assert!(core::mem::size_of::<BlockValue>() == 16);
 const _: () = assert!(core::mem::size_of::<Bucket>() == 16);
 const _: () = assert!(core::mem::size_of::<Limits>() == 72);
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);

@@ -6,6 +6,14 @@
 //! protected port -> SYN to a protected port through the per-source bucket
 //! and the global budget -> pass. Fail open: only blocked sources and packets
 //! aimed at a protected port are ever dropped.
+//!
+//! The allowlist only changes the outcome of a packet that would otherwise
+//! be dropped, so it is consulted lazily, just before a drop: ordinary
+//! traffic and admitted SYNs pay for no allowlist lookup, and the
+//! `allowlist` counter counts the packets it actually saved. (An allowlisted
+//! source's SYNs still draw on its bucket and the global budget while there
+//! are tokens; once they run out it passes regardless.) The clock is read
+//! only when an expiry or a bucket needs it.
 
 use crate::{
     maps::{v4_mapped, Limits, Reason, SourceKey},
@@ -14,8 +22,11 @@ use crate::{
 
 /// Policy state the verdict consults. The kernel implements it over BPF maps.
 pub trait Tables {
+    /// The current time (bpf_ktime_get_ns); called only when needed.
+    fn now(&self) -> u64;
     fn allowed(&self, src: &Source) -> bool;
-    fn blocked(&self, src: &Source, now_ns: u64) -> bool;
+    /// Whether an active (unexpired) blocklist entry covers `src`.
+    fn blocked(&self, src: &Source) -> bool;
     fn protected(&self, port: u16) -> bool;
     fn limits(&self) -> Option<Limits>;
     /// Takes a token from the per-source bucket keyed by `key`.
@@ -28,7 +39,9 @@ pub trait Tables {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Verdict {
     pub reason: Reason,
-    /// The source, for dropped IP packets (fed to `TOP_SOURCES`).
+    /// The source of a packet dropped by its per-source SYN limit or as
+    /// malformed (fed to `TOP_SOURCES`). Blocklist drops are counted on the
+    /// matching entry.
     pub source: Option<SourceKey>,
 }
 
@@ -70,7 +83,7 @@ pub fn bucket_key(src: &Source, limits: &Limits) -> SourceKey {
 
 /// Decides the fate of one frame.
 #[inline(always)]
-pub fn decide<B: Bytes + ?Sized, T: Tables>(pkt: &B, t: &T, now_ns: u64) -> Verdict {
+pub fn decide<B: Bytes + ?Sized, T: Tables>(pkt: &B, t: &T) -> Verdict {
     let pass = |reason| Verdict {
         reason,
         source: None,
@@ -80,14 +93,24 @@ pub fn decide<B: Bytes + ?Sized, T: Tables>(pkt: &B, t: &T, now_ns: u64) -> Verd
         Parsed::Truncated => return pass(Reason::Unparsed),
         Parsed::Ip { src, transport } => (src, transport),
     };
-    let dropped = |reason| Verdict {
-        reason,
-        source: Some(key_of(&src)),
+    // A drop (or bucket charge) is only final when the source is not
+    // allowlisted.
+    let dropped = |reason| {
+        if t.allowed(&src) {
+            Verdict {
+                reason: Reason::Allowlist,
+                source: None,
+            }
+        } else {
+            // Blocklist drops are counted on the entry; global-budget drops
+            // come from floods of spoofed, ever-new sources, where ranking
+            // would cost an LRU insert per packet and mean nothing.
+            let ranked = matches!(reason, Reason::SynRate | Reason::Malformed);
+            let source = ranked.then(|| key_of(&src));
+            Verdict { reason, source }
+        }
     };
-    if t.allowed(&src) {
-        return pass(Reason::Allowlist);
-    }
-    if t.blocked(&src, now_ns) {
+    if t.blocked(&src) {
         return dropped(Reason::Blocklist);
     }
     match transport {
@@ -107,6 +130,7 @@ pub fn decide<B: Bytes + ?Sized, T: Tables>(pkt: &B, t: &T, now_ns: u64) -> Verd
             let Some(limits) = t.limits() else {
                 return pass(Reason::SynPass);
             };
+            let now_ns = t.now();
             if limits.syn_rate != 0 && !t.take_source(&bucket_key(&src, &limits), &limits, now_ns) {
                 return dropped(Reason::SynRate);
             }
@@ -137,6 +161,7 @@ mod tests {
         limits: Limits,
         buckets: RefCell<HashMap<SourceKey, Bucket>>,
         global: RefCell<Option<Bucket>>,
+        now: core::cell::Cell<u64>,
     }
 
     impl Fake {
@@ -148,6 +173,7 @@ mod tests {
                 limits: Limits::new(2, 2, 0, 32, 64),
                 buckets: RefCell::new(HashMap::new()),
                 global: RefCell::new(None),
+                now: core::cell::Cell::new(0),
             }
         }
     }
@@ -160,10 +186,14 @@ mod tests {
     }
 
     impl Tables for Fake {
+        fn now(&self) -> u64 {
+            self.now.get()
+        }
         fn allowed(&self, src: &Source) -> bool {
             self.allow.iter().any(|c| c.contains(ip(src)))
         }
-        fn blocked(&self, src: &Source, now: u64) -> bool {
+        fn blocked(&self, src: &Source) -> bool {
+            let now = self.now.get();
             self.block
                 .iter()
                 .any(|(c, exp)| c.contains(ip(src)) && (*exp == 0 || now < *exp))
@@ -205,7 +235,8 @@ mod tests {
     }
 
     fn reason(t: &Fake, f: &[u8], now: u64) -> Reason {
-        decide(f, t, now).reason
+        t.now.set(now);
+        decide(f, t).reason
     }
 
     #[test]
@@ -216,6 +247,41 @@ mod tests {
         t.allow.push("198.51.100.7".parse().unwrap());
         assert_eq!(reason(&t, &syn(A), 0), Reason::Allowlist);
         assert_eq!(reason(&t, &syn(B), 0), Reason::Blocklist);
+        // Ordinary traffic from an allowlisted source is plain `pass`: the
+        // allowlist changed nothing for it.
+        let ack = Frame::v4(A, ME).tcp(8443, TCP_ACK).build();
+        t.block.clear();
+        assert_eq!(reason(&t, &ack, 0), Reason::Pass);
+    }
+
+    #[test]
+    fn allowlisted_sources_are_never_syn_limited() {
+        let mut t = Fake::new(); // 2/s, burst 2
+        t.allow.push("198.51.100.0/24".parse().unwrap());
+        let got: Vec<Reason> = (0..6).map(|_| reason(&t, &syn(A), 0)).collect();
+        assert_eq!(
+            got[..2],
+            [Reason::SynPass; 2],
+            "tokens are used while there are some"
+        );
+        assert_eq!(
+            got[2..],
+            [Reason::Allowlist; 4],
+            "then the allowlist lets it through"
+        );
+        let v = decide(&syn(A)[..], &t);
+        assert_eq!(
+            v.source, None,
+            "allowlisted traffic is never a top dropped source"
+        );
+    }
+
+    #[test]
+    fn blocklist_drops_are_not_top_sources() {
+        let mut t = Fake::new();
+        t.block.push(("198.51.100.7".parse().unwrap(), 0));
+        let v = decide(&syn(A)[..], &t);
+        assert_eq!((v.reason, v.source), (Reason::Blocklist, None));
     }
 
     #[test]
@@ -242,7 +308,7 @@ mod tests {
             Reason::SynPass,
             "refilled after 0.5 s"
         );
-        let v = decide(&syn(A)[..], &t, 500_000_000);
+        let v = decide(&syn(A)[..], &t);
         assert_eq!(v.source, Some(v4_mapped(A)));
     }
 

@@ -1,12 +1,12 @@
 //! `gateway_common`'s `Bytes` and `Tables` over the XDP context and the BPF
 //! maps. The kernel only reads policy maps; it writes buckets and counters.
 
-use aya_ebpf::{maps::lpm_trie::Key, programs::XdpContext};
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key, programs::XdpContext};
 use gateway_common::{
     bucket,
     packet::{Bytes, Source},
     verdict::Tables,
-    Limits, SourceKey, PORT_PROTECTED,
+    BlockValue, Limits, SourceKey, PORT_PROTECTED,
 };
 
 use crate::maps::*;
@@ -36,12 +36,53 @@ impl Bytes for Packet<'_> {
 
 pub struct Maps;
 
+/// Whether a found blocklist entry is in force; counts the hit if so. The
+/// clock is read only for entries that carry an expiry.
 #[inline(always)]
-fn active(v: Option<&gateway_common::BlockValue>, now: u64) -> bool {
-    matches!(v, Some(v) if v.active(now))
+fn hit(v: Option<*mut BlockValue>) -> bool {
+    let Some(v) = v else { return false };
+    // SAFETY: a pointer into the map value returned by the lookup.
+    let v = unsafe { &mut *v };
+    if v.expires_ns != 0 && !v.active(now()) {
+        return false;
+    }
+    add(&mut v.hits, 1);
+    true
+}
+
+/// aya-ebpf's `LpmTrie::get` hands out `&V`; the value lives in writable map
+/// memory, and the only write through this pointer is the atomic hit count.
+#[inline(always)]
+fn lpm_ptr(v: Option<&BlockValue>) -> Option<*mut BlockValue> {
+    v.map(|v| v as *const BlockValue as *mut BlockValue)
+}
+
+/// Atomic add on a value shared by all CPUs.
+#[inline(always)]
+pub fn add(dst: &mut u64, n: u64) {
+    // SAFETY: `dst` is a valid, aligned u64 in a map value.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            dst, n,
+        )
+    };
+}
+
+/// Monotonic time for expiries and buckets. The coarse clock (jiffies
+/// resolution, >= 1 ms) costs a fraction of `bpf_ktime_get_ns` (measured
+/// 36 ns per call on the benchmark VM) and is plenty for both.
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: a helper with no preconditions (kernel >= 5.11).
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 impl Tables for Maps {
+    #[inline(always)]
+    fn now(&self) -> u64 {
+        now()
+    }
+
     #[inline(always)]
     fn allowed(&self, src: &Source) -> bool {
         match src {
@@ -51,17 +92,15 @@ impl Tables for Maps {
     }
 
     #[inline(always)]
-    fn blocked(&self, src: &Source, now: u64) -> bool {
-        // SAFETY: values are plain integers; a racing update can at worst
-        // show the old or new expiry.
+    fn blocked(&self, src: &Source) -> bool {
+        // Values are plain integers; a racing userspace update can at worst
+        // show the old or the new expiry.
         match src {
             Source::V4(a) => {
-                active(unsafe { BLOCK_HOST_V4.get(a) }, now)
-                    || active(BLOCK_V4.get(Key::new(32, *a)), now)
+                hit(BLOCK_HOST_V4.get_ptr_mut(a)) || hit(lpm_ptr(BLOCK_V4.get(Key::new(32, *a))))
             }
             Source::V6(a) => {
-                active(unsafe { BLOCK_HOST_V6.get(a) }, now)
-                    || active(BLOCK_V6.get(Key::new(128, *a)), now)
+                hit(BLOCK_HOST_V6.get_ptr_mut(a)) || hit(lpm_ptr(BLOCK_V6.get(Key::new(128, *a))))
             }
         }
     }

@@ -1,20 +1,16 @@
 //! The XDP entry point: decide, count, act.
 
-use aya_ebpf::{
-    bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
-};
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use gateway_common::{verdict::decide, Counter};
 
 use crate::{
     maps::{STATS, TOP_SOURCES},
-    tables::{Maps, Packet},
+    tables::{add, Maps, Packet},
 };
 
 #[xdp]
 pub fn gateway_xdp(ctx: XdpContext) -> u32 {
-    // SAFETY: a helper with no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let v = decide(&Packet(&ctx), &Maps, now);
+    let v = decide(&Packet(&ctx), &Maps);
     let len = (ctx.data_end() - ctx.data()) as u64;
     if let Some(c) = STATS.get_ptr_mut(v.reason as u32) {
         // SAFETY: per-CPU slot, no other writer on this CPU.
@@ -27,10 +23,8 @@ pub fn gateway_xdp(ctx: XdpContext) -> u32 {
     }
     if let Some(src) = v.source {
         match TOP_SOURCES.get_ptr_mut(&src) {
-            // SAFETY: pointer into the map value. Shared across CPUs, so two
-            // CPUs dropping the same source at once may lose an increment:
-            // this map ranks offenders, the exact totals are in STATS.
-            Some(n) => unsafe { *n += 1 },
+            // SAFETY: pointer into the map value returned by the lookup.
+            Some(n) => add(unsafe { &mut *n }, 1),
             None => {
                 let _ = TOP_SOURCES.insert(&src, 1u64, 0);
             }

@@ -52,9 +52,8 @@ pub fn block(cfg: &Config, cmd: BlockCmd) -> Result<()> {
                 comment,
                 added_unix_ms: now,
             };
-            let value = BlockValue {
-                expires_ns: ttl.map_or(0, |t| clock::monotonic_ns() + t.as_nanos() as u64),
-            };
+            let value =
+                BlockValue::until(ttl.map_or(0, |t| clock::monotonic_ns() + t.as_nanos() as u64));
             let mut changed = state.clone();
             changed.upsert_block(entry);
             persist_then_apply(cfg, state, changed, || maps.block_insert(&cidr, value))?;
@@ -95,13 +94,14 @@ pub fn block(cfg: &Config, cmd: BlockCmd) -> Result<()> {
             if f.json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                let mut t = vec![["CIDR", "EXPIRES IN", "CAUSE", "SOURCE", "COMMENT"]
+                let mut t = vec![["CIDR", "EXPIRES IN", "HITS", "CAUSE", "SOURCE", "COMMENT"]
                     .map(String::from)
                     .to_vec()];
                 for r in &rows {
                     t.push(vec![
                         r.cidr.clone(),
                         output::remaining(r.expires_in_secs.map(std::time::Duration::from_secs)),
+                        r.hits.to_string(),
                         r.cause.clone(),
                         r.source.into(),
                         r.comment.clone().unwrap_or_default(),
@@ -124,6 +124,8 @@ pub struct BlockRow {
     pub cause: String,
     /// "runtime" (CLI, bans) or "config" (xdp.block, block_files).
     pub source: &'static str,
+    /// Packets this entry dropped since it was added.
+    pub hits: u64,
     pub comment: Option<String>,
 }
 
@@ -142,6 +144,7 @@ fn block_rows(cfg: &Config, maps: &KernelMaps) -> Result<Vec<BlockRow>> {
                 expires_in_secs: clock::remaining(v.expires_ns).map(|d| d.as_secs()),
                 cause: meta.map_or_else(|| "config".into(), |m| m.cause.clone()),
                 source: if meta.is_some() { "runtime" } else { "config" },
+                hits: v.hits,
                 comment: meta.and_then(|m| m.comment.clone()),
             }
         })

@@ -230,30 +230,52 @@ pub fn stats(cfg: &Config, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// One line of `gateway top`.
+#[derive(Serialize)]
+struct TopRow {
+    /// An address (rate-limited or malformed traffic) or a blocklist entry.
+    source: String,
+    /// "limits" (SYN limits, malformed headers) or "blocklist".
+    reason: &'static str,
+    dropped_packets: u64,
+}
+
 pub fn top(cfg: &Config, n: usize, json: bool) -> Result<()> {
     let maps = open_running(cfg)?;
-    let rows: Vec<(String, u64)> = maps
+    let now = crate::kernel::clock::monotonic_ns();
+    let mut rows: Vec<TopRow> = maps
         .top(n)?
         .iter()
-        .map(|(k, c)| (output::source(k).to_string(), *c))
+        .map(|(k, c)| TopRow {
+            source: output::source(k).to_string(),
+            reason: "limits",
+            dropped_packets: *c,
+        })
+        .chain(
+            maps.block_entries()?
+                .into_iter()
+                .filter(|(_, v)| v.hits > 0 && v.active(now))
+                .map(|(c, v)| TopRow {
+                    source: c.to_string(),
+                    reason: "blocklist",
+                    dropped_packets: v.hits,
+                }),
+        )
         .collect();
+    rows.sort_by(|a, b| {
+        b.dropped_packets
+            .cmp(&a.dropped_packets)
+            .then_with(|| a.source.cmp(&b.source))
+    });
+    rows.truncate(n);
     if json {
-        #[derive(Serialize)]
-        struct Row<'a> {
-            source: &'a str,
-            dropped_packets: u64,
-        }
-        let out: Vec<Row> = rows
-            .iter()
-            .map(|(s, c)| Row {
-                source: s,
-                dropped_packets: *c,
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        let mut t = vec![vec!["SOURCE".to_string(), "DROPPED".to_string()]];
-        t.extend(rows.into_iter().map(|(s, c)| vec![s, c.to_string()]));
+        let mut t = vec![["SOURCE", "REASON", "DROPPED"].map(String::from).to_vec()];
+        t.extend(
+            rows.into_iter()
+                .map(|r| vec![r.source, r.reason.into(), r.dropped_packets.to_string()]),
+        );
         output::table(&t);
     }
     Ok(())

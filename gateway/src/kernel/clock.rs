@@ -1,17 +1,19 @@
 //! The two clocks of a ban: the kernel checks expiry against
-//! `CLOCK_MONOTONIC` (`bpf_ktime_get_ns`), while the state file stores wall
+//! `CLOCK_MONOTONIC_COARSE` (`bpf_ktime_get_coarse_ns`), while the state file stores wall
 //! clock time so a ban keeps its deadline across reboots.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// `CLOCK_MONOTONIC` now, in nanoseconds (what `bpf_ktime_get_ns` returns).
+/// The kernel's coarse monotonic clock now, in nanoseconds: exactly what the
+/// XDP program reads with `bpf_ktime_get_coarse_ns`, so deadlines computed
+/// here compare correctly there.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: valid pointer to a timespec; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    // SAFETY: valid pointer to a timespec; the clock exists since Linux 2.6.32.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 

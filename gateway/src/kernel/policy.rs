@@ -74,7 +74,7 @@ pub fn load_block_files(cfg: &XdpConfig) -> (Vec<Cidr>, Vec<String>) {
 pub fn desired(cfg: &XdpConfig, state: &State, file_blocks: &[Cidr]) -> Desired {
     let mut block: BTreeMap<Cidr, BlockValue> = BTreeMap::new();
     let mut add = |c: Cidr, expires_ns: u64| {
-        let e = block.entry(c).or_insert(BlockValue { expires_ns });
+        let e = block.entry(c).or_insert(BlockValue::until(expires_ns));
         // Permanent (0) wins; otherwise the later deadline.
         if e.expires_ns != 0 && (expires_ns == 0 || expires_ns > e.expires_ns) {
             e.expires_ns = expires_ns;
@@ -122,7 +122,8 @@ pub fn apply(maps: &mut KernelMaps, want: &Desired) -> Result<Applied> {
     maps.set_ports(&want.ports)?;
     let have: BTreeMap<Cidr, BlockValue> = maps.block_entries()?.into_iter().collect();
     for (c, v) in &want.block {
-        if have.get(c) != Some(v) {
+        // Compare deadlines only: the kernel's hit counter moves on its own.
+        if have.get(c).map(|h| h.expires_ns) != Some(v.expires_ns) {
             maps.block_insert(c, *v)?;
             done.block_added += 1;
         }

@@ -39,7 +39,7 @@ fn syn(src: [u8; 4]) -> Vec<u8> {
 
 fn block(h: &mut Harness, c: &str, expires_ns: u64) {
     h.maps
-        .block_insert(&c.parse::<Cidr>().unwrap(), BlockValue { expires_ns })
+        .block_insert(&c.parse::<Cidr>().unwrap(), BlockValue::until(expires_ns))
         .unwrap();
 }
 
@@ -82,9 +82,29 @@ fn exact_and_cidr_blocks_v4_and_v6() {
     expect(&mut h, &v6_cidr, XDP_DROP, Reason::Blocklist);
     let v6_other = Frame::v6(V6_B, V6_A).tcp(PORT, TCP_SYN).build();
     expect(&mut h, &v6_other, XDP_PASS, Reason::SynPass);
-    // The top-sources map ranks what was dropped.
-    let top = h.maps.top(10).unwrap();
-    assert_eq!(top.len(), 4, "{top:?}");
+    // Each entry counts the packets it dropped; top sources are for limits.
+    let hits: Vec<(String, u64)> = h
+        .maps
+        .block_entries()
+        .unwrap()
+        .iter()
+        .map(|(c, v)| (c.to_string(), v.hits))
+        .collect();
+    for (c, want) in [
+        ("198.51.100.7/32", 1),
+        ("203.0.113.0/24", 1),
+        ("2001:db8::a/128", 1),
+        ("2001:db8:1::/48", 1),
+    ] {
+        assert!(
+            hits.contains(&(c.to_string(), want)),
+            "{c} should have {want} hit: {hits:?}"
+        );
+    }
+    assert!(
+        h.maps.top(10).unwrap().is_empty(),
+        "blocklist drops are counted on their entries"
+    );
 }
 
 #[test]

@@ -1,0 +1,26 @@
+//! `cargo xtask bench ...`: each benchmark is a program that prints its
+//! numbers and records them, with the command, in docs/benchmarks.md.
+
+use anyhow::{bail, Result};
+use clap::Subcommand;
+
+use crate::util::{self, is_root, step};
+
+#[derive(Subcommand, Clone, Copy)]
+pub enum Which {
+    /// ns/packet of the XDP program via BPF_PROG_TEST_RUN with 100,000
+    /// blocklist entries, and the time to load them (needs root).
+    Xdp,
+}
+
+pub fn run(which: Which) -> Result<()> {
+    match which {
+        Which::Xdp => {
+            if !is_root() {
+                bail!("the XDP benchmark loads a BPF program: run it as root");
+            }
+            step("bench: xdp (release build)");
+            util::cargo(&["bench", "-p", "gateway", "--bench", "xdp"])
+        }
+    }
+}
