@@ -64,7 +64,7 @@ impl Cidr {
     }
 
     /// Prefix length in bits.
-    pub const fn len(&self) -> u8 {
+    pub const fn prefix_len(&self) -> u8 {
         match self {
             Cidr::V4 { len, .. } | Cidr::V6 { len, .. } => *len,
         }
@@ -160,7 +160,7 @@ impl FromStr for Cidr {
 
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr(), self.len())
+        write!(f, "{}/{}", self.addr(), self.prefix_len())
     }
 }
 
@@ -196,7 +196,7 @@ mod tests {
             })
         );
         let v6 = p("2001:db8::/32").unwrap();
-        assert_eq!(v6.len(), 32);
+        assert_eq!(v6.prefix_len(), 32);
         assert!(p("2001:db8::1").unwrap().is_host());
     }
 

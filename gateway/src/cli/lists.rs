@@ -152,7 +152,7 @@ fn block_rows(cfg: &Config, maps: &KernelMaps) -> Result<Vec<BlockRow>> {
 }
 
 fn covers(outer: &Cidr, inner: &Cidr) -> bool {
-    outer.len() <= inner.len() && outer.contains(inner.addr())
+    outer.prefix_len() <= inner.prefix_len() && outer.contains(inner.addr())
 }
 
 fn from_config(cfg: &Config, cidr: &Cidr) -> bool {

@@ -212,3 +212,69 @@ fn check(path: &std::path::Path) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("gateway").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn block_add_with_ttl_and_comment() {
+        let cli = parse(&[
+            "block",
+            "add",
+            "2001:db8::/48",
+            "--ttl",
+            "15m",
+            "--comment",
+            "abuse",
+        ])
+        .unwrap();
+        let Command::Block(BlockCmd::Add { cidr, ttl, comment }) = cli.command else {
+            panic!("parsed into the wrong command");
+        };
+        assert_eq!(cidr.to_string(), "2001:db8::/48");
+        assert_eq!(ttl, Some(Duration::from_secs(900)));
+        assert_eq!(comment.as_deref(), Some("abuse"));
+    }
+
+    #[test]
+    fn bad_cidrs_and_ttls_are_rejected_by_the_parser() {
+        for args in [
+            &["block", "add", "10.0.0.1/8"][..],
+            &["block", "add", "300.1.1.1"],
+            &["block", "add", "10.0.0.0/8", "--ttl", "0s"],
+            &["block", "add", "10.0.0.0/8", "--ttl", "15"],
+            &["allow", "del", "nope"],
+        ] {
+            let e = parse(args).expect_err("must be rejected");
+            assert_eq!(e.exit_code(), 2, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn limits_reset_conflicts_with_values() {
+        assert!(parse(&["limits", "set", "--reset", "--syn-rate", "3"]).is_err());
+        let cli = parse(&["limits", "set", "--syn-rate", "3", "--global-syn-rate", "0"]).unwrap();
+        let Command::Limits(LimitsCmd::Set(s)) = cli.command else {
+            panic!("wrong command")
+        };
+        assert_eq!(
+            (s.syn_rate, s.syn_burst, s.global_syn_rate, s.reset),
+            (Some(3), None, Some(0), false)
+        );
+    }
+
+    #[test]
+    fn global_config_flag_and_top_count() {
+        let cli = parse(&["top", "-n", "5", "--config", "/tmp/x.toml"]).unwrap();
+        assert_eq!(cli.config, PathBuf::from("/tmp/x.toml"));
+        let Command::Top(t) = cli.command else {
+            panic!("wrong command")
+        };
+        assert_eq!(t.n, 5);
+    }
+}

@@ -53,6 +53,15 @@ pub fn open_running(cfg: &Config) -> Result<KernelMaps> {
             pin.display()
         );
     }
+    // The daemon writes its status file once policy is loaded and the
+    // program attached; changing maps before that would race its start-up.
+    if Status::read(&cfg.server.state_dir).is_none() {
+        bail!(
+            "the gateway is still starting (no {} in {} yet): try again in a moment",
+            STATUS_FILE,
+            cfg.server.state_dir.display()
+        );
+    }
     Ok(maps)
 }
 

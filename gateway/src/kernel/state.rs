@@ -127,9 +127,8 @@ impl State {
             fs::File::open(state_dir)?.sync_all()
         };
         write()
-            .map_err(|e| {
+            .inspect_err(|_| {
                 let _ = fs::remove_file(&tmp);
-                e
             })
             .with_context(|| format!("writing {}", path.display()))
     }

@@ -1,0 +1,128 @@
+//! Bad input and wrong environment: one clear line, the right exit code,
+//! and nothing changed.
+
+use gateway_tests::{netns::Topology, process::cli_with, process::Daemon, TempDir};
+
+use crate::require_root;
+
+fn write_config(dir: &TempDir, body: &str) -> std::path::PathBuf {
+    let p = dir.0.join("gateway.toml");
+    std::fs::write(&p, body).unwrap();
+    p
+}
+
+#[test]
+fn invalid_cidrs_are_usage_errors() {
+    let dir = TempDir::new("cli");
+    let cfg = write_config(&dir, "");
+    for (arg, want) in [
+        ("10.0.0.1/8", "did you mean 10.0.0.0/8"),
+        ("banana", "not an IPv4 or IPv6 address"),
+        ("10.0.0.0/33", "longer than 32"),
+        ("2001:db8::/129", "longer than 128"),
+    ] {
+        let r = cli_with(&cfg, &["block", "add", arg]);
+        assert_eq!(r.code, 2, "{arg}: {}", r.stderr);
+        assert!(r.stderr.contains(want), "{arg}: {}", r.stderr);
+    }
+    let r = cli_with(&cfg, &["block", "add", "10.0.0.0/8", "--ttl", "soon"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let r = cli_with(&cfg, &["limits", "set"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("nothing to set"), "{}", r.stderr);
+}
+
+#[test]
+fn no_running_program_is_a_one_line_error_and_changes_nothing() {
+    let dir = TempDir::new("cli");
+    let state = dir.0.join("state");
+    let cfg = write_config(
+        &dir,
+        &format!(
+            "[server]\nstate_dir = \"{}\"\n[xdp]\nenabled = false\npin_dir = \"{}\"\n",
+            state.display(),
+            dir.0.join("nopin").display()
+        ),
+    );
+    let r = cli_with(&cfg, &["block", "add", "192.0.2.1"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("gateway run"),
+        "says what to do: {}",
+        r.stderr
+    );
+    assert_eq!(r.stderr.trim().lines().count(), 1, "one line: {}", r.stderr);
+    assert!(
+        !state.exists(),
+        "nothing may be written when the command fails"
+    );
+}
+
+#[test]
+fn config_errors_exit_2_with_toml_paths() {
+    let dir = TempDir::new("cli");
+    let cfg = write_config(
+        &dir,
+        "[xdp]\ninterfaces = [\"lo\"]\nmode = \"turbo\"\nblock = [\"10.1.2.3/8\"]\n",
+    );
+    let r = cli_with(&cfg, &["check"]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.contains("xdp.mode:") && r.stderr.contains("xdp.block[0]:"),
+        "{}",
+        r.stderr
+    );
+    let r = cli_with(&dir.0.join("missing.toml"), &["check"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("missing.toml"), "{}", r.stderr);
+}
+
+#[test]
+fn unknown_interface_fails_before_touching_the_kernel() {
+    require_root!();
+    let r = Daemon::start(
+        None,
+        "[server]\nstate_dir = \"@STATE_DIR@\"\n[xdp]\ninterfaces = [\"nosuch0\"]\npin_dir = \"@PIN_DIR@\"\n",
+    );
+    let err = format!("{:#}", r.err().expect("must fail"));
+    assert!(err.contains("exit status: 2"), "{err}");
+    assert!(
+        err.contains("interface \"nosuch0\" does not exist"),
+        "{err}"
+    );
+}
+
+#[test]
+fn block_file_bad_lines_are_reported_and_good_lines_load() {
+    require_root!();
+    let t = Topology::new().expect("creating the test topology");
+    let dir = TempDir::new("blockfile");
+    let file = dir.0.join("blocklist.txt");
+    std::fs::write(
+        &file,
+        "# feed\n203.0.113.0/24\n10.1.2.3/8\n2001:db8::/32 # v6\n",
+    )
+    .unwrap();
+    let body = format!(
+        "[server]\nstate_dir = \"@STATE_DIR@\"\n[xdp]\ninterfaces = [\"{}\"]\npin_dir = \"@PIN_DIR@\"\nblock_files = [\"{}\"]\n",
+        t.server_if,
+        file.display()
+    );
+    let gw =
+        Daemon::start(Some(&t.server.path()), &body).expect("a bad line must not stop the start");
+    let list = gw.cli(&["block", "list", "--json"]).json();
+    let cidrs: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["cidr"].as_str().unwrap())
+        .collect();
+    assert_eq!(cidrs, ["203.0.113.0/24", "2001:db8::/32"], "{list}");
+    let r = cli_with(&gw.config, &["check"]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stdout.contains("blocklist.txt:3:"),
+        "file and line reported: {}",
+        r.stdout
+    );
+}

@@ -1,0 +1,172 @@
+//! The `gateway` binary as a test subject: a daemon started inside a test
+//! namespace with its own config, pin directory and state directory, and CLI
+//! invocations against it.
+
+use std::{
+    os::unix::process::CommandExt as _,
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{gateway_bin, TempDir};
+
+/// A running `gateway run`, stopped (SIGTERM) on drop.
+pub struct Daemon {
+    child: Child,
+    pub config: PathBuf,
+    pub pin_dir: PathBuf,
+    _dir: TempDir,
+}
+
+/// The result of one CLI call.
+pub struct Cli {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Cli {
+    fn from(o: Output) -> Cli {
+        Cli {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+
+    /// Asserts success and returns stdout.
+    #[track_caller]
+    pub fn ok(self) -> String {
+        assert_eq!(
+            self.code, 0,
+            "gateway failed: {}{}",
+            self.stdout, self.stderr
+        );
+        self.stdout
+    }
+
+    /// Asserts success and parses stdout as JSON.
+    #[track_caller]
+    pub fn json(self) -> serde_json::Value {
+        let out = self.ok();
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+    }
+}
+
+impl Daemon {
+    /// Starts the daemon inside network namespace `netns` (a /run/netns
+    /// path) with `config_body` plus the test's own state and pin dirs.
+    pub fn start(netns: Option<&str>, config_body: &str) -> Result<Daemon> {
+        let dir = TempDir::new("daemon");
+        let pin_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/gwtest-{}-{}",
+            std::process::id(),
+            crate::unique()
+        ));
+        let config = dir.0.join("gateway.toml");
+        let state_dir = dir.0.join("state");
+        let body = config_body
+            .replace("@STATE_DIR@", &state_dir.display().to_string())
+            .replace("@PIN_DIR@", &pin_dir.display().to_string());
+        std::fs::write(&config, body)?;
+        let mut cmd = Command::new(gateway_bin());
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(ns) = netns {
+            let ns = ns.to_owned();
+            // SAFETY: setns is async-signal-safe; it only moves the child.
+            unsafe {
+                cmd.pre_exec(move || crate::netns::enter(&ns));
+            }
+        }
+        let child = cmd.spawn().context("starting gateway run")?;
+        let mut d = Daemon {
+            child,
+            config,
+            pin_dir,
+            _dir: dir,
+        };
+        d.wait_ready()?;
+        Ok(d)
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                let mut err = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    use std::io::Read as _;
+                    let _ = e.read_to_string(&mut err);
+                }
+                bail!("gateway run exited during start-up ({status}): {err}");
+            }
+            let stats = self.cli(&["stats", "--json"]);
+            if stats.code == 0 && stats.stdout.contains("\"interfaces\"") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("gateway run did not become ready in 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs a CLI command against this daemon's config (from the test's own
+    /// namespace: pinned maps are reachable from any).
+    pub fn cli(&self, args: &[&str]) -> Cli {
+        let out = Command::new(gateway_bin())
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .expect("running the gateway CLI");
+        Cli::from(out)
+    }
+
+    /// Kernel counter of `reason` from `gateway stats --json`.
+    pub fn counter(&self, reason: &str) -> u64 {
+        let v = self.cli(&["stats", "--json"]).json();
+        v["reasons"]
+            .as_array()
+            .and_then(|a| a.iter().find(|r| r["reason"] == reason))
+            .and_then(|r| r["packets"].as_u64())
+            .unwrap_or_else(|| panic!("no counter {reason} in {v}"))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        if let Ok(entries) = std::fs::read_dir(&self.pin_dir) {
+            for e in entries.flatten() {
+                if let Ok(inner) = std::fs::read_dir(e.path()) {
+                    for f in inner.flatten() {
+                        let _ = std::fs::remove_file(f.path());
+                    }
+                }
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&self.pin_dir);
+    }
+}
+
+/// Runs the CLI with an explicit config path and no daemon.
+pub fn cli_with(config: &std::path::Path, args: &[&str]) -> Cli {
+    let out = Command::new(gateway_bin())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("running the gateway CLI");
+    Cli::from(out)
+}
