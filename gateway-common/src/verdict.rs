@@ -28,7 +28,8 @@ pub trait Tables {
     /// Whether an active (unexpired) blocklist entry covers `src`.
     fn blocked(&self, src: &Source) -> bool;
     fn protected(&self, port: u16) -> bool;
-    fn limits(&self) -> Option<Limits>;
+    /// The limits in force, borrowed from the map (no per-packet copy).
+    fn limits(&self) -> Option<&Limits>;
     /// Takes a token from the per-source bucket keyed by `key`.
     fn take_source(&self, key: &SourceKey, limits: &Limits, now_ns: u64) -> bool;
     /// Takes a token from the global SYN budget.
@@ -131,10 +132,10 @@ pub fn decide<B: Bytes + ?Sized, T: Tables>(pkt: &B, t: &T) -> Verdict {
                 return pass(Reason::SynPass);
             };
             let now_ns = t.now();
-            if limits.syn_rate != 0 && !t.take_source(&bucket_key(&src, &limits), &limits, now_ns) {
+            if limits.syn_rate != 0 && !t.take_source(&bucket_key(&src, limits), limits, now_ns) {
                 return dropped(Reason::SynRate);
             }
-            if limits.global_rate != 0 && !t.take_global(&limits, now_ns) {
+            if limits.global_rate != 0 && !t.take_global(limits, now_ns) {
                 return dropped(Reason::SynGlobal);
             }
             pass(Reason::SynPass)
@@ -201,8 +202,8 @@ mod tests {
         fn protected(&self, port: u16) -> bool {
             self.ports.contains(&port)
         }
-        fn limits(&self) -> Option<Limits> {
-            Some(self.limits)
+        fn limits(&self) -> Option<&Limits> {
+            Some(&self.limits)
         }
         fn take_source(&self, key: &SourceKey, l: &Limits, now: u64) -> bool {
             let mut m = self.buckets.borrow_mut();

@@ -111,8 +111,8 @@ impl Tables for Maps {
     }
 
     #[inline(always)]
-    fn limits(&self) -> Option<Limits> {
-        LIMITS.get(0).copied()
+    fn limits(&self) -> Option<&Limits> {
+        LIMITS.get(0)
     }
 
     #[inline(always)]

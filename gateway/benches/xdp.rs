@@ -21,7 +21,7 @@ use gateway_common::{
 
 const PORT: u16 = 8443;
 const REPEAT: u32 = 2_000_000;
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 9;
 
 /// 100,000 entries: 80k IPv4 hosts, 10k IPv4 /24s, 5k IPv6 hosts, 5k IPv6 /48s.
 fn entries() -> BTreeMap<Cidr, BlockValue> {
