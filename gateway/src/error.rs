@@ -1,6 +1,9 @@
-//! Error kinds that decide the process exit code: a `UsageError` (bad input,
-//! bad config, wrong environment the operator must fix) exits 2; anything
-//! else exits 1.
+//! Errors that decide an outcome: `UsageError` (exit code 2 for the CLI) and
+//! `ProxyError`, every way a request can fail, turned into an OpenAI-shaped
+//! HTTP response in exactly one place (`ProxyError::response`).
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
 
 /// An error caused by what the operator asked for; exit code 2.
 #[derive(Debug, thiserror::Error)]
@@ -15,5 +18,187 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
         2
     } else {
         1
+    }
+}
+
+/// Why a request failed. The message is safe to show the client; internal
+/// detail goes to the log only.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("invalid API key: pass it as `Authorization: Bearer <key>` or `x-api-key`")]
+    Unauthorized,
+    #[error("request body is larger than {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("could not read the request body")]
+    BodyRead,
+    #[error("request body is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("request body must be a JSON object with a \"model\" string")]
+    MissingModel,
+    #[error("this API key may not use model {0:?}")]
+    ModelNotAllowed(String),
+    #[error("model {0:?} does not exist (GET /v1/models lists the available ones)")]
+    UnknownModel(String),
+    #[error("no route for {0}")]
+    NotFound(String),
+    #[error("method not allowed on {0}")]
+    MethodNotAllowed(String),
+    #[error("all backends of model {model:?} are at capacity; retry later")]
+    Overloaded {
+        model: String,
+        retry_after_secs: u32,
+    },
+    #[error("model {0:?} has no available backend; retry later")]
+    NoBackend(String),
+    #[error("the upstream server could not be reached")]
+    UpstreamConnect(String),
+    #[error("the upstream server sent an invalid response")]
+    UpstreamBadResponse(String),
+    #[error("the upstream server did not answer in time")]
+    UpstreamTimeout(String),
+}
+
+impl ProxyError {
+    /// Status, OpenAI error `type` and `code`.
+    pub fn class(&self) -> (StatusCode, &'static str, &'static str) {
+        use ProxyError::*;
+        match self {
+            Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "invalid_api_key",
+            ),
+            BodyTooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "request_too_large",
+            ),
+            BodyRead => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_body",
+            ),
+            InvalidJson(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_json",
+            ),
+            MissingModel => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "missing_model",
+            ),
+            ModelNotAllowed(_) => (
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                "model_not_allowed",
+            ),
+            UnknownModel(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "model_not_found",
+            ),
+            NotFound(_) => (StatusCode::NOT_FOUND, "invalid_request_error", "not_found"),
+            MethodNotAllowed(_) => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                "method_not_allowed",
+            ),
+            Overloaded { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "overloaded",
+            ),
+            NoBackend(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "no_backend",
+            ),
+            UpstreamConnect(_) => (
+                StatusCode::BAD_GATEWAY,
+                "server_error",
+                "upstream_unreachable",
+            ),
+            UpstreamBadResponse(_) => (
+                StatusCode::BAD_GATEWAY,
+                "server_error",
+                "bad_upstream_response",
+            ),
+            UpstreamTimeout(_) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "server_error",
+                "upstream_timeout",
+            ),
+        }
+    }
+
+    /// Internal detail for the log (never sent to the client).
+    pub fn detail(&self) -> Option<&str> {
+        match self {
+            ProxyError::UpstreamConnect(d)
+            | ProxyError::UpstreamBadResponse(d)
+            | ProxyError::UpstreamTimeout(d) => Some(d),
+            _ => None,
+        }
+    }
+
+    /// The one place a request error becomes an HTTP response.
+    pub fn response(&self) -> Response<Bytes> {
+        let (status, kind, code) = self.class();
+        let mut r = Response::new(error_body(&self.to_string(), kind, code));
+        *r.status_mut() = status;
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let ProxyError::Overloaded {
+            retry_after_secs, ..
+        } = self
+        {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+        } else if status == StatusCode::SERVICE_UNAVAILABLE {
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
+}
+
+/// `{"error":{"message":...,"type":...,"param":null,"code":...}}`
+pub fn error_body(message: &str, kind: &str, code: &str) -> Bytes {
+    let v = serde_json::json!({
+        "error": { "message": message, "type": kind, "param": null, "code": code }
+    });
+    Bytes::from(serde_json::to_vec(&v).expect("JSON of strings"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openai_shape_and_headers() {
+        let r = ProxyError::Overloaded {
+            model: "m".into(),
+            retry_after_secs: 2,
+        }
+        .response();
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "2");
+        let v: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+        assert_eq!(v["error"]["code"], "overloaded");
+        assert_eq!(v["error"]["type"], "server_error");
+        assert!(v["error"]["param"].is_null());
+        let r = ProxyError::Unauthorized.response();
+        assert_eq!(r.status(), 401);
+        let r = ProxyError::UpstreamConnect("10.0.0.1:80: connection refused".into()).response();
+        let body = String::from_utf8_lossy(r.body());
+        assert!(
+            !body.contains("10.0.0.1"),
+            "internal detail must not leak: {body}"
+        );
     }
 }

@@ -5,3 +5,8 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod kernel;
+pub mod listener;
+pub mod metrics;
+pub mod pipeline;
+pub mod server;
+pub mod upstream;

@@ -1,6 +1,7 @@
 //! Command-line surface (DESIGN.md section 6): argument definitions and
 //! dispatch. Each command group lives in its own module.
 
+mod keys;
 mod lists;
 mod output;
 mod run;
@@ -60,6 +61,19 @@ pub enum Command {
     Stats(JsonFlag),
     /// Sources with the most dropped packets.
     Top(TopArgs),
+    /// API keys.
+    #[command(subcommand)]
+    Keys(KeysCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCmd {
+    /// Print a fresh key once, and the [[keys]] entry that stores its digest.
+    New {
+        /// The key's name in logs and metrics.
+        #[arg(long)]
+        name: String,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -185,6 +199,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Limits(cmd) => stats::limits(&load_config(&cli.config, false)?, cmd),
         Command::Stats(f) => stats::stats(&load_config(&cli.config, false)?, f.json),
         Command::Top(a) => stats::top(&load_config(&cli.config, false)?, a.n, a.json),
+        Command::Keys(KeysCmd::New { name }) => keys::new(&name),
     }
 }
 

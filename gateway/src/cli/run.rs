@@ -1,18 +1,23 @@
-//! `gateway run`: the daemon. Today it owns the kernel fast path: it loads
-//! and attaches the XDP program, keeps the blocklist tidy, and on SIGINT or
-//! SIGTERM detaches cleanly (the pinned maps, and so the policy, remain).
+//! `gateway run`: the daemon. Loads and attaches the kernel fast path (when
+//! `[xdp]` is enabled), serves the L7 proxy and metrics, keeps the
+//! blocklist tidy, and on SIGINT/SIGTERM stops accepting, drains open
+//! requests and detaches (the pinned maps, and so the policy, remain).
 
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 
-use crate::{config::Config, kernel::runtime::Kernel};
+use crate::{config::Config, kernel::runtime::Kernel, server::Gateway};
 
 /// How often lapsed temporary blocks are swept from the maps.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 pub fn run(cfg: &Config) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if cfg.server.workers > 0 {
+        rt.worker_threads(cfg.server.workers as usize);
+    }
+    let rt = rt
         .enable_all()
         .build()
         .context("starting the async runtime")?;
@@ -30,6 +35,7 @@ async fn serve(cfg: &Config) -> Result<()> {
         tracing::info!("xdp.enabled is false: no kernel fast path");
         None
     };
+    let gateway = Gateway::start(cfg).await?;
     tracing::info!(pid = std::process::id(), "gateway running");
 
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
@@ -46,7 +52,11 @@ async fn serve(cfg: &Config) -> Result<()> {
             _ = int.recv() => break,
         }
     }
-    tracing::info!("shutting down: detaching XDP (pinned maps and policy stay)");
+    tracing::info!("shutting down: no new connections; draining open requests");
+    gateway.stop().await;
+    if kernel.is_some() {
+        tracing::info!("detaching XDP (pinned maps and policy stay)");
+    }
     drop(kernel);
     Ok(())
 }

@@ -615,15 +615,16 @@ impl Validator {
         };
         let uri = match url.parse::<http::Uri>() {
             Ok(u)
-                if matches!(u.scheme_str(), Some("http") | Some("https"))
-                    && u.host().is_some_and(|h| !h.is_empty()) =>
+                if matches!(u.scheme_str(), Some("http") | Some("https") | Some("h2c"))
+                    && u.host().is_some_and(|h| !h.is_empty())
+                    && u.query().is_none() =>
             {
                 u
             }
             _ => {
                 self.problem(
                     format!("{at}.url"),
-                    format!("{url:?} is not an http(s) URL"),
+                    format!("{url:?} is not an http(s) URL (or h2c:// for HTTP/2 without TLS)"),
                 );
                 return None;
             }

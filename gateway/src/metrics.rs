@@ -1,0 +1,196 @@
+//! Prometheus metrics (DESIGN.md section 8) and the `/metrics` endpoint.
+//! Label values come from config names only (model, key and backend names),
+//! never from what a client sent, so clients cannot grow the label space.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use anyhow::{Context as _, Result};
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use prometheus::{
+    Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Label used where a request never reached a model or key.
+pub const NONE: &str = "-";
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub duration: HistogramVec,
+    pub ttft: HistogramVec,
+    pub tpot: HistogramVec,
+    pub overhead: Histogram,
+    pub tokens: IntCounterVec,
+    pub backend_in_flight: IntGaugeVec,
+    pub backend_healthy: IntGaugeVec,
+    pub upstream_errors: IntCounterVec,
+}
+
+fn buckets(v: &[f64]) -> Vec<f64> {
+    v.to_vec()
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str], b: &[f64]| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets(b)), labels)
+                .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let requests = counter(
+            "gateway_http_requests_total",
+            "Requests by model, key and status code.",
+            &["model", "key", "code"],
+        );
+        let duration = histogram(
+            "gateway_http_request_duration_seconds",
+            "Time from request arrival to the end of the response body.",
+            &["model"],
+            &[
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+                300.0, 600.0,
+            ],
+        );
+        let ttft = histogram(
+            "gateway_time_to_first_token_seconds",
+            "Time from request arrival to the first response body byte from upstream.",
+            &["model"],
+            &[
+                0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
+            ],
+        );
+        let tpot = histogram(
+            "gateway_time_per_output_token_seconds",
+            "Streaming time per completion token after the first.",
+            &["model"],
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28,
+            ],
+        );
+        let overhead = Histogram::with_opts(
+            HistogramOpts::new(
+                "gateway_overhead_seconds",
+                "Time the gateway itself adds: request arrival to upstream dispatch, plus upstream response headers to client response.",
+            )
+            .buckets(buckets(&[0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05])),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(overhead.clone()))
+            .expect("unique metric");
+        let tokens = counter(
+            "gateway_tokens_total",
+            "Tokens by model, key and kind (prompt, completion).",
+            &["model", "key", "kind"],
+        );
+        let backend_in_flight = gauge(
+            "gateway_backend_in_flight",
+            "Requests in flight per backend.",
+            &["model", "backend"],
+        );
+        let backend_healthy = gauge(
+            "gateway_backend_healthy",
+            "1 if the backend takes traffic.",
+            &["model", "backend"],
+        );
+        let upstream_errors = counter(
+            "gateway_upstream_errors_total",
+            "Failed upstream exchanges by kind (connect, timeout, bad_response, stream).",
+            &["model", "backend", "kind"],
+        );
+        Metrics {
+            registry,
+            requests,
+            duration,
+            ttft,
+            tpot,
+            overhead,
+            tokens,
+            backend_in_flight,
+            backend_healthy,
+            upstream_errors,
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("encoding to a Vec");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Serves `GET /metrics` on `addr` until the process ends. Runs on its own
+/// task so scrapes never wait behind proxy traffic.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    before_scrape: Arc<dyn Fn() + Send + Sync>,
+) -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics listener on {addr} (metrics.listen)"))?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let metrics = Arc::clone(&metrics);
+            let before = Arc::clone(&before_scrape);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let metrics = Arc::clone(&metrics);
+                    let before = Arc::clone(&before);
+                    async move {
+                        let resp = if req.uri().path() == "/metrics" {
+                            before();
+                            Response::builder()
+                                .header("content-type", "text/plain; version=0.0.4")
+                                .body(Full::new(Bytes::from(metrics.encode())))
+                        } else {
+                            Response::builder()
+                                .status(StatusCode::NOT_FOUND)
+                                .body(Full::new(Bytes::from_static(b"see /metrics\n")))
+                        };
+                        Ok::<_, Infallible>(resp.expect("static response parts"))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(local)
+}

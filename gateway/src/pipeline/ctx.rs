@@ -1,0 +1,116 @@
+//! The request context: created when a request arrives, filled in by each
+//! stage, and finished exactly once, when the response body ends, fails or
+//! is dropped, which is when metrics and the access log are written.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use super::usage::Usage;
+use crate::metrics::{Metrics, NONE};
+
+pub struct RequestCtx {
+    pub request_id: String,
+    pub client: SocketAddr,
+    pub method: http::Method,
+    pub path: String,
+    pub start: Instant,
+    pub key: Option<Arc<str>>,
+    /// Canonical model name, once routed.
+    pub model: Option<String>,
+    pub backend: Option<String>,
+    pub stream: bool,
+    /// When the request was handed to the upstream client.
+    pub dispatched: Option<Instant>,
+    /// Time the gateway spent before dispatch and after upstream headers.
+    pub overhead: Duration,
+    pub first_byte: Option<Instant>,
+    pub usage: Option<Usage>,
+    pub status: u16,
+    pub bytes_out: u64,
+    /// How the exchange ended when it did not end normally.
+    pub outcome: Option<&'static str>,
+}
+
+impl RequestCtx {
+    pub fn new(
+        request_id: String,
+        client: SocketAddr,
+        method: http::Method,
+        path: String,
+    ) -> RequestCtx {
+        RequestCtx {
+            request_id,
+            client,
+            method,
+            path,
+            start: Instant::now(),
+            key: None,
+            model: None,
+            backend: None,
+            stream: false,
+            dispatched: None,
+            overhead: Duration::ZERO,
+            first_byte: None,
+            usage: None,
+            status: 0,
+            bytes_out: 0,
+            outcome: None,
+        }
+    }
+
+    /// Records metrics and writes the access log line.
+    pub fn finish(&self, m: &Metrics) {
+        let model = self.model.as_deref().unwrap_or(NONE);
+        let key = self.key.as_deref().unwrap_or(NONE);
+        let code = self.status.to_string();
+        m.requests
+            .with_label_values(&[model, key, code.as_str()])
+            .inc();
+        let total = self.start.elapsed();
+        let ttft = self.first_byte.map(|t| t - self.start);
+        if self.model.is_some() {
+            m.duration
+                .with_label_values(&[model])
+                .observe(total.as_secs_f64());
+            if let Some(t) = ttft {
+                m.ttft.with_label_values(&[model]).observe(t.as_secs_f64());
+            }
+        }
+        if self.dispatched.is_some() {
+            m.overhead.observe(self.overhead.as_secs_f64());
+        }
+        if let Some(u) = self.usage {
+            m.tokens
+                .with_label_values(&[model, key, "prompt"])
+                .inc_by(u.prompt);
+            m.tokens
+                .with_label_values(&[model, key, "completion"])
+                .inc_by(u.completion);
+            if let (true, Some(first)) = (self.stream && u.completion > 1, self.first_byte) {
+                let per = (total - (first - self.start)).as_secs_f64() / (u.completion - 1) as f64;
+                m.tpot.with_label_values(&[model]).observe(per);
+            }
+        }
+        tracing::info!(
+            target: "access",
+            request_id = %self.request_id,
+            client = %self.client.ip(),
+            method = %self.method,
+            path = %self.path,
+            key = key,
+            model = model,
+            backend = self.backend.as_deref().unwrap_or(NONE),
+            status = self.status,
+            stream = self.stream,
+            bytes = self.bytes_out,
+            ttft_ms = ttft.map(|t| t.as_secs_f64() * 1000.0),
+            duration_ms = total.as_secs_f64() * 1000.0,
+            prompt_tokens = self.usage.map(|u| u.prompt),
+            completion_tokens = self.usage.map(|u| u.completion),
+            outcome = self.outcome.unwrap_or("ok"),
+        );
+    }
+}

@@ -1,0 +1,331 @@
+//! The request pipeline. Each stage is a module; a request flows:
+//!
+//! ```text
+//!  accept (listener) -> RequestCtx
+//!    |- GET /healthz /readyz ............................ answered here
+//!    |- auth     key from Bearer / x-api-key, by digest ... 401
+//!    |- GET /v1/models .................................. models this key may use
+//!    |- request  body within max_body_bytes ............. 413
+//!    |           model/stream picked out of the JSON .... 400
+//!    |- route    model or alias, key's model globs ...... 404 / 403
+//!    |- balance  weighted least connections ............. 503 + Retry-After
+//!    |- proxy    upstream request, first-byte timeout ... 502 / 504
+//!    '- stream   frames forwarded as they arrive; usage read (and the
+//!                usage chunk removed if only the gateway asked for it);
+//!                metrics + access log when the body ends or the client leaves
+//! ```
+//!
+//! Every error becomes a response in `ProxyError::response`.
+
+pub mod auth;
+pub mod balance;
+pub mod ctx;
+pub mod proxy;
+pub mod request;
+pub mod routes;
+pub mod stream;
+pub mod usage;
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt as _, Full};
+use hyper::body::Incoming;
+
+use self::{
+    ctx::RequestCtx,
+    routes::Routes,
+    stream::{BoxError, Finish, ProxyBody},
+};
+use crate::{error::ProxyError, metrics::Metrics};
+
+/// What every connection shares: the current routing table and metrics.
+pub struct Shared {
+    pub routes: ArcSwap<Routes>,
+    pub metrics: Arc<Metrics>,
+    /// Whether clients connect over TLS (for X-Forwarded-Proto).
+    pub tls: bool,
+    /// What /readyz reports besides "serving"; e.g. a degraded kernel path.
+    pub ready: ArcSwap<Readiness>,
+}
+
+/// The state /readyz reports.
+#[derive(Clone, Debug, Default)]
+pub struct Readiness {
+    /// Why the gateway is degraded, if it is (it still serves).
+    pub degraded: Option<String>,
+}
+
+pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
+
+fn full(b: Bytes) -> ResponseBody {
+    Full::new(b).map_err(|never| match never {}).boxed_unsync()
+}
+
+fn json_response(status: StatusCode, body: Vec<u8>, request_id: &str) -> Response<ResponseBody> {
+    let mut r = Response::new(full(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut().insert(
+        "x-request-id",
+        HeaderValue::from_str(request_id).expect("validated"),
+    );
+    r
+}
+
+/// The client's request id if it is sane, else a new random one.
+fn request_id(headers: &http::HeaderMap) -> String {
+    if let Some(v) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
+        if !v.is_empty()
+            && v.len() <= 128
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        {
+            return v.to_owned();
+        }
+    }
+    let mut b = [0u8; 16];
+    if getrandom::fill(&mut b).is_err() {
+        // No entropy source: fall back to time, still unique enough for logs.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        b[..16].copy_from_slice(&t.as_nanos().to_le_bytes());
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Serves one request.
+pub async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    client: SocketAddr,
+) -> Response<ResponseBody> {
+    let rid = request_id(req.headers());
+    let path = req.uri().path().to_owned();
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/healthz") => {
+            return json_response(StatusCode::OK, br#"{"status":"ok"}"#.to_vec(), &rid)
+        }
+        (&Method::GET, "/readyz") => {
+            let r = shared.ready.load();
+            let body = serde_json::json!({ "status": "ready", "degraded": r.degraded });
+            return json_response(StatusCode::OK, body.to_string().into_bytes(), &rid);
+        }
+        _ => {}
+    }
+    let mut ctx = RequestCtx::new(rid, client, req.method().clone(), path);
+    let routes = shared.routes.load_full();
+    match serve(&shared, &routes, req, &mut ctx).await {
+        Ok(Served::Done(resp)) => {
+            ctx.status = resp.status().as_u16();
+            ctx.finish(&shared.metrics);
+            resp
+        }
+        Ok(Served::Proxied { head, body }) => Response::from_parts(head, body(ctx)),
+        Err(e) => {
+            let (status, ..) = e.class();
+            ctx.status = status.as_u16();
+            ctx.outcome = Some(match &e {
+                ProxyError::UpstreamConnect(_)
+                | ProxyError::UpstreamBadResponse(_)
+                | ProxyError::UpstreamTimeout(_) => "upstream_error",
+                _ => "rejected",
+            });
+            if let Some(d) = e.detail() {
+                tracing::warn!(request_id = %ctx.request_id, "{e}: {d}");
+            }
+            ctx.finish(&shared.metrics);
+            let (parts, body) = e.response().into_parts();
+            let mut r = Response::from_parts(parts, full(body));
+            r.headers_mut().insert(
+                "x-request-id",
+                HeaderValue::from_str(&ctx.request_id).expect("validated"),
+            );
+            r
+        }
+    }
+}
+
+type BodyFn = Box<dyn FnOnce(RequestCtx) -> ResponseBody + Send>;
+
+enum Served {
+    /// Answered by the gateway itself.
+    Done(Response<ResponseBody>),
+    /// Proxied: the body takes the context and finishes it.
+    Proxied {
+        head: http::response::Parts,
+        body: BodyFn,
+    },
+}
+
+async fn serve(
+    shared: &Arc<Shared>,
+    routes: &Routes,
+    req: Request<Incoming>,
+    ctx: &mut RequestCtx,
+) -> Result<Served, ProxyError> {
+    let key = auth::authenticate(req.headers(), &routes.keys)?;
+    ctx.key = Some(Arc::clone(&key.name));
+    let path = ctx.path.as_str();
+    match (req.method(), path) {
+        (&Method::GET, "/v1/models") => {
+            let data: Vec<serde_json::Value> = routes
+                .visible_models(key)
+                .into_iter()
+                .map(|id| serde_json::json!({ "id": id, "object": "model", "created": 0, "owned_by": "gateway" }))
+                .collect();
+            let body = serde_json::json!({ "object": "list", "data": data });
+            return Ok(Served::Done(json_response(
+                StatusCode::OK,
+                body.to_string().into_bytes(),
+                &ctx.request_id,
+            )));
+        }
+        (&Method::POST, "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings") => {}
+        (_, "/v1/models" | "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings") => {
+            return Err(ProxyError::MethodNotAllowed(path.to_owned()))
+        }
+        _ => return Err(ProxyError::NotFound(path.to_owned())),
+    }
+
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let (parts, body) = req.into_parts();
+    let content_length = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let body = request::read_body(body, content_length, routes.max_body_bytes).await?;
+    let info = request::inspect(&body)?;
+    ctx.stream = info.stream;
+
+    let model = routes
+        .model(&info.model)
+        .ok_or_else(|| ProxyError::UnknownModel(info.model.clone()))?;
+    if !key.allows(model, &info.model) {
+        return Err(ProxyError::ModelNotAllowed(info.model.clone()));
+    }
+    ctx.model = Some(model.name.clone());
+
+    // Ask upstream for stream usage when the client did not; remove it again.
+    let strip_usage = info.stream && info.include_usage != Some(true);
+    let upstream_body =
+        request::upstream_body(body, &info, model.upstream_model.as_deref(), strip_usage)?;
+
+    let lease = model.balancer.pick(&model.name, &model.backends)?;
+    let backend = Arc::clone(lease.backend());
+    ctx.backend = Some(backend.label.clone());
+    let gauge = shared
+        .metrics
+        .backend_in_flight
+        .with_label_values(&[&model.name, &backend.label]);
+    gauge.set(backend.in_flight() as i64);
+
+    let resp = proxy::send(
+        &backend,
+        model,
+        &path_and_query,
+        &parts.headers,
+        upstream_body,
+        ctx,
+        shared.tls,
+    )
+    .await;
+    let resp = match resp {
+        Ok(r) => r,
+        Err(e) => {
+            let kind = match e {
+                ProxyError::UpstreamTimeout(_) => "timeout",
+                ProxyError::UpstreamConnect(_) => "connect",
+                _ => "bad_response",
+            };
+            shared
+                .metrics
+                .upstream_errors
+                .with_label_values(&[&model.name, &backend.label, kind])
+                .inc();
+            drop(lease);
+            gauge.set(backend.in_flight() as i64);
+            return Err(e);
+        }
+    };
+    let arrived = Instant::now();
+    let (mut head, upstream) = resp.into_parts();
+    let sse = head
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let edited = sse && strip_usage;
+    head.headers = proxy::client_headers(&head.headers, &ctx.request_id, edited);
+    head.version = http::Version::HTTP_11;
+    ctx.status = head.status.as_u16();
+    let shared = Arc::clone(shared);
+    let timeouts = model.timeouts.clone();
+    let deadline = ctx.start + timeouts.total;
+    let body: BodyFn = Box::new(move |mut ctx: RequestCtx| {
+        ctx.overhead += arrived.elapsed();
+        let finish = Finish::new(ctx, Arc::clone(&shared), Some(lease));
+        let gauge_on_end = GaugeOnDrop { gauge, backend };
+        let body = ProxyBody::new(upstream, sse, strip_usage, timeouts.idle, deadline, finish);
+        WithGuard {
+            body,
+            _guard: gauge_on_end,
+        }
+        .boxed_unsync()
+    });
+    Ok(Served::Proxied { head, body })
+}
+
+/// Updates the in-flight gauge when the response body is dropped (after
+/// the lease inside it was released).
+struct GaugeOnDrop {
+    gauge: prometheus::IntGauge,
+    backend: Arc<crate::upstream::Backend>,
+}
+
+impl Drop for GaugeOnDrop {
+    fn drop(&mut self) {
+        self.gauge.set(self.backend.in_flight() as i64);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A body that keeps a guard alive for as long as the body lives.
+    /// Field order matters: the body (and the lease in it) drops first.
+    struct WithGuard<B, G> {
+        #[pin]
+        body: B,
+        _guard: G,
+    }
+}
+
+impl<B: http_body::Body, G> http_body::Body for WithGuard<B, G> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}

@@ -1,0 +1,181 @@
+//! Forwarding to the chosen backend: the upstream request (hop-by-hop and
+//! credential headers removed, request id and client address added), the
+//! first-byte timeout, and the client-facing response headers.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+
+use super::ctx::RequestCtx;
+use crate::{error::ProxyError, pipeline::routes::Model, upstream::Backend};
+
+/// Headers that describe one connection, not the message (RFC 9110 7.6.1),
+/// plus the client's credentials for the gateway, which upstream must never see.
+const DROPPED: [HeaderName; 12] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::HOST,
+    header::AUTHORIZATION,
+    HeaderName::from_static("x-api-key"),
+];
+
+/// Copies `from` without hop-by-hop headers (including those the
+/// `Connection` header names).
+pub fn end_to_end(from: &HeaderMap) -> HeaderMap {
+    let listed: Vec<HeaderName> = from
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    let mut out = HeaderMap::with_capacity(from.len());
+    for (name, value) in from {
+        if !DROPPED.contains(name) && !listed.contains(name) {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+/// Sends the request to `backend`; returns the upstream response head once
+/// it arrives within the model's first-byte timeout.
+pub async fn send(
+    backend: &Backend,
+    model: &Model,
+    path_and_query: &str,
+    client_headers: &HeaderMap,
+    body: Bytes,
+    ctx: &mut RequestCtx,
+    tls: bool,
+) -> Result<Response<Incoming>, ProxyError> {
+    let mut headers = end_to_end(client_headers);
+    headers.remove(header::CONTENT_LENGTH);
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    headers.insert(
+        "x-request-id",
+        HeaderValue::from_str(&ctx.request_id).expect("validated request id"),
+    );
+    headers.insert(
+        "x-forwarded-for",
+        HeaderValue::from_str(&ctx.client.ip().to_string()).expect("an IP"),
+    );
+    headers.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(if tls { "https" } else { "http" }),
+    );
+    let mut req = Request::new(Full::new(body));
+    *req.method_mut() = ctx.method.clone();
+    *req.uri_mut() = backend.uri(path_and_query);
+    *req.headers_mut() = headers;
+
+    let dispatched = Instant::now();
+    ctx.overhead += dispatched - ctx.start;
+    ctx.dispatched = Some(dispatched);
+    let t = &model.timeouts;
+    let wait = t.first_byte.min(t.total);
+    match tokio::time::timeout(wait, backend.client().request(req)).await {
+        Err(_) => Err(ProxyError::UpstreamTimeout(format!(
+            "no response from {} within {wait:?}",
+            backend.label
+        ))),
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(e)) => {
+            let detail = format!("{}: {}", backend.label, error_chain(&e));
+            if is_timeout(&e) {
+                Err(ProxyError::UpstreamTimeout(detail))
+            } else if e.is_connect() {
+                Err(ProxyError::UpstreamConnect(detail))
+            } else {
+                Err(ProxyError::UpstreamBadResponse(detail))
+            }
+        }
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cur {
+        if c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        cur = c.source();
+    }
+    false
+}
+
+/// Response headers for the client: upstream's end-to-end headers plus the
+/// request id; no length when the gateway edits the body.
+pub fn client_headers(upstream: &HeaderMap, request_id: &str, body_edited: bool) -> HeaderMap {
+    let mut h = end_to_end(upstream);
+    if body_edited {
+        h.remove(header::CONTENT_LENGTH);
+    }
+    h.insert(
+        "x-request-id",
+        HeaderValue::from_str(request_id).expect("validated request id"),
+    );
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_credentials_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer sk-secret"),
+        );
+        h.insert("x-api-key", HeaderValue::from_static("sk-secret"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.append("x-custom", HeaderValue::from_static("a"));
+        h.append("x-custom", HeaderValue::from_static("b"));
+        let out = end_to_end(&h);
+        let names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["content-type", "x-custom"]);
+        assert_eq!(
+            out.get_all("x-custom").iter().count(),
+            2,
+            "repeated headers are kept"
+        );
+    }
+}

@@ -1,0 +1,202 @@
+//! The request body: read within the size limit, the fields routing needs
+//! picked out without building a JSON tree, and rewritten for upstream only
+//! when it must be (model rename, asking for stream usage).
+
+use std::borrow::Cow;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt as _;
+use serde::Deserialize;
+
+use crate::error::ProxyError;
+
+/// Reads the whole body, refusing more than `limit` bytes (413) before
+/// reading it when Content-Length already says so.
+pub async fn read_body<B>(
+    body: B,
+    content_length: Option<u64>,
+    limit: u64,
+) -> Result<Bytes, ProxyError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    if content_length.is_some_and(|n| n > limit) {
+        return Err(ProxyError::BodyTooLarge { limit });
+    }
+    let limited = http_body_util::Limited::new(body, limit as usize);
+    match limited.collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ProxyError::BodyTooLarge { limit })
+        }
+        Err(_) => Err(ProxyError::BodyRead),
+    }
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+}
+
+/// The fields of an OpenAI request body the gateway acts on. serde skips
+/// every other field without allocating, so this is a validating scan of
+/// the body rather than a parse into a tree.
+#[derive(Deserialize)]
+struct Peek<'a> {
+    #[serde(borrow)]
+    model: Option<Cow<'a, str>>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+}
+
+/// What routing needs to know about a request body.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RequestInfo {
+    pub model: String,
+    pub stream: bool,
+    /// `None`: no `stream_options`; `Some(x)`: its `include_usage` (false if absent).
+    pub include_usage: Option<bool>,
+}
+
+/// Picks `model`, `stream` and `stream_options.include_usage` out of a body.
+pub fn inspect(body: &[u8]) -> Result<RequestInfo, ProxyError> {
+    let peek: Peek = serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ProxyError::MissingModel,
+        _ => ProxyError::InvalidJson(e.to_string()),
+    })?;
+    let model = peek
+        .model
+        .filter(|m| !m.is_empty())
+        .ok_or(ProxyError::MissingModel)?;
+    Ok(RequestInfo {
+        model: model.into_owned(),
+        stream: peek.stream.unwrap_or(false),
+        include_usage: peek
+            .stream_options
+            .map(|o| o.include_usage.unwrap_or(false)),
+    })
+}
+
+/// The body to send upstream. Returns the original bytes untouched when no
+/// change is needed; splices `stream_options` in without a re-encode in the
+/// common case (a stream request with no `stream_options`); otherwise edits
+/// the JSON object.
+pub fn upstream_body(
+    body: Bytes,
+    info: &RequestInfo,
+    rename_to: Option<&str>,
+    ask_usage: bool,
+) -> Result<Bytes, ProxyError> {
+    let rename = rename_to.filter(|m| *m != info.model);
+    if rename.is_none() && !ask_usage {
+        return Ok(body);
+    }
+    if rename.is_none() && info.include_usage.is_none() {
+        if let Some(open) = body.iter().position(|b| *b == b'{') {
+            const FIELD: &[u8] = br#""stream_options":{"include_usage":true},"#;
+            let mut out = BytesMut::with_capacity(body.len() + FIELD.len());
+            out.extend_from_slice(&body[..=open]);
+            out.extend_from_slice(FIELD);
+            out.extend_from_slice(&body[open + 1..]);
+            return Ok(out.freeze());
+        }
+    }
+    let mut v: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&body).map_err(|e| ProxyError::InvalidJson(e.to_string()))?;
+    if let Some(m) = rename {
+        v.insert("model".into(), m.into());
+    }
+    if ask_usage {
+        let so = v
+            .entry("stream_options")
+            .or_insert_with(|| serde_json::json!({}));
+        match so.as_object_mut() {
+            Some(o) => {
+                o.insert("include_usage".into(), true.into());
+            }
+            None => *so = serde_json::json!({ "include_usage": true }),
+        }
+    }
+    Ok(Bytes::from(
+        serde_json::to_vec(&v).expect("re-encoding a parsed object"),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(b: &[u8]) -> serde_json::Value {
+        serde_json::from_slice(b).unwrap()
+    }
+
+    #[test]
+    fn inspect_fields_and_errors() {
+        let i =
+            inspect(br#"{"messages":[{"role":"user","content":"hi"}],"model":"m","stream":true}"#)
+                .unwrap();
+        assert_eq!(
+            i,
+            RequestInfo {
+                model: "m".into(),
+                stream: true,
+                include_usage: None
+            }
+        );
+        let i = inspect(br#"{"model":"m","stream":true,"stream_options":{}}"#).unwrap();
+        assert_eq!(i.include_usage, Some(false));
+        assert!(matches!(inspect(b"{nope"), Err(ProxyError::InvalidJson(_))));
+        assert!(matches!(inspect(b""), Err(ProxyError::InvalidJson(_))));
+        assert!(matches!(
+            inspect(br#"{"messages":[]}"#),
+            Err(ProxyError::MissingModel)
+        ));
+        assert!(matches!(
+            inspect(br#"{"model":42}"#),
+            Err(ProxyError::MissingModel)
+        ));
+        assert!(matches!(
+            inspect(br#"["model"]"#),
+            Err(ProxyError::MissingModel)
+        ));
+        assert!(matches!(
+            inspect(br#"{"model":""}"#),
+            Err(ProxyError::MissingModel)
+        ));
+        // Escapes in the model name are decoded (borrowed Cow falls back to owned).
+        assert_eq!(inspect(br#"{"model":"a\u0062c"}"#).unwrap().model, "abc");
+    }
+
+    #[test]
+    fn untouched_when_nothing_to_do() {
+        let b = Bytes::from_static(br#"{"model":"m"}"#);
+        let i = inspect(&b).unwrap();
+        let out = upstream_body(b.clone(), &i, Some("m"), false).unwrap();
+        assert_eq!(out.as_ptr(), b.as_ptr(), "same buffer, no copy");
+    }
+
+    #[test]
+    fn splices_stream_options() {
+        let b = Bytes::from_static(br#" {"model":"m","stream":true}"#);
+        let i = inspect(&b).unwrap();
+        let out = upstream_body(b, &i, None, true).unwrap();
+        let v = json(&out);
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["model"], "m");
+    }
+
+    #[test]
+    fn rewrites_model_and_existing_stream_options() {
+        let b = Bytes::from_static(
+            br#"{"model":"alias","stream":true,"stream_options":{"include_usage":false,"x":1}}"#,
+        );
+        let i = inspect(&b).unwrap();
+        let v = json(&upstream_body(b, &i, Some("org/real"), true).unwrap());
+        assert_eq!(v["model"], "org/real");
+        assert_eq!(
+            v["stream_options"],
+            serde_json::json!({"include_usage": true, "x": 1})
+        );
+    }
+}

@@ -1,0 +1,160 @@
+//! The routing table a request is served with: keys, models and their
+//! backends, compiled from the config. Requests read it lock-free through an
+//! `ArcSwap`; a reload builds a new one and swaps it in, and requests keep
+//! the snapshot they started with.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use super::balance::Balancer;
+use crate::{
+    config::{Config, KeyConfig, ModelConfig, Timeouts},
+    upstream::Backend,
+};
+
+/// An API key as the gateway knows it: a name and the digest of the key.
+pub struct Key {
+    pub name: Arc<str>,
+    pub digest: [u8; 32],
+    /// Model globs this key may use; empty = every model.
+    globs: Vec<String>,
+}
+
+impl Key {
+    fn new(k: &KeyConfig) -> Key {
+        Key {
+            name: k.name.as_str().into(),
+            digest: k.sha256,
+            globs: k.models.clone(),
+        }
+    }
+
+    /// Whether the key may use `model` (matched by canonical name or alias).
+    pub fn allows(&self, model: &Model, asked: &str) -> bool {
+        self.globs.is_empty()
+            || self
+                .globs
+                .iter()
+                .any(|g| glob(g, &model.name) || glob(g, asked))
+    }
+}
+
+/// A model and the pool that serves it.
+pub struct Model {
+    pub name: String,
+    pub upstream_model: Option<String>,
+    pub timeouts: Timeouts,
+    pub retries: u32,
+    pub backends: Vec<Arc<Backend>>,
+    pub balancer: Balancer,
+}
+
+impl Model {
+    fn new(m: &ModelConfig) -> Model {
+        let backends: Vec<Arc<Backend>> = m
+            .backends
+            .iter()
+            .map(|b| Arc::new(Backend::new(b, m.timeouts.connect)))
+            .collect();
+        Model {
+            name: m.name.clone(),
+            upstream_model: m.upstream_model.clone(),
+            timeouts: m.timeouts.clone(),
+            retries: m.retries,
+            balancer: Balancer::new(backends.len()),
+            backends,
+        }
+    }
+}
+
+/// Everything a request needs from the config.
+pub struct Routes {
+    pub keys: Vec<Key>,
+    /// Models by name and by alias.
+    by_name: HashMap<String, Arc<Model>>,
+    /// Models in config order (for /v1/models).
+    pub models: Vec<Arc<Model>>,
+    pub max_body_bytes: u64,
+}
+
+impl Routes {
+    pub fn new(cfg: &Config) -> Routes {
+        let models: Vec<Arc<Model>> = cfg.models.iter().map(|m| Arc::new(Model::new(m))).collect();
+        let mut by_name = HashMap::new();
+        for (m, c) in models.iter().zip(&cfg.models) {
+            for n in std::iter::once(&c.name).chain(&c.aliases) {
+                by_name.insert(n.clone(), Arc::clone(m));
+            }
+        }
+        Routes {
+            keys: cfg.keys.iter().map(Key::new).collect(),
+            by_name,
+            models,
+            max_body_bytes: cfg.server.max_body_bytes,
+        }
+    }
+
+    pub fn model(&self, name: &str) -> Option<&Arc<Model>> {
+        self.by_name.get(name)
+    }
+
+    /// Names (canonical and aliases) a key may use, in config order.
+    pub fn visible_models(&self, key: &Key) -> Vec<&str> {
+        let mut out = Vec::new();
+        for m in &self.models {
+            let names = std::iter::once(m.name.as_str()).chain(
+                self.by_name
+                    .iter()
+                    .filter(|(n, v)| Arc::ptr_eq(v, m) && **n != m.name)
+                    .map(|(n, _)| n.as_str()),
+            );
+            for n in names {
+                if key.allows(m, n) && !out.contains(&n) {
+                    out.push(n);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// `*` matches any run of characters; everything else is literal.
+pub fn glob(pattern: &str, name: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or("");
+    let Some(mut rest) = name.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty();
+    };
+    for p in middle {
+        match rest.find(p) {
+            Some(i) => rest = &rest[i + p.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
+/// Default for the `Retry-After` of an overloaded model.
+pub const OVERLOADED_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    use super::glob;
+
+    #[test]
+    fn globs() {
+        assert!(glob("qwen-*", "qwen-72b"));
+        assert!(glob("qwen-*", "qwen-"));
+        assert!(!glob("qwen-*", "llama-3"));
+        assert!(glob("*", "anything"));
+        assert!(glob("llama-3-70b", "llama-3-70b"));
+        assert!(!glob("llama-3-70b", "llama-3-70b-instruct"));
+        assert!(glob("*-instruct", "llama-3-70b-instruct"));
+        assert!(glob("a*b*c", "a-x-b-y-c"));
+        assert!(!glob("a*b*c", "a-x-c-y-b"));
+        assert!(!glob("ab*ba", "aba"), "prefix and suffix may not overlap");
+    }
+}

@@ -1,0 +1,385 @@
+//! The response body on its way back: every upstream frame is forwarded the
+//! moment it arrives. On the side, token usage is read from the SSE usage
+//! chunk (or the JSON body), the usage chunk is removed when the gateway
+//! rather than the client asked for it, idle and total timeouts end a
+//! stalled stream with an SSE error event, and when the body ends, fails or
+//! is dropped by a departing client, the backend slot is released and the
+//! request is logged (dropping the upstream body cancels the upstream
+//! request).
+
+use std::{
+    future::Future as _,
+    pin::Pin,
+    sync::Arc,
+    task::{ready, Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+use tokio::time::Sleep;
+
+use super::{ctx::RequestCtx, usage, Shared};
+use crate::upstream::Lease;
+
+/// Largest JSON body kept aside to read `usage` from.
+const MAX_JSON_TEE: usize = 8 * 1024 * 1024;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Writes metrics and the access log once, however the body ends.
+pub struct Finish {
+    pub ctx: RequestCtx,
+    pub shared: Arc<Shared>,
+    pub lease: Option<Lease>,
+    done: bool,
+}
+
+impl Finish {
+    pub fn new(ctx: RequestCtx, shared: Arc<Shared>, lease: Option<Lease>) -> Finish {
+        Finish {
+            ctx,
+            shared,
+            lease,
+            done: false,
+        }
+    }
+
+    fn complete(&mut self, outcome: Option<&'static str>) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        if self.ctx.outcome.is_none() {
+            self.ctx.outcome = outcome;
+        }
+        self.ctx.finish(&self.shared.metrics);
+        self.lease = None;
+    }
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        // Dropped before the end: the client went away.
+        self.complete(Some("client_closed"));
+    }
+}
+
+enum Mode {
+    /// text/event-stream: scan events for usage, maybe strip the usage chunk.
+    Sse {
+        pending: BytesMut,
+        strip_usage: bool,
+    },
+    /// A JSON body: keep a copy (bounded) to read usage at the end.
+    Json { tee: BytesMut, overflow: bool },
+}
+
+pin_project! {
+    pub struct ProxyBody {
+        #[pin]
+        inner: Incoming,
+        #[pin]
+        idle: Sleep,
+        #[pin]
+        total: Sleep,
+        idle_timeout: Duration,
+        mode: Mode,
+        finish: Finish,
+        ended: bool,
+    }
+}
+
+impl ProxyBody {
+    pub fn new(
+        inner: Incoming,
+        sse: bool,
+        strip_usage: bool,
+        idle_timeout: Duration,
+        deadline: Instant,
+        finish: Finish,
+    ) -> ProxyBody {
+        let mode = if sse {
+            Mode::Sse {
+                pending: BytesMut::new(),
+                strip_usage,
+            }
+        } else {
+            Mode::Json {
+                tee: BytesMut::new(),
+                overflow: false,
+            }
+        };
+        ProxyBody {
+            inner,
+            idle: tokio::time::sleep(idle_timeout),
+            total: tokio::time::sleep_until(deadline.into()),
+            idle_timeout,
+            mode,
+            finish,
+            ended: false,
+        }
+    }
+}
+
+/// Index just past the first complete event (its blank line), if any.
+fn event_end(buf: &[u8]) -> Option<usize> {
+    let lf = memchr::memmem::find(buf, b"\n\n").map(|i| i + 2);
+    let crlf = memchr::memmem::find(buf, b"\r\n\r\n").map(|i| i + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn ends_at_boundary(b: &[u8]) -> bool {
+    b.ends_with(b"\n\n") || b.ends_with(b"\r\n\r\n")
+}
+
+impl Mode {
+    /// Processes one upstream chunk; returns what to send the client now.
+    fn feed(&mut self, chunk: Bytes, ctx: &mut RequestCtx) -> Bytes {
+        match self {
+            Mode::Json { tee, overflow } => {
+                if !*overflow {
+                    if tee.len() + chunk.len() <= MAX_JSON_TEE {
+                        tee.extend_from_slice(&chunk);
+                    } else {
+                        *overflow = true;
+                        *tee = BytesMut::new();
+                    }
+                }
+                chunk
+            }
+            Mode::Sse {
+                pending,
+                strip_usage,
+            } => {
+                // Fast path: whole events with no usage in them pass untouched.
+                if pending.is_empty()
+                    && ends_at_boundary(&chunk)
+                    && !usage::has_usage_object(&chunk)
+                {
+                    return chunk;
+                }
+                pending.extend_from_slice(&chunk);
+                let mut out = BytesMut::new();
+                while let Some(end) = event_end(pending) {
+                    let ev = pending.split_to(end);
+                    if let Some(u) = usage::from_sse_event(&ev) {
+                        ctx.usage = Some(u.usage);
+                        if *strip_usage && u.usage_only {
+                            continue;
+                        }
+                    }
+                    if *strip_usage {
+                        out.extend_from_slice(&ev);
+                    }
+                }
+                if *strip_usage {
+                    out.freeze()
+                } else {
+                    // Nothing is removed: forward the bytes as they came and
+                    // keep only the unfinished event for scanning.
+                    chunk
+                }
+            }
+        }
+    }
+
+    /// At the end of the body: whatever is still held, and the JSON usage.
+    fn flush(&mut self, ctx: &mut RequestCtx) -> Option<Bytes> {
+        match self {
+            Mode::Json { tee, overflow } => {
+                if !*overflow {
+                    ctx.usage = usage::from_json(tee).or(ctx.usage);
+                }
+                None
+            }
+            Mode::Sse {
+                pending,
+                strip_usage,
+            } => {
+                let rest = std::mem::take(pending);
+                (*strip_usage && !rest.is_empty()).then(|| rest.freeze())
+            }
+        }
+    }
+}
+
+const STREAM_ERROR_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"the upstream stream failed or stalled; the response is incomplete\",\"type\":\"server_error\",\"param\":null,\"code\":\"upstream_stream_error\"}}\n\n";
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        if *this.ended {
+            return Poll::Ready(None);
+        }
+        loop {
+            let timed_out = if this.total.as_mut().poll(cx).is_ready() {
+                Some("total_timeout")
+            } else if this.idle.as_mut().poll(cx).is_ready() {
+                Some("idle_timeout")
+            } else {
+                None
+            };
+            let failure = match timed_out {
+                Some(kind) => Some(kind),
+                None => match ready!(this.inner.as_mut().poll_frame(cx)) {
+                    Some(Ok(frame)) => {
+                        let frame = match frame.into_data() {
+                            Ok(data) => data,
+                            // Trailers: pass through.
+                            Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                        };
+                        let now = Instant::now();
+                        this.idle.as_mut().reset((now + *this.idle_timeout).into());
+                        let ctx = &mut this.finish.ctx;
+                        ctx.first_byte.get_or_insert(now);
+                        let out = this.mode.feed(frame, ctx);
+                        if out.is_empty() {
+                            continue;
+                        }
+                        ctx.bytes_out += out.len() as u64;
+                        return Poll::Ready(Some(Ok(Frame::data(out))));
+                    }
+                    Some(Err(_)) => Some("stream"),
+                    None => {
+                        *this.ended = true;
+                        let tail = this.mode.flush(&mut this.finish.ctx);
+                        this.finish.complete(None);
+                        return Poll::Ready(tail.map(|t| Ok(Frame::data(t))));
+                    }
+                },
+            };
+            // The upstream failed or stalled after the response started:
+            // never replayed; SSE clients get an error event, then the end.
+            let kind = failure.expect("set above");
+            *this.ended = true;
+            let f = &mut this.finish;
+            let model = f.ctx.model.clone().unwrap_or_default();
+            let backend = f.ctx.backend.clone().unwrap_or_default();
+            f.shared
+                .metrics
+                .upstream_errors
+                .with_label_values(&[&model, &backend, kind])
+                .inc();
+            f.complete(Some(kind));
+            return match this.mode {
+                Mode::Sse { .. } => Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
+                    STREAM_ERROR_EVENT,
+                ))))),
+                Mode::Json { .. } => Poll::Ready(Some(Err(format!("upstream {kind}").into()))),
+            };
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.mode {
+            // Removing the usage chunk changes the length.
+            Mode::Sse {
+                strip_usage: true, ..
+            } => SizeHint::default(),
+            _ => self.inner.size_hint(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> RequestCtx {
+        RequestCtx::new(
+            "id".into(),
+            "127.0.0.1:1".parse().unwrap(),
+            http::Method::POST,
+            "/".into(),
+        )
+    }
+
+    const USAGE: &[u8] =
+        b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\n";
+
+    #[test]
+    fn strips_the_usage_chunk_only_when_asked() {
+        let mut c = ctx();
+        let mut m = Mode::Sse {
+            pending: BytesMut::new(),
+            strip_usage: true,
+        };
+        let a = m.feed(
+            Bytes::from_static(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n"),
+            &mut c,
+        );
+        assert!(a.starts_with(b"data: {\"choices\""));
+        let b = m.feed(Bytes::from_static(USAGE), &mut c);
+        assert!(b.is_empty(), "usage chunk must be removed: {b:?}");
+        assert_eq!(
+            c.usage,
+            Some(usage::Usage {
+                prompt: 3,
+                completion: 4
+            })
+        );
+        let d = m.feed(Bytes::from_static(b"data: [DONE]\n\n"), &mut c);
+        assert_eq!(&d[..], b"data: [DONE]\n\n");
+
+        let mut c = ctx();
+        let mut keep = Mode::Sse {
+            pending: BytesMut::new(),
+            strip_usage: false,
+        };
+        assert_eq!(&keep.feed(Bytes::from_static(USAGE), &mut c)[..], USAGE);
+        assert!(c.usage.is_some());
+    }
+
+    #[test]
+    fn events_split_across_chunks() {
+        let mut c = ctx();
+        let mut m = Mode::Sse {
+            pending: BytesMut::new(),
+            strip_usage: true,
+        };
+        let (a, b) = USAGE.split_at(20);
+        assert!(m.feed(Bytes::copy_from_slice(a), &mut c).is_empty());
+        let mut tail = b.to_vec();
+        tail.extend_from_slice(b"data: [DONE]\r\n\r\n");
+        let out = m.feed(Bytes::from(tail), &mut c);
+        assert_eq!(&out[..], b"data: [DONE]\r\n\r\n");
+        assert_eq!(c.usage.map(|u| u.completion), Some(4));
+    }
+
+    #[test]
+    fn json_usage_read_at_the_end() {
+        let mut c = ctx();
+        let mut m = Mode::Json {
+            tee: BytesMut::new(),
+            overflow: false,
+        };
+        let body = br#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#;
+        for part in body.chunks(7) {
+            assert_eq!(&m.feed(Bytes::copy_from_slice(part), &mut c)[..], part);
+        }
+        assert!(m.flush(&mut c).is_none());
+        assert_eq!(
+            c.usage,
+            Some(usage::Usage {
+                prompt: 1,
+                completion: 2
+            })
+        );
+    }
+}

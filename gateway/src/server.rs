@@ -1,0 +1,94 @@
+//! The L7 gateway assembled: routing table, metrics endpoint and listeners,
+//! started from a config. Used by `gateway run` and by the tests in-process.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Result;
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use crate::{
+    config::Config,
+    listener::Listeners,
+    metrics::{self, Metrics},
+    pipeline::{routes::Routes, Readiness, Shared},
+};
+
+/// How long open connections may take to finish at shutdown.
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
+
+/// A running gateway.
+pub struct Gateway {
+    pub shared: Arc<Shared>,
+    pub addrs: Vec<SocketAddr>,
+    pub metrics_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Gateway {
+    /// Binds everything, then serves on the current tokio runtime.
+    pub async fn start(cfg: &Config) -> Result<Gateway> {
+        install_crypto_provider();
+        let metrics = Arc::new(Metrics::new());
+        let shared = Arc::new(Shared {
+            routes: ArcSwap::from_pointee(Routes::new(cfg)),
+            metrics: Arc::clone(&metrics),
+            tls: cfg.server.tls.is_some(),
+            ready: ArcSwap::from_pointee(Readiness::default()),
+        });
+        let listeners = Listeners::bind(cfg).await?;
+        let addrs = listeners.local_addrs();
+        let refresh = {
+            let shared = Arc::clone(&shared);
+            Arc::new(move || refresh_gauges(&shared)) as Arc<dyn Fn() + Send + Sync>
+        };
+        let metrics_addr = metrics::serve(cfg.metrics.listen, metrics, refresh).await?;
+        let (shutdown, rx) = watch::channel(false);
+        let task = tokio::spawn(listeners.serve(Arc::clone(&shared), rx, DEFAULT_DRAIN));
+        for a in &addrs {
+            tracing::info!(addr = %a, tls = cfg.server.tls.is_some(), "listening");
+        }
+        tracing::info!(addr = %metrics_addr, "metrics on /metrics");
+        Ok(Gateway {
+            shared,
+            addrs,
+            metrics_addr,
+            shutdown,
+            task,
+        })
+    }
+
+    /// Stops accepting, lets open connections finish (up to the drain
+    /// deadline), and returns when they have.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Backend gauges are set on every scrape from the live counts.
+fn refresh_gauges(shared: &Shared) {
+    let routes = shared.routes.load();
+    for m in &routes.models {
+        for b in &m.backends {
+            let labels = [m.name.as_str(), b.label.as_str()];
+            shared
+                .metrics
+                .backend_in_flight
+                .with_label_values(&labels)
+                .set(b.in_flight() as i64);
+            shared
+                .metrics
+                .backend_healthy
+                .with_label_values(&labels)
+                .set(1);
+        }
+    }
+}
+
+/// rustls needs a process-wide crypto provider for parts that do not take
+/// one explicitly; ring is the one compiled in.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

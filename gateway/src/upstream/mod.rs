@@ -1,0 +1,164 @@
+//! Backends: one pooled HTTP client per backend (keep-alive HTTP/1.1, or
+//! HTTP/2 prior knowledge for `h2c://` URLs, TLS for `https://`), and the
+//! in-flight count the balancer reads.
+
+use std::{
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc, OnceLock,
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::Uri;
+use http_body_util::Full;
+use hyper_rustls::HttpsConnector;
+use hyper_util::{
+    client::legacy::{connect::HttpConnector, Client},
+    rt::{TokioExecutor, TokioTimer},
+};
+
+use crate::config::BackendConfig;
+
+pub type UpstreamBody = Full<Bytes>;
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
+
+/// How long an idle pooled connection is kept.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// One backend server of a model.
+pub struct Backend {
+    /// The URL as configured: the `backend` label in metrics and logs.
+    pub label: String,
+    /// Scheme (http/https) and authority requests are sent to.
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+    /// Path prefix of the URL, without a trailing slash ("" for none).
+    prefix: String,
+    pub weight: u32,
+    pub max_connections: Option<u32>,
+    in_flight: AtomicU32,
+    client: UpstreamClient,
+}
+
+impl Backend {
+    pub fn new(cfg: &BackendConfig, connect_timeout: Duration) -> Backend {
+        let h2c = cfg.url.scheme_str() == Some("h2c");
+        let scheme = if cfg.url.scheme_str() == Some("https") {
+            http::uri::Scheme::HTTPS
+        } else {
+            http::uri::Scheme::HTTP
+        };
+        let authority = cfg
+            .url
+            .authority()
+            .cloned()
+            .expect("validated: backend URLs have a host");
+        let prefix = cfg.url.path().trim_end_matches('/').to_owned();
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(connect_timeout));
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls_client_config().as_ref().clone())
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let mut b = Client::builder(TokioExecutor::new());
+        b.pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new());
+        if h2c {
+            b.http2_only(true);
+        }
+        Backend {
+            label: cfg.url.to_string().trim_end_matches('/').to_owned(),
+            scheme,
+            authority,
+            prefix,
+            weight: cfg.weight,
+            max_connections: cfg.max_connections,
+            in_flight: AtomicU32::new(0),
+            client: b.build(connector),
+        }
+    }
+
+    /// The upstream URI for a client request path (`/v1/chat/completions`).
+    pub fn uri(&self, path_and_query: &str) -> Uri {
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(format!("{}{}", self.prefix, path_and_query))
+            .build()
+            .expect("a valid base and a valid request path")
+    }
+
+    pub fn authority(&self) -> &http::uri::Authority {
+        &self.authority
+    }
+
+    pub fn client(&self) -> &UpstreamClient {
+        &self.client
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Whether the backend is at its connection cap.
+    pub fn full(&self) -> bool {
+        self.max_connections.is_some_and(|m| self.in_flight() >= m)
+    }
+
+    /// Counts one more request in flight until the lease is dropped.
+    pub fn lease(self: &Arc<Self>) -> Lease {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Lease(Arc::clone(self))
+    }
+}
+
+/// A request's claim on a backend slot; released on drop, so an error, a
+/// finished response and a client disconnect all free it.
+pub struct Lease(Arc<Backend>);
+
+impl Lease {
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.0
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// TLS settings for https backends: the system's root certificates.
+fn tls_client_config() -> Arc<rustls::ClientConfig> {
+    static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let mut roots = rustls::RootCertStore::empty();
+            let native = rustls_native_certs::load_native_certs();
+            for e in &native.errors {
+                tracing::warn!("loading system root certificates: {e}");
+            }
+            let (added, _) = roots.add_parsable_certificates(native.certs);
+            if added == 0 {
+                tracing::warn!(
+                    "no system root certificates found: https backends will fail TLS verification"
+                );
+            }
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default protocol versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            Arc::new(cfg)
+        })
+        .clone()
+}
