@@ -104,7 +104,7 @@ fn block_file_bad_lines_are_reported_and_good_lines_load() {
     )
     .unwrap();
     let body = format!(
-        "[server]\nstate_dir = \"@STATE_DIR@\"\n[xdp]\ninterfaces = [\"{}\"]\npin_dir = \"@PIN_DIR@\"\nblock_files = [\"{}\"]\n",
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nstate_dir = \"@STATE_DIR@\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n[xdp]\ninterfaces = [\"{}\"]\nprotected_ports = [8443]\npin_dir = \"@PIN_DIR@\"\nblock_files = [\"{}\"]\n",
         t.server_if,
         file.display()
     );

@@ -19,8 +19,12 @@ fn config(t: &Topology, syn_rate: u32, syn_burst: u32) -> String {
     format!(
         r#"
 [server]
-listen = ["0.0.0.0:{PORT}"]
+# The proxy itself is not under test here; the test's own listener holds
+# the protected port.
+listen = ["127.0.0.1:0"]
 state_dir = "@STATE_DIR@"
+[metrics]
+listen = "127.0.0.1:0"
 [xdp]
 interfaces = ["{iface}"]
 mode = "auto"

@@ -2,6 +2,8 @@
 
 mod cli_errors;
 mod kernel;
+mod l7;
+mod openai_sdk;
 
 /// Skips (with a printed reason) or, under CI=true, fails a test that needs
 /// root.

@@ -1,7 +1,10 @@
-//! Support for the integration tests: network namespaces and veth
+//! Support for the integration tests: the `mock-llm` upstream, an
+//! in-process gateway with HTTP clients (`l7`), network namespaces and veth
 //! topologies the tests create (and delete), the `gateway` binary as a
 //! process, and a raw frame sender for floods.
 
+pub mod l7;
+pub mod mock;
 pub mod netns;
 pub mod process;
 

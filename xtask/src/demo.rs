@@ -1,9 +1,12 @@
-//! `cargo xtask run`: the demo. Builds the gateway, starts it on
-//! config/demo.toml with the XDP program on `lo`, shows `gateway stats` and
-//! what to try, and runs until Ctrl-C.
+//! `cargo xtask run`: the demo. Builds the gateway and mock-llm, starts two
+//! mock upstreams and the gateway on config/demo.toml (with the XDP program
+//! on `lo` when run as root), prints a working streaming `curl` and
+//! `gateway stats`, and runs until Ctrl-C.
 
 use std::{
-    process::{Child, Command},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -12,69 +15,137 @@ use anyhow::{bail, Context as _, Result};
 use crate::util::{self, is_root, root, step};
 
 const CONFIG: &str = "config/demo.toml";
+const DEMO_KEY: &str = "sk-gw-demo-key-not-a-secret";
+const UPSTREAMS: [(&str, &str); 2] = [
+    ("upstream-a", "127.0.0.1:18001"),
+    ("upstream-b", "127.0.0.1:18002"),
+];
 
 pub fn run() -> Result<()> {
-    step("build: gateway (release)");
-    util::cargo(&["build", "--release", "-p", "gateway"])?;
-    if !is_root() {
-        bail!("the demo attaches the XDP program to `lo`, which needs root: run `sudo -E cargo xtask run`");
+    step("build: gateway and mock-llm (release)");
+    util::cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "gateway",
+        "-p",
+        "gateway-tests",
+        "--bin",
+        "gateway",
+        "--bin",
+        "mock-llm",
+    ])?;
+    let bin = root().join("target/release");
+    let mut children = Children(Vec::new());
+
+    step("demo: two mock upstreams");
+    for (name, addr) in UPSTREAMS {
+        let c = Command::new(bin.join("mock-llm"))
+            .args([
+                "--listen",
+                addr,
+                "--name",
+                name,
+                "--model",
+                "mock/demo-model",
+                "--tokens",
+                "24",
+                "--interval-ms",
+                "60",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting mock-llm")?;
+        children.0.push(c);
+        wait_for_port(addr, &mut children)?;
+        eprintln!("mock-llm {name} on {addr}");
     }
-    let bin = root().join("target/release/gateway");
+
+    let config = if is_root() {
+        PathBuf::from(CONFIG)
+    } else {
+        eprintln!("demo: not root, so the XDP program stays off (run `sudo -E cargo xtask run` for the kernel part)");
+        let text = std::fs::read_to_string(root().join(CONFIG))?;
+        let path = root().join("target/demo/demo-no-xdp.toml");
+        std::fs::create_dir_all(path.parent().expect("has a parent"))?;
+        std::fs::write(&path, text.replace("enabled = true ", "enabled = false"))?;
+        path
+    };
     let gw = |args: &[&str]| {
-        let mut c = Command::new(&bin);
-        c.current_dir(root()).arg("--config").arg(CONFIG).args(args);
+        let mut c = Command::new(bin.join("gateway"));
+        c.current_dir(root())
+            .arg("--config")
+            .arg(&config)
+            .args(args);
         c
     };
-    step("demo: starting the gateway on config/demo.toml");
-    let mut daemon = Daemon(gw(&["run"]).spawn().context("starting the gateway")?);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(status) = daemon.0.try_wait()? {
-            bail!("the gateway exited during start-up ({status}); see its log above");
-        }
-        let ok = gw(&["stats"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status();
-        if ok.is_ok_and(|s| s.success()) {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("the gateway did not become ready within 15 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let g = format!("{} --config {CONFIG}", bin.display());
-    println!(
-        "\nThe XDP program guards TCP port 8080 on lo (generic mode).\n\
-         Try, in another terminal (as root):\n\n\
-         \x20 curl -sS --max-time 2 --interface 127.0.0.2 http://127.0.0.1:8080/   # refused: nothing listens yet\n\
-         \x20 {g} block add 127.0.0.2 --ttl 1m --comment demo\n\
-         \x20 curl -sS --max-time 2 --interface 127.0.0.2 http://127.0.0.1:8080/   # times out: dropped in XDP\n\
-         \x20 {g} block list\n\
-         \x20 {g} stats\n\
-         \x20 {g} top\n\
-         \x20 {g} limits set --syn-rate 2 --syn-burst 2\n\n\
-         Kernel counters now:\n"
+    step("demo: the gateway on config/demo.toml");
+    children
+        .0
+        .push(gw(&["run"]).spawn().context("starting the gateway")?);
+    wait_for_port("127.0.0.1:8080", &mut children)?;
+
+    let g = format!(
+        "{} --config {}",
+        bin.join("gateway").display(),
+        rel(&config)
     );
-    util::run(&mut gw(&["stats"]))?;
-    println!("\nPress Ctrl-C to stop (the program detaches; pinned maps keep the policy).");
-    let status = daemon.0.wait()?;
+    println!(
+        "\nThe gateway serves http://127.0.0.1:8080 with model \"demo-model\" (alias \"gpt-4o-mini\")\n\
+         on two mock upstreams, weights 2:1. Demo key: {DEMO_KEY}\n\n\
+         Stream a chat completion token by token:\n\n\
+         \x20 curl -N http://127.0.0.1:8080/v1/chat/completions \\\n\
+         \x20   -H 'Authorization: Bearer {DEMO_KEY}' -H 'Content-Type: application/json' \\\n\
+         \x20   -d '{{\"model\":\"demo-model\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'\n\n\
+         More to try:\n\
+         \x20 curl -s http://127.0.0.1:8080/v1/models -H 'Authorization: Bearer {DEMO_KEY}'\n\
+         \x20 curl -s http://127.0.0.1:9090/metrics | grep ^gateway_\n\
+         \x20 {g} stats\n\
+         \x20 {g} block add 127.0.0.2 --ttl 1m      # then: curl --interface 127.0.0.2 ... times out\n"
+    );
+    if is_root() {
+        util::run(&mut gw(&["stats"]))?;
+    }
+    println!("\nPress Ctrl-C to stop.");
+    let gateway = children.0.last_mut().expect("the gateway was started");
+    let status = gateway.wait()?;
     if !status.success() && status.code().is_some() {
         bail!("the gateway exited with {status}");
     }
     Ok(())
 }
 
-/// Stops the daemon if xtask exits early.
-struct Daemon(Child);
+fn rel(p: &Path) -> String {
+    p.strip_prefix(root()).unwrap_or(p).display().to_string()
+}
 
-impl Drop for Daemon {
+fn wait_for_port(addr: &str, children: &mut Children) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect_timeout(&addr.parse()?, Duration::from_millis(200)).is_err() {
+        for c in &mut children.0 {
+            if let Some(status) = c.try_wait()? {
+                bail!("a demo process exited during start-up ({status}); see its output above");
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("nothing listens on {addr} after 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// Stops every demo process when xtask exits, however it exits.
+struct Children(Vec<Child>);
+
+impl Drop for Children {
     fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-            let _ = self.0.wait();
+        for c in self.0.iter_mut().rev() {
+            if let Ok(None) = c.try_wait() {
+                // SAFETY: signalling our own child.
+                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+                let _ = c.wait();
+            }
         }
     }
 }

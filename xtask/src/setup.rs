@@ -28,6 +28,7 @@ pub fn run() -> Result<()> {
     bpf_linker()?;
     bpffs()?;
     debian_packages()?;
+    python_venv()?;
     eprintln!("setup: done");
     Ok(())
 }
@@ -157,4 +158,45 @@ fn debian_packages() -> Result<()> {
 
 fn names() -> Vec<&'static str> {
     DEBIAN_PACKAGES.iter().map(|(p, _)| *p).collect()
+}
+
+/// Where the Python venv for the SDK tests lives (gitignored).
+pub const VENV: &str = ".venv";
+const REQUIREMENTS: &str = "tests/sdk/requirements.txt";
+
+/// A venv with the official `openai` SDK, pinned in tests/sdk/requirements.txt.
+fn python_venv() -> Result<()> {
+    let root = util::root();
+    let venv = root.join(VENV);
+    let python = venv.join("bin/python");
+    let reqs = std::fs::read_to_string(root.join(REQUIREMENTS))
+        .context("reading tests/sdk/requirements.txt")?;
+    let stamp = venv.join(".requirements");
+    if python.exists() && std::fs::read_to_string(&stamp).is_ok_and(|s| s == reqs) {
+        eprintln!("setup: Python venv with the openai SDK present ({VENV})");
+        return Ok(());
+    }
+    if output("python3", &["--version"]).is_none() {
+        let msg = "python3 is missing: install it (Debian: python3 python3-venv)";
+        if in_ci() {
+            bail!("{msg}");
+        }
+        eprintln!("setup: NOTE: {msg}; the SDK test will be skipped");
+        return Ok(());
+    }
+    eprintln!("setup: creating {VENV} with the openai SDK (once)");
+    if !python.exists() {
+        util::run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    util::run(Command::new(&python).args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "-r",
+        REQUIREMENTS,
+    ]))?;
+    std::fs::write(&stamp, reqs).context("recording the installed requirements")?;
+    Ok(())
 }

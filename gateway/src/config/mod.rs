@@ -439,12 +439,21 @@ impl Validator {
                 AttachMode::Auto
             }
         };
-        let protected_ports = x
-            .protected_ports
-            .unwrap_or_else(|| server.listen.iter().map(|a| a.port()).collect());
-        if protected_ports.contains(&0) {
-            self.problem("xdp.protected_ports", "port 0 cannot be protected");
-        }
+        let protected_ports = match x.protected_ports {
+            Some(p) => {
+                if p.contains(&0) {
+                    self.problem("xdp.protected_ports", "port 0 cannot be protected");
+                }
+                p
+            }
+            // The proxy's own ports; an ephemeral port (0) is unknown yet.
+            None => server
+                .listen
+                .iter()
+                .map(|a| a.port())
+                .filter(|p| *p != 0)
+                .collect(),
+        };
         let syn_rate = x.syn_rate.unwrap_or(DEFAULT_SYN_RATE);
         let syn_burst = x.syn_burst.unwrap_or(DEFAULT_SYN_BURST);
         let global_syn_rate = x.global_syn_rate.unwrap_or(DEFAULT_GLOBAL_SYN_RATE);

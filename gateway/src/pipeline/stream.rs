@@ -244,7 +244,21 @@ impl Body for ProxyBody {
                         this.idle.as_mut().reset((now + *this.idle_timeout).into());
                         let ctx = &mut this.finish.ctx;
                         ctx.first_byte.get_or_insert(now);
-                        let out = this.mode.feed(frame, ctx);
+                        let mut out = this.mode.feed(frame, ctx);
+                        // A body of known length may never be polled again
+                        // once its last byte is out (hyper stops there), so
+                        // finish with the last frame rather than after it.
+                        if this.inner.is_end_stream() {
+                            *this.ended = true;
+                            if let Some(tail) = this.mode.flush(&mut this.finish.ctx) {
+                                let mut joined = BytesMut::from(&out[..]);
+                                joined.extend_from_slice(&tail);
+                                out = joined.freeze();
+                            }
+                            this.finish.ctx.bytes_out += out.len() as u64;
+                            this.finish.complete(None);
+                            return Poll::Ready((!out.is_empty()).then(|| Ok(Frame::data(out))));
+                        }
                         if out.is_empty() {
                             continue;
                         }

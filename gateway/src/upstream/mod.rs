@@ -152,12 +152,12 @@ fn tls_client_config() -> Arc<rustls::ClientConfig> {
                 );
             }
             let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+            // ALPN is left empty: the connector offers h2/http1.1 itself.
+            let cfg = rustls::ClientConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()
                 .expect("ring supports the default protocol versions")
                 .with_root_certificates(roots)
                 .with_no_client_auth();
-            cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
             Arc::new(cfg)
         })
         .clone()

@@ -1,0 +1,574 @@
+//! The L7 proxy against mock-llm: error statuses, balancing, streaming,
+//! usage accounting, cancellation, TLS/h2 and metrics.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use gateway_tests::{
+    l7::{chat, collect, eventually, metric, model_toml, Client, TestGateway, KEY_A, KEY_B},
+    mock::{MockLlm, MockOptions},
+};
+use http_body_util::BodyExt as _;
+
+async fn mock(name: &str) -> MockLlm {
+    MockLlm::start(MockOptions {
+        name: name.into(),
+        ..MockOptions::default()
+    })
+    .await
+    .expect("mock")
+}
+
+fn url(g: &TestGateway, path: &str) -> String {
+    format!("{}{path}", g.url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_status() {
+    let up = mock("a").await;
+    let models = model_toml("m", "", &[(up.url(), 1, Some(1))])
+        + &model_toml(
+            "dead",
+            "timeouts = { connect = \"300ms\" }",
+            &[("http://127.0.0.1:9".into(), 1, None)],
+        )
+        + &model_toml(
+            "slow",
+            "timeouts = { first_byte = \"300ms\" }",
+            &[(up.url(), 1, None)],
+        );
+    let g = TestGateway::start("max_body_bytes = 2048", &models).await;
+    let c = Client::http1();
+    let chat_url = url(&g, "/v1/chat/completions");
+
+    let r = c.post(&chat_url, None, &[], &chat("m", false)).await;
+    assert_eq!(
+        (r.status.as_u16(), r.error_code().as_str()),
+        (401, "invalid_api_key")
+    );
+    let r = c
+        .post(&chat_url, Some("sk-nope"), &[], &chat("m", false))
+        .await;
+    assert_eq!(r.status, 401);
+    let r = c.post(&chat_url, Some(KEY_B), &[], &chat("m", false)).await;
+    assert_eq!(
+        (r.status.as_u16(), r.error_code().as_str()),
+        (403, "model_not_allowed")
+    );
+    let r = c
+        .post(&chat_url, Some(KEY_A), &[], &chat("nonexistent", false))
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.error_code().as_str()),
+        (404, "model_not_found")
+    );
+    let r = collect(
+        c.post_raw(
+            &chat_url,
+            Some(KEY_A),
+            &[],
+            Bytes::from_static(b"{\"model\": "),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(
+        (r.status.as_u16(), r.error_code().as_str()),
+        (400, "invalid_json")
+    );
+    let r = c
+        .post(
+            &chat_url,
+            Some(KEY_A),
+            &[],
+            &serde_json::json!({"messages": []}),
+        )
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.error_code().as_str()),
+        (400, "missing_model")
+    );
+    let big = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x".repeat(4096)}]});
+    let r = c.post(&chat_url, Some(KEY_A), &[], &big).await;
+    assert_eq!(
+        (r.status.as_u16(), r.error_code().as_str()),
+        (413, "request_too_large")
+    );
+    let r = c.get(&url(&g, "/v1/nothing"), Some(KEY_A)).await;
+    assert_eq!(r.status, 404);
+    let r = c.get(&chat_url, Some(KEY_A)).await;
+    assert_eq!(r.status, 405);
+    // 502: nothing listens on the backend's port.
+    let r = c
+        .post(&chat_url, Some(KEY_A), &[], &chat("dead", false))
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.error_code().as_str()),
+        (502, "upstream_unreachable")
+    );
+    // 504: the backend stalls past the first-byte timeout.
+    let t = Instant::now();
+    let r = c
+        .post(
+            &chat_url,
+            Some(KEY_A),
+            &[("x-mock-fail", "stall")],
+            &chat("slow", false),
+        )
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.error_code().as_str()),
+        (504, "upstream_timeout")
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "504 took {:?}",
+        t.elapsed()
+    );
+    // 503: the only backend (max_connections = 1) is busy with a stream.
+    let hold = c
+        .post_raw(
+            &chat_url,
+            Some(KEY_A),
+            &[("x-mock-interval-ms", "100"), ("x-mock-tokens", "30")],
+            Bytes::from(chat("m", true).to_string()),
+        )
+        .await;
+    assert_eq!(hold.status(), 200);
+    let r = c.post(&chat_url, Some(KEY_A), &[], &chat("m", false)).await;
+    assert_eq!(
+        (r.status.as_u16(), r.error_code().as_str()),
+        (503, "overloaded")
+    );
+    assert_eq!(r.headers["retry-after"], "1");
+    drop(hold);
+    // Every error body is OpenAI-shaped and carries a request id.
+    let e = r.json();
+    assert!(
+        e["error"]["message"].is_string()
+            && e["error"]["type"].is_string()
+            && e["error"]["param"].is_null()
+    );
+    assert!(r.headers.contains_key("x-request-id"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_distribution_follows_weights() {
+    let (a, b) = (mock("a").await, mock("b").await);
+    let g = TestGateway::start(
+        "",
+        &model_toml("m", "", &[(a.url(), 3, None), (b.url(), 1, None)]),
+    )
+    .await;
+    let c = Client::http1();
+    let n = 1000;
+    let mut to_a = 0;
+    for _ in 0..n {
+        let r = c
+            .post(
+                &url(&g, "/v1/chat/completions"),
+                Some(KEY_A),
+                &[("x-mock-tokens", "1")],
+                &chat("m", false),
+            )
+            .await;
+        assert_eq!(r.status, 200);
+        if r.headers["x-mock-name"] == "a" {
+            to_a += 1;
+        }
+    }
+    let share = to_a as f64 / n as f64;
+    assert!(
+        (share - 0.75).abs() <= 0.05,
+        "backend a (weight 3 of 4) got {to_a} of {n} requests"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_connections_prefers_the_idle_backend() {
+    let (a, b) = (mock("a").await, mock("b").await);
+    let g = TestGateway::start(
+        "",
+        &model_toml("m", "", &[(a.url(), 1, None), (b.url(), 1, None)]),
+    )
+    .await;
+    let c = Client::http1();
+    let chat_url = url(&g, "/v1/chat/completions");
+    // Two slow streams: with equal weights, one lands on each backend.
+    let slow = [("x-mock-interval-ms", "200"), ("x-mock-tokens", "50")];
+    let s1 = c
+        .post_raw(
+            &chat_url,
+            Some(KEY_A),
+            &slow,
+            Bytes::from(chat("m", true).to_string()),
+        )
+        .await;
+    let s2 = c
+        .post_raw(
+            &chat_url,
+            Some(KEY_A),
+            &slow,
+            Bytes::from(chat("m", true).to_string()),
+        )
+        .await;
+    let busy_a = s1.headers()["x-mock-name"] == "a" || s2.headers()["x-mock-name"] == "a";
+    assert!(busy_a, "one stream on each backend");
+    // A third stream on `a` only: end the one on `b`.
+    let (keep, release) = if s1.headers()["x-mock-name"] == "a" {
+        (s1, s2)
+    } else {
+        (s2, s1)
+    };
+    drop(release);
+    eventually(Duration::from_secs(3), "b's stream cancelled", || {
+        b.stats().snapshot().in_flight == 0
+    })
+    .await;
+    // Now a holds one stream and b none: every new request goes to b.
+    for i in 0..10 {
+        let r = c
+            .post(
+                &chat_url,
+                Some(KEY_A),
+                &[("x-mock-tokens", "1")],
+                &chat("m", false),
+            )
+            .await;
+        assert_eq!(
+            r.headers["x-mock-name"], "b",
+            "request {i} went to the busy backend"
+        );
+    }
+    drop(keep);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_chunks_arrive_incrementally() {
+    let up = mock("a").await;
+    let g = TestGateway::start("", &model_toml("m", "", &[(up.url(), 1, None)])).await;
+    let c = Client::http1();
+    let t0 = Instant::now();
+    let r = c
+        .post_raw(
+            &url(&g, "/v1/chat/completions"),
+            Some(KEY_A),
+            &[("x-mock-interval-ms", "150"), ("x-mock-tokens", "6")],
+            Bytes::from(chat("m", true).to_string()),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let mut body = r.into_body();
+    let mut arrivals = Vec::new();
+    let mut text = Vec::new();
+    while let Some(f) = body.frame().await {
+        if let Ok(d) = f.expect("stream frame").into_data() {
+            arrivals.push(t0.elapsed());
+            text.extend_from_slice(&d);
+        }
+    }
+    let text = String::from_utf8(text).unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert!(
+        !text.contains("\"usage\":{"),
+        "usage chunk leaked to a client that did not ask: {text}"
+    );
+    let first = arrivals[0];
+    let last = *arrivals.last().unwrap();
+    assert!(
+        first < Duration::from_millis(400),
+        "first chunk only after {first:?}: buffered?"
+    );
+    assert!(
+        last - first >= Duration::from_millis(600),
+        "chunks came together ({first:?}..{last:?}): buffered?"
+    );
+    assert!(
+        arrivals.len() >= 6,
+        "{} frames for 6 tokens",
+        arrivals.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_is_counted_with_and_without_include_usage() {
+    let up = mock("a").await;
+    let g = TestGateway::start(
+        "",
+        &model_toml("m", "upstream_model = \"org/m-v1\"", &[(up.url(), 1, None)]),
+    )
+    .await;
+    let c = Client::http1();
+    let chat_url = url(&g, "/v1/chat/completions");
+    let tok = [("x-mock-tokens", "5")];
+
+    let r = c
+        .post(&chat_url, Some(KEY_A), &tok, &chat("m", false))
+        .await;
+    assert_eq!(r.json()["usage"]["completion_tokens"], 5);
+    let r = c.post(&chat_url, Some(KEY_A), &tok, &chat("m", true)).await;
+    let s = String::from_utf8_lossy(&r.body).to_string();
+    assert!(
+        !s.contains("\"usage\":{"),
+        "stripped usage chunk reached the client: {s}"
+    );
+    let mut asked = chat("m", true);
+    asked["stream_options"] = serde_json::json!({"include_usage": true});
+    let r = c.post(&chat_url, Some(KEY_A), &tok, &asked).await;
+    let s = String::from_utf8_lossy(&r.body).to_string();
+    assert!(
+        s.contains("\"usage\":{"),
+        "the client asked for usage and did not get it: {s}"
+    );
+
+    // Upstream saw the rewritten model and, for both streams, include_usage.
+    let reqs = up.requests();
+    assert!(
+        reqs.iter().all(|q| q.body["model"] == "org/m-v1"),
+        "upstream_model rewrite: {:?}",
+        reqs[0].body
+    );
+    assert_eq!(reqs[1].body["stream_options"]["include_usage"], true);
+    // And never the client's key; with the client address and a request id.
+    for q in &reqs {
+        assert_eq!(q.header("authorization"), None);
+        assert_eq!(q.header("x-forwarded-for"), Some("127.0.0.1"));
+        assert!(q.header("x-request-id").is_some_and(|id| id.len() >= 16));
+    }
+    let m = g.metrics().await;
+    let completion = metric(
+        &m,
+        "gateway_tokens_total",
+        "key=\"team-a\",kind=\"completion\",model=\"m\"",
+    );
+    assert_eq!(completion, Some(15.0), "3 responses x 5 tokens:\n{m}");
+    assert!(
+        metric(
+            &m,
+            "gateway_tokens_total",
+            "key=\"team-a\",kind=\"prompt\",model=\"m\""
+        )
+        .unwrap_or(0.0)
+            > 0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_cancels_upstream_and_frees_the_slot() {
+    let up = mock("a").await;
+    let g = TestGateway::start("", &model_toml("m", "", &[(up.url(), 1, Some(1))])).await;
+    let c = Client::http1();
+    let chat_url = url(&g, "/v1/chat/completions");
+    let r = c
+        .post_raw(
+            &chat_url,
+            Some(KEY_A),
+            &[("x-mock-interval-ms", "100"), ("x-mock-tokens", "100")],
+            Bytes::from(chat("m", true).to_string()),
+        )
+        .await;
+    let mut body = r.into_body();
+    let first = body.frame().await.expect("a first chunk").expect("ok");
+    assert!(first.is_data());
+    drop(body);
+    eventually(
+        Duration::from_secs(3),
+        "the mock sees the stream cancelled",
+        || up.stats().snapshot().cancelled == 1,
+    )
+    .await;
+    // The single slot is free again.
+    let r = c
+        .post(
+            &chat_url,
+            Some(KEY_A),
+            &[("x-mock-tokens", "1")],
+            &chat("m", false),
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        200,
+        "slot not released: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let m = g.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "gateway_backend_in_flight",
+            &format!("backend=\"{}\",model=\"m\"", up.url())
+        ),
+        Some(0.0),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_tls_and_alpn_h2() {
+    let up = mock("a").await;
+    let models = model_toml("m", "", &[(up.url(), 1, None)]);
+    // Clear text HTTP/2 with prior knowledge.
+    let g = TestGateway::start("", &models).await;
+    let r = Client::h2c()
+        .post(
+            &url(&g, "/v1/chat/completions"),
+            Some(KEY_A),
+            &[],
+            &chat("m", true),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.version, http::Version::HTTP_2);
+    assert!(String::from_utf8_lossy(&r.body).ends_with("data: [DONE]\n\n"));
+
+    // TLS with a certificate made for the test; ALPN picks h2.
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("test cert");
+    let dir = gateway_tests::TempDir::new("tls");
+    let (crt, key) = (dir.0.join("cert.pem"), dir.0.join("key.pem"));
+    std::fs::write(&crt, cert.cert.pem()).unwrap();
+    std::fs::write(&key, cert.key_pair.serialize_pem()).unwrap();
+    let tls = format!(
+        "tls = {{ cert = \"{}\", key = \"{}\" }}",
+        crt.display(),
+        key.display()
+    );
+    let g = TestGateway::start(&tls, &models).await;
+    assert!(g.url.starts_with("https://"));
+    let c = Client::tls(cert.cert.der());
+    let r = c
+        .post(
+            &url(&g, "/v1/chat/completions"),
+            Some(KEY_A),
+            &[],
+            &chat("m", false),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.version, http::Version::HTTP_2, "ALPN should pick h2");
+    assert_eq!(
+        up.requests().last().unwrap().header("x-forwarded-proto"),
+        Some("https")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_backends_and_models_list() {
+    let up = mock("a").await;
+    let h2 = up.url().replace("http://", "h2c://");
+    let models = model_toml("m", "aliases = [\"gpt-x\"]", &[(h2, 1, None)])
+        + &model_toml("other-1", "", &[(up.url(), 1, None)]);
+    let g = TestGateway::start("", &models).await;
+    let c = Client::http1();
+    let r = c
+        .post(
+            &url(&g, "/v1/chat/completions"),
+            Some(KEY_A),
+            &[],
+            &chat("gpt-x", false),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        up.requests().last().unwrap().version,
+        "HTTP/2.0",
+        "h2c:// backends speak HTTP/2"
+    );
+    let ids = |r: &gateway_tests::l7::Collected| -> Vec<String> {
+        r.json()["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let all = ids(&c.get(&url(&g, "/v1/models"), Some(KEY_A)).await);
+    assert_eq!(all, ["m", "gpt-x", "other-1"]);
+    let b = ids(&c.get(&url(&g, "/v1/models"), Some(KEY_B)).await);
+    assert_eq!(b, ["other-1"], "team-b sees only what it may use");
+    assert_eq!(c.get(&url(&g, "/v1/models"), None).await.status, 401);
+    assert_eq!(c.get(&url(&g, "/healthz"), None).await.status, 200);
+    assert_eq!(c.get(&url(&g, "/readyz"), None).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_reflect_traffic() {
+    let up = mock("a").await;
+    let g = TestGateway::start("", &model_toml("m", "", &[(up.url(), 1, None)])).await;
+    let c = Client::http1();
+    for _ in 0..3 {
+        c.post(
+            &url(&g, "/v1/chat/completions"),
+            Some(KEY_A),
+            &[],
+            &chat("m", true),
+        )
+        .await;
+    }
+    c.post(
+        &url(&g, "/v1/chat/completions"),
+        Some("bad"),
+        &[],
+        &chat("m", true),
+    )
+    .await;
+    c.post(
+        &url(&g, "/v1/embeddings"),
+        Some(KEY_A),
+        &[],
+        &serde_json::json!({"model": "m", "input": ["a b", "c"]}),
+    )
+    .await;
+    let m = g.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "gateway_http_requests_total",
+            "code=\"200\",key=\"team-a\",model=\"m\""
+        ),
+        Some(4.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "gateway_http_requests_total",
+            "code=\"401\",key=\"-\",model=\"-\""
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "gateway_time_to_first_token_seconds_count",
+            "model=\"m\""
+        ),
+        Some(4.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "gateway_http_request_duration_seconds_count",
+            "model=\"m\""
+        ),
+        Some(4.0)
+    );
+    assert_eq!(metric(&m, "gateway_overhead_seconds_count", ""), Some(4.0));
+    assert!(
+        metric(
+            &m,
+            "gateway_time_per_output_token_seconds_count",
+            "model=\"m\""
+        )
+        .unwrap_or(0.0)
+            >= 3.0
+    );
+    assert!(
+        !m.contains("bad"),
+        "a client's key must never appear in metrics"
+    );
+}
