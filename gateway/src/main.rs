@@ -7,6 +7,11 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use gateway::{cli, error};
 
+// glibc malloc was ~9% of the proxy's CPU under load (perf); mimalloc's
+// per-thread free lists suit a request-per-task server.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
     cli::init_logging(&args);

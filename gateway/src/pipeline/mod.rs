@@ -78,8 +78,13 @@ fn json_response(status: StatusCode, body: Vec<u8>, request_id: &str) -> Respons
     r
 }
 
-/// The client's request id if it is sane, else a new random one.
+/// The client's request id if it is sane, else a new one: a random
+/// per-process prefix and a counter, unique without a syscall per request.
 fn request_id(headers: &http::HeaderMap) -> String {
+    use std::sync::{
+        atomic::{AtomicU64, Ordering},
+        OnceLock,
+    };
     if let Some(v) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
         if !v.is_empty()
             && v.len() <= 128
@@ -89,15 +94,20 @@ fn request_id(headers: &http::HeaderMap) -> String {
             return v.to_owned();
         }
     }
-    let mut b = [0u8; 16];
-    if getrandom::fill(&mut b).is_err() {
-        // No entropy source: fall back to time, still unique enough for logs.
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        b[..16].copy_from_slice(&t.as_nanos().to_le_bytes());
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(|| {
+        let mut b = [0u8; 8];
+        if getrandom::fill(&mut b).is_err() {
+            // No entropy source: time still separates restarts.
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            b.copy_from_slice(&(t.as_nanos() as u64).to_le_bytes());
+        }
+        u64::from_le_bytes(b)
+    });
+    format!("{prefix:016x}{:016x}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Serves one request.
@@ -225,11 +235,6 @@ async fn serve(
     let lease = model.balancer.pick(&model.name, &model.backends)?;
     let backend = Arc::clone(lease.backend());
     ctx.backend = Some(backend.label.clone());
-    let gauge = shared
-        .metrics
-        .backend_in_flight
-        .with_label_values(&[&model.name, &backend.label]);
-    gauge.set(backend.in_flight() as i64);
 
     let resp = proxy::send(
         &backend,
@@ -254,8 +259,6 @@ async fn serve(
                 .upstream_errors
                 .with_label_values(&[&model.name, &backend.label, kind])
                 .inc();
-            drop(lease);
-            gauge.set(backend.in_flight() as i64);
             return Err(e);
         }
     };
@@ -276,56 +279,7 @@ async fn serve(
     let body: BodyFn = Box::new(move |mut ctx: RequestCtx| {
         ctx.overhead += arrived.elapsed();
         let finish = Finish::new(ctx, Arc::clone(&shared), Some(lease));
-        let gauge_on_end = GaugeOnDrop { gauge, backend };
-        let body = ProxyBody::new(upstream, sse, strip_usage, timeouts.idle, deadline, finish);
-        WithGuard {
-            body,
-            _guard: gauge_on_end,
-        }
-        .boxed_unsync()
+        ProxyBody::new(upstream, sse, strip_usage, timeouts.idle, deadline, finish).boxed_unsync()
     });
     Ok(Served::Proxied { head, body })
-}
-
-/// Updates the in-flight gauge when the response body is dropped (after
-/// the lease inside it was released).
-struct GaugeOnDrop {
-    gauge: prometheus::IntGauge,
-    backend: Arc<crate::upstream::Backend>,
-}
-
-impl Drop for GaugeOnDrop {
-    fn drop(&mut self) {
-        self.gauge.set(self.backend.in_flight() as i64);
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A body that keeps a guard alive for as long as the body lives.
-    /// Field order matters: the body (and the lease in it) drops first.
-    struct WithGuard<B, G> {
-        #[pin]
-        body: B,
-        _guard: G,
-    }
-}
-
-impl<B: http_body::Body, G> http_body::Body for WithGuard<B, G> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
-        self.project().body.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
-    }
 }

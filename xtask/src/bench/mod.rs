@@ -1,6 +1,10 @@
 //! `cargo xtask bench ...`: each benchmark is a program that prints its
 //! numbers and records them, with the command, in docs/benchmarks.md.
 
+mod l7;
+mod load;
+mod record;
+
 use anyhow::{bail, Result};
 use clap::Subcommand;
 
@@ -11,6 +15,13 @@ pub enum Which {
     /// ns/packet of the XDP program via BPF_PROG_TEST_RUN with 100,000
     /// blocklist entries, and the time to load them (needs root).
     Xdp,
+    /// The same mock upstream reached directly, through nginx and through
+    /// the gateway: peak requests/s (wrk) and latency at a fixed rate.
+    L7 {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
 }
 
 pub fn run(which: Which) -> Result<()> {
@@ -22,5 +33,6 @@ pub fn run(which: Which) -> Result<()> {
             step("bench: xdp (release build)");
             util::cargo(&["bench", "-p", "gateway", "--bench", "xdp"])
         }
+        Which::L7 { seconds } => l7::run(seconds),
     }
 }

@@ -1,0 +1,330 @@
+//! `cargo xtask bench l7`: one mock upstream (mock-llm, release) reached
+//! directly, through nginx (least_conn, keepalive upstream, API-key check
+//! by map, worker_processes auto) and through the gateway (auth, routing,
+//! weighted least connections, proxy), in the same run on the same machine.
+//! Peak requests/s and latency come from wrk (closed loop, 64 connections);
+//! the latency the proxy adds comes from an open-loop run at half the
+//! gateway's peak, so queueing is not hidden.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use super::{load, record};
+use crate::util::{self, root, step};
+
+const KEY: &str = "sk-bench-key";
+const BODY: &str =
+    r#"{"model":"bench-model","messages":[{"role":"user","content":"hello from the benchmark"}]}"#;
+const CONNECTIONS: u32 = 64;
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn wait_port(addr: SocketAddr) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on {addr}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// One wrk run: requests/s and latency percentiles (µs).
+struct Wrk {
+    rps: f64,
+    p50: f64,
+    p99: f64,
+}
+
+fn wrk(url: &str, script: &Path, secs: u64) -> Result<Wrk> {
+    let out = Command::new("wrk")
+        .args([
+            "-t1",
+            &format!("-c{CONNECTIONS}"),
+            &format!("-d{secs}s"),
+            "--latency",
+            "-s",
+        ])
+        .arg(script)
+        .arg(url)
+        .output()
+        .context("running wrk (cargo xtask setup installs it)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || text.contains("Non-2xx") {
+        bail!("wrk against {url} failed or saw errors:\n{text}");
+    }
+    let rps = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no Requests/sec in wrk output")?;
+    let pct = |p: &str| -> Result<f64> {
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with(p))
+            .with_context(|| format!("no {p} in wrk output"))?;
+        parse_duration_us(line.split_whitespace().nth(1).unwrap_or(""))
+    };
+    Ok(Wrk {
+        rps,
+        p50: pct("50%")?,
+        p99: pct("99%")?,
+    })
+}
+
+fn parse_duration_us(s: &str) -> Result<f64> {
+    let (num, mult) = if let Some(v) = s.strip_suffix("us") {
+        (v, 1.0)
+    } else if let Some(v) = s.strip_suffix("ms") {
+        (v, 1e3)
+    } else if let Some(v) = s.strip_suffix('s') {
+        (v, 1e6)
+    } else {
+        bail!("unknown wrk duration {s:?}")
+    };
+    Ok(num.parse::<f64>()? * mult)
+}
+
+pub fn run(secs: u64) -> Result<()> {
+    step("build: gateway and mock-llm (release)");
+    util::cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "gateway",
+        "-p",
+        "gateway-tests",
+        "--bin",
+        "gateway",
+        "--bin",
+        "mock-llm",
+    ])?;
+    let dir = root().join("target/bench/l7");
+    std::fs::create_dir_all(dir.join("nginx"))?;
+    let bin = root().join("target/release");
+
+    step("bench: starting mock-llm, nginx and the gateway");
+    let mut mock = Command::new(bin.join("mock-llm"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            "bench",
+            "--tokens",
+            "16",
+            "--workers",
+            "1",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting mock-llm")?;
+    let mut line = String::new();
+    BufReader::new(mock.stdout.take().expect("piped")).read_line(&mut line)?;
+    let _mock = Proc(mock);
+    let mock_addr: SocketAddr = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .unwrap_or("")
+        .parse()
+        .with_context(|| format!("mock-llm said {line:?}"))?;
+
+    let ngx_port = free_port()?;
+    let ngx_conf = dir.join("nginx/nginx.conf");
+    std::fs::write(
+        &ngx_conf,
+        format!(
+            "worker_processes auto;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+               fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+               map $http_authorization $key_ok {{ default 0; \"Bearer {KEY}\" 1; }}\n\
+               upstream llm {{ least_conn; server {mock_addr}; keepalive 128; }}\n\
+               server {{\n    listen 127.0.0.1:{ngx_port};\n    location / {{\n      if ($key_ok = 0) {{ return 401; }}\n\
+                   proxy_pass http://llm;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n\
+                   proxy_buffering off;\n    }}\n  }}\n}}\n",
+            d = dir.join("nginx").display()
+        ),
+    )?;
+    let _nginx = Proc(
+        Command::new("nginx")
+            .arg("-p")
+            .arg(dir.join("nginx"))
+            .arg("-c")
+            .arg(&ngx_conf)
+            .spawn()
+            .context("starting nginx (cargo xtask setup installs it)")?,
+    );
+
+    let gw_port = free_port()?;
+    let gw_conf = dir.join("gateway.toml");
+    std::fs::write(
+        &gw_conf,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:{gw_port}\"]\nstate_dir = \"{d}/state\"\n\
+             [metrics]\nlisten = \"127.0.0.1:0\"\n\
+             [[keys]]\nname = \"bench\"\nsha256 = \"{digest}\"\n\
+             [[models]]\nname = \"bench-model\"\n[[models.backends]]\nurl = \"http://{mock_addr}\"\n",
+            d = dir.display(),
+            digest = sha256_hex(KEY)?,
+        ),
+    )?;
+    let _gw = Proc(
+        Command::new(bin.join("gateway"))
+            .arg("--config")
+            .arg(&gw_conf)
+            .arg("run")
+            .env("GATEWAY_LOG", "warn")
+            .spawn()
+            .context("starting the gateway")?,
+    );
+    for p in [ngx_port, gw_port] {
+        wait_port(SocketAddr::from(([127, 0, 0, 1], p)))?;
+    }
+
+    let script = dir.join("post.lua");
+    std::fs::write(
+        &script,
+        format!(
+            "wrk.method = \"POST\"\nwrk.body = '{BODY}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\n\
+             wrk.headers[\"Authorization\"] = \"Bearer {KEY}\"\n"
+        ),
+    )?;
+    let targets = [
+        ("direct", format!("http://{mock_addr}/v1/chat/completions")),
+        (
+            "nginx",
+            format!("http://127.0.0.1:{ngx_port}/v1/chat/completions"),
+        ),
+        (
+            "gateway",
+            format!("http://127.0.0.1:{gw_port}/v1/chat/completions"),
+        ),
+    ];
+    let mut peak = Vec::new();
+    for (name, url) in &targets {
+        step(&format!(
+            "bench: wrk -t1 -c{CONNECTIONS} -d{secs}s against {name}"
+        ));
+        let _ = wrk(url, &script, 2)?; // warm up pools and caches
+        let w = wrk(url, &script, secs)?;
+        println!(
+            "{name}: {:.0} req/s, p50 {:.0} us, p99 {:.0} us",
+            w.rps, w.p50, w.p99
+        );
+        peak.push((*name, w));
+    }
+    let half = (peak[2].1.rps / 2.0) as u64;
+    let mut fixed = Vec::new();
+    for rate in [1000, half] {
+        let mut runs = Vec::new();
+        for (name, url) in &targets {
+            step(&format!("bench: open loop at {rate} req/s against {name}"));
+            let headers = [
+                ("content-type", "application/json"),
+                ("authorization", &*format!("Bearer {KEY}")),
+            ];
+            let l = load::run(url, &headers, BODY, rate, secs)?;
+            println!(
+                "{name}: p50 {:.0} us, p99 {:.0} us, p99.9 {:.0} us, {} errors of {}",
+                l.p50, l.p99, l.p999, l.errors, l.sent
+            );
+            runs.push((*name, l));
+        }
+        fixed.push((rate, runs));
+    }
+    report(secs, &peak, &fixed)
+}
+
+type Runs<'a> = Vec<(&'a str, load::Latencies)>;
+
+fn report(secs: u64, peak: &[(&str, Wrk)], fixed: &[(u64, Runs)]) -> Result<()> {
+    let (nginx_rps, gw_rps) = (peak[1].1.rps, peak[2].1.rps);
+    let mut out = format!(
+        "## L7 proxy: direct vs nginx vs gateway\n\nCommand: `cargo xtask bench l7` (seconds per run: {secs}). \
+         Machine: {}. One mock-llm upstream (release, 1 worker thread, 16-token non-stream chat \
+         completions); the load generator, the proxy and the mock share the machine's 2 cores, and \
+         run-to-run variation on this VM is about 20%.\n\n\
+         Peak (wrk -t1 -c{CONNECTIONS}, closed loop):\n\n| target | requests/s | p50 | p99 |\n|---|---:|---:|---:|\n",
+        record::machine()
+    );
+    for (name, w) in peak {
+        out.push_str(&format!(
+            "| {name} | {:.0} | {:.2} ms | {:.2} ms |\n",
+            w.rps,
+            w.p50 / 1e3,
+            w.p99 / 1e3
+        ));
+    }
+    out.push_str(&format!(
+        "\nGateway / nginx throughput: **{:.2}x** (target >= 1.0).\n",
+        gw_rps / nginx_rps
+    ));
+    for (rate, runs) in fixed {
+        out.push_str(&format!(
+            "\nOpen loop at {rate} requests/s over 32 connections, latency from each request's scheduled start:\n\n\
+             | target | p50 | p99 | p99.9 | added p99 vs direct | errors |\n|---|---:|---:|---:|---:|---:|\n"
+        ));
+        let direct = &runs[0].1;
+        for (name, l) in runs {
+            let added = if *name == "direct" {
+                "-".into()
+            } else {
+                format!("{:.2} ms", (l.p99 - direct.p99) / 1e3)
+            };
+            out.push_str(&format!(
+                "| {name} | {:.2} ms | {:.2} ms | {:.2} ms | {added} | {} |\n",
+                l.p50 / 1e3,
+                l.p99 / 1e3,
+                l.p999 / 1e3,
+                l.errors
+            ));
+        }
+        if direct.p99 > 5_000.0 {
+            out.push_str(
+                "\nAt this rate even the direct baseline queues: the generator and the mock saturate the \
+                 2 cores, so these figures measure the machine, not the proxy.\n",
+            );
+        }
+    }
+    out.push_str("\nTarget: added p99 <= 1 ms at half the gateway's peak rate.\n");
+    println!("\n{out}");
+    record::section("l7", &out)
+}
+
+fn sha256_hex(s: &str) -> Result<String> {
+    let out = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write as _;
+            c.stdin.take().expect("piped").write_all(s.as_bytes())?;
+            c.wait_with_output()
+        })?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_owned())
+}
