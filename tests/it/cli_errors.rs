@@ -126,3 +126,36 @@ fn block_file_bad_lines_are_reported_and_good_lines_load() {
         r.stdout
     );
 }
+
+#[test]
+fn keys_new_prints_a_key_and_its_digest_entry() {
+    let dir = TempDir::new("keys");
+    let cfg = write_config(&dir, "");
+    let r = cli_with(&cfg, &["keys", "new", "--name", "team-x"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let key = r
+        .stdout
+        .lines()
+        .next()
+        .expect("the key first")
+        .trim()
+        .to_owned();
+    assert!(key.starts_with("sk-gw-") && key.len() > 40, "{key}");
+    let digest = gateway_tests::l7::sha256_hex(&key);
+    assert!(
+        r.stdout.contains(&format!("sha256 = \"{digest}\"")),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("name = \"team-x\""));
+    // The printed entry is a valid config on its own.
+    let entry = r
+        .stdout
+        .split_once("[[keys]]")
+        .map(|(_, e)| format!("[[keys]]{e}"))
+        .unwrap();
+    let cfg = write_config(&dir, &entry);
+    assert_eq!(cli_with(&cfg, &["check"]).code, 0);
+    // A name that would be a bad metrics label is refused.
+    assert_eq!(cli_with(&cfg, &["keys", "new", "--name", "a b"]).code, 2);
+}

@@ -53,3 +53,35 @@ fn read_key(path: &Path) -> Result<rustls::pki_types::PrivateKeyDer<'static>> {
         .with_context(|| format!("server.tls.key: {} is not valid PEM", path.display()))?
         .with_context(|| format!("server.tls.key: {} holds no private key", path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_or_bad_files_name_the_path() {
+        let cfg = TlsConfig {
+            cert: "/nonexistent/cert.pem".into(),
+            key: "/nonexistent/key.pem".into(),
+        };
+        let e = format!("{:#}", acceptor(&cfg).err().expect("must fail"));
+        assert!(
+            e.contains("server.tls.cert") && e.contains("/nonexistent/cert.pem"),
+            "{e}"
+        );
+        let dir = std::env::temp_dir().join(format!("gw-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cert = dir.join("cert.pem");
+        std::fs::write(&cert, "not pem at all\n").unwrap();
+        let cfg = TlsConfig {
+            cert: cert.clone(),
+            key: dir.join("missing-key.pem"),
+        };
+        let e = format!("{:#}", acceptor(&cfg).err().expect("must fail"));
+        assert!(
+            e.contains("holds no PEM certificate") && e.contains(&cert.display().to_string()),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
