@@ -28,6 +28,7 @@ pub struct Metrics {
     pub backend_in_flight: IntGaugeVec,
     pub backend_healthy: IntGaugeVec,
     pub upstream_errors: IntCounterVec,
+    pub connections: IntGaugeVec,
 }
 
 fn buckets(v: &[f64]) -> Vec<f64> {
@@ -120,7 +121,13 @@ impl Metrics {
             "Failed upstream exchanges by kind (connect, timeout, bad_response, stream).",
             &["model", "backend", "kind"],
         );
+        let connections = gauge(
+            "gateway_connections",
+            "Open client connections per worker.",
+            &["worker"],
+        );
         Metrics {
+            connections,
             registry,
             requests,
             duration,

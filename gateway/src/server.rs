@@ -5,11 +5,13 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Result;
 use arc_swap::ArcSwap;
-use tokio::sync::watch;
 
 use crate::{
     config::Config,
-    listener::Listeners,
+    listener::{
+        limit::PerIp,
+        workers::{self, Workers},
+    },
     metrics::{self, Metrics},
     pipeline::{routes::Routes, Readiness, Shared},
 };
@@ -22,12 +24,12 @@ pub struct Gateway {
     pub shared: Arc<Shared>,
     pub addrs: Vec<SocketAddr>,
     pub metrics_addr: SocketAddr,
-    shutdown: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
+    workers: Workers,
 }
 
 impl Gateway {
-    /// Binds everything, then serves on the current tokio runtime.
+    /// Binds everything (every worker's sockets, TLS, metrics), then serves:
+    /// the proxy on its worker threads, metrics on the current runtime.
     pub async fn start(cfg: &Config) -> Result<Gateway> {
         install_crypto_provider();
         let metrics = Arc::new(Metrics::new());
@@ -36,34 +38,49 @@ impl Gateway {
             metrics: Arc::clone(&metrics),
             tls: cfg.server.tls.is_some(),
             ready: ArcSwap::from_pointee(Readiness::default()),
+            per_ip: PerIp::new(cfg.server.max_connections_per_ip),
         });
-        let listeners = Listeners::bind(cfg).await?;
-        let addrs = listeners.local_addrs();
+        let tls = cfg
+            .server
+            .tls
+            .as_ref()
+            .map(crate::listener::tls::acceptor)
+            .transpose()?;
+        let n = workers::count(cfg.server.workers);
+        let sockets = workers::bind(&cfg.server.listen, n)?;
+        let addrs: Vec<SocketAddr> = sockets[0]
+            .iter()
+            .filter_map(|s| s.local_addr().ok())
+            .collect();
         let refresh = {
             let shared = Arc::clone(&shared);
             Arc::new(move || refresh_gauges(&shared)) as Arc<dyn Fn() + Send + Sync>
         };
         let metrics_addr = metrics::serve(cfg.metrics.listen, metrics, refresh).await?;
-        let (shutdown, rx) = watch::channel(false);
-        let task = tokio::spawn(listeners.serve(Arc::clone(&shared), rx, DEFAULT_DRAIN));
+        let workers = Workers::start(
+            sockets,
+            tls,
+            cfg.server.header_read_timeout,
+            Arc::clone(&shared),
+            DEFAULT_DRAIN,
+        )?;
         for a in &addrs {
-            tracing::info!(addr = %a, tls = cfg.server.tls.is_some(), "listening");
+            tracing::info!(addr = %a, tls = cfg.server.tls.is_some(), workers = n, "listening");
         }
         tracing::info!(addr = %metrics_addr, "metrics on /metrics");
         Ok(Gateway {
             shared,
             addrs,
             metrics_addr,
-            shutdown,
-            task,
+            workers,
         })
     }
 
     /// Stops accepting, lets open connections finish (up to the drain
     /// deadline), and returns when they have.
     pub async fn stop(self) {
-        let _ = self.shutdown.send(true);
-        let _ = self.task.await;
+        let workers = self.workers;
+        let _ = tokio::task::spawn_blocking(move || workers.stop()).await;
     }
 }
 

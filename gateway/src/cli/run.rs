@@ -13,11 +13,9 @@ use crate::{config::Config, kernel::runtime::Kernel, server::Gateway};
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 pub fn run(cfg: &Config) -> Result<()> {
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if cfg.server.workers > 0 {
-        rt.worker_threads(cfg.server.workers as usize);
-    }
-    let rt = rt
+    // The proxy runs on its own worker threads (listener::workers); this
+    // runtime only drives signals, metrics and housekeeping.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;

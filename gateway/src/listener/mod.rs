@@ -1,12 +1,15 @@
-//! Listening sockets and connections: accept, optional TLS, then HTTP/1.1 or
-//! HTTP/2 (ALPN over TLS, prior knowledge in clear text) served by hyper,
-//! with a header read timeout against slow clients and graceful shutdown.
+//! Listening sockets and connections: accept (with a per-client-IP limit on
+//! concurrent connections), optional TLS, then HTTP/1.1 or HTTP/2 (ALPN over
+//! TLS, prior knowledge in clear text) served by hyper, with a header read
+//! timeout against slow clients and graceful shutdown. `workers` runs one
+//! of these per worker thread.
 
+pub mod limit;
 pub mod tls;
+pub mod workers;
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
-use anyhow::{Context as _, Result};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::{conn::auto, graceful::GracefulShutdown},
@@ -14,42 +17,17 @@ use hyper_util::{
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use crate::{config::Config, pipeline::Shared};
+use crate::pipeline::Shared;
 
-/// Bound listening sockets, ready to serve.
+/// One worker's listening sockets and connection settings.
 pub struct Listeners {
-    sockets: Vec<TcpListener>,
-    tls: Option<TlsAcceptor>,
-    header_read_timeout: Duration,
+    pub(crate) sockets: Vec<TcpListener>,
+    pub(crate) tls: Option<TlsAcceptor>,
+    pub(crate) header_read_timeout: Duration,
+    pub(crate) worker: usize,
 }
 
 impl Listeners {
-    /// Binds every `server.listen` address (and loads TLS) before anything
-    /// is served, so configuration problems surface at start-up.
-    pub async fn bind(cfg: &Config) -> Result<Listeners> {
-        let tls = cfg.server.tls.as_ref().map(tls::acceptor).transpose()?;
-        let mut sockets = Vec::new();
-        for addr in &cfg.server.listen {
-            let l = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding {addr} (server.listen): in use, or a privileged port without CAP_NET_BIND_SERVICE?"))?;
-            sockets.push(l);
-        }
-        Ok(Listeners {
-            sockets,
-            tls,
-            header_read_timeout: cfg.server.header_read_timeout,
-        })
-    }
-
-    /// The bound addresses (a configured port 0 becomes the real port).
-    pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.sockets
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect()
-    }
-
     /// Serves until `shutdown` fires, then stops accepting and gives open
     /// connections up to `drain` to finish.
     pub async fn serve(
@@ -81,10 +59,20 @@ impl Listeners {
             }));
         }
         drop(tx);
+        let conn_gauge = shared
+            .metrics
+            .connections
+            .with_label_values(&[&self.worker.to_string()]);
         loop {
             tokio::select! {
                 Some((stream, peer)) = rx.recv() => {
-                    spawn_connection(stream, peer, Arc::clone(&shared), self.tls.clone(), self.header_read_timeout, &graceful);
+                    let Some(slot) = shared.per_ip.acquire(peer.ip()) else {
+                        // Over max_connections_per_ip: close at once.
+                        drop(stream);
+                        continue;
+                    };
+                    let conn = Conn { peer, slot, gauge: conn_gauge.clone() };
+                    spawn_connection(stream, conn, Arc::clone(&shared), self.tls.clone(), self.header_read_timeout, &graceful);
                 }
                 _ = shutdown.changed() => break,
             }
@@ -92,14 +80,27 @@ impl Listeners {
         for t in accept_tasks {
             t.abort();
         }
-        tracing::info!(drain = ?drain, "stopped accepting; draining open connections");
+        if self.worker == 0 {
+            tracing::info!(drain = ?drain, "stopped accepting; draining open connections");
+        }
         if tokio::time::timeout(drain, graceful.shutdown())
             .await
             .is_err()
         {
-            tracing::warn!("drain deadline reached; closing the remaining connections");
+            tracing::warn!(
+                worker = self.worker,
+                "drain deadline reached; closing the remaining connections"
+            );
         }
     }
+}
+
+/// What a connection holds while it is open: its per-IP slot and its place
+/// in the worker's connection gauge.
+struct Conn {
+    peer: SocketAddr,
+    slot: limit::Slot,
+    gauge: prometheus::IntGauge,
 }
 
 fn builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
@@ -116,48 +117,53 @@ fn builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
 
 fn spawn_connection(
     stream: TcpStream,
-    peer: SocketAddr,
+    conn: Conn,
     shared: Arc<Shared>,
     tls: Option<TlsAcceptor>,
     header_read_timeout: Duration,
     graceful: &GracefulShutdown,
 ) {
     let _ = stream.set_nodelay(true);
+    let peer = conn.peer;
+    conn.gauge.inc();
     let svc = hyper::service::service_fn(move |req| {
         let shared = Arc::clone(&shared);
         async move { Ok::<_, Infallible>(crate::pipeline::handle(shared, req, peer).await) }
     });
-    match tls {
-        None => {
-            let conn = builder(header_read_timeout)
-                .serve_connection(TokioIo::new(stream), svc)
-                .into_owned();
-            let conn = graceful.watch(conn);
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(%peer, "connection ended: {e}");
-                }
-            });
-        }
-        Some(acceptor) => {
-            // The handshake happens on the connection's own task; the
-            // graceful watcher cannot cover it, so it has its own timeout.
-            let watcher = graceful.watcher();
-            tokio::spawn(async move {
-                let tls = match tokio::time::timeout(header_read_timeout, acceptor.accept(stream))
+    let watcher = graceful.watcher();
+    tokio::spawn(async move {
+        let result = match tls {
+            None => {
+                watcher
+                    .watch(
+                        builder(header_read_timeout)
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .into_owned(),
+                    )
                     .await
-                {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => return tracing::debug!(%peer, "TLS handshake failed: {e}"),
-                    Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
-                };
-                let conn = builder(header_read_timeout)
-                    .serve_connection(TokioIo::new(tls), svc)
-                    .into_owned();
-                if let Err(e) = watcher.watch(conn).await {
-                    tracing::debug!(%peer, "connection ended: {e}");
+            }
+            Some(acceptor) => {
+                // The graceful watcher covers the HTTP connection only, so
+                // the handshake gets its own deadline.
+                match tokio::time::timeout(header_read_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => {
+                        watcher
+                            .watch(
+                                builder(header_read_timeout)
+                                    .serve_connection(TokioIo::new(s), svc)
+                                    .into_owned(),
+                            )
+                            .await
+                    }
+                    Ok(Err(e)) => Err(format!("TLS handshake failed: {e}").into()),
+                    Err(_) => Err("TLS handshake timed out".into()),
                 }
-            });
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(%peer, "connection ended: {e}");
         }
-    }
+        conn.gauge.dec();
+        drop(conn.slot);
+    });
 }

@@ -49,6 +49,8 @@ pub struct Shared {
     pub tls: bool,
     /// What /readyz reports besides "serving"; e.g. a degraded kernel path.
     pub ready: ArcSwap<Readiness>,
+    /// Open connections per client address, across workers.
+    pub per_ip: Arc<crate::listener::limit::PerIp>,
 }
 
 /// The state /readyz reports.

@@ -49,11 +49,11 @@ pub struct Model {
 }
 
 impl Model {
-    fn new(m: &ModelConfig) -> Model {
+    fn new(m: &ModelConfig, workers: usize) -> Model {
         let backends: Vec<Arc<Backend>> = m
             .backends
             .iter()
-            .map(|b| Arc::new(Backend::new(b, m.timeouts.connect)))
+            .map(|b| Arc::new(Backend::new(b, m.timeouts.connect, workers)))
             .collect();
         Model {
             name: m.name.clone(),
@@ -78,7 +78,12 @@ pub struct Routes {
 
 impl Routes {
     pub fn new(cfg: &Config) -> Routes {
-        let models: Vec<Arc<Model>> = cfg.models.iter().map(|m| Arc::new(Model::new(m))).collect();
+        let workers = crate::listener::workers::count(cfg.server.workers);
+        let models: Vec<Arc<Model>> = cfg
+            .models
+            .iter()
+            .map(|m| Arc::new(Model::new(m, workers)))
+            .collect();
         let mut by_name = HashMap::new();
         for (m, c) in models.iter().zip(&cfg.models) {
             for n in std::iter::once(&c.name).chain(&c.aliases) {

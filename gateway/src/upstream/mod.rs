@@ -39,11 +39,13 @@ pub struct Backend {
     pub weight: u32,
     pub max_connections: Option<u32>,
     in_flight: AtomicU32,
-    client: UpstreamClient,
+    /// One pool per worker, so a worker's requests use connections driven
+    /// by its own runtime.
+    clients: Vec<UpstreamClient>,
 }
 
 impl Backend {
-    pub fn new(cfg: &BackendConfig, connect_timeout: Duration) -> Backend {
+    pub fn new(cfg: &BackendConfig, connect_timeout: Duration, workers: usize) -> Backend {
         let h2c = cfg.url.scheme_str() == Some("h2c");
         let scheme = if cfg.url.scheme_str() == Some("https") {
             http::uri::Scheme::HTTPS
@@ -56,23 +58,26 @@ impl Backend {
             .cloned()
             .expect("validated: backend URLs have a host");
         let prefix = cfg.url.path().trim_end_matches('/').to_owned();
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(connect_timeout));
-        http.set_nodelay(true);
-        http.enforce_http(false);
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls_client_config().as_ref().clone())
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let mut b = Client::builder(TokioExecutor::new());
-        b.pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new());
-        if h2c {
-            b.http2_only(true);
-        }
+        let client = || {
+            let mut http = HttpConnector::new();
+            http.set_connect_timeout(Some(connect_timeout));
+            http.set_nodelay(true);
+            http.enforce_http(false);
+            let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls_client_config().as_ref().clone())
+                .https_or_http()
+                .enable_http1()
+                .enable_http2()
+                .wrap_connector(http);
+            let mut b = Client::builder(TokioExecutor::new());
+            b.pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new());
+            if h2c {
+                b.http2_only(true);
+            }
+            b.build(connector)
+        };
         Backend {
             label: cfg.url.to_string().trim_end_matches('/').to_owned(),
             scheme,
@@ -81,7 +86,7 @@ impl Backend {
             weight: cfg.weight,
             max_connections: cfg.max_connections,
             in_flight: AtomicU32::new(0),
-            client: b.build(connector),
+            clients: (0..workers.max(1)).map(|_| client()).collect(),
         }
     }
 
@@ -99,8 +104,9 @@ impl Backend {
         &self.authority
     }
 
+    /// The calling worker's pool.
     pub fn client(&self) -> &UpstreamClient {
-        &self.client
+        &self.clients[crate::listener::workers::current() % self.clients.len()]
     }
 
     pub fn in_flight(&self) -> u32 {

@@ -1,0 +1,140 @@
+//! Worker threads, the way nginx runs: one single-threaded runtime per
+//! worker, each accepting on its own SO_REUSEPORT socket for every listen
+//! address, so the kernel spreads new connections across workers and a
+//! request is served start to finish on one thread, with no cross-thread
+//! wake-ups. Each worker also uses its own upstream connection pools (see
+//! `upstream::Backend::client`).
+
+use std::{
+    cell::Cell,
+    net::{SocketAddr, TcpListener as StdListener},
+    sync::Arc,
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::watch;
+
+use super::Listeners;
+use crate::pipeline::Shared;
+
+thread_local! {
+    static WORKER: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The index of the worker running the current thread (0 elsewhere).
+pub fn current() -> usize {
+    WORKER.with(|w| w.get())
+}
+
+/// How many workers `server.workers` asks for (0 = one per CPU).
+pub fn count(configured: u32) -> usize {
+    match configured {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n as usize,
+    }
+}
+
+/// A listening socket that shares its address with the other workers'.
+fn reuseport_socket(addr: SocketAddr) -> Result<StdListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into()).with_context(|| {
+        format!("binding {addr} (server.listen): in use, or a privileged port without CAP_NET_BIND_SERVICE?")
+    })?;
+    s.listen(4096)?;
+    Ok(s.into())
+}
+
+/// Binds `workers` sockets per address. A configured port 0 becomes one
+/// real port shared by all workers.
+pub fn bind(addrs: &[SocketAddr], workers: usize) -> Result<Vec<Vec<StdListener>>> {
+    let mut per_worker: Vec<Vec<StdListener>> = (0..workers).map(|_| Vec::new()).collect();
+    for addr in addrs {
+        let first = reuseport_socket(*addr)?;
+        let actual = first.local_addr()?;
+        per_worker[0].push(first);
+        for w in per_worker.iter_mut().skip(1) {
+            w.push(reuseport_socket(actual)?);
+        }
+    }
+    Ok(per_worker)
+}
+
+/// Running workers.
+pub struct Workers {
+    threads: Vec<JoinHandle<()>>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Workers {
+    /// Starts one thread per socket set.
+    pub fn start(
+        sockets: Vec<Vec<StdListener>>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        header_read_timeout: Duration,
+        shared: Arc<Shared>,
+        drain: Duration,
+    ) -> Result<Workers> {
+        let (shutdown, rx) = watch::channel(false);
+        let mut threads = Vec::new();
+        for (id, socks) in sockets.into_iter().enumerate() {
+            let shared = Arc::clone(&shared);
+            let rx = rx.clone();
+            let tls = tls.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("gateway-worker-{id}"))
+                .spawn(move || {
+                    WORKER.with(|w| w.set(id));
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            return tracing::error!(worker = id, "cannot start a runtime: {e}")
+                        }
+                    };
+                    rt.block_on(async move {
+                        let mut sockets = Vec::new();
+                        for s in socks {
+                            match tokio::net::TcpListener::from_std(s) {
+                                Ok(l) => sockets.push(l),
+                                Err(e) => {
+                                    return tracing::error!(
+                                        worker = id,
+                                        "cannot register a socket: {e}"
+                                    )
+                                }
+                            }
+                        }
+                        let l = Listeners {
+                            sockets,
+                            tls,
+                            header_read_timeout,
+                            worker: id,
+                        };
+                        l.serve(shared, rx, drain).await;
+                    });
+                })
+                .context("spawning a worker thread")?;
+            threads.push(t);
+        }
+        Ok(Workers { threads, shutdown })
+    }
+
+    /// Stops accepting everywhere, waits for the drain, joins the threads.
+    pub fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
