@@ -1,8 +1,10 @@
 //! The gateway as a library: the `gateway` binary is a thin `main` over
 //! these modules, and the integration tests and benchmarks use them too.
 
+pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod error;
 pub mod kernel;
 pub mod listener;

@@ -1,6 +1,7 @@
 //! Integration tests: one binary, one module per area.
 
 mod cli_errors;
+mod control;
 mod kernel;
 mod l7;
 mod openai_sdk;

@@ -18,6 +18,8 @@ pub struct Daemon {
     child: Child,
     pub config: PathBuf,
     pub pin_dir: PathBuf,
+    /// The daemon's stderr (its log).
+    pub log: PathBuf,
     _dir: TempDir,
 }
 
@@ -68,16 +70,30 @@ impl Daemon {
         ));
         let config = dir.0.join("gateway.toml");
         let state_dir = dir.0.join("state");
+        // Each daemon gets its own admin socket next to its state.
+        let admin = dir.0.join("admin.sock");
         let body = config_body
+            .replace(
+                "state_dir = \"@STATE_DIR@\"",
+                &format!(
+                    "state_dir = \"{}\"\nadmin_socket = \"{}\"",
+                    state_dir.display(),
+                    admin.display()
+                ),
+            )
             .replace("@STATE_DIR@", &state_dir.display().to_string())
             .replace("@PIN_DIR@", &pin_dir.display().to_string());
         std::fs::write(&config, body)?;
+        // A log file, not a pipe: nobody drains a pipe while the test runs,
+        // and a daemon blocked on a full pipe stops serving.
+        let log = dir.0.join("gateway.log");
+        let log_file = std::fs::File::create(&log).context("creating the daemon's log file")?;
         let mut cmd = Command::new(gateway_bin());
         cmd.arg("--config")
             .arg(&config)
             .arg("run")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .stderr(log_file);
         if let Some(ns) = netns {
             let ns = ns.to_owned();
             // SAFETY: setns is async-signal-safe; it only moves the child.
@@ -90,6 +106,7 @@ impl Daemon {
             child,
             config,
             pin_dir,
+            log,
             _dir: dir,
         };
         d.wait_ready()?;
@@ -100,15 +117,16 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self.child.try_wait()? {
-                let mut err = String::new();
-                if let Some(mut e) = self.child.stderr.take() {
-                    use std::io::Read as _;
-                    let _ = e.read_to_string(&mut err);
-                }
+                let err = std::fs::read_to_string(&self.log).unwrap_or_default();
                 bail!("gateway run exited during start-up ({status}): {err}");
             }
+            // Ready when the admin socket answers and, with XDP, the
+            // program is attached.
             let stats = self.cli(&["stats", "--json"]);
-            if stats.code == 0 && stats.stdout.contains("\"interfaces\"") {
+            let kernel_ready = stats.code == 0 && stats.stdout.contains("\"interfaces\"");
+            let xdp = std::fs::read_to_string(&self.config)
+                .is_ok_and(|c| c.contains("[xdp]") && !c.contains("enabled = false"));
+            if self.cli(&["backends", "list", "--json"]).code == 0 && (kernel_ready || !xdp) {
                 return Ok(());
             }
             if Instant::now() > deadline {

@@ -1,6 +1,7 @@
 //! Command-line surface (DESIGN.md section 6): argument definitions and
 //! dispatch. Each command group lives in its own module.
 
+mod admin_cmds;
 mod keys;
 mod lists;
 mod output;
@@ -64,6 +65,22 @@ pub enum Command {
     /// API keys.
     #[command(subcommand)]
     Keys(KeysCmd),
+    /// Ask the running daemon to re-read its config (like SIGHUP).
+    Reload,
+    /// The running daemon's backends.
+    #[command(subcommand)]
+    Backends(BackendsCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BackendsCmd {
+    /// Every backend with its weight, load and state.
+    #[command(alias = "ls")]
+    List(JsonFlag),
+    /// Take a backend out of rotation; its in-flight requests finish.
+    Drain { url: String },
+    /// Put a drained backend back in rotation.
+    Undrain { url: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -192,7 +209,7 @@ pub fn init_logging(cli: &Cli) {
 
 pub fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run => run::run(&load_config(&cli.config, true)?),
+        Command::Run => run::run(load_config(&cli.config, true)?, &cli.config),
         Command::Check => check(&cli.config),
         Command::Block(cmd) => lists::block(&load_config(&cli.config, false)?, cmd),
         Command::Allow(cmd) => lists::allow(&load_config(&cli.config, false)?, cmd),
@@ -200,6 +217,15 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Stats(f) => stats::stats(&load_config(&cli.config, false)?, f.json),
         Command::Top(a) => stats::top(&load_config(&cli.config, false)?, a.n, a.json),
         Command::Keys(KeysCmd::New { name }) => keys::new(&name),
+        Command::Reload => admin_cmds::reload(&load_config(&cli.config, false)?),
+        Command::Backends(cmd) => {
+            let cfg = load_config(&cli.config, false)?;
+            match cmd {
+                BackendsCmd::List(f) => admin_cmds::backends_list(&cfg, f.json),
+                BackendsCmd::Drain { url } => admin_cmds::drain(&cfg, &url, true),
+                BackendsCmd::Undrain { url } => admin_cmds::drain(&cfg, &url, false),
+            }
+        }
     }
 }
 

@@ -1,50 +1,72 @@
 //! `gateway run`: the daemon. Loads and attaches the kernel fast path (when
-//! `[xdp]` is enabled), serves the L7 proxy and metrics, keeps the
-//! blocklist tidy, and on SIGINT/SIGTERM stops accepting, drains open
+//! `[xdp]` is enabled), serves the L7 proxy on its workers, metrics, and the
+//! admin socket; reloads the config on SIGHUP or `gateway reload`; keeps
+//! the blocklist tidy; and on SIGINT/SIGTERM stops accepting, drains open
 //! requests and detaches (the pinned maps, and so the policy, remain).
 
-use std::time::Duration;
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
 
-use crate::{config::Config, kernel::runtime::Kernel, server::Gateway};
+use crate::{admin, config::Config, daemon::Daemon, kernel::runtime::Kernel, server::Gateway};
 
 /// How often lapsed temporary blocks are swept from the maps.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
-pub fn run(cfg: &Config) -> Result<()> {
+pub fn run(cfg: Config, path: &Path) -> Result<()> {
     // The proxy runs on its own worker threads (listener::workers); this
-    // runtime only drives signals, metrics and housekeeping.
+    // runtime only drives signals, metrics, the admin socket and housekeeping.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(serve(cfg))
+    rt.block_on(serve(cfg, path))
 }
 
-async fn serve(cfg: &Config) -> Result<()> {
+async fn serve(cfg: Config, path: &Path) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
 
-    let mut kernel = if cfg.xdp.enabled {
-        Some(Kernel::start(cfg)?)
+    let kernel = if cfg.xdp.enabled {
+        Some(Kernel::start(&cfg)?)
     } else {
         tracing::info!("xdp.enabled is false: no kernel fast path");
         None
     };
-    let gateway = Gateway::start(cfg).await?;
-    tracing::info!(pid = std::process::id(), "gateway running");
+    let gateway = Gateway::start(&cfg).await?;
+    let admin_path = cfg.server.admin_socket.clone();
+    let daemon = Arc::new(Daemon {
+        config_path: path.to_owned(),
+        config: Mutex::new(cfg),
+        shared: Arc::clone(&gateway.shared),
+        kernel: Mutex::new(kernel),
+    });
+    admin::serve(
+        admin_path.clone(),
+        Arc::clone(&daemon) as Arc<dyn admin::Handler>,
+    )
+    .await?;
+    tracing::info!(pid = std::process::id(), admin = %admin_path.display(), "gateway running");
 
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
     loop {
         tokio::select! {
             _ = sweep.tick() => {
-                if let Some(k) = kernel.as_mut() {
+                if let Some(k) = daemon.kernel.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
                     if let Err(e) = k.sweep() {
                         tracing::warn!("sweeping lapsed blocks failed: {e:#}");
                     }
                 }
+            }
+            _ = hup.recv() => {
+                let d = Arc::clone(&daemon);
+                let _ = tokio::task::spawn_blocking(move || admin::Handler::handle(d.as_ref(), admin::Request::Reload)).await;
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -52,9 +74,15 @@ async fn serve(cfg: &Config) -> Result<()> {
     }
     tracing::info!("shutting down: no new connections; draining open requests");
     gateway.stop().await;
-    if kernel.is_some() {
+    let _ = std::fs::remove_file(&admin_path);
+    if let Some(k) = daemon
+        .kernel
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    {
         tracing::info!("detaching XDP (pinned maps and policy stay)");
+        drop(k);
     }
-    drop(kernel);
     Ok(())
 }

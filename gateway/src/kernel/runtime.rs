@@ -143,6 +143,26 @@ impl Kernel {
         })
     }
 
+    /// Brings the maps to a new config's policy (plus the persisted state)
+    /// by difference; used by reload.
+    pub fn reapply(&mut self, cfg: &Config) -> Result<()> {
+        let state = State::load(&cfg.server.state_dir)?;
+        let (file_blocks, warnings) = policy::load_block_files(&cfg.xdp);
+        for w in &warnings {
+            tracing::warn!("block file: {w}");
+        }
+        let applied = policy::apply(
+            &mut self.maps,
+            &policy::desired(&cfg.xdp, &state, &file_blocks),
+        )?;
+        tracing::info!(
+            added = applied.block_added,
+            removed = applied.block_removed,
+            "kernel policy reapplied"
+        );
+        Ok(())
+    }
+
     /// Frees the slots of lapsed blocklist entries (the kernel already
     /// ignores them). Returns how many were removed.
     pub fn sweep(&mut self) -> Result<usize> {

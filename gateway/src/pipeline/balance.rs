@@ -29,7 +29,7 @@ impl Balancer {
         // concurrent picks cannot both see the same idle backend.
         let mut credit = self.credit.lock().unwrap_or_else(|p| p.into_inner());
         let mut best: Option<(u64, u64)> = None; // (in_flight, weight) of the least loaded
-        for b in backends.iter().filter(|b| !b.full()) {
+        for b in backends.iter().filter(|b| b.available()) {
             let load = (b.in_flight() as u64, b.weight as u64);
             if best.is_none_or(|(i, w)| load.0 * w < i * load.1) {
                 best = Some(load);
@@ -45,7 +45,7 @@ impl Balancer {
         let mut total = 0i64;
         let mut chosen: Option<usize> = None;
         for (i, b) in backends.iter().enumerate() {
-            if b.full() || b.in_flight() as u64 * bw != bi * b.weight as u64 {
+            if !b.available() || b.in_flight() as u64 * bw != bi * b.weight as u64 {
                 continue;
             }
             credit[i] += b.weight as i64;

@@ -49,11 +49,19 @@ pub struct Model {
 }
 
 impl Model {
-    fn new(m: &ModelConfig, workers: usize) -> Model {
+    fn new(m: &ModelConfig, workers: usize, old: Option<&Model>) -> Model {
         let backends: Vec<Arc<Backend>> = m
             .backends
             .iter()
-            .map(|b| Arc::new(Backend::new(b, m.timeouts.connect, workers)))
+            .map(|b| {
+                let kept = old.and_then(|o| {
+                    o.backends
+                        .iter()
+                        .find(|x| x.same_spec(b, m.timeouts.connect))
+                });
+                kept.cloned()
+                    .unwrap_or_else(|| Arc::new(Backend::new(b, m.timeouts.connect, workers)))
+            })
             .collect();
         Model {
             name: m.name.clone(),
@@ -78,11 +86,22 @@ pub struct Routes {
 
 impl Routes {
     pub fn new(cfg: &Config) -> Routes {
+        Self::reload(cfg, None)
+    }
+
+    /// Builds the table for `cfg`, keeping the backends of `old` whose URL
+    /// and settings did not change (with their in-flight counts, pools and
+    /// drain state), so a reload neither resets balancing nor drops
+    /// keep-alive connections.
+    pub fn reload(cfg: &Config, old: Option<&Routes>) -> Routes {
         let workers = crate::listener::workers::count(cfg.server.workers);
         let models: Vec<Arc<Model>> = cfg
             .models
             .iter()
-            .map(|m| Arc::new(Model::new(m, workers)))
+            .map(|m| {
+                let prev = old.and_then(|o| o.models.iter().find(|x| x.name == m.name));
+                Arc::new(Model::new(m, workers, prev.map(|p| p.as_ref())))
+            })
             .collect();
         let mut by_name = HashMap::new();
         for (m, c) in models.iter().zip(&cfg.models) {

@@ -39,6 +39,11 @@ pub struct Backend {
     pub weight: u32,
     pub max_connections: Option<u32>,
     in_flight: AtomicU32,
+    /// Taken out of rotation by `gateway backends drain`: in-flight
+    /// requests finish, new ones go elsewhere.
+    drained: std::sync::atomic::AtomicBool,
+    /// What the backend was built from, to reuse it across reloads.
+    spec: (BackendConfig, Duration),
     /// One pool per worker, so a worker's requests use connections driven
     /// by its own runtime.
     clients: Vec<UpstreamClient>,
@@ -86,6 +91,8 @@ impl Backend {
             weight: cfg.weight,
             max_connections: cfg.max_connections,
             in_flight: AtomicU32::new(0),
+            drained: std::sync::atomic::AtomicBool::new(false),
+            spec: (cfg.clone(), connect_timeout),
             clients: (0..workers.max(1)).map(|_| client()).collect(),
         }
     }
@@ -111,6 +118,30 @@ impl Backend {
 
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Whether the balancer may send it new requests: not drained, not at
+    /// its connection cap.
+    pub fn available(&self) -> bool {
+        !self.drained() && !self.full()
+    }
+
+    pub fn drained(&self) -> bool {
+        self.drained.load(Ordering::Relaxed)
+    }
+
+    pub fn set_drained(&self, on: bool) {
+        self.drained.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether a reload may keep this backend (same URL and settings), so
+    /// its in-flight count, pools and drain state carry over.
+    pub fn same_spec(&self, cfg: &BackendConfig, connect_timeout: Duration) -> bool {
+        let (c, t) = &self.spec;
+        c.url == cfg.url
+            && c.weight == cfg.weight
+            && c.max_connections == cfg.max_connections
+            && *t == connect_timeout
     }
 
     /// Whether the backend is at its connection cap.

@@ -181,7 +181,7 @@ pub fn run(secs: u64) -> Result<()> {
     std::fs::write(
         &gw_conf,
         format!(
-            "[server]\nlisten = [\"127.0.0.1:{gw_port}\"]\nstate_dir = \"{d}/state\"\n\
+            "[server]\nlisten = [\"127.0.0.1:{gw_port}\"]\nstate_dir = \"{d}/state\"\nadmin_socket = \"{d}/admin.sock\"\n\
              [metrics]\nlisten = \"127.0.0.1:0\"\n\
              [[keys]]\nname = \"bench\"\nsha256 = \"{digest}\"\n\
              [[models]]\nname = \"bench-model\"\n[[models.backends]]\nurl = \"http://{mock_addr}\"\n",

@@ -1,0 +1,147 @@
+//! The running daemon as the control plane sees it: the config it was
+//! started with, the proxy's shared state and the kernel program, and the
+//! operations that change them at run time (reload, drain).
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use crate::{
+    admin::{Handler, Reply, Request},
+    config::Config,
+    kernel::runtime::Kernel,
+    pipeline::{routes::Routes, Shared},
+};
+
+pub struct Daemon {
+    pub config_path: PathBuf,
+    pub config: Mutex<Config>,
+    pub shared: Arc<Shared>,
+    pub kernel: Mutex<Option<Kernel>>,
+}
+
+impl Daemon {
+    /// Re-reads the config file; applies it only if it is valid. Requests
+    /// already running keep the routing table they started with.
+    pub fn reload(&self) -> Result<Vec<String>, Vec<String>> {
+        let new = Config::load(&self.config_path).map_err(|e| {
+            e.problems
+                .iter()
+                .map(|p| {
+                    if p.path.is_empty() {
+                        p.message.clone()
+                    } else {
+                        format!("{}: {}", p.path, p.message)
+                    }
+                })
+                .collect::<Vec<_>>()
+        })?;
+        let mut notes = Vec::new();
+        let mut cfg = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        for (what, changed) in [
+            ("server.listen", cfg.server.listen != new.server.listen),
+            ("server.workers", cfg.server.workers != new.server.workers),
+            (
+                "server.tls",
+                cfg.server.tls.as_ref().map(|t| (&t.cert, &t.key))
+                    != new.server.tls.as_ref().map(|t| (&t.cert, &t.key)),
+            ),
+            ("metrics.listen", cfg.metrics.listen != new.metrics.listen),
+            (
+                "xdp.interfaces",
+                cfg.xdp.interfaces != new.xdp.interfaces || cfg.xdp.enabled != new.xdp.enabled,
+            ),
+        ] {
+            if changed {
+                notes.push(format!("{what} changed: takes effect at the next restart"));
+            }
+        }
+        if let Some(k) = self
+            .kernel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            if let Err(e) = k.reapply(&new) {
+                return Err(vec![format!("applying the kernel policy failed: {e:#}")]);
+            }
+        }
+        let old = self.shared.routes.load_full();
+        self.shared
+            .routes
+            .store(Arc::new(Routes::reload(&new, Some(&old))));
+        notes.push(format!(
+            "applied: {} models, {} keys",
+            new.models.len(),
+            new.keys.len()
+        ));
+        *cfg = new;
+        Ok(notes)
+    }
+
+    fn backends(&self) -> serde_json::Value {
+        let routes = self.shared.routes.load();
+        let rows: Vec<serde_json::Value> = routes
+            .models
+            .iter()
+            .flat_map(|m| {
+                m.backends.iter().map(move |b| {
+                    serde_json::json!({
+                        "model": m.name,
+                        "url": b.label,
+                        "weight": b.weight,
+                        "in_flight": b.in_flight(),
+                        "max_connections": b.max_connections,
+                        "state": if b.drained() { "drained" } else { "active" },
+                    })
+                })
+            })
+            .collect();
+        serde_json::Value::Array(rows)
+    }
+
+    fn drain(&self, url: &str, on: bool) -> Reply {
+        let routes = self.shared.routes.load();
+        let want = url.trim_end_matches('/');
+        let mut hit = 0;
+        for b in routes
+            .models
+            .iter()
+            .flat_map(|m| &m.backends)
+            .filter(|b| b.label == want)
+        {
+            b.set_drained(on);
+            hit += 1;
+        }
+        if hit == 0 {
+            return Reply::failed(vec![format!(
+                "no backend {url:?} (see `gateway backends list`)"
+            )]);
+        }
+        tracing::info!(backend = want, drained = on, "backend state changed");
+        Reply::ok(serde_json::json!({ "backends": hit }))
+    }
+}
+
+impl Handler for Daemon {
+    fn handle(&self, req: Request) -> Reply {
+        match req {
+            Request::Reload => match self.reload() {
+                Ok(notes) => {
+                    tracing::info!("config reloaded: {}", notes.join("; "));
+                    Reply::ok(serde_json::json!({ "notes": notes }))
+                }
+                Err(problems) => {
+                    tracing::warn!(
+                        "reload rejected, the old config keeps serving: {}",
+                        problems.join("; ")
+                    );
+                    Reply::failed(problems)
+                }
+            },
+            Request::Backends => Reply::ok(self.backends()),
+            Request::Drain { url, on } => self.drain(&url, on),
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! The control plane of a running daemon: hot reload under load, rejected
+//! reloads, backend drain, all through the CLI and the admin socket.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use gateway_tests::{
+    l7::{chat, eventually, sha256_hex, Client, KEY_A},
+    mock::{MockLlm, MockOptions},
+    process::Daemon,
+};
+
+fn config(port: u16, a: &str, b: &str, weights: (u32, u32)) -> String {
+    format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\nstate_dir = \"@STATE_DIR@\"\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\n\
+         [[keys]]\nname = \"team-a\"\nsha256 = \"{key}\"\n\
+         [[models]]\nname = \"m\"\n\
+         [[models.backends]]\nurl = \"{a}\"\nweight = {}\n\
+         [[models.backends]]\nurl = \"{b}\"\nweight = {}\n",
+        weights.0,
+        weights.1,
+        key = sha256_hex(KEY_A),
+    )
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_reloads_under_load_fail_no_request() {
+    let a = MockLlm::start(MockOptions {
+        name: "a".into(),
+        tokens: 8,
+        ..MockOptions::default()
+    })
+    .await
+    .unwrap();
+    let b = MockLlm::start(MockOptions {
+        name: "b".into(),
+        tokens: 8,
+        ..MockOptions::default()
+    })
+    .await
+    .unwrap();
+    let port = free_port();
+    let body = config(port, &a.url(), &b.url(), (1, 1));
+    let gw = tokio::task::spawn_blocking(move || Daemon::start(None, &body))
+        .await
+        .unwrap()
+        .expect("daemon");
+    let gw = Arc::new(gw);
+    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+
+    // Four clients, streams and plain requests, until told to stop.
+    let (ok, failed, stop) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let mut load = Vec::new();
+    for i in 0..4 {
+        let (ok, failed, stop, url) = (ok.clone(), failed.clone(), stop.clone(), url.clone());
+        load.push(tokio::spawn(async move {
+            let c = Client::http1();
+            let headers = [("x-mock-interval-ms", "5")];
+            while !stop.load(Ordering::Relaxed) {
+                let r = c
+                    .post(&url, Some(KEY_A), &headers, &chat("m", i % 2 == 0))
+                    .await;
+                let good = r.status == 200 && (i % 2 != 0 || r.body.ends_with(b"data: [DONE]\n\n"));
+                if good { &ok } else { &failed }.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for n in 0..10u32 {
+        let before = ok.load(Ordering::Relaxed);
+        let weights = if n % 2 == 0 { (3, 1) } else { (1, 3) };
+        let text = std::fs::read_to_string(&gw.config).unwrap();
+        let text = rewrite_weights(&text, weights);
+        std::fs::write(&gw.config, text).unwrap();
+        let g = Arc::clone(&gw);
+        let r = tokio::task::spawn_blocking(move || g.cli(&["reload"]))
+            .await
+            .unwrap();
+        assert_eq!(r.code, 0, "reload {n} failed: {}{}", r.stdout, r.stderr);
+        eventually(
+            Duration::from_secs(5),
+            "requests keep completing after a reload",
+            || ok.load(Ordering::Relaxed) >= before + 20,
+        )
+        .await;
+    }
+    // A broken config is rejected with its problems; the old one serves on.
+    let good_config = std::fs::read_to_string(&gw.config).unwrap();
+    std::fs::write(&gw.config, good_config.replace("weight = 3", "weight = 0")).unwrap();
+    let g = Arc::clone(&gw);
+    let r = tokio::task::spawn_blocking(move || g.cli(&["reload"]))
+        .await
+        .unwrap();
+    assert_eq!(r.code, 2, "a bad config must be rejected: {}", r.stderr);
+    assert!(
+        r.stderr.contains("models[0].backends["),
+        "problems name their TOML path: {}",
+        r.stderr
+    );
+    let before = ok.load(Ordering::Relaxed);
+    eventually(
+        Duration::from_secs(5),
+        "the old config keeps serving",
+        || ok.load(Ordering::Relaxed) >= before + 20,
+    )
+    .await;
+
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed during reloads ({} succeeded)",
+        ok.load(Ordering::Relaxed)
+    );
+    std::fs::write(&gw.config, good_config).unwrap();
+}
+
+/// Sets the two backends' weights in a config written by `config`.
+fn rewrite_weights(text: &str, (wa, wb): (u32, u32)) -> String {
+    let mut n = 0;
+    text.lines()
+        .map(|l| {
+            if l.starts_with("weight = ") {
+                n += 1;
+                format!("weight = {}", if n == 1 { wa } else { wb })
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_takes_a_backend_out_of_rotation() {
+    let a = MockLlm::start(MockOptions {
+        name: "a".into(),
+        ..MockOptions::default()
+    })
+    .await
+    .unwrap();
+    let b = MockLlm::start(MockOptions {
+        name: "b".into(),
+        ..MockOptions::default()
+    })
+    .await
+    .unwrap();
+    let port = free_port();
+    let body = config(port, &a.url(), &b.url(), (1, 1));
+    let gw = Arc::new(
+        tokio::task::spawn_blocking(move || Daemon::start(None, &body))
+            .await
+            .unwrap()
+            .expect("daemon"),
+    );
+    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    let cli = |args: &'static [&'static str]| {
+        let g = Arc::clone(&gw);
+        tokio::task::spawn_blocking(move || g.cli(args))
+    };
+    let drain_arg = Box::leak(a.url().into_boxed_str());
+    let r = {
+        let g = Arc::clone(&gw);
+        let url = drain_arg.to_string();
+        tokio::task::spawn_blocking(move || g.cli(&["backends", "drain", &url]))
+            .await
+            .unwrap()
+    };
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let c = Client::http1();
+    for _ in 0..20 {
+        let r = c.post(&url, Some(KEY_A), &[], &chat("m", false)).await;
+        assert_eq!(
+            r.headers["x-mock-name"], "b",
+            "a drained backend got a request"
+        );
+    }
+    let list = cli(&["backends", "list", "--json"]).await.unwrap().json();
+    let states: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["drained", "active"], "{list}");
+    let r = cli(&["backends", "drain", "http://nowhere:1"])
+        .await
+        .unwrap();
+    assert_eq!(r.code, 2, "unknown backend: {}", r.stderr);
+    let g = Arc::clone(&gw);
+    let url_a = drain_arg.to_string();
+    assert_eq!(
+        tokio::task::spawn_blocking(move || g.cli(&["backends", "undrain", &url_a]))
+            .await
+            .unwrap()
+            .code,
+        0
+    );
+    let mut saw_a = false;
+    for _ in 0..20 {
+        saw_a |= c
+            .post(&url, Some(KEY_A), &[], &chat("m", false))
+            .await
+            .headers["x-mock-name"]
+            == "a";
+    }
+    assert!(saw_a, "an undrained backend takes traffic again");
+}
