@@ -11,6 +11,7 @@ use crate::{
     admin::{Handler, Reply, Request},
     config::Config,
     kernel::runtime::Kernel,
+    pipeline::abuse::Ban,
     pipeline::{routes::Routes, Shared},
 };
 
@@ -121,6 +122,74 @@ impl Daemon {
         }
         tracing::info!(backend = want, drained = on, "backend state changed");
         Reply::ok(serde_json::json!({ "backends": hit }))
+    }
+}
+
+impl Daemon {
+    /// Enforces a ban from the abuse tracker: a kernel blocklist entry that
+    /// lapses by itself (or a userspace ban at accept without XDP),
+    /// persisted with its cause so it survives a restart. Allowlisted
+    /// sources are never banned.
+    pub fn ban(&self, b: Ban) {
+        use gateway_common::{cidr::Cidr, BlockValue};
+
+        use crate::kernel::{
+            clock,
+            state::{BlockEntry, State},
+        };
+        let cfg = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = match State::load(&cfg.server.state_dir) {
+            Ok(s) => s,
+            Err(e) => return tracing::error!("cannot ban {}: {e:#}", b.ip),
+        };
+        if cfg
+            .xdp
+            .allow
+            .iter()
+            .chain(&state.allow)
+            .any(|c| c.contains(b.ip))
+        {
+            return tracing::info!(ip = %b.ip, cause = b.cause.name(), "not banning an allowlisted source");
+        }
+        let cidr = Cidr::host(b.ip);
+        let now = clock::unix_ms();
+        state.upsert_block(BlockEntry {
+            cidr,
+            expires_unix_ms: Some(now + b.duration.as_millis() as u64),
+            cause: b.cause.name().into(),
+            comment: Some("banned by the gateway for L7 abuse".into()),
+            added_unix_ms: now,
+        });
+        if let Err(e) = state.save(&cfg.server.state_dir) {
+            tracing::error!("persisting the ban of {}: {e:#}", b.ip);
+        }
+        match self
+            .kernel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            Some(k) => {
+                let v = BlockValue::until(clock::monotonic_ns() + b.duration.as_nanos() as u64);
+                if let Err(e) = k.maps.block_insert(&cidr, v) {
+                    return tracing::error!("banning {} in the kernel: {e:#}", b.ip);
+                }
+            }
+            None => {
+                let until = std::time::Instant::now() + b.duration;
+                self.shared
+                    .userspace_bans
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(b.ip, until);
+            }
+        }
+        self.shared
+            .metrics
+            .bans
+            .with_label_values(&[b.cause.name()])
+            .inc();
+        tracing::warn!(ip = %b.ip, cause = b.cause.name(), ban = ?b.duration, "source banned");
     }
 }
 

@@ -29,6 +29,7 @@ pub struct Metrics {
     pub backend_healthy: IntGaugeVec,
     pub upstream_errors: IntCounterVec,
     pub connections: IntGaugeVec,
+    pub bans: IntCounterVec,
 }
 
 fn buckets(v: &[f64]) -> Vec<f64> {
@@ -126,7 +127,13 @@ impl Metrics {
             "Open client connections per worker.",
             &["worker"],
         );
+        let bans = counter(
+            "gateway_bans_total",
+            "Sources banned in the kernel for L7 abuse, by cause.",
+            &["cause"],
+        );
         Metrics {
+            bans,
             connections,
             registry,
             requests,

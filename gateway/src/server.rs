@@ -24,6 +24,8 @@ pub struct Gateway {
     pub shared: Arc<Shared>,
     pub addrs: Vec<SocketAddr>,
     pub metrics_addr: SocketAddr,
+    /// Ban requests from the abuse tracker, for the daemon to enforce.
+    pub bans: Option<tokio::sync::mpsc::UnboundedReceiver<crate::pipeline::abuse::Ban>>,
     workers: Workers,
 }
 
@@ -33,12 +35,15 @@ impl Gateway {
     pub async fn start(cfg: &Config) -> Result<Gateway> {
         install_crypto_provider();
         let metrics = Arc::new(Metrics::new());
+        let (ban_tx, bans) = tokio::sync::mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             routes: ArcSwap::from_pointee(Routes::new(cfg)),
             metrics: Arc::clone(&metrics),
             tls: cfg.server.tls.is_some(),
             ready: ArcSwap::from_pointee(Readiness::default()),
             per_ip: PerIp::new(cfg.server.max_connections_per_ip),
+            abuse: crate::pipeline::abuse::Tracker::new(&cfg.abuse, ban_tx),
+            userspace_bans: std::sync::Mutex::new(std::collections::HashMap::new()),
         });
         let tls = cfg
             .server
@@ -72,6 +77,7 @@ impl Gateway {
             shared,
             addrs,
             metrics_addr,
+            bans: Some(bans),
             workers,
         })
     }

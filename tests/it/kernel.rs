@@ -344,3 +344,86 @@ fn restart_state_dir(config: &str) -> String {
     let dir = line.split('"').nth(1).expect("quoted state_dir");
     format!("{dir}-restart")
 }
+
+#[test]
+fn repeated_bad_keys_get_the_source_banned_in_the_kernel() {
+    require_root!();
+    let t = Topology::new().expect("creating the test topology");
+    let gw_addr = SocketAddr::new(t.server_v4(), PORT);
+    let body = format!(
+        r#"
+[server]
+listen = ["{gw_addr}"]
+state_dir = "@STATE_DIR@"
+[metrics]
+listen = "127.0.0.1:0"
+[xdp]
+interfaces = ["{iface}"]
+protected_ports = [{PORT}]
+syn_rate = 1000
+syn_burst = 1000
+allow = ["{allowed}/32"]
+pin_dir = "@PIN_DIR@"
+[abuse]
+auth_failures = {{ max = 3, window = "1m", ban = "3s" }}
+[[keys]]
+name = "team-a"
+sha256 = "{digest}"
+"#,
+        iface = t.server_if,
+        allowed = t.client_v4(3),
+        digest = gateway_tests::l7::sha256_hex("sk-good"),
+    );
+    let gw = Daemon::start(Some(&t.server.path()), &body).expect("starting the gateway");
+    let (bad, good) = (t.client_v4(2), t.client_v4(3));
+    let req = |key: &str| {
+        format!("GET /v1/models HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n")
+    };
+    for i in 0..3 {
+        assert_eq!(
+            t.http(bad, gw_addr, req("sk-wrong"), CONNECT),
+            Some(401),
+            "bad key attempt {i}"
+        );
+    }
+    // The ban is applied by the daemon right after the third failure.
+    let start = Instant::now();
+    while t.connect(bad, gw_addr, Duration::from_millis(300)) {
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{bad} is still allowed to connect after 3 bad keys"
+        );
+    }
+    assert_eq!(
+        t.http(good, gw_addr, req("sk-good"), CONNECT),
+        Some(200),
+        "another client is unaffected"
+    );
+    // An allowlisted source is never banned, however many bad keys it sends.
+    for _ in 0..5 {
+        assert_eq!(t.http(good, gw_addr, req("sk-wrong"), CONNECT), Some(401));
+    }
+    assert_eq!(
+        t.http(good, gw_addr, req("sk-good"), CONNECT),
+        Some(200),
+        "the allowlisted source was banned"
+    );
+    let list = gw.cli(&["block", "list", "--json"]).json();
+    let row = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["cidr"] == format!("{bad}/32"))
+        .expect("the ban is listed");
+    assert_eq!(row["cause"], "auth_failures", "{row}");
+    assert!(row["expires_in_secs"].as_u64().unwrap() <= 3, "{row}");
+    // The kernel lifts the ban by itself.
+    let start = Instant::now();
+    while !t.connect(bad, gw_addr, Duration::from_millis(300)) {
+        assert!(
+            start.elapsed() < Duration::from_secs(8),
+            "the 3 s ban did not lapse"
+        );
+    }
+    assert_eq!(t.http(bad, gw_addr, req("sk-good"), CONNECT), Some(200));
+}

@@ -279,3 +279,40 @@ fn send_raw(ifname: &str, frames: &[Vec<u8>]) -> Result<usize> {
         Ok(sent)
     }
 }
+
+/// One HTTP/1.1 request from `src`; the response status, or `None` when no
+/// connection could be made within `timeout`.
+pub fn http_status(src: IpAddr, dst: SocketAddr, request: &str, timeout: Duration) -> Option<u16> {
+    use std::io::{Read as _, Write as _};
+
+    use socket2::{Domain, Socket, Type};
+    let domain = if dst.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let s = Socket::new(domain, Type::STREAM, None).ok()?;
+    s.bind(&SocketAddr::new(src, 0).into()).ok()?;
+    s.connect_timeout(&dst.into(), timeout).ok()?;
+    let mut stream: std::net::TcpStream = s.into();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut buf = [0u8; 64];
+    let n = stream.read(&mut buf).ok()?;
+    let head = std::str::from_utf8(&buf[..n]).ok()?;
+    head.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}
+
+impl Topology {
+    /// `http_status` from the client namespace.
+    pub fn http(
+        &self,
+        src: IpAddr,
+        dst: SocketAddr,
+        request: String,
+        timeout: Duration,
+    ) -> Option<u16> {
+        self.client
+            .run(move || http_status(src, dst, &request, timeout))
+    }
+}

@@ -39,7 +39,11 @@ async fn serve(cfg: Config, path: &Path) -> Result<()> {
         tracing::info!("xdp.enabled is false: no kernel fast path");
         None
     };
-    let gateway = Gateway::start(&cfg).await?;
+    let mut gateway = Gateway::start(&cfg).await?;
+    let mut bans = gateway
+        .bans
+        .take()
+        .expect("a fresh gateway has its ban channel");
     let admin_path = cfg.server.admin_socket.clone();
     let daemon = Arc::new(Daemon {
         config_path: path.to_owned(),
@@ -63,6 +67,10 @@ async fn serve(cfg: Config, path: &Path) -> Result<()> {
                         tracing::warn!("sweeping lapsed blocks failed: {e:#}");
                     }
                 }
+            }
+            Some(ban) = bans.recv() => {
+                let d = Arc::clone(&daemon);
+                let _ = tokio::task::spawn_blocking(move || d.ban(ban)).await;
             }
             _ = hup.recv() => {
                 let d = Arc::clone(&daemon);

@@ -66,9 +66,15 @@ impl Listeners {
         loop {
             tokio::select! {
                 Some((stream, peer)) = rx.recv() => {
-                    let Some(slot) = shared.per_ip.acquire(peer.ip()) else {
-                        // Over max_connections_per_ip: close at once.
+                    if shared.banned_in_userspace(peer.ip()) {
                         drop(stream);
+                        continue;
+                    }
+                    let Some(slot) = shared.per_ip.acquire(peer.ip()) else {
+                        // Over max_connections_per_ip: close at once, and
+                        // count it towards a ban.
+                        drop(stream);
+                        shared.abuse.record(peer.ip(), crate::pipeline::abuse::Cause::RateLimited);
                         continue;
                     };
                     let conn = Conn { peer, slot, gauge: conn_gauge.clone() };

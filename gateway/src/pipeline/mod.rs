@@ -17,6 +17,7 @@
 //!
 //! Every error becomes a response in `ProxyError::response`.
 
+pub mod abuse;
 pub mod auth;
 pub mod balance;
 pub mod ctx;
@@ -51,6 +52,29 @@ pub struct Shared {
     pub ready: ArcSwap<Readiness>,
     /// Open connections per client address, across workers.
     pub per_ip: Arc<crate::listener::limit::PerIp>,
+    /// Abuse counters feeding kernel bans.
+    pub abuse: abuse::Tracker,
+    /// Bans enforced at accept when there is no kernel program to do it
+    /// (XDP disabled or unavailable): address -> end of the ban.
+    pub userspace_bans: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, Instant>>,
+}
+
+impl Shared {
+    /// Whether a userspace ban covers `ip` now (expired ones are removed).
+    pub fn banned_in_userspace(&self, ip: std::net::IpAddr) -> bool {
+        let mut bans = self
+            .userspace_bans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match bans.get(&ip) {
+            Some(until) if *until > Instant::now() => true,
+            Some(_) => {
+                bans.remove(&ip);
+                false
+            }
+            None => false,
+        }
+    }
 }
 
 /// The state /readyz reports.
@@ -149,6 +173,9 @@ pub async fn handle(
                 | ProxyError::UpstreamTimeout(_) => "upstream_error",
                 _ => "rejected",
             });
+            if matches!(e, ProxyError::Unauthorized) {
+                shared.abuse.record(client.ip(), abuse::Cause::AuthFailures);
+            }
             if let Some(d) = e.detail() {
                 tracing::warn!(request_id = %ctx.request_id, "{e}: {d}");
             }
