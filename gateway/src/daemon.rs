@@ -20,6 +20,44 @@ pub struct Daemon {
     pub config: Mutex<Config>,
     pub shared: Arc<Shared>,
     pub kernel: Mutex<Option<Kernel>>,
+    /// Why XDP is not in use although enabled; the guard at accept does its
+    /// job meanwhile.
+    pub degraded: Option<String>,
+    /// Kernel counters already exported, to turn totals into increments.
+    pub exported: Mutex<Vec<u64>>,
+}
+
+/// The blocklist, allowlist and limits the kernel would enforce, for the
+/// userspace guard.
+pub fn userspace_policy(
+    cfg: &Config,
+) -> anyhow::Result<(
+    Vec<(gateway_common::cidr::Cidr, Option<std::time::Instant>)>,
+    Vec<gateway_common::cidr::Cidr>,
+    gateway_common::Limits,
+)> {
+    use crate::kernel::{clock, policy, state::State};
+    let state = State::load(&cfg.server.state_dir)?;
+    let (file_blocks, warnings) = policy::load_block_files(&cfg.xdp);
+    for w in &warnings {
+        tracing::warn!("block file: {w}");
+    }
+    let want = policy::desired(&cfg.xdp, &state, &file_blocks);
+    let now_ns = clock::monotonic_ns();
+    let now = std::time::Instant::now();
+    let block = want
+        .block
+        .iter()
+        .map(|(c, v)| {
+            (
+                *c,
+                (v.expires_ns != 0).then(|| {
+                    now + std::time::Duration::from_nanos(v.expires_ns.saturating_sub(now_ns))
+                }),
+            )
+        })
+        .collect();
+    Ok((block, want.allow.into_iter().collect(), want.limits))
 }
 
 impl Daemon {
@@ -66,6 +104,11 @@ impl Daemon {
         {
             if let Err(e) = k.reapply(&new) {
                 return Err(vec![format!("applying the kernel policy failed: {e:#}")]);
+            }
+        } else if self.degraded.is_some() {
+            match userspace_policy(&new) {
+                Ok((block, allow, limits)) => self.shared.guard.enforce(block, allow, limits),
+                Err(e) => return Err(vec![format!("loading the blocklist: {e:#}")]),
             }
         }
         let old = self.shared.routes.load_full();
@@ -175,14 +218,7 @@ impl Daemon {
                     return tracing::error!("banning {} in the kernel: {e:#}", b.ip);
                 }
             }
-            None => {
-                let until = std::time::Instant::now() + b.duration;
-                self.shared
-                    .userspace_bans
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(b.ip, until);
-            }
+            None => self.shared.guard.ban(b.ip, b.duration),
         }
         self.shared
             .metrics
@@ -190,6 +226,49 @@ impl Daemon {
             .with_label_values(&[b.cause.name()])
             .inc();
         tracing::warn!(ip = %b.ip, cause = b.cause.name(), ban = ?b.duration, "source banned");
+    }
+}
+
+impl Daemon {
+    /// Publishes the kernel counters (and, when `occupancy`, the map sizes,
+    /// which walks the maps) as `gateway_xdp_*` metrics.
+    pub fn export_kernel_metrics(&self, occupancy: bool) {
+        let m = &self.shared.metrics;
+        let kernel = self.kernel.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(k) = kernel.as_ref() else {
+            m.xdp_attached.set(0);
+            return;
+        };
+        m.xdp_attached.set(1);
+        if let Ok(stats) = k.maps.stats() {
+            let mut last = self.exported.lock().unwrap_or_else(|p| p.into_inner());
+            last.resize(stats.len(), 0);
+            for ((reason, c), seen) in stats.iter().zip(last.iter_mut()) {
+                // Pinned counters outlive the daemon; export what is new.
+                let delta = if c.packets >= *seen {
+                    c.packets - *seen
+                } else {
+                    c.packets
+                };
+                m.xdp_packets
+                    .with_label_values(&[reason.name()])
+                    .inc_by(delta);
+                *seen = c.packets;
+            }
+        }
+        if occupancy {
+            if let Ok(o) = k.maps.occupancy() {
+                for (map, n) in [
+                    ("allow", o.allow),
+                    ("block_cidr", o.block_cidr),
+                    ("block_host", o.block_host),
+                    ("syn_buckets", o.syn_buckets),
+                    ("top_sources", o.top_sources),
+                ] {
+                    m.xdp_map_entries.with_label_values(&[map]).set(n as i64);
+                }
+            }
+        }
     }
 }
 

@@ -30,6 +30,10 @@ pub struct Metrics {
     pub upstream_errors: IntCounterVec,
     pub connections: IntGaugeVec,
     pub bans: IntCounterVec,
+    pub xdp_packets: IntCounterVec,
+    pub xdp_map_entries: IntGaugeVec,
+    /// 1 while the XDP program is attached, 0 when disabled or degraded.
+    pub xdp_attached: prometheus::IntGauge,
 }
 
 fn buckets(v: &[f64]) -> Vec<f64> {
@@ -132,7 +136,28 @@ impl Metrics {
             "Sources banned in the kernel for L7 abuse, by cause.",
             &["cause"],
         );
+        let xdp_packets = counter(
+            "gateway_xdp_packets_total",
+            "Packets the XDP program saw, by verdict reason.",
+            &["reason"],
+        );
+        let xdp_map_entries = gauge(
+            "gateway_xdp_map_entries",
+            "Entries in the XDP program's maps.",
+            &["map"],
+        );
+        let xdp_attached = prometheus::IntGauge::new(
+            "gateway_xdp_attached",
+            "1 while the XDP program is attached.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(xdp_attached.clone()))
+            .expect("unique metric");
         Metrics {
+            xdp_packets,
+            xdp_map_entries,
+            xdp_attached,
             bans,
             connections,
             registry,

@@ -43,7 +43,7 @@ impl Gateway {
             ready: ArcSwap::from_pointee(Readiness::default()),
             per_ip: PerIp::new(cfg.server.max_connections_per_ip),
             abuse: crate::pipeline::abuse::Tracker::new(&cfg.abuse, ban_tx),
-            userspace_bans: std::sync::Mutex::new(std::collections::HashMap::new()),
+            guard: Default::default(),
         });
         let tls = cfg
             .server

@@ -227,3 +227,72 @@ async fn drain_takes_a_backend_out_of_rotation() {
     }
     assert!(saw_a, "an undrained backend takes traffic again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_xdp_the_daemon_serves_degraded_and_enforces_at_accept() {
+    // Native XDP on `lo` is unsupported (and without root nothing loads):
+    // either way the daemon must keep serving.
+    let port = free_port();
+    let body = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\nstate_dir = \"@STATE_DIR@\"\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\n\
+         [xdp]\ninterfaces = [\"lo\"]\nmode = \"driver\"\nprotected_ports = [{port}]\n\
+         syn_rate = 5\nsyn_burst = 5\nblock = [\"127.0.0.2/32\"]\npin_dir = \"@PIN_DIR@\"\n"
+    );
+    let gw = tokio::task::spawn_blocking(move || Daemon::start(None, &body))
+        .await
+        .unwrap()
+        .expect("daemon");
+    let c = Client::http1();
+    let ready = c
+        .get(&format!("http://127.0.0.1:{port}/readyz"), None)
+        .await;
+    assert_eq!(ready.status, 200);
+    let degraded = ready.json()["degraded"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        degraded.starts_with("xdp unavailable"),
+        "readyz must say why: {}",
+        ready.json()
+    );
+    let log = std::fs::read_to_string(&gw.log).unwrap();
+    assert_eq!(
+        log.matches("degraded mode").count(),
+        1,
+        "one warning line: {log}"
+    );
+    // The configured blocklist is enforced at accept: 127.0.0.2 gets no answer.
+    let dst: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let req = "GET /healthz HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n";
+    let blocked = tokio::task::spawn_blocking(move || {
+        gateway_tests::netns::http_status(
+            "127.0.0.2".parse().unwrap(),
+            dst,
+            req,
+            Duration::from_secs(1),
+        )
+    });
+    assert_eq!(blocked.await.unwrap(), None, "a blocked source was served");
+    // And the per-source connection rate (burst 5) applies to new connections.
+    let statuses = tokio::task::spawn_blocking(move || {
+        (0..8)
+            .map(|_| {
+                gateway_tests::netns::http_status(
+                    "127.0.0.3".parse().unwrap(),
+                    dst,
+                    req,
+                    Duration::from_secs(1),
+                )
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    assert_eq!(statuses[..5], [Some(200); 5], "{statuses:?}");
+    assert!(
+        statuses[5..].iter().all(|s| s.is_none()),
+        "connections past the burst must be refused: {statuses:?}"
+    );
+}

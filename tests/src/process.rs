@@ -120,13 +120,9 @@ impl Daemon {
                 let err = std::fs::read_to_string(&self.log).unwrap_or_default();
                 bail!("gateway run exited during start-up ({status}): {err}");
             }
-            // Ready when the admin socket answers and, with XDP, the
-            // program is attached.
-            let stats = self.cli(&["stats", "--json"]);
-            let kernel_ready = stats.code == 0 && stats.stdout.contains("\"interfaces\"");
-            let xdp = std::fs::read_to_string(&self.config)
-                .is_ok_and(|c| c.contains("[xdp]") && !c.contains("enabled = false"));
-            if self.cli(&["backends", "list", "--json"]).code == 0 && (kernel_ready || !xdp) {
+            // The daemon opens its admin socket last, once the kernel part
+            // is attached (or degraded) and the proxy listens.
+            if self.cli(&["backends", "list", "--json"]).code == 0 {
                 return Ok(());
             }
             if Instant::now() > deadline {

@@ -33,8 +33,21 @@ async fn serve(cfg: Config, path: &Path) -> Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
 
+    let mut degraded = None;
     let kernel = if cfg.xdp.enabled {
-        Some(Kernel::start(&cfg)?)
+        // A misspelt interface is a config error; anything else that stops
+        // XDP (privileges, driver, bpffs) degrades to userspace enforcement.
+        crate::kernel::loader::check_interfaces(&cfg.xdp.interfaces)?;
+        match Kernel::start(&cfg) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                tracing::warn!(
+                    "XDP unavailable, serving in degraded mode (blocklist and connection limits enforced at accept): {e:#}"
+                );
+                degraded = Some(format!("xdp unavailable: {e:#}"));
+                None
+            }
+        }
     } else {
         tracing::info!("xdp.enabled is false: no kernel fast path");
         None
@@ -50,7 +63,22 @@ async fn serve(cfg: Config, path: &Path) -> Result<()> {
         config: Mutex::new(cfg),
         shared: Arc::clone(&gateway.shared),
         kernel: Mutex::new(kernel),
+        degraded: degraded.clone(),
+        exported: Mutex::new(Vec::new()),
     });
+    if let Some(why) = degraded {
+        let (block, allow, limits) = crate::daemon::userspace_policy(
+            &daemon.config.lock().unwrap_or_else(|p| p.into_inner()),
+        )?;
+        daemon.shared.guard.enforce(block, allow, limits);
+        daemon
+            .shared
+            .ready
+            .store(Arc::new(crate::pipeline::Readiness {
+                degraded: Some(why),
+            }));
+    }
+    daemon.export_kernel_metrics(true);
     admin::serve(
         admin_path.clone(),
         Arc::clone(&daemon) as Arc<dyn admin::Handler>,
@@ -59,6 +87,7 @@ async fn serve(cfg: Config, path: &Path) -> Result<()> {
     tracing::info!(pid = std::process::id(), admin = %admin_path.display(), "gateway running");
 
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    let mut ticks = 0u64;
     loop {
         tokio::select! {
             _ = sweep.tick() => {
@@ -67,6 +96,9 @@ async fn serve(cfg: Config, path: &Path) -> Result<()> {
                         tracing::warn!("sweeping lapsed blocks failed: {e:#}");
                     }
                 }
+                // Counters every second; map sizes (a walk) every 10 s.
+                ticks += 1;
+                daemon.export_kernel_metrics(ticks % 10 == 0);
             }
             Some(ban) = bans.recv() => {
                 let d = Arc::clone(&daemon);

@@ -4,6 +4,7 @@
 //! timeout against slow clients and graceful shutdown. `workers` runs one
 //! of these per worker thread.
 
+pub mod guard;
 pub mod limit;
 pub mod tls;
 pub mod workers;
@@ -66,8 +67,11 @@ impl Listeners {
         loop {
             tokio::select! {
                 Some((stream, peer)) = rx.recv() => {
-                    if shared.banned_in_userspace(peer.ip()) {
+                    if let Err(why) = shared.guard.check(peer.ip()) {
                         drop(stream);
+                        if why == guard::Refused::RateLimited {
+                            shared.abuse.record(peer.ip(), crate::pipeline::abuse::Cause::RateLimited);
+                        }
                         continue;
                     }
                     let Some(slot) = shared.per_ip.acquire(peer.ip()) else {

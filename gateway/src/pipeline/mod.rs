@@ -54,27 +54,9 @@ pub struct Shared {
     pub per_ip: Arc<crate::listener::limit::PerIp>,
     /// Abuse counters feeding kernel bans.
     pub abuse: abuse::Tracker,
-    /// Bans enforced at accept when there is no kernel program to do it
-    /// (XDP disabled or unavailable): address -> end of the ban.
-    pub userspace_bans: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, Instant>>,
-}
-
-impl Shared {
-    /// Whether a userspace ban covers `ip` now (expired ones are removed).
-    pub fn banned_in_userspace(&self, ip: std::net::IpAddr) -> bool {
-        let mut bans = self
-            .userspace_bans
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        match bans.get(&ip) {
-            Some(until) if *until > Instant::now() => true,
-            Some(_) => {
-                bans.remove(&ip);
-                false
-            }
-            None => false,
-        }
-    }
+    /// Blocklist, bans and connection rate enforced at accept when there
+    /// is no XDP program to do it.
+    pub guard: crate::listener::guard::Guard,
 }
 
 /// The state /readyz reports.
