@@ -27,39 +27,6 @@ pub struct Daemon {
     pub exported: Mutex<Vec<u64>>,
 }
 
-/// The blocklist, allowlist and limits the kernel would enforce, for the
-/// userspace guard.
-pub fn userspace_policy(
-    cfg: &Config,
-) -> anyhow::Result<(
-    Vec<(gateway_common::cidr::Cidr, Option<std::time::Instant>)>,
-    Vec<gateway_common::cidr::Cidr>,
-    gateway_common::Limits,
-)> {
-    use crate::kernel::{clock, policy, state::State};
-    let state = State::load(&cfg.server.state_dir)?;
-    let (file_blocks, warnings) = policy::load_block_files(&cfg.xdp);
-    for w in &warnings {
-        tracing::warn!("block file: {w}");
-    }
-    let want = policy::desired(&cfg.xdp, &state, &file_blocks);
-    let now_ns = clock::monotonic_ns();
-    let now = std::time::Instant::now();
-    let block = want
-        .block
-        .iter()
-        .map(|(c, v)| {
-            (
-                *c,
-                (v.expires_ns != 0).then(|| {
-                    now + std::time::Duration::from_nanos(v.expires_ns.saturating_sub(now_ns))
-                }),
-            )
-        })
-        .collect();
-    Ok((block, want.allow.into_iter().collect(), want.limits))
-}
-
 impl Daemon {
     /// Re-reads the config file; applies it only if it is valid. Requests
     /// already running keep the routing table they started with.
@@ -106,8 +73,8 @@ impl Daemon {
                 return Err(vec![format!("applying the kernel policy failed: {e:#}")]);
             }
         } else if self.degraded.is_some() {
-            match userspace_policy(&new) {
-                Ok((block, allow, limits)) => self.shared.guard.enforce(block, allow, limits),
+            match crate::kernel::policy::load(&new) {
+                Ok(want) => self.shared.guard.enforce(&want),
                 Err(e) => return Err(vec![format!("loading the blocklist: {e:#}")]),
             }
         }

@@ -67,10 +67,9 @@ async fn serve(cfg: Config, path: &Path) -> Result<()> {
         exported: Mutex::new(Vec::new()),
     });
     if let Some(why) = degraded {
-        let (block, allow, limits) = crate::daemon::userspace_policy(
-            &daemon.config.lock().unwrap_or_else(|p| p.into_inner()),
-        )?;
-        daemon.shared.guard.enforce(block, allow, limits);
+        let want =
+            crate::kernel::policy::load(&daemon.config.lock().unwrap_or_else(|p| p.into_inner()))?;
+        daemon.shared.guard.enforce(&want);
         daemon
             .shared
             .ready
@@ -98,7 +97,7 @@ async fn serve(cfg: Config, path: &Path) -> Result<()> {
                 }
                 // Counters every second; map sizes (a walk) every 10 s.
                 ticks += 1;
-                daemon.export_kernel_metrics(ticks % 10 == 0);
+                daemon.export_kernel_metrics(ticks.is_multiple_of(10));
             }
             Some(ban) = bans.recv() => {
                 let d = Arc::clone(&daemon);

@@ -105,6 +105,18 @@ pub fn desired(cfg: &XdpConfig, state: &State, file_blocks: &[Cidr]) -> Desired 
     }
 }
 
+/// The policy for `cfg`: its lists and block files (bad lines logged) plus
+/// the runtime entries persisted in its state_dir. What the kernel program
+/// enforces, or the userspace guard without one.
+pub fn load(cfg: &crate::config::Config) -> Result<Desired> {
+    let state = State::load(&cfg.server.state_dir)?;
+    let (file_blocks, warnings) = load_block_files(&cfg.xdp);
+    for w in &warnings {
+        tracing::warn!("block file: {w}");
+    }
+    Ok(desired(&cfg.xdp, &state, &file_blocks))
+}
+
 /// What `apply` changed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Applied {

@@ -7,7 +7,7 @@ use anyhow::{bail, Context as _, Result};
 use aya::Ebpf;
 use serde::{Deserialize, Serialize};
 
-use super::{clock, loader, maps::KernelMaps, policy, state::State};
+use super::{clock, loader, maps::KernelMaps, policy};
 use crate::{config::Config, error::UsageError};
 
 pub const STATUS_FILE: &str = "xdp-status.json";
@@ -98,14 +98,9 @@ impl Kernel {
                 }
             }
         }
-        let state = State::load(&cfg.server.state_dir)?;
-        let (file_blocks, warnings) = policy::load_block_files(x);
-        for w in &warnings {
-            tracing::warn!("block file: {w}");
-        }
+        let want = policy::load(cfg)?;
         let mut ebpf = loader::load(Some(&pin))?;
         let mut maps = KernelMaps::from_ebpf(&mut ebpf)?;
-        let want = policy::desired(x, &state, &file_blocks);
         let applied = policy::apply(&mut maps, &want)?;
         tracing::info!(
             blocklist = want.block.len(),
@@ -146,15 +141,7 @@ impl Kernel {
     /// Brings the maps to a new config's policy (plus the persisted state)
     /// by difference; used by reload.
     pub fn reapply(&mut self, cfg: &Config) -> Result<()> {
-        let state = State::load(&cfg.server.state_dir)?;
-        let (file_blocks, warnings) = policy::load_block_files(&cfg.xdp);
-        for w in &warnings {
-            tracing::warn!("block file: {w}");
-        }
-        let applied = policy::apply(
-            &mut self.maps,
-            &policy::desired(&cfg.xdp, &state, &file_blocks),
-        )?;
+        let applied = policy::apply(&mut self.maps, &policy::load(cfg)?)?;
         tracing::info!(
             added = applied.block_added,
             removed = applied.block_removed,

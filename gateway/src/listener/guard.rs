@@ -43,12 +43,26 @@ pub struct Guard {
 }
 
 impl Guard {
-    /// Enforces `block`, `allow` and the SYN limits at accept from now on.
-    pub fn enforce(&self, block: Vec<(Cidr, Option<Instant>)>, allow: Vec<Cidr>, limits: Limits) {
+    /// Enforces a policy's blocklist, allowlist and SYN limits at accept
+    /// from now on.
+    pub fn enforce(&self, want: &crate::kernel::policy::Desired) {
+        let now_ns = crate::kernel::clock::monotonic_ns();
+        let now = Instant::now();
+        let block = want
+            .block
+            .iter()
+            .map(|(c, v)| {
+                (
+                    *c,
+                    (v.expires_ns != 0)
+                        .then(|| now + Duration::from_nanos(v.expires_ns.saturating_sub(now_ns))),
+                )
+            })
+            .collect();
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         g.block = block;
-        g.allow = allow;
-        g.limits = Some(limits);
+        g.allow = want.allow.iter().copied().collect();
+        g.limits = Some(want.limits);
         g.epoch.get_or_insert_with(Instant::now);
     }
 
@@ -125,11 +139,16 @@ mod tests {
             Ok(()),
             "inactive guard admits all"
         );
-        g.enforce(
-            vec![("203.0.113.0/24".parse().unwrap(), None)],
-            vec!["203.0.113.9".parse().unwrap()],
-            Limits::new(1, 2, 0, 32, 64),
-        );
+        g.enforce(&crate::kernel::policy::Desired {
+            block: [(
+                "203.0.113.0/24".parse().unwrap(),
+                gateway_common::BlockValue::permanent(),
+            )]
+            .into(),
+            allow: ["203.0.113.9".parse().unwrap()].into(),
+            limits: Limits::new(1, 2, 0, 32, 64),
+            ports: vec![],
+        });
         assert_eq!(g.check(ip("203.0.113.1")), Err(Refused::Blocked));
         assert_eq!(g.check(ip("203.0.113.9")), Ok(()), "allowlist wins");
         let src = ip("198.51.100.1");
