@@ -5,6 +5,7 @@
 
 mod bench;
 mod demo;
+mod dist;
 mod setup;
 mod util;
 
@@ -34,6 +35,8 @@ enum Cmd {
         #[arg(long)]
         no_lint: bool,
     },
+    /// Build the installable Debian package (target/dist/*.deb).
+    Dist,
     /// Benchmarks: programs that print numbers and record them in
     /// docs/benchmarks.md.
     Bench {
@@ -56,6 +59,10 @@ fn main() -> Result<()> {
         Cmd::Test { no_lint } => {
             setup::run()?;
             test(no_lint)
+        }
+        Cmd::Dist => {
+            setup::run()?;
+            dist::run()
         }
         Cmd::Bench { which } => {
             setup::run()?;
