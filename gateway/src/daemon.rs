@@ -25,6 +25,9 @@ pub struct Daemon {
     pub degraded: Option<String>,
     /// Kernel counters already exported, to turn totals into increments.
     pub exported: Mutex<Vec<u64>>,
+    /// Held by everything that writes the state file or the policy maps
+    /// (CLI commands run here, bans), so no update is lost.
+    pub state_writes: Mutex<()>,
 }
 
 impl Daemon {
@@ -147,6 +150,7 @@ impl Daemon {
             clock,
             state::{BlockEntry, State},
         };
+        let _serial = self.state_writes.lock().unwrap_or_else(|p| p.into_inner());
         let cfg = self.config.lock().unwrap_or_else(|p| p.into_inner());
         let mut state = match State::load(&cfg.server.state_dir) {
             Ok(s) => s,
@@ -239,6 +243,47 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// Runs a CLI command in the daemon, serialized with its own state
+    /// writes, and returns what the CLI would have printed.
+    fn cli(&self, args: Vec<String>) -> Reply {
+        use clap::Parser as _;
+        let parsed = match crate::cli::Cli::try_parse_from(
+            std::iter::once("gateway".to_owned()).chain(args),
+        ) {
+            Ok(c) => c,
+            Err(e) => return Reply::failed(vec![e.to_string()]),
+        };
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let _serial = self.state_writes.lock().unwrap_or_else(|p| p.into_inner());
+        let cfg = self
+            .config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let result = crate::cli::local(
+            &cfg,
+            parsed.command,
+            &mut crate::cli::output::Io {
+                out: &mut out,
+                err: &mut err,
+            },
+        );
+        let code = match &result {
+            Ok(()) => 0,
+            Err(e) => {
+                err.extend_from_slice(format!("error: {e:#}\n").as_bytes());
+                crate::error::exit_code(e)
+            }
+        };
+        Reply::ok(serde_json::json!({
+            "code": code,
+            "stdout": String::from_utf8_lossy(&out),
+            "stderr": String::from_utf8_lossy(&err),
+        }))
+    }
+}
+
 impl Handler for Daemon {
     fn handle(&self, req: Request) -> Reply {
         match req {
@@ -257,6 +302,7 @@ impl Handler for Daemon {
             },
             Request::Backends => Reply::ok(self.backends()),
             Request::Drain { url, on } => self.drain(&url, on),
+            Request::Cli { args } => self.cli(args),
         }
     }
 }

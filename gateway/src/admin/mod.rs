@@ -25,6 +25,9 @@ pub enum Request {
     Backends,
     /// Take a backend out of rotation (`on = true`) or back in.
     Drain { url: String, on: bool },
+    /// A kernel-policy CLI command (block, allow, limits, stats, top), run
+    /// by the daemon: `args` is the command line after `gateway`.
+    Cli { args: Vec<String> },
 }
 
 /// The daemon's answer.

@@ -63,7 +63,13 @@ pub fn backends_list(cfg: &Config, json: bool) -> Result<()> {
             s("state"),
         ]);
     }
-    output::table(&t);
+    output::table(
+        &mut output::Io {
+            out: &mut std::io::stdout(),
+            err: &mut std::io::stderr(),
+        },
+        &t,
+    )?;
     Ok(())
 }
 

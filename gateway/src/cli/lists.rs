@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result};
 use gateway_common::{cidr::Cidr, BlockValue};
 use serde::Serialize;
 
-use super::{output, AllowCmd, BlockCmd};
+use super::{output, output::Io, AllowCmd, BlockCmd};
 use crate::{
     config::Config,
     error::UsageError,
@@ -39,7 +39,7 @@ fn persist_then_apply(
     Ok(())
 }
 
-pub fn block(cfg: &Config, cmd: BlockCmd) -> Result<()> {
+pub fn block(cfg: &Config, cmd: BlockCmd, io: &mut Io) -> Result<()> {
     match cmd {
         BlockCmd::Add { cidr, ttl, comment } => {
             let mut maps = open_running(cfg)?;
@@ -58,11 +58,15 @@ pub fn block(cfg: &Config, cmd: BlockCmd) -> Result<()> {
             changed.upsert_block(entry);
             persist_then_apply(cfg, state, changed, || maps.block_insert(&cidr, value))?;
             if let Some(a) = maps.allow_entries()?.into_iter().find(|a| covers(a, &cidr)) {
-                eprintln!("warning: {cidr} is inside allowlisted {a}; the allowlist wins until it is removed");
+                writeln!(io.err, "warning: {cidr} is inside allowlisted {a}; the allowlist wins until it is removed")?;
             }
             match ttl {
-                Some(t) => println!("blocked {cidr} for {}", crate::config::duration::format(t)),
-                None => println!("blocked {cidr}"),
+                Some(t) => writeln!(
+                    io.out,
+                    "blocked {cidr} for {}",
+                    crate::config::duration::format(t)
+                )?,
+                None => writeln!(io.out, "blocked {cidr}")?,
             }
             Ok(())
         }
@@ -80,19 +84,20 @@ pub fn block(cfg: &Config, cmd: BlockCmd) -> Result<()> {
             }
             persist_then_apply(cfg, state, changed, || maps.block_remove(&cidr).map(|_| ()))?;
             if from_config(cfg, &cidr) {
-                eprintln!(
+                writeln!(
+                    io.err,
                     "warning: {cidr} comes from the config (xdp.block or xdp.block_files); \
                      it returns at the next start unless removed there"
-                );
+                )?;
             }
-            println!("unblocked {cidr}");
+            writeln!(io.out, "unblocked {cidr}")?;
             Ok(())
         }
         BlockCmd::List(f) => {
             let maps = open_running(cfg)?;
             let rows = block_rows(cfg, &maps)?;
             if f.json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                writeln!(io.out, "{}", serde_json::to_string_pretty(&rows)?)?;
             } else {
                 let mut t = vec![["CIDR", "EXPIRES IN", "HITS", "CAUSE", "SOURCE", "COMMENT"]
                     .map(String::from)
@@ -107,8 +112,8 @@ pub fn block(cfg: &Config, cmd: BlockCmd) -> Result<()> {
                         r.comment.clone().unwrap_or_default(),
                     ]);
                 }
-                output::table(&t);
-                eprintln!("{} entries", rows.len());
+                output::table(io, &t)?;
+                writeln!(io.err, "{} entries", rows.len())?;
             }
             Ok(())
         }
@@ -162,7 +167,7 @@ fn from_config(cfg: &Config, cidr: &Cidr) -> bool {
             .contains(cidr)
 }
 
-pub fn allow(cfg: &Config, cmd: AllowCmd) -> Result<()> {
+pub fn allow(cfg: &Config, cmd: AllowCmd, io: &mut Io) -> Result<()> {
     match cmd {
         AllowCmd::Add { cidr } => {
             let mut maps = open_running(cfg)?;
@@ -172,7 +177,7 @@ pub fn allow(cfg: &Config, cmd: AllowCmd) -> Result<()> {
                 changed.allow.push(cidr);
             }
             persist_then_apply(cfg, state, changed, || maps.allow_insert(&cidr))?;
-            println!("allowed {cidr}");
+            writeln!(io.out, "allowed {cidr}")?;
             Ok(())
         }
         AllowCmd::Del { cidr } => {
@@ -189,9 +194,9 @@ pub fn allow(cfg: &Config, cmd: AllowCmd) -> Result<()> {
             }
             persist_then_apply(cfg, state, changed, || maps.allow_remove(&cidr).map(|_| ()))?;
             if cfg.xdp.allow.contains(&cidr) {
-                eprintln!("warning: {cidr} comes from xdp.allow in the config; it returns at the next start");
+                writeln!(io.err, "warning: {cidr} comes from xdp.allow in the config; it returns at the next start")?;
             }
-            println!("removed {cidr} from the allowlist");
+            writeln!(io.out, "removed {cidr} from the allowlist")?;
             Ok(())
         }
         AllowCmd::List(f) => {
@@ -216,14 +221,14 @@ pub fn allow(cfg: &Config, cmd: AllowCmd) -> Result<()> {
                 })
                 .collect();
             if f.json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                writeln!(io.out, "{}", serde_json::to_string_pretty(&rows)?)?;
             } else {
                 let mut t = vec![vec!["CIDR".to_string(), "SOURCE".to_string()]];
                 t.extend(
                     rows.iter()
                         .map(|r| vec![r.cidr.clone(), r.source.to_string()]),
                 );
-                output::table(&t);
+                output::table(io, &t)?;
             }
             Ok(())
         }

@@ -4,7 +4,7 @@
 mod admin_cmds;
 mod keys;
 mod lists;
-mod output;
+pub mod output;
 mod run;
 mod stats;
 
@@ -211,11 +211,37 @@ pub fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run => run::run(load_config(&cli.config, true)?, &cli.config),
         Command::Check => check(&cli.config),
-        Command::Block(cmd) => lists::block(&load_config(&cli.config, false)?, cmd),
-        Command::Allow(cmd) => lists::allow(&load_config(&cli.config, false)?, cmd),
-        Command::Limits(cmd) => stats::limits(&load_config(&cli.config, false)?, cmd),
-        Command::Stats(f) => stats::stats(&load_config(&cli.config, false)?, f.json),
-        Command::Top(a) => stats::top(&load_config(&cli.config, false)?, a.n, a.json),
+        cmd @ (Command::Block(_)
+        | Command::Allow(_)
+        | Command::Limits(_)
+        | Command::Stats(_)
+        | Command::Top(_)) => {
+            let cfg = load_config(&cli.config, false)?;
+            // With a daemon running, it executes the command, so its own
+            // writes (bans) and the CLI's never race on maps or state.
+            let args: Vec<String> = std::env::args().skip(1).collect();
+            if let Some(reply) = crate::admin::call(
+                &cfg.server.admin_socket,
+                &crate::admin::Request::Cli { args },
+            )? {
+                let code = reply.data["code"].as_i64().unwrap_or(1) as i32;
+                print!("{}", reply.data["stdout"].as_str().unwrap_or_default());
+                eprint!("{}", reply.data["stderr"].as_str().unwrap_or_default());
+                if code != 0 {
+                    std::process::exit(code);
+                }
+                return Ok(());
+            }
+            let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+            local(
+                &cfg,
+                cmd,
+                &mut output::Io {
+                    out: &mut out,
+                    err: &mut err,
+                },
+            )
+        }
         Command::Keys(KeysCmd::New { name }) => keys::new(&name),
         Command::Reload => admin_cmds::reload(&load_config(&cli.config, false)?),
         Command::Backends(cmd) => {
@@ -226,6 +252,19 @@ pub fn dispatch(cli: Cli) -> Result<()> {
                 BackendsCmd::Undrain { url } => admin_cmds::drain(&cfg, &url, false),
             }
         }
+    }
+}
+
+/// Runs a kernel-policy command against the pinned maps (from the CLI with
+/// no daemon, or inside the daemon on behalf of the CLI).
+pub fn local(cfg: &Config, cmd: Command, io: &mut output::Io) -> Result<()> {
+    match cmd {
+        Command::Block(cmd) => lists::block(cfg, cmd, io),
+        Command::Allow(cmd) => lists::allow(cfg, cmd, io),
+        Command::Limits(cmd) => stats::limits(cfg, cmd, io),
+        Command::Stats(f) => stats::stats(cfg, f.json, io),
+        Command::Top(a) => stats::top(cfg, a.n, a.json, io),
+        _ => Err(UsageError("not a kernel policy command".into()).into()),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Small formatting helpers shared by the commands' table output.
 
 use std::{
+    io::Write,
     net::{IpAddr, Ipv6Addr},
     time::Duration,
 };
@@ -24,9 +25,18 @@ pub fn remaining(d: Option<Duration>) -> String {
     }
 }
 
+/// Where a command writes: the terminal, or buffers the daemon sends back
+/// over the admin socket.
+pub struct Io<'a> {
+    pub out: &'a mut dyn Write,
+    pub err: &'a mut dyn Write,
+}
+
 /// Prints rows as aligned columns; the first row is the header.
-pub fn table(rows: &[Vec<String>]) {
-    let Some(first) = rows.first() else { return };
+pub fn table(io: &mut Io, rows: &[Vec<String>]) -> std::io::Result<()> {
+    let Some(first) = rows.first() else {
+        return Ok(());
+    };
     let mut widths = vec![0; first.len()];
     for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -42,8 +52,9 @@ pub fn table(rows: &[Vec<String>]) {
                 line.push_str(&format!("{c:<w$}  "));
             }
         }
-        println!("{}", line.trim_end());
+        writeln!(io.out, "{}", line.trim_end())?;
     }
+    Ok(())
 }
 
 #[cfg(test)]

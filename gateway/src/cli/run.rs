@@ -65,6 +65,7 @@ async fn serve(cfg: Config, path: &Path) -> Result<()> {
         kernel: Mutex::new(kernel),
         degraded: degraded.clone(),
         exported: Mutex::new(Vec::new()),
+        state_writes: Mutex::new(()),
     });
     if let Some(why) = degraded {
         let want =

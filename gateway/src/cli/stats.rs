@@ -4,7 +4,7 @@ use anyhow::Result;
 use gateway_common::Limits;
 use serde::Serialize;
 
-use super::{output, LimitsCmd};
+use super::{output, output::Io, LimitsCmd};
 use crate::{
     config::{check_limits, Config},
     error::UsageError,
@@ -39,7 +39,7 @@ fn view(l: &Limits, ports: Vec<u16>, overrides: LimitOverrides) -> LimitsView {
     }
 }
 
-pub fn limits(cfg: &Config, cmd: LimitsCmd) -> Result<()> {
+pub fn limits(cfg: &Config, cmd: LimitsCmd, io: &mut Io) -> Result<()> {
     match cmd {
         LimitsCmd::Show(f) => {
             let maps = open_running(cfg)?;
@@ -49,7 +49,7 @@ pub fn limits(cfg: &Config, cmd: LimitsCmd) -> Result<()> {
                 .unwrap_or_else(|| policy::effective_limits(&cfg.xdp, &state));
             let v = view(&l, maps.ports()?, state.limits);
             if f.json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                writeln!(io.out, "{}", serde_json::to_string_pretty(&v)?)?;
             } else {
                 let mark = |o: Option<u64>| {
                     if o.is_some() {
@@ -65,27 +65,31 @@ pub fn limits(cfg: &Config, cmd: LimitsCmd) -> Result<()> {
                         n.to_string()
                     }
                 };
-                println!(
+                writeln!(
+                    io.out,
                     "syn_rate         {}/s per source{}",
                     off(v.syn_rate),
                     mark(v.overrides.syn_rate)
-                );
-                println!(
+                )?;
+                writeln!(
+                    io.out,
                     "syn_burst        {}{}",
                     v.syn_burst,
                     mark(v.overrides.syn_burst)
-                );
-                println!(
+                )?;
+                writeln!(
+                    io.out,
                     "global_syn_rate  {}/s{}",
                     off(v.global_syn_rate),
                     mark(v.overrides.global_syn_rate)
-                );
-                println!(
+                )?;
+                writeln!(
+                    io.out,
                     "source prefix    IPv4 /{}, IPv6 /{}",
                     v.ipv4_prefix, v.ipv6_prefix
-                );
+                )?;
                 let ports: Vec<String> = v.protected_ports.iter().map(u16::to_string).collect();
-                println!("protected ports  {}", ports.join(", "));
+                writeln!(io.out, "protected ports  {}", ports.join(", "))?;
             }
             Ok(())
         }
@@ -124,10 +128,11 @@ pub fn limits(cfg: &Config, cmd: LimitsCmd) -> Result<()> {
                 state.save(&cfg.server.state_dir)?;
                 return Err(e);
             }
-            println!(
+            writeln!(
+                io.out,
                 "limits now: syn_rate {}/s, syn_burst {}, global_syn_rate {}/s",
                 l.syn_rate, l.syn_burst, l.global_rate
-            );
+            )?;
             Ok(())
         }
     }
@@ -159,7 +164,7 @@ struct MapsRow {
     top_sources: usize,
 }
 
-pub fn stats(cfg: &Config, json: bool) -> Result<()> {
+pub fn stats(cfg: &Config, json: bool, io: &mut Io) -> Result<()> {
     let maps = open_running(cfg)?;
     let reasons: Vec<ReasonRow> = maps
         .stats()?
@@ -190,7 +195,7 @@ pub fn stats(cfg: &Config, json: bool) -> Result<()> {
         },
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        writeln!(io.out, "{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(());
     }
     match &v.attached {
@@ -200,12 +205,18 @@ pub fn stats(cfg: &Config, json: bool) -> Result<()> {
                 .iter()
                 .map(|i| format!("{} ({})", i.name, i.mode))
                 .collect();
-            println!("XDP attached to {} by pid {}", ifs.join(", "), s.pid);
+            writeln!(
+                io.out,
+                "XDP attached to {} by pid {}",
+                ifs.join(", "),
+                s.pid
+            )?;
         }
-        None => println!(
+        None => writeln!(
+            io.out,
             "XDP attached (no status file in {})",
             cfg.server.state_dir.display()
-        ),
+        )?,
     }
     let mut t = vec![["REASON", "ACTION", "PACKETS", "BYTES"]
         .map(String::from)
@@ -218,15 +229,17 @@ pub fn stats(cfg: &Config, json: bool) -> Result<()> {
             r.bytes.to_string(),
         ]);
     }
-    output::table(&t);
-    println!(
+    output::table(io, &t)?;
+    writeln!(
+        io.out,
         "total {} packets, {} dropped",
         v.total_packets, v.dropped_packets
-    );
-    println!(
+    )?;
+    writeln!(
+        io.out,
         "maps: allow {}, block {} CIDR + {} host, syn buckets {}, top sources {}",
         o.allow, o.block_cidr, o.block_host, o.syn_buckets, o.top_sources
-    );
+    )?;
     Ok(())
 }
 
@@ -240,7 +253,7 @@ struct TopRow {
     dropped_packets: u64,
 }
 
-pub fn top(cfg: &Config, n: usize, json: bool) -> Result<()> {
+pub fn top(cfg: &Config, n: usize, json: bool, io: &mut Io) -> Result<()> {
     let maps = open_running(cfg)?;
     let now = crate::kernel::clock::monotonic_ns();
     let mut rows: Vec<TopRow> = maps
@@ -269,14 +282,14 @@ pub fn top(cfg: &Config, n: usize, json: bool) -> Result<()> {
     });
     rows.truncate(n);
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        writeln!(io.out, "{}", serde_json::to_string_pretty(&rows)?)?;
     } else {
         let mut t = vec![["SOURCE", "REASON", "DROPPED"].map(String::from).to_vec()];
         t.extend(
             rows.into_iter()
                 .map(|r| vec![r.source, r.reason.into(), r.dropped_packets.to_string()]),
         );
-        output::table(&t);
+        output::table(io, &t)?;
     }
     Ok(())
 }
