@@ -427,3 +427,46 @@ sha256 = "{digest}"
     }
     assert_eq!(t.http(bad, gw_addr, req("sk-good"), CONNECT), Some(200));
 }
+
+#[test]
+fn keep_attached_protects_while_the_daemon_restarts() {
+    require_root!();
+    let t = Topology::new().expect("creating the test topology");
+    let v4 = SocketAddr::new(t.server_v4(), PORT);
+    let _l = t.listen(v4);
+    let body = config(&t, 1000, 1000).replace(
+        "pin_dir = \"@PIN_DIR@\"",
+        "pin_dir = \"@PIN_DIR@\"\nkeep_attached = true",
+    );
+    let mut gw = Daemon::start(Some(&t.server.path()), &body).expect("starting the gateway");
+    let bad = t.client_v4(3);
+    gw.cli(&["block", "add", &bad.to_string()]).ok();
+    assert!(!t.connect(bad, v4, CONNECT), "{bad} is blocked");
+
+    gw.stop_process();
+    // No daemon: the program stays attached with its maps.
+    assert!(
+        !t.connect(bad, v4, CONNECT),
+        "{bad} got through while the daemon was down"
+    );
+    assert!(
+        t.connect(t.client_v4(2), v4, CONNECT),
+        "other traffic still flows"
+    );
+
+    gw.respawn().expect("restarting the gateway");
+    let stats = gw.cli(&["stats", "--json"]).json();
+    assert_eq!(
+        stats["attached"]["interfaces"][0]["mode"], "kept",
+        "the new daemon took the link over: {stats}"
+    );
+    assert!(
+        !t.connect(bad, v4, CONNECT),
+        "{bad} is still blocked after the restart"
+    );
+    gw.cli(&["block", "del", &bad.to_string()]).ok();
+    assert!(
+        t.connect(bad, v4, CONNECT),
+        "the new program enforces the live maps"
+    );
+}

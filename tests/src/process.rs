@@ -20,6 +20,7 @@ pub struct Daemon {
     pub pin_dir: PathBuf,
     /// The daemon's stderr (its log).
     pub log: PathBuf,
+    netns: Option<String>,
     _dir: TempDir,
 }
 
@@ -103,6 +104,7 @@ impl Daemon {
         }
         let child = cmd.spawn().context("starting gateway run")?;
         let mut d = Daemon {
+            netns: netns.map(str::to_owned),
             child,
             config,
             pin_dir,
@@ -111,6 +113,32 @@ impl Daemon {
         };
         d.wait_ready()?;
         Ok(d)
+    }
+
+    /// Stops the process (SIGTERM) but keeps its config, state and pins.
+    pub fn stop_process(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+
+    /// Starts the daemon again with the same config, state and pins.
+    pub fn respawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new().append(true).open(&self.log)?;
+        let mut cmd = Command::new(gateway_bin());
+        cmd.arg("--config")
+            .arg(&self.config)
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(ns) = self.netns.clone() {
+            // SAFETY: setns is async-signal-safe; it only moves the child.
+            unsafe {
+                cmd.pre_exec(move || crate::netns::enter(&ns));
+            }
+        }
+        self.child = cmd.spawn().context("restarting gateway run")?;
+        self.wait_ready()
     }
 
     fn wait_ready(&mut self) -> Result<()> {

@@ -126,6 +126,10 @@ pub struct XdpConfig {
     /// bpffs directory for pinned maps (the schema version is appended).
     /// Default: /sys/fs/bpf/gateway.
     pub pin_dir: PathBuf,
+    /// Leave the program attached (its link pinned) when the daemon exits,
+    /// so a restart or upgrade loses no protection; the next daemon swaps
+    /// its own program in atomically. Default: false (detach on exit).
+    pub keep_attached: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -491,6 +495,7 @@ impl Validator {
                 .map(PathBuf::from)
                 .collect(),
             pin_dir: x.pin_dir.unwrap_or_else(|| DEFAULT_PIN_DIR.into()).into(),
+            keep_attached: x.keep_attached.unwrap_or(false),
         }
     }
 

@@ -59,6 +59,7 @@ pub struct Xdp {
     pub block: Option<Vec<String>>,
     pub block_files: Option<Vec<String>>,
     pub pin_dir: Option<String>,
+    pub keep_attached: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

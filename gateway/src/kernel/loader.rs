@@ -110,26 +110,85 @@ pub fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
 
 /// Attaches to `iface`, returning the mode it ended up in. `Auto` tries the
 /// driver (native) mode first and falls back to generic (skb) mode.
-pub fn attach(ebpf: &mut Ebpf, iface: &str, mode: AttachMode) -> Result<AttachMode> {
+pub fn attach(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    mode: AttachMode,
+) -> Result<(AttachMode, aya::programs::xdp::XdpLinkId)> {
     let prog = xdp_program(ebpf)?;
     let try_mode = |prog: &mut Xdp, m: XdpMode| {
         prog.attach(iface, m)
             .map_err(|e| explain(anyhow!(e).context(format!("attaching XDP to {iface}"))))
     };
     match mode {
-        AttachMode::Driver => try_mode(prog, XdpMode::Driver).map(|_| AttachMode::Driver),
-        AttachMode::Skb => try_mode(prog, XdpMode::Skb).map(|_| AttachMode::Skb),
+        AttachMode::Driver => try_mode(prog, XdpMode::Driver).map(|id| (AttachMode::Driver, id)),
+        AttachMode::Skb => try_mode(prog, XdpMode::Skb).map(|id| (AttachMode::Skb, id)),
         AttachMode::Auto => match try_mode(prog, XdpMode::Driver) {
-            Ok(_) => Ok(AttachMode::Driver),
+            Ok(id) => Ok((AttachMode::Driver, id)),
             Err(e) => {
                 tracing::warn!(
                     interface = iface,
                     "native XDP is not available ({e:#}); using generic (skb) mode, which is slower"
                 );
-                try_mode(prog, XdpMode::Skb).map(|_| AttachMode::Skb)
+                try_mode(prog, XdpMode::Skb).map(|id| (AttachMode::Skb, id))
             }
         },
     }
+}
+
+/// Where the link of `iface` is pinned when the program stays attached.
+pub fn link_pin(pin_path: &Path, iface: &str) -> PathBuf {
+    pin_path.join(format!("link_{iface}"))
+}
+
+/// Attaches to `iface`, or, when a previous daemon left its program
+/// attached (a pinned link), swaps this program in on that link atomically,
+/// so there is no moment without a program. With `keep`, the link is (or
+/// stays) pinned and outlives this process; without, a found pin is
+/// removed so the program detaches when this process exits. Returns the
+/// attach mode ("kept" for a taken-over link).
+pub fn attach_or_take_over(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    mode: AttachMode,
+    pin_path: &Path,
+    keep: bool,
+) -> Result<String> {
+    use aya::programs::{
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    };
+    let pin = link_pin(pin_path, iface);
+    if pin.exists() {
+        let pinned = PinnedLink::from_pin(&pin)
+            .with_context(|| format!("opening the pinned link {}", pin.display()))?;
+        let fd: FdLink = if keep {
+            pinned.into()
+        } else {
+            pinned
+                .unpin()
+                .with_context(|| format!("unpinning {}", pin.display()))?
+        };
+        let link = XdpLink::try_from(fd).context("the pinned link is not an XDP link")?;
+        xdp_program(ebpf)?.attach_to_link(link).map_err(|e| {
+            explain(anyhow!(e).context("swapping the program into the pinned link"))
+        })?;
+        tracing::info!(
+            interface = iface,
+            "took over the XDP link the previous daemon left attached"
+        );
+        return Ok("kept".into());
+    }
+    let (got, id) = attach(ebpf, iface, mode)?;
+    if keep {
+        let link = xdp_program(ebpf)?.take_link(id)?;
+        let fd: FdLink = link
+            .try_into()
+            .map_err(|_| anyhow!("{iface}: this kernel attached XDP without a BPF link, which cannot be pinned; set xdp.keep_attached = false"))?;
+        fd.pin(&pin)
+            .with_context(|| format!("pinning the XDP link at {}", pin.display()))?;
+    }
+    Ok(got.name().into())
 }
 
 /// Whether a loaded program uses the map with id `stats_id`, i.e. whether

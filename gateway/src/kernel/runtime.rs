@@ -86,8 +86,11 @@ impl Kernel {
         loader::check_bpffs(&pin)?;
         if pin.join(gateway_common::names::STATS).exists() {
             if let Ok(maps) = KernelMaps::open_pinned(&pin) {
-                if loader::program_running(maps.stats_id()) {
-                    let who = Status::read(&cfg.server.state_dir)
+                // A program left attached on purpose (keep_attached) has no
+                // live daemon; only a running daemon is in the way.
+                let daemon = Status::read(&cfg.server.state_dir).filter(|s| pid_alive(s.pid));
+                if loader::program_running(maps.stats_id()) && daemon.is_some() {
+                    let who = daemon
                         .map(|s| format!(" (pid {})", s.pid))
                         .unwrap_or_default();
                     return Err(UsageError(format!(
@@ -112,11 +115,12 @@ impl Kernel {
         );
         let mut interfaces = Vec::new();
         for iface in &x.interfaces {
-            let mode = loader::attach(&mut ebpf, iface, x.mode)?;
-            tracing::info!(interface = %iface, mode = mode.name(), "XDP program attached");
+            let mode =
+                loader::attach_or_take_over(&mut ebpf, iface, x.mode, &pin, x.keep_attached)?;
+            tracing::info!(interface = %iface, mode = %mode, kept = x.keep_attached, "XDP program attached");
             interfaces.push(Attached {
                 name: iface.clone(),
-                mode: mode.name().into(),
+                mode,
             });
         }
         let status = Status {
@@ -159,6 +163,12 @@ impl Kernel {
         }
         Ok(gone.len())
     }
+}
+
+/// Whether process `pid` exists (and is not us).
+fn pid_alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    pid != std::process::id() && unsafe { libc::kill(pid as i32, 0) } == 0
 }
 
 impl Drop for Kernel {
