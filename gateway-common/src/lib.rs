@@ -12,6 +12,7 @@ pub mod bucket;
 pub mod cidr;
 pub mod maps;
 pub mod packet;
+pub mod reuseport;
 pub mod verdict;
 
 pub use maps::*;

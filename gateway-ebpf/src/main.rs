@@ -15,6 +15,8 @@
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
+mod reuseport;
+#[cfg(target_arch = "bpf")]
 mod tables;
 #[cfg(target_arch = "bpf")]
 mod xdp;

@@ -57,11 +57,46 @@ impl Gateway {
             .iter()
             .filter_map(|s| s.local_addr().ok())
             .collect();
+        let balancer = if n > 1 {
+            match crate::listener::balancer::Balancer::attach(&sockets) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    tracing::warn!("worker balancer unavailable, new connections are spread by hash only: {e:#}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let refresh = {
             let shared = Arc::clone(&shared);
             Arc::new(move || refresh_gauges(&shared)) as Arc<dyn Fn() + Send + Sync>
         };
         let metrics_addr = metrics::serve(cfg.metrics.listen, metrics, refresh).await?;
+        if let Some(mut b) = balancer {
+            // Live loads for the program, every 10 ms, off the workers.
+            let shared = Arc::clone(&shared);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_millis(10));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                let labels: Vec<String> = (0..n).map(|w| w.to_string()).collect();
+                loop {
+                    tick.tick().await;
+                    let loads: Vec<u32> = labels
+                        .iter()
+                        .map(|w| {
+                            shared
+                                .metrics
+                                .connections
+                                .with_label_values(&[w])
+                                .get()
+                                .max(0) as u32
+                        })
+                        .collect();
+                    b.refresh(&loads);
+                }
+            });
+        }
         let workers = Workers::start(
             sockets,
             tls,

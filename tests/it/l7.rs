@@ -572,3 +572,71 @@ async fn metrics_reflect_traffic() {
         "a client's key must never appear in metrics"
     );
 }
+
+/// Open connections per worker, from `gateway_connections{worker}`.
+async fn per_worker(g: &TestGateway) -> [u64; 2] {
+    let m = g.metrics().await;
+    [0, 1].map(|w| {
+        metric(&m, "gateway_connections", &format!("worker=\"{w}\"")).unwrap_or(0.0) as u64
+    })
+}
+
+/// Opens one connection and returns it with the worker that accepted it.
+async fn connect_and_locate(g: &TestGateway, addr: &str) -> (tokio::net::TcpStream, usize) {
+    let before = per_worker(g).await;
+    let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let now = per_worker(g).await;
+        if let Some(w) = (0..2).find(|&w| now[w] > before[w]) {
+            // The balancer reads the counts every 10 ms: let it see this one.
+            tokio::time::sleep(Duration::from_millis(25)).await;
+            return (s, w);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no worker counted the connection"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_take_new_connections_by_load() {
+    crate::require_root!();
+    let up = mock("a").await;
+    let g = TestGateway::start("workers = 2", &model_toml("m", "", &[(up.url(), 1, None)])).await;
+    let addr = g.url.trim_start_matches("http://").to_owned();
+    let mut conns = Vec::new();
+    for _ in 0..20 {
+        conns.push(connect_and_locate(&g, &addr).await);
+    }
+    let on =
+        |w: usize, c: &[(tokio::net::TcpStream, usize)]| c.iter().filter(|(_, x)| *x == w).count();
+    let (a, b) = (on(0, &conns), on(1, &conns));
+    assert!(
+        a.abs_diff(b) <= 2,
+        "20 connections should split evenly across 2 workers, got {a}/{b}"
+    );
+    // Empty worker 1; worker 0 keeps its connections (a busy worker).
+    conns.retain(|(_, w)| *w == 0);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while per_worker(&g).await[1] != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "worker 1 did not see its connections close"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Let the balancer's 10 ms refresh see the emptied worker.
+    tokio::time::sleep(Duration::from_millis(25)).await;
+    let mut fresh = Vec::new();
+    for _ in 0..6 {
+        fresh.push(connect_and_locate(&g, &addr).await);
+    }
+    let to_idle = on(1, &fresh);
+    assert!(
+        to_idle >= 5,
+        "the idle worker should take the new connections, got {to_idle} of 6"
+    );
+}

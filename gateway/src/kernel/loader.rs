@@ -73,6 +73,15 @@ pub fn explain(e: anyhow::Error) -> anyhow::Error {
     }
 }
 
+/// Parses the object and creates its (unpinned) maps without loading any
+/// program; callers load the programs they need.
+pub fn load_object() -> Result<Ebpf> {
+    raise_memlock();
+    EbpfLoader::new()
+        .load(OBJECT)
+        .map_err(|e| explain(anyhow!(e).context("loading the eBPF object")))
+}
+
 /// Loads the object. With `pin_path`, every map is reused from (or pinned
 /// to) that directory so the CLI and a restarted daemon share them.
 pub fn load(pin_path: Option<&Path>) -> Result<Ebpf> {

@@ -4,6 +4,7 @@
 //! timeout against slow clients and graceful shutdown. `workers` runs one
 //! of these per worker thread.
 
+pub mod balancer;
 pub mod guard;
 pub mod limit;
 pub mod tls;

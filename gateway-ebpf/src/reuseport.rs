@@ -1,0 +1,51 @@
+//! The sk_reuseport program: picks the worker socket for each new
+//! connection of a SO_REUSEPORT group by live load, not only by hash, so a
+//! worker busy with long streams gets fewer new connections. Userspace
+//! fills `WORKERS` with the group's socket of each worker and refreshes
+//! `WORKER_LOAD` (open connections per worker) every few milliseconds.
+
+use aya_ebpf::{
+    bindings::sk_action,
+    macros::{map, sk_reuseport},
+    maps::{Array, ReusePortSockArray},
+    programs::SkReuseportContext,
+};
+use gateway_common::reuseport::MAX_WORKERS;
+
+#[map]
+static WORKERS: ReusePortSockArray = ReusePortSockArray::with_max_entries(MAX_WORKERS, 0);
+#[map]
+static WORKER_LOAD: Array<u32> = Array::with_max_entries(MAX_WORKERS, 0);
+/// `[0]`: how many workers are in `WORKERS`.
+#[map]
+static WORKER_COUNT: Array<u32> = Array::with_max_entries(1, 0);
+
+#[sk_reuseport]
+pub fn gateway_reuseport(ctx: SkReuseportContext) -> u32 {
+    let n = match WORKER_COUNT.get(0) {
+        Some(n) if *n > 0 && *n <= MAX_WORKERS => *n,
+        // Not configured: let the kernel hash as usual.
+        _ => return sk_action::SK_PASS,
+    };
+    // Start the scan at a hash-chosen worker so ties spread out.
+    let start = ctx.hash() % n;
+    let mut best = start;
+    let mut best_load = u32::MAX;
+    for step in 0..MAX_WORKERS {
+        if step >= n {
+            break;
+        }
+        let mut i = start + step;
+        if i >= n {
+            i -= n;
+        }
+        let load = WORKER_LOAD.get(i).copied().unwrap_or(u32::MAX);
+        if load < best_load {
+            best_load = load;
+            best = i;
+        }
+    }
+    // On failure (a socket gone) the kernel falls back to its hash.
+    let _ = WORKERS.select_reuseport(&ctx, best);
+    sk_action::SK_PASS
+}
