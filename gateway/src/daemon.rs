@@ -254,6 +254,10 @@ impl Daemon {
             Ok(c) => c,
             Err(e) => return Reply::failed(vec![e.to_string()]),
         };
+        let stats_json = match &parsed.command {
+            crate::cli::Command::Stats(f) => Some(f.json),
+            _ => None,
+        };
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let _serial = self.state_writes.lock().unwrap_or_else(|p| p.into_inner());
         let cfg = self
@@ -269,6 +273,20 @@ impl Daemon {
                 err: &mut err,
             },
         );
+        // Without a kernel program, stats still has the L7 half to show.
+        let no_kernel = self
+            .kernel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none();
+        let result = if stats_json.is_some() && no_kernel {
+            Ok(())
+        } else {
+            result
+        };
+        if let (Some(json), Ok(())) = (stats_json, &result) {
+            self.append_l7_stats(json, no_kernel, &mut out);
+        }
         let code = match &result {
             Ok(()) => 0,
             Err(e) => {
@@ -281,6 +299,39 @@ impl Daemon {
             "stdout": String::from_utf8_lossy(&out),
             "stderr": String::from_utf8_lossy(&err),
         }))
+    }
+}
+
+impl Daemon {
+    /// Adds the L7 summary (and, without a kernel program, why) to the
+    /// output of `gateway stats`.
+    fn append_l7_stats(&self, json: bool, no_kernel: bool, out: &mut Vec<u8>) {
+        use std::io::Write as _;
+        let l7 = self.shared.metrics.summary();
+        let xdp = match (&self.degraded, no_kernel) {
+            (Some(why), _) => format!("degraded: {why}"),
+            (None, true) => "disabled".to_owned(),
+            (None, false) => "attached".to_owned(),
+        };
+        if json {
+            let mut v: serde_json::Value =
+                serde_json::from_slice(out).unwrap_or_else(|_| serde_json::json!({}));
+            v["l7"] = l7;
+            v["xdp"] = xdp.into();
+            *out = serde_json::to_vec_pretty(&v).expect("JSON values encode");
+            out.push(b'\n');
+        } else {
+            let _ = writeln!(out, "\nXDP: {xdp}");
+            let _ = writeln!(
+                out,
+                "L7: requests {}, tokens {} prompt + {} completion, {} open connections, {} bans",
+                l7["requests"],
+                l7["tokens"]["prompt"],
+                l7["tokens"]["completion"],
+                l7["open_connections"],
+                l7["bans"]
+            );
+        }
     }
 }
 

@@ -173,6 +173,45 @@ impl Metrics {
         }
     }
 
+    /// Totals for `gateway stats`: requests by status class, tokens, bans
+    /// and open connections, summed over all label values.
+    pub fn summary(&self) -> serde_json::Value {
+        let mut requests = std::collections::BTreeMap::<String, u64>::new();
+        let (mut prompt, mut completion, mut bans, mut connections) = (0u64, 0u64, 0u64, 0i64);
+        for fam in self.registry.gather() {
+            for m in fam.get_metric() {
+                let label = |n: &str| {
+                    m.get_label()
+                        .iter()
+                        .find(|l| l.name() == n)
+                        .map(|l| l.value().to_owned())
+                };
+                let value = m.get_counter().get_value() as u64;
+                match fam.name() {
+                    "gateway_http_requests_total" => {
+                        let class = label("code")
+                            .and_then(|c| c.chars().next())
+                            .map_or("other".into(), |c| format!("{c}xx"));
+                        *requests.entry(class).or_default() += value;
+                    }
+                    "gateway_tokens_total" => match label("kind").as_deref() {
+                        Some("prompt") => prompt += value,
+                        _ => completion += value,
+                    },
+                    "gateway_bans_total" => bans += value,
+                    "gateway_connections" => connections += m.get_gauge().get_value() as i64,
+                    _ => {}
+                }
+            }
+        }
+        serde_json::json!({
+            "requests": requests,
+            "tokens": { "prompt": prompt, "completion": completion },
+            "bans": bans,
+            "open_connections": connections,
+        })
+    }
+
     /// The text exposition of every metric.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();

@@ -295,4 +295,77 @@ async fn without_xdp_the_daemon_serves_degraded_and_enforces_at_accept() {
         statuses[5..].iter().all(|s| s.is_none()),
         "connections past the burst must be refused: {statuses:?}"
     );
+    // `gateway stats` still reports, with the L7 half and why XDP is off.
+    let g = Arc::new(gw);
+    let stats = tokio::task::spawn_blocking(move || g.cli(&["stats", "--json"]))
+        .await
+        .unwrap()
+        .json();
+    assert!(
+        stats["xdp"].as_str().unwrap_or("").starts_with("degraded"),
+        "{stats}"
+    );
+    // Health checks are not proxied requests; the summary is there, empty.
+    assert!(
+        stats["l7"]["requests"].is_object() && stats["l7"]["bans"] == 0,
+        "{stats}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_open_streams_then_exits() {
+    let up = MockLlm::start(MockOptions {
+        name: "a".into(),
+        ..MockOptions::default()
+    })
+    .await
+    .unwrap();
+    let port = free_port();
+    let body = config(port, &up.url(), &up.url(), (1, 1));
+    let mut gw = tokio::task::spawn_blocking(move || Daemon::start(None, &body))
+        .await
+        .unwrap()
+        .expect("daemon");
+    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    let c = Client::http1();
+    let headers = [("x-mock-interval-ms", "100"), ("x-mock-tokens", "12")];
+    let stream = c
+        .post_raw(
+            &url,
+            Some(KEY_A),
+            &headers,
+            bytes::Bytes::from(chat("m", true).to_string()),
+        )
+        .await;
+    assert_eq!(stream.status(), 200);
+    let reading = tokio::spawn(gateway_tests::l7::collect(stream));
+    gw.terminate();
+    // New connections are refused once the daemon stops accepting.
+    let addr = format!("127.0.0.1:{port}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::net::TcpStream::connect(&addr).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still accepting 3 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The stream that was open finishes whole.
+    let done = reading.await.unwrap();
+    let text = String::from_utf8_lossy(&done.body).to_string();
+    assert!(
+        text.ends_with("data: [DONE]\n\n"),
+        "the open stream was cut: {text}"
+    );
+    let status = tokio::task::spawn_blocking(move || {
+        let s = gw.wait_exit(Duration::from_secs(10));
+        drop(gw);
+        s
+    })
+    .await
+    .unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the daemon should exit 0 after draining: {status:?}"
+    );
 }
