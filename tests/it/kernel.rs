@@ -61,6 +61,14 @@ fn block_add_and_del_take_effect_immediately_v4_and_v6() {
         mode == "driver" || mode == "skb",
         "attach mode reported: {stats}"
     );
+    assert_eq!(
+        stats["xdp"], "attached",
+        "the daemon adds its state: {stats}"
+    );
+    assert!(
+        stats["l7"]["open_connections"].is_number(),
+        "and the L7 summary: {stats}"
+    );
 
     let (good, bad) = (t.client_v4(2), t.client_v4(3));
     let (good6, bad6) = (t.client_v6(2), t.client_v6(3));
