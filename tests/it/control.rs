@@ -369,3 +369,56 @@ async fn sigterm_drains_open_streams_then_exits() {
         "the daemon should exit 0 after draining: {status:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_per_ip_closes_the_extra_ones() {
+    let up = MockLlm::start(MockOptions::default()).await.unwrap();
+    let port = free_port();
+    let body = config(port, &up.url(), &up.url(), (1, 1))
+        .replace("[server]\n", "[server]\nmax_connections_per_ip = 2\n");
+    let gw = tokio::task::spawn_blocking(move || Daemon::start(None, &body))
+        .await
+        .unwrap()
+        .expect("daemon");
+    let dst: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let req = "GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n";
+    let statuses = tokio::task::spawn_blocking(move || {
+        use std::io::{Read as _, Write as _};
+        // Two connections held open from 127.0.0.5, then a third.
+        let open = || {
+            let mut s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.bind(&std::net::SocketAddr::from(([127, 0, 0, 5], 0)).into())
+                .unwrap();
+            s.connect(&dst.into()).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s.write_all(req.as_bytes()).unwrap();
+            let mut buf = [0u8; 12];
+            let got = s.read(&mut buf).unwrap_or(0);
+            (s, std::str::from_utf8(&buf[..got]).unwrap_or("").to_owned())
+        };
+        let (a, ra) = open();
+        let (b, rb) = open();
+        let (_c, rc) = open();
+        let other = gateway_tests::netns::http_status(
+            "127.0.0.6".parse().unwrap(),
+            dst,
+            req,
+            Duration::from_secs(1),
+        );
+        drop((a, b));
+        (ra, rb, rc, other)
+    })
+    .await
+    .unwrap();
+    assert!(
+        statuses.0.starts_with("HTTP/1.1 200") && statuses.1.starts_with("HTTP/1.1 200"),
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.2, "",
+        "the third connection from one address must be closed unanswered"
+    );
+    assert_eq!(statuses.3, Some(200), "another address is unaffected");
+    drop(gw);
+}
