@@ -3,8 +3,8 @@
 //! entries loaded; and the time to load those entries through the same
 //! diff-apply path the daemon uses.
 //!
-//! Run: `cargo xtask bench xdp` (root). Prints a table and records it in
-//! docs/benchmarks.md.
+//! Run: `cargo xtask bench xdp` (root). Prints a table and leaves it in
+//! target/bench/xdp.md, which xtask records in docs/benchmarks.md.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -214,42 +214,9 @@ fn report(rows: &[Row], load: std::time::Duration) -> Result<()> {
     for r in &misses {
         println!("MISSED TARGET: {} at {:.1} ns", r.path, r.ns);
     }
-    record(&out)?;
+    // `cargo xtask bench xdp` records this in docs/benchmarks.md.
+    let table = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench/xdp.md");
+    std::fs::create_dir_all(std::path::Path::new(table).parent().expect("has a parent"))?;
+    std::fs::write(table, &out)?;
     Ok(())
-}
-
-/// Replaces the XDP section of docs/benchmarks.md.
-fn record(body: &str) -> Result<()> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/benchmarks.md");
-    let machine = machine();
-    let section = format!(
-        "<!-- xdp:begin -->\n## XDP fast path (TestRun)\n\nCommand: `cargo xtask bench xdp` \
-         (as root). Machine: {machine}.\n\n{body}<!-- xdp:end -->"
-    );
-    let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n\n".into());
-    let new = match (old.find("<!-- xdp:begin -->"), old.find("<!-- xdp:end -->")) {
-        (Some(a), Some(b)) => format!(
-            "{}{section}{}",
-            &old[..a],
-            &old[b + "<!-- xdp:end -->".len()..]
-        ),
-        _ => format!("{}\n{section}\n", old.trim_end()),
-    };
-    std::fs::write(path, new)?;
-    println!("recorded in docs/benchmarks.md");
-    Ok(())
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{cores} vCPU {cpu}, kernel {}", kernel.trim())
 }

@@ -4,15 +4,13 @@
 //! `gateway stats`, and runs until Ctrl-C.
 
 use std::{
-    net::TcpStream,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    process::{Command, Stdio},
 };
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::util::{self, is_root, root, step};
+use crate::util::{self, is_root, root, step, wait_for_port, Children};
 
 const CONFIG: &str = "config/demo.toml";
 const DEMO_KEY: &str = "sk-gw-demo-key-not-a-secret";
@@ -22,21 +20,8 @@ const UPSTREAMS: [(&str, &str); 2] = [
 ];
 
 pub fn run() -> Result<()> {
-    step("build: gateway and mock-llm (release)");
-    util::cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "gateway",
-        "-p",
-        "gateway-tests",
-        "--bin",
-        "gateway",
-        "--bin",
-        "mock-llm",
-    ])?;
-    let bin = root().join("target/release");
-    let mut children = Children(Vec::new());
+    let bin = util::build_release_bins()?;
+    let mut children = Children::default();
 
     step("demo: two mock upstreams");
     for (name, addr) in UPSTREAMS {
@@ -57,7 +42,7 @@ pub fn run() -> Result<()> {
             .spawn()
             .context("starting mock-llm")?;
         children.0.push(c);
-        wait_for_port(addr, &mut children)?;
+        wait_for_port(addr.parse()?, &mut children)?;
         eprintln!("mock-llm {name} on {addr}");
     }
 
@@ -83,7 +68,7 @@ pub fn run() -> Result<()> {
     children
         .0
         .push(gw(&["run"]).spawn().context("starting the gateway")?);
-    wait_for_port("127.0.0.1:8080", &mut children)?;
+    wait_for_port("127.0.0.1:8080".parse()?, &mut children)?;
 
     let g = format!(
         "{} --config {}",
@@ -117,35 +102,4 @@ pub fn run() -> Result<()> {
 
 fn rel(p: &Path) -> String {
     p.strip_prefix(root()).unwrap_or(p).display().to_string()
-}
-
-fn wait_for_port(addr: &str, children: &mut Children) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect_timeout(&addr.parse()?, Duration::from_millis(200)).is_err() {
-        for c in &mut children.0 {
-            if let Some(status) = c.try_wait()? {
-                bail!("a demo process exited during start-up ({status}); see its output above");
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("nothing listens on {addr} after 20 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
-}
-
-/// Stops every demo process when xtask exits, however it exits.
-struct Children(Vec<Child>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for c in self.0.iter_mut().rev() {
-            if let Ok(None) = c.try_wait() {
-                // SAFETY: signalling our own child.
-                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-                let _ = c.wait();
-            }
-        }
-    }
 }

@@ -1,8 +1,10 @@
 //! Process helpers for xtask.
 
 use std::{
+    net::{SocketAddr, TcpStream},
     path::PathBuf,
-    process::{Command, Stdio},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -56,4 +58,57 @@ pub fn is_root() -> bool {
 
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// Builds the release `gateway` and `mock-llm` binaries (demo, benchmarks).
+pub fn build_release_bins() -> Result<PathBuf> {
+    step("build: gateway and mock-llm (release)");
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "gateway",
+        "-p",
+        "gateway-tests",
+        "--bin",
+        "gateway",
+        "--bin",
+        "mock-llm",
+    ])?;
+    Ok(root().join("target/release"))
+}
+
+/// Child processes stopped with SIGTERM (newest first) when dropped, however
+/// xtask exits.
+#[derive(Default)]
+pub struct Children(pub Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in self.0.iter_mut().rev() {
+            if let Ok(None) = c.try_wait() {
+                // SAFETY: signalling our own child.
+                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// Waits until something accepts on `addr`, failing early if one of
+/// `children` exits.
+pub fn wait_for_port(addr: SocketAddr, children: &mut Children) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        for c in &mut children.0 {
+            if let Some(status) = c.try_wait()? {
+                bail!("a process exited during start-up ({status}); see its output above");
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("nothing listens on {addr} after 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
 }

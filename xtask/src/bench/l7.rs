@@ -8,45 +8,23 @@
 
 use std::{
     io::{BufRead as _, BufReader},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener},
     path::Path,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    process::{Command, Stdio},
 };
 
 use anyhow::{bail, Context as _, Result};
 
 use super::{load, record};
-use crate::util::{self, root, step};
+use crate::util::{self, root, step, wait_for_port, Children};
 
 const KEY: &str = "sk-bench-key";
 const BODY: &str =
     r#"{"model":"bench-model","messages":[{"role":"user","content":"hello from the benchmark"}]}"#;
 const CONNECTIONS: u32 = 64;
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
-    }
-}
-
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn wait_port(addr: SocketAddr) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        if Instant::now() > deadline {
-            bail!("nothing listens on {addr}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
 }
 
 /// One wrk run: requests/s and latency percentiles (µs).
@@ -106,22 +84,10 @@ fn parse_duration_us(s: &str) -> Result<f64> {
 }
 
 pub fn run(secs: u64) -> Result<()> {
-    step("build: gateway and mock-llm (release)");
-    util::cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "gateway",
-        "-p",
-        "gateway-tests",
-        "--bin",
-        "gateway",
-        "--bin",
-        "mock-llm",
-    ])?;
+    let bin = util::build_release_bins()?;
     let dir = root().join("target/bench/l7");
     std::fs::create_dir_all(dir.join("nginx"))?;
-    let bin = root().join("target/release");
+    let mut procs = Children::default();
 
     step("bench: starting mock-llm, nginx and the gateway");
     let mut mock = Command::new(bin.join("mock-llm"))
@@ -140,7 +106,7 @@ pub fn run(secs: u64) -> Result<()> {
         .context("starting mock-llm")?;
     let mut line = String::new();
     BufReader::new(mock.stdout.take().expect("piped")).read_line(&mut line)?;
-    let _mock = Proc(mock);
+    procs.0.push(mock);
     let mock_addr: SocketAddr = line
         .trim()
         .rsplit(' ')
@@ -166,7 +132,7 @@ pub fn run(secs: u64) -> Result<()> {
             d = dir.join("nginx").display()
         ),
     )?;
-    let _nginx = Proc(
+    procs.0.push(
         Command::new("nginx")
             .arg("-p")
             .arg(dir.join("nginx"))
@@ -189,7 +155,7 @@ pub fn run(secs: u64) -> Result<()> {
             digest = sha256_hex(KEY)?,
         ),
     )?;
-    let _gw = Proc(
+    procs.0.push(
         Command::new(bin.join("gateway"))
             .arg("--config")
             .arg(&gw_conf)
@@ -199,7 +165,7 @@ pub fn run(secs: u64) -> Result<()> {
             .context("starting the gateway")?,
     );
     for p in [ngx_port, gw_port] {
-        wait_port(SocketAddr::from(([127, 0, 0, 1], p)))?;
+        wait_for_port(SocketAddr::from(([127, 0, 0, 1], p)), &mut procs)?;
     }
 
     let script = dir.join("post.lua");

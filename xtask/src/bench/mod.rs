@@ -31,7 +31,15 @@ pub fn run(which: Which) -> Result<()> {
                 bail!("the XDP benchmark loads a BPF program: run it as root");
             }
             step("bench: xdp (release build)");
-            util::cargo(&["bench", "-p", "gateway", "--bench", "xdp"])
+            util::cargo(&["bench", "-p", "gateway", "--bench", "xdp"])?;
+            let table = std::fs::read_to_string(util::root().join("target/bench/xdp.md"))?;
+            record::section(
+                "xdp",
+                &format!(
+                    "## XDP fast path (TestRun)\n\nCommand: `cargo xtask bench xdp` (as root). Machine: {}.\n\n{table}",
+                    record::machine()
+                ),
+            )
         }
         Which::L7 { seconds } => l7::run(seconds),
     }
