@@ -101,13 +101,7 @@ fn block_add_and_del_take_effect_immediately_v4_and_v6() {
         "{good6} is not blocked but could not connect"
     );
 
-    let list = gw.cli(&["block", "list", "--json"]).json();
-    let row = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["cidr"] == format!("{bad}/32"))
-        .expect("entry listed");
+    let row = gw.block_entry(&format!("{bad}/32")).expect("entry listed");
     assert_eq!(row["comment"], "it");
     assert!(
         row["hits"].as_u64().unwrap() >= 1,
@@ -416,12 +410,8 @@ sha256 = "{digest}"
         Some(200),
         "the allowlisted source was banned"
     );
-    let list = gw.cli(&["block", "list", "--json"]).json();
-    let row = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["cidr"] == format!("{bad}/32"))
+    let row = gw
+        .block_entry(&format!("{bad}/32"))
         .expect("the ban is listed");
     assert_eq!(row["cause"], "auth_failures", "{row}");
     assert!(row["expires_in_secs"].as_u64().unwrap() <= 3, "{row}");

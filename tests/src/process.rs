@@ -192,6 +192,12 @@ impl Daemon {
         Cli::from(out)
     }
 
+    /// The `gateway block list --json` row of `cidr`, if listed.
+    pub fn block_entry(&self, cidr: &str) -> Option<serde_json::Value> {
+        let list = self.cli(&["block", "list", "--json"]).json();
+        list.as_array()?.iter().find(|r| r["cidr"] == cidr).cloned()
+    }
+
     /// Kernel counter of `reason` from `gateway stats --json`.
     pub fn counter(&self, reason: &str) -> u64 {
         let v = self.cli(&["stats", "--json"]).json();
