@@ -1,8 +1,9 @@
 //! The sk_reuseport program: picks the worker socket for each new
 //! connection of a SO_REUSEPORT group by live load, not only by hash, so a
 //! worker busy with long streams gets fewer new connections. Userspace
-//! fills `WORKERS` with the group's socket of each worker and refreshes
-//! `WORKER_LOAD` (open connections per worker) every few milliseconds.
+//! fills `WORKERS` with the group's socket of each worker, and each worker
+//! writes its open-connection count to `WORKER_LOAD` as connections open
+//! and close.
 
 use aya_ebpf::{
     bindings::sk_action,

@@ -44,6 +44,7 @@ impl Gateway {
             per_ip: PerIp::new(cfg.server.max_connections_per_ip),
             abuse: crate::pipeline::abuse::Tracker::new(&cfg.abuse, ban_tx),
             guard: Default::default(),
+            balancer: std::sync::OnceLock::new(),
         });
         let tls = cfg
             .server
@@ -73,29 +74,8 @@ impl Gateway {
             Arc::new(move || refresh_gauges(&shared)) as Arc<dyn Fn() + Send + Sync>
         };
         let metrics_addr = metrics::serve(cfg.metrics.listen, metrics, refresh).await?;
-        if let Some(mut b) = balancer {
-            // Live loads for the program, every 10 ms, off the workers.
-            let shared = Arc::clone(&shared);
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(std::time::Duration::from_millis(10));
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-                let labels: Vec<String> = (0..n).map(|w| w.to_string()).collect();
-                loop {
-                    tick.tick().await;
-                    let loads: Vec<u32> = labels
-                        .iter()
-                        .map(|w| {
-                            shared
-                                .metrics
-                                .connections
-                                .with_label_values(&[w])
-                                .get()
-                                .max(0) as u32
-                        })
-                        .collect();
-                    b.refresh(&loads);
-                }
-            });
+        if let Some(b) = balancer {
+            let _ = shared.balancer.set(b);
         }
         let workers = Workers::start(
             sockets,

@@ -110,14 +110,8 @@ fn block_file_bad_lines_are_reported_and_good_lines_load() {
     );
     let gw =
         Daemon::start(Some(&t.server.path()), &body).expect("a bad line must not stop the start");
-    let list = gw.cli(&["block", "list", "--json"]).json();
-    let cidrs: Vec<&str> = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["cidr"].as_str().unwrap())
-        .collect();
-    assert_eq!(cidrs, ["203.0.113.0/24", "2001:db8::/32"], "{list}");
+    let cidrs = gw.block_cidrs();
+    assert_eq!(cidrs, ["203.0.113.0/24", "2001:db8::/32"], "{cidrs:?}");
     let r = cli_with(&gw.config, &["check"]);
     assert_eq!(r.code, 2);
     assert!(

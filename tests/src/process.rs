@@ -192,6 +192,16 @@ impl Daemon {
         Cli::from(out)
     }
 
+    /// The CIDRs of `gateway block list --json`, in its order.
+    pub fn block_cidrs(&self) -> Vec<String> {
+        let list = self.cli(&["block", "list", "--json"]).json();
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["cidr"].as_str().map(str::to_owned))
+            .collect()
+    }
+
     /// The `gateway block list --json` row of `cidr`, if listed.
     pub fn block_entry(&self, cidr: &str) -> Option<serde_json::Value> {
         let list = self.cli(&["block", "list", "--json"]).json();

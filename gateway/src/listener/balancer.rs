@@ -1,11 +1,12 @@
 //! The worker balancer: for every listen address (one SO_REUSEPORT group),
 //! an instance of the sk_reuseport program whose socket array holds that
-//! group's socket of each worker, attached to the group. `refresh` copies
-//! the workers' open-connection counts into each instance's load array;
-//! the program sends a new connection to the least loaded worker. Without
+//! group's socket of each worker, attached to the group. A worker publishes
+//! its open-connection count into every instance's load array whenever a
+//! connection opens or closes (per connection, not per request), and the
+//! program sends each new connection to the least loaded worker. Without
 //! the privileges to load it, plain SO_REUSEPORT hashing still works.
 
-use std::net::TcpListener as StdListener;
+use std::{net::TcpListener as StdListener, sync::Mutex};
 
 use anyhow::{Context as _, Result};
 use aya::{
@@ -22,8 +23,7 @@ struct Group {
 }
 
 pub struct Balancer {
-    groups: Vec<Group>,
-    last: Vec<u32>,
+    groups: Mutex<Vec<Group>>,
 }
 
 impl Balancer {
@@ -70,21 +70,15 @@ impl Balancer {
             groups.push(Group { _ebpf: ebpf, load });
         }
         Ok(Balancer {
-            groups,
-            last: vec![u32::MAX; workers],
+            groups: Mutex::new(groups),
         })
     }
 
-    /// Publishes the workers' open connections (only what changed).
-    pub fn refresh(&mut self, loads: &[u32]) {
-        for (w, (&now, last)) in loads.iter().zip(self.last.iter_mut()).enumerate() {
-            if now == *last {
-                continue;
-            }
-            for g in &mut self.groups {
-                let _ = g.load.set(w as u32, now, 0);
-            }
-            *last = now;
+    /// Publishes `worker`'s open-connection count to every group.
+    pub fn publish(&self, worker: usize, load: u32) {
+        let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+        for g in groups.iter_mut() {
+            let _ = g.load.set(worker as u32, load, 0);
         }
     }
 }

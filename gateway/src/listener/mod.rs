@@ -82,7 +82,7 @@ impl Listeners {
                         shared.abuse.record(peer.ip(), crate::pipeline::abuse::Cause::RateLimited);
                         continue;
                     };
-                    let conn = Conn { peer, slot, gauge: conn_gauge.clone() };
+                    let conn = Conn { peer, slot, gauge: conn_gauge.clone(), worker: self.worker };
                     spawn_connection(stream, conn, Arc::clone(&shared), self.tls.clone(), self.header_read_timeout, &graceful);
                 }
                 _ = shutdown.changed() => break,
@@ -107,11 +107,24 @@ impl Listeners {
 }
 
 /// What a connection holds while it is open: its per-IP slot and its place
-/// in the worker's connection gauge.
+/// in the worker's connection count.
 struct Conn {
     peer: SocketAddr,
     slot: limit::Slot,
     gauge: prometheus::IntGauge,
+    worker: usize,
+}
+
+impl Conn {
+    /// Counts the connection in (`+1`) or out (`-1`). The balancer sees the
+    /// new count before the gauge does, so whoever reads the gauge knows
+    /// the balancer has it too.
+    fn count(&self, shared: &Shared, delta: i64) {
+        if let Some(b) = shared.balancer.get() {
+            b.publish(self.worker, (self.gauge.get() + delta).max(0) as u32);
+        }
+        self.gauge.add(delta);
+    }
 }
 
 fn builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
@@ -136,7 +149,8 @@ fn spawn_connection(
 ) {
     let _ = stream.set_nodelay(true);
     let peer = conn.peer;
-    conn.gauge.inc();
+    conn.count(&shared, 1);
+    let counted = Arc::clone(&shared);
     let svc = hyper::service::service_fn(move |req| {
         let shared = Arc::clone(&shared);
         async move { Ok::<_, Infallible>(crate::pipeline::handle(shared, req, peer).await) }
@@ -174,7 +188,7 @@ fn spawn_connection(
         if let Err(e) = result {
             tracing::debug!(%peer, "connection ended: {e}");
         }
-        conn.gauge.dec();
+        conn.count(&counted, -1);
         drop(conn.slot);
     });
 }

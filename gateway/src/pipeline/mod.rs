@@ -57,6 +57,8 @@ pub struct Shared {
     /// Blocklist, bans and connection rate enforced at accept when there
     /// is no XDP program to do it.
     pub guard: crate::listener::guard::Guard,
+    /// The sk_reuseport worker balancer, when it could be loaded.
+    pub balancer: std::sync::OnceLock<crate::listener::balancer::Balancer>,
 }
 
 /// The state /readyz reports.
