@@ -108,6 +108,8 @@ impl Daemon {
                         "in_flight": b.in_flight(),
                         "max_connections": b.max_connections,
                         "state": if b.drained() { "drained" } else { "active" },
+                        "health": b.health.state().name(),
+                        "consecutive_failures": b.health.failures(),
                     })
                 })
             })

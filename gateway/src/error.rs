@@ -48,8 +48,18 @@ pub enum ProxyError {
         model: String,
         retry_after_secs: u32,
     },
-    #[error("model {0:?} has no available backend; retry later")]
+    #[error("model {0:?} has no healthy backend; retry later")]
     NoBackend(String),
+    #[error("rate limit reached for this API key: {}; retry after {}s", .kind.name(), retry_after_secs(*.retry_after))]
+    RateLimited {
+        kind: crate::pipeline::limits::Kind,
+        retry_after: std::time::Duration,
+        headers: crate::pipeline::limits::RateHeaders,
+    },
+    #[error("request URI is longer than {0} bytes")]
+    UriTooLong(usize),
+    #[error("request has both Content-Length and Transfer-Encoding, or conflicting Content-Length values")]
+    AmbiguousLength,
     #[error("the upstream server could not be reached")]
     UpstreamConnect(String),
     #[error("the upstream server sent an invalid response")]
@@ -114,6 +124,21 @@ impl ProxyError {
                 "server_error",
                 "no_backend",
             ),
+            RateLimited { kind, .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                kind.name(),
+                "rate_limit_exceeded",
+            ),
+            UriTooLong(_) => (
+                StatusCode::URI_TOO_LONG,
+                "invalid_request_error",
+                "uri_too_long",
+            ),
+            AmbiguousLength => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "ambiguous_length",
+            ),
             UpstreamConnect(_) => (
                 StatusCode::BAD_GATEWAY,
                 "server_error",
@@ -157,6 +182,19 @@ impl ProxyError {
         } = self
         {
             h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+        } else if let ProxyError::RateLimited {
+            retry_after,
+            headers,
+            ..
+        } = self
+        {
+            h.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after_secs(*retry_after)),
+            );
+            for (n, v) in &headers.0 {
+                h.insert(n.clone(), v.clone());
+            }
         } else if status == StatusCode::SERVICE_UNAVAILABLE {
             h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
@@ -165,6 +203,11 @@ impl ProxyError {
         }
         r
     }
+}
+
+/// Whole seconds for Retry-After, rounded up, at least 1.
+fn retry_after_secs(d: std::time::Duration) -> u64 {
+    d.as_secs_f64().ceil().max(1.0) as u64
 }
 
 /// `{"error":{"message":...,"type":...,"param":null,"code":...}}`

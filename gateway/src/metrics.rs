@@ -28,6 +28,9 @@ pub struct Metrics {
     pub backend_in_flight: IntGaugeVec,
     pub backend_healthy: IntGaugeVec,
     pub upstream_errors: IntCounterVec,
+    pub retries: IntCounterVec,
+    pub rate_limited: IntCounterVec,
+    pub queue_waiting: IntGaugeVec,
     pub connections: IntGaugeVec,
     pub bans: IntCounterVec,
     pub xdp_packets: IntCounterVec,
@@ -126,6 +129,21 @@ impl Metrics {
             "Failed upstream exchanges by kind (connect, timeout, bad_response, stream).",
             &["model", "backend", "kind"],
         );
+        let retries = counter(
+            "gateway_upstream_retries_total",
+            "Requests retried on another backend (outcome=retried), or not retried because the retry budget was spent (outcome=budget_exhausted).",
+            &["model", "outcome"],
+        );
+        let rate_limited = counter(
+            "gateway_rate_limited_total",
+            "Requests refused with 429 by a per-key limit (requests, tokens, concurrency).",
+            &["key", "limit"],
+        );
+        let queue_waiting = gauge(
+            "gateway_queue_waiting",
+            "Requests waiting for a backend slot, per model.",
+            &["model"],
+        );
         let connections = gauge(
             "gateway_connections",
             "Open client connections per worker.",
@@ -170,6 +188,9 @@ impl Metrics {
             backend_in_flight,
             backend_healthy,
             upstream_errors,
+            retries,
+            rate_limited,
+            queue_waiting,
         }
     }
 

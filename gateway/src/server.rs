@@ -27,6 +27,17 @@ pub struct Gateway {
     /// Ban requests from the abuse tracker, for the daemon to enforce.
     pub bans: Option<tokio::sync::mpsc::UnboundedReceiver<crate::pipeline::abuse::Ban>>,
     workers: Workers,
+    /// Active health checks; stopped with the gateway.
+    checker: AbortOnDrop,
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Gateway {
@@ -46,6 +57,9 @@ impl Gateway {
             guard: Default::default(),
             balancer: std::sync::OnceLock::new(),
         });
+        let checker = AbortOnDrop(tokio::spawn(crate::upstream::checker::run(Arc::clone(
+            &shared,
+        ))));
         let tls = cfg
             .server
             .tls
@@ -80,7 +94,7 @@ impl Gateway {
         let workers = Workers::start(
             sockets,
             tls,
-            cfg.server.header_read_timeout,
+            crate::listener::ConnLimits::new(&cfg.server),
             Arc::clone(&shared),
             DEFAULT_DRAIN,
         )?;
@@ -94,12 +108,14 @@ impl Gateway {
             metrics_addr,
             bans: Some(bans),
             workers,
+            checker,
         })
     }
 
     /// Stops accepting, lets open connections finish (up to the drain
     /// deadline), and returns when they have.
     pub async fn stop(self) {
+        drop(self.checker);
         let workers = self.workers;
         let _ = tokio::task::spawn_blocking(move || workers.stop()).await;
     }
@@ -120,7 +136,14 @@ fn refresh_gauges(shared: &Shared) {
                 .metrics
                 .backend_healthy
                 .with_label_values(&labels)
-                .set(1);
+                .set(b.health.state().healthy() as i64);
+        }
+        if let Some(b) = m.backends.first() {
+            shared
+                .metrics
+                .queue_waiting
+                .with_label_values(&[m.name.as_str()])
+                .set(b.slots().waiting.load(std::sync::atomic::Ordering::Relaxed) as i64);
         }
     }
 }

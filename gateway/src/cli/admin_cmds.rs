@@ -45,9 +45,18 @@ pub fn backends_list(cfg: &Config, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&r.data)?);
         return Ok(());
     }
-    let mut t = vec![["MODEL", "BACKEND", "WEIGHT", "IN FLIGHT", "MAX", "STATE"]
-        .map(String::from)
-        .to_vec()];
+    let mut t = vec![[
+        "MODEL",
+        "BACKEND",
+        "WEIGHT",
+        "IN FLIGHT",
+        "MAX",
+        "STATE",
+        "HEALTH",
+        "FAILURES",
+    ]
+    .map(String::from)
+    .to_vec()];
     for b in r.data.as_array().into_iter().flatten() {
         let s = |k: &str| match &b[k] {
             serde_json::Value::String(s) => s.clone(),
@@ -61,6 +70,8 @@ pub fn backends_list(cfg: &Config, json: bool) -> Result<()> {
             s("in_flight"),
             s("max_connections"),
             s("state"),
+            s("health"),
+            s("consecutive_failures"),
         ]);
     }
     output::table(

@@ -38,6 +38,21 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_TOTAL_TIMEOUT: Duration = Duration::from_secs(600);
+pub const DEFAULT_MAX_HEADER_BYTES: u32 = 32 * 1024;
+pub const DEFAULT_MAX_HEADERS: u32 = 100;
+pub const DEFAULT_RETRY_BUDGET_RATIO: f64 = 0.2;
+pub const DEFAULT_RETRY_BUDGET_MIN_PER_SECOND: u32 = 5;
+pub const DEFAULT_HEALTH_PATH: &str = "/health";
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+pub const DEFAULT_HEALTHY_THRESHOLD: u32 = 2;
+pub const DEFAULT_UNHEALTHY_THRESHOLD: u32 = 3;
+pub const DEFAULT_CONSECUTIVE_FAILURES: u32 = 5;
+pub const DEFAULT_EJECTION: Duration = Duration::from_secs(10);
+pub const DEFAULT_MAX_EJECTION: Duration = Duration::from_secs(300);
+pub const DEFAULT_SLOW_START: Duration = Duration::from_secs(10);
+pub const DEFAULT_QUEUE_SIZE: u32 = 64;
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The validated configuration.
 #[derive(Clone, Debug)]
@@ -64,6 +79,11 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// Default: 256.
     pub max_connections_per_ip: u32,
+    /// Request line plus headers, in bytes (HTTP/1.1; the header list for
+    /// HTTP/2). Larger requests get 431. Default: 32 KiB.
+    pub max_header_bytes: u32,
+    /// Header fields per request (HTTP/1.1). Default: 100.
+    pub max_headers: u32,
     /// Persisted blocklist, allowlist, limits and bans. Default: /var/lib/gateway.
     pub state_dir: PathBuf,
     /// Default: /run/gateway/admin.sock.
@@ -163,7 +183,62 @@ pub struct ModelConfig {
     pub timeouts: Timeouts,
     /// Default: 2.
     pub retries: u32,
+    pub retry_budget: RetryBudget,
+    /// Active health checks; `None`: backends are judged by traffic only.
+    pub health_check: Option<HealthCheck>,
+    pub outlier: Outlier,
+    /// A backend coming back into rotation ramps its share up over this
+    /// long. Default: 10s; 0 = full share at once.
+    pub slow_start: Duration,
+    pub queue: Queue,
     pub backends: Vec<BackendConfig>,
+}
+
+/// Retries may add at most `ratio` of the model's recent requests, plus
+/// `min_per_second`, so a failing fleet is not hammered.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RetryBudget {
+    /// Default: 0.2.
+    pub ratio: f64,
+    /// Default: 5.
+    pub min_per_second: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// GET path on the backend, e.g. `/health` or `/v1/models`; any 2xx is healthy.
+    pub path: String,
+    /// Default: 5s.
+    pub interval: Duration,
+    /// Default: 2s.
+    pub timeout: Duration,
+    /// Consecutive successes that bring an unhealthy backend back. Default: 2.
+    pub healthy: u32,
+    /// Consecutive failures that take a backend out. Default: 3.
+    pub unhealthy: u32,
+}
+
+/// Passive outlier detection: a backend failing `consecutive_failures`
+/// requests in a row (connect errors, 5xx, timeouts) is ejected for
+/// `ejection`, doubled for each further ejection up to `max_ejection`, then
+/// let back in by one probe request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outlier {
+    /// Default: 5; 0 turns ejection off.
+    pub consecutive_failures: u32,
+    /// Default: 10s.
+    pub ejection: Duration,
+    /// Default: 5m.
+    pub max_ejection: Duration,
+}
+
+/// Requests that find every backend at `max_connections` wait here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Queue {
+    /// Waiting requests per model; more get 503 at once. Default: 64; 0 = no queue.
+    pub size: u32,
+    /// How long a request may wait for a slot before 503. Default: 2s.
+    pub timeout: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -305,6 +380,17 @@ impl Validator {
         }
     }
 
+    /// `v` or its default, reporting a value below `min`.
+    fn at_least(&mut self, path: &str, v: Option<u32>, default: u32, min: u32) -> u32 {
+        match v {
+            Some(v) if v < min => {
+                self.problem(path, format!("{v} is below the minimum {min}"));
+                default
+            }
+            v => v.unwrap_or(default),
+        }
+    }
+
     fn cidrs(&mut self, path: &str, list: Option<Vec<String>>) -> Vec<Cidr> {
         let mut out = Vec::new();
         for (i, s) in list.unwrap_or_default().iter().enumerate() {
@@ -394,6 +480,13 @@ impl Validator {
             max_connections_per_ip: s
                 .max_connections_per_ip
                 .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_IP),
+            max_header_bytes: self.at_least(
+                "server.max_header_bytes",
+                s.max_header_bytes,
+                DEFAULT_MAX_HEADER_BYTES,
+                MIN_HEADER_BYTES,
+            ),
+            max_headers: self.at_least("server.max_headers", s.max_headers, DEFAULT_MAX_HEADERS, 1),
             state_dir: s
                 .state_dir
                 .unwrap_or_else(|| DEFAULT_STATE_DIR.into())
@@ -548,6 +641,18 @@ impl Validator {
                 [0; 32]
             }
         };
+        for (field, v) in [
+            ("requests_per_minute", k.requests_per_minute),
+            ("tokens_per_minute", k.tokens_per_minute),
+            ("max_concurrent", k.max_concurrent.map(u64::from)),
+        ] {
+            if v == Some(0) {
+                self.problem(
+                    format!("{at}.{field}"),
+                    "must be at least 1 (omit it for no limit)",
+                );
+            }
+        }
         KeyConfig {
             name,
             sha256,
@@ -599,13 +704,115 @@ impl Validator {
             .enumerate()
             .filter_map(|(j, b)| self.backend(&format!("{at}.backends[{j}]"), b))
             .collect();
+        let rb = m.retry_budget.unwrap_or_default();
+        let ratio = rb.ratio.unwrap_or(DEFAULT_RETRY_BUDGET_RATIO);
+        if !(0.0..=1.0).contains(&ratio) {
+            self.problem(
+                format!("{at}.retry_budget.ratio"),
+                format!("{ratio} is not between 0 and 1"),
+            );
+        }
+        let health_check = m.health_check.map(|h| self.health_check(&at, h));
+        let o = m.outlier.unwrap_or_default();
+        let outlier = Outlier {
+            consecutive_failures: o
+                .consecutive_failures
+                .unwrap_or(DEFAULT_CONSECUTIVE_FAILURES),
+            ejection: self.duration(
+                &format!("{at}.outlier.ejection"),
+                o.ejection.as_deref(),
+                DEFAULT_EJECTION,
+            ),
+            max_ejection: self.duration(
+                &format!("{at}.outlier.max_ejection"),
+                o.max_ejection.as_deref(),
+                DEFAULT_MAX_EJECTION,
+            ),
+        };
+        if outlier.consecutive_failures > 0 && outlier.ejection.is_zero() {
+            self.problem(
+                format!("{at}.outlier.ejection"),
+                "must be longer than 0 (set consecutive_failures = 0 to turn ejection off)",
+            );
+        }
+        if outlier.max_ejection < outlier.ejection {
+            self.problem(
+                format!("{at}.outlier.max_ejection"),
+                "must not be shorter than outlier.ejection",
+            );
+        }
+        let q = m.queue.unwrap_or_default();
+        let queue = Queue {
+            size: q.size.unwrap_or(DEFAULT_QUEUE_SIZE),
+            timeout: self.duration(
+                &format!("{at}.queue.timeout"),
+                q.timeout.as_deref(),
+                DEFAULT_QUEUE_TIMEOUT,
+            ),
+        };
         ModelConfig {
             name,
             aliases: m.aliases,
             upstream_model: m.upstream_model,
             timeouts,
             retries: m.retries.unwrap_or(DEFAULT_RETRIES),
+            retry_budget: RetryBudget {
+                ratio,
+                min_per_second: rb
+                    .min_per_second
+                    .unwrap_or(DEFAULT_RETRY_BUDGET_MIN_PER_SECOND),
+            },
+            health_check,
+            outlier,
+            slow_start: self.duration(
+                &format!("{at}.slow_start"),
+                m.slow_start.as_deref(),
+                DEFAULT_SLOW_START,
+            ),
+            queue,
             backends,
+        }
+    }
+
+    fn health_check(&mut self, at: &str, h: raw::HealthCheck) -> HealthCheck {
+        let at = format!("{at}.health_check");
+        let path = h.path.unwrap_or_else(|| DEFAULT_HEALTH_PATH.into());
+        if !path.starts_with('/') || path.parse::<http::uri::PathAndQuery>().is_err() {
+            self.problem(
+                format!("{at}.path"),
+                format!("{path:?} is not a request path (e.g. \"/health\")"),
+            );
+        }
+        let interval = self.duration(
+            &format!("{at}.interval"),
+            h.interval.as_deref(),
+            DEFAULT_HEALTH_INTERVAL,
+        );
+        if interval < Duration::from_millis(10) {
+            self.problem(format!("{at}.interval"), "must be at least 10ms");
+        }
+        let healthy = self.at_least(
+            &format!("{at}.healthy"),
+            h.healthy,
+            DEFAULT_HEALTHY_THRESHOLD,
+            1,
+        );
+        let unhealthy = self.at_least(
+            &format!("{at}.unhealthy"),
+            h.unhealthy,
+            DEFAULT_UNHEALTHY_THRESHOLD,
+            1,
+        );
+        HealthCheck {
+            path,
+            interval,
+            timeout: self.duration(
+                &format!("{at}.timeout"),
+                h.timeout.as_deref(),
+                DEFAULT_HEALTH_TIMEOUT,
+            ),
+            healthy,
+            unhealthy,
         }
     }
 
@@ -664,6 +871,9 @@ impl Validator {
         }
     }
 }
+
+/// hyper's smallest HTTP/1.1 read buffer.
+const MIN_HEADER_BYTES: u32 = 8192;
 
 /// Checks SYN limits; shared by config validation and `gateway limits set`.
 /// Paths in the returned problems are the bare key names.

@@ -26,6 +26,8 @@ pub struct Server {
     pub max_body_bytes: Option<u64>,
     pub header_read_timeout: Option<String>,
     pub max_connections_per_ip: Option<u32>,
+    pub max_header_bytes: Option<u32>,
+    pub max_headers: Option<u32>,
     pub state_dir: Option<String>,
     pub admin_socket: Option<String>,
 }
@@ -98,8 +100,45 @@ pub struct Model {
     pub upstream_model: Option<String>,
     pub timeouts: Option<Timeouts>,
     pub retries: Option<u32>,
+    pub retry_budget: Option<RetryBudget>,
+    pub health_check: Option<HealthCheck>,
+    pub outlier: Option<Outlier>,
+    pub slow_start: Option<String>,
+    pub queue: Option<Queue>,
     #[serde(default)]
     pub backends: Vec<Backend>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBudget {
+    pub ratio: Option<f64>,
+    pub min_per_second: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    pub path: Option<String>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub healthy: Option<u32>,
+    pub unhealthy: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Outlier {
+    pub consecutive_failures: Option<u32>,
+    pub ejection: Option<String>,
+    pub max_ejection: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Queue {
+    pub size: Option<u32>,
+    pub timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

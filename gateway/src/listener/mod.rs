@@ -25,8 +25,27 @@ use crate::pipeline::Shared;
 pub struct Listeners {
     pub(crate) sockets: Vec<TcpListener>,
     pub(crate) tls: Option<TlsAcceptor>,
-    pub(crate) header_read_timeout: Duration,
+    pub(crate) limits: ConnLimits,
     pub(crate) worker: usize,
+}
+
+/// What a client connection may cost: how long it may take to send a
+/// request head (and its first byte), and how large that head may be.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnLimits {
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: u32,
+    pub max_headers: u32,
+}
+
+impl ConnLimits {
+    pub fn new(s: &crate::config::ServerConfig) -> ConnLimits {
+        ConnLimits {
+            header_read_timeout: s.header_read_timeout,
+            max_header_bytes: s.max_header_bytes,
+            max_headers: s.max_headers,
+        }
+    }
 }
 
 impl Listeners {
@@ -83,7 +102,7 @@ impl Listeners {
                         continue;
                     };
                     let conn = Conn { peer, slot, gauge: conn_gauge.clone(), worker: self.worker };
-                    spawn_connection(stream, conn, Arc::clone(&shared), self.tls.clone(), self.header_read_timeout, &graceful);
+                    spawn_connection(stream, conn, Arc::clone(&shared), self.tls.clone(), self.limits, &graceful);
                 }
                 _ = shutdown.changed() => break,
             }
@@ -127,14 +146,24 @@ impl Conn {
     }
 }
 
-fn builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
+/// Streams one HTTP/2 connection may have open at once.
+const MAX_CONCURRENT_STREAMS: u32 = 256;
+
+fn builder(limits: ConnLimits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
+    // The header read timeout also ends idle keep-alive connections. The
+    // read buffer's ceiling is what bounds a request head (431 beyond);
+    // bodies stream through it in chunks.
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout)
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes as usize)
+        .max_headers(limits.max_headers as usize)
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())
+        .max_header_list_size(limits.max_header_bytes)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     b
 }
@@ -144,9 +173,10 @@ fn spawn_connection(
     conn: Conn,
     shared: Arc<Shared>,
     tls: Option<TlsAcceptor>,
-    header_read_timeout: Duration,
+    limits: ConnLimits,
     graceful: &GracefulShutdown,
 ) {
+    let header_read_timeout = limits.header_read_timeout;
     let _ = stream.set_nodelay(true);
     let peer = conn.peer;
     conn.count(&shared, 1);
@@ -159,10 +189,11 @@ fn spawn_connection(
     tokio::spawn(async move {
         let result = match tls {
             None => {
+                let io = FirstByte::new(stream, header_read_timeout);
                 watcher
                     .watch(
-                        builder(header_read_timeout)
-                            .serve_connection(TokioIo::new(stream), svc)
+                        builder(limits)
+                            .serve_connection(TokioIo::new(io), svc)
                             .into_owned(),
                     )
                     .await
@@ -172,10 +203,11 @@ fn spawn_connection(
                 // the handshake gets its own deadline.
                 match tokio::time::timeout(header_read_timeout, acceptor.accept(stream)).await {
                     Ok(Ok(s)) => {
+                        let io = FirstByte::new(s, header_read_timeout);
                         watcher
                             .watch(
-                                builder(header_read_timeout)
-                                    .serve_connection(TokioIo::new(s), svc)
+                                builder(limits)
+                                    .serve_connection(TokioIo::new(io), svc)
                                     .into_owned(),
                             )
                             .await
@@ -191,4 +223,87 @@ fn spawn_connection(
         conn.count(&counted, -1);
         drop(conn.slot);
     });
+}
+
+pin_project_lite::pin_project! {
+    /// A client connection that must send its first byte within a
+    /// deadline. hyper's header read timeout starts only once it knows the
+    /// protocol, so a client that connects and stays silent would
+    /// otherwise hold its connection (and slot) forever.
+    struct FirstByte<IO> {
+        #[pin]
+        io: IO,
+        deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl<IO> FirstByte<IO> {
+    fn new(io: IO, within: Duration) -> FirstByte<IO> {
+        FirstByte {
+            io,
+            deadline: Some(Box::pin(tokio::time::sleep(within))),
+        }
+    }
+}
+
+impl<IO: tokio::io::AsyncRead> tokio::io::AsyncRead for FirstByte<IO> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::{future::Future as _, task::Poll};
+        let this = self.project();
+        let before = buf.filled().len();
+        let r = this.io.poll_read(cx, buf);
+        if let Some(d) = this.deadline.as_mut() {
+            match r {
+                Poll::Ready(Ok(())) if buf.filled().len() > before => *this.deadline = None,
+                Poll::Pending if d.as_mut().poll(cx).is_ready() => {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "client sent nothing within the header read timeout",
+                    )));
+                }
+                _ => {}
+            }
+        }
+        r
+    }
+}
+
+impl<IO: tokio::io::AsyncWrite> tokio::io::AsyncWrite for FirstByte<IO> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
 }

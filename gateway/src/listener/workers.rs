@@ -79,7 +79,7 @@ impl Workers {
     pub fn start(
         sockets: Vec<Vec<StdListener>>,
         tls: Option<tokio_rustls::TlsAcceptor>,
-        header_read_timeout: Duration,
+        limits: super::ConnLimits,
         shared: Arc<Shared>,
         drain: Duration,
     ) -> Result<Workers> {
@@ -118,7 +118,7 @@ impl Workers {
                         let l = Listeners {
                             sockets,
                             tls,
-                            header_read_timeout,
+                            limits,
                             worker: id,
                         };
                         l.serve(shared, rx, drain).await;

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::usage::Usage;
+use super::{limits::Permit, usage::Usage};
 use crate::metrics::{Metrics, NONE};
 
 pub struct RequestCtx {
@@ -32,6 +32,10 @@ pub struct RequestCtx {
     pub bytes_out: u64,
     /// How the exchange ended when it did not end normally.
     pub outcome: Option<&'static str>,
+    /// The key's admission under its limits, settled with the usage at the end.
+    pub permit: Option<Permit>,
+    /// Upstream attempts made (1 + retries).
+    pub attempts: u32,
 }
 
 impl RequestCtx {
@@ -58,11 +62,17 @@ impl RequestCtx {
             status: 0,
             bytes_out: 0,
             outcome: None,
+            permit: None,
+            attempts: 0,
         }
     }
 
-    /// Records metrics and writes the access log line.
-    pub fn finish(&self, m: &Metrics) {
+    /// Settles the key's token reservation, records metrics and writes the
+    /// access log line.
+    pub fn finish(&mut self, m: &Metrics) {
+        if let Some(mut p) = self.permit.take() {
+            p.settle(self.usage.map(|u| u.prompt + u.completion));
+        }
         let model = self.model.as_deref().unwrap_or(NONE);
         let key = self.key.as_deref().unwrap_or(NONE);
         let code = self.status.to_string();
@@ -110,6 +120,7 @@ impl RequestCtx {
             duration_ms = total.as_secs_f64() * 1000.0,
             prompt_tokens = self.usage.map(|u| u.prompt),
             completion_tokens = self.usage.map(|u| u.completion),
+            attempts = self.attempts,
             outcome = self.outcome.unwrap_or("ok"),
         );
     }

@@ -21,8 +21,10 @@ pub mod abuse;
 pub mod auth;
 pub mod balance;
 pub mod ctx;
+pub mod limits;
 pub mod proxy;
 pub mod request;
+pub mod retry;
 pub mod routes;
 pub mod stream;
 pub mod usage;
@@ -141,7 +143,12 @@ pub async fn handle(
     }
     let mut ctx = RequestCtx::new(rid, client, req.method().clone(), path);
     let routes = shared.routes.load_full();
-    match serve(&shared, &routes, req, &mut ctx).await {
+    let http1 = req.version() < http::Version::HTTP_2;
+    let served = match screen(&req) {
+        Ok(()) => serve(&shared, &routes, req, &mut ctx).await,
+        Err(e) => Err(e),
+    };
+    match served {
         Ok(Served::Done(resp)) => {
             ctx.status = resp.status().as_u16();
             ctx.finish(&shared.metrics);
@@ -157,8 +164,14 @@ pub async fn handle(
                 | ProxyError::UpstreamTimeout(_) => "upstream_error",
                 _ => "rejected",
             });
-            if matches!(e, ProxyError::Unauthorized) {
-                shared.abuse.record(client.ip(), abuse::Cause::AuthFailures);
+            match e {
+                ProxyError::Unauthorized => {
+                    shared.abuse.record(client.ip(), abuse::Cause::AuthFailures)
+                }
+                ProxyError::RateLimited { .. } => {
+                    shared.abuse.record(client.ip(), abuse::Cause::RateLimited)
+                }
+                _ => {}
             }
             if let Some(d) = e.detail() {
                 tracing::warn!(request_id = %ctx.request_id, "{e}: {d}");
@@ -170,9 +183,34 @@ pub async fn handle(
                 "x-request-id",
                 HeaderValue::from_str(&ctx.request_id).expect("validated"),
             );
+            if http1 && matches!(e, ProxyError::AmbiguousLength) {
+                // The body framing is in doubt: never read another request
+                // from this connection.
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             r
         }
     }
+}
+
+/// Longest request URI accepted (414 beyond).
+pub const MAX_URI_BYTES: usize = 8192;
+
+/// Refuses requests whose form alone is hostile: an overlong URI, or
+/// ambiguous body framing (both Content-Length and Transfer-Encoding, or
+/// several Content-Length values), the stuff of request smuggling.
+fn screen(req: &Request<Incoming>) -> Result<(), ProxyError> {
+    let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if uri_len > MAX_URI_BYTES {
+        return Err(ProxyError::UriTooLong(MAX_URI_BYTES));
+    }
+    let h = req.headers();
+    let lengths = h.get_all(header::CONTENT_LENGTH).iter().count();
+    if lengths > 1 || (lengths == 1 && h.contains_key(header::TRANSFER_ENCODING)) {
+        return Err(ProxyError::AmbiguousLength);
+    }
+    Ok(())
 }
 
 type BodyFn = Box<dyn FnOnce(RequestCtx) -> ResponseBody + Send>;
@@ -240,41 +278,23 @@ async fn serve(
     }
     ctx.model = Some(model.name.clone());
 
+    let completes = ctx.path != "/v1/embeddings";
+    let rate_headers = admit_key(shared, key, &body, &info, completes, ctx)?;
+
     // Ask upstream for stream usage when the client did not; remove it again.
     let strip_usage = info.stream && info.include_usage != Some(true);
     let upstream_body =
         request::upstream_body(body, &info, model.upstream_model.as_deref(), strip_usage)?;
 
-    let lease = model.balancer.pick(&model.name, &model.backends)?;
-    let backend = Arc::clone(lease.backend());
-    ctx.backend = Some(backend.label.clone());
-
-    let resp = proxy::send(
-        &backend,
+    let (resp, lease) = send_with_retries(
+        shared,
         model,
         &path_and_query,
         &parts.headers,
         upstream_body,
         ctx,
-        shared.tls,
     )
-    .await;
-    let resp = match resp {
-        Ok(r) => r,
-        Err(e) => {
-            let kind = match e {
-                ProxyError::UpstreamTimeout(_) => "timeout",
-                ProxyError::UpstreamConnect(_) => "connect",
-                _ => "bad_response",
-            };
-            shared
-                .metrics
-                .upstream_errors
-                .with_label_values(&[&model.name, &backend.label, kind])
-                .inc();
-            return Err(e);
-        }
-    };
+    .await?;
     let arrived = Instant::now();
     let (mut head, upstream) = resp.into_parts();
     let sse = head
@@ -284,6 +304,9 @@ async fn serve(
         .is_some_and(|v| v.starts_with("text/event-stream"));
     let edited = sse && strip_usage;
     head.headers = proxy::client_headers(&head.headers, &ctx.request_id, edited);
+    for (n, v) in rate_headers.0 {
+        head.headers.insert(n, v);
+    }
     head.version = http::Version::HTTP_11;
     ctx.status = head.status.as_u16();
     let shared = Arc::clone(shared);
@@ -295,4 +318,127 @@ async fn serve(
         ProxyBody::new(upstream, sse, strip_usage, timeouts.idle, deadline, finish).boxed_unsync()
     });
     Ok(Served::Proxied { head, body })
+}
+
+/// Applies the key's limits (429 when over), reserving the request's
+/// estimated tokens; returns the `x-ratelimit-*` headers for the response.
+fn admit_key(
+    shared: &Shared,
+    key: &routes::Key,
+    body: &[u8],
+    info: &request::RequestInfo,
+    completes: bool,
+    ctx: &mut RequestCtx,
+) -> Result<limits::RateHeaders, ProxyError> {
+    if !key.limits.any() {
+        return Ok(limits::RateHeaders::default());
+    }
+    let estimate = limits::estimate(body.len(), info.max_tokens, completes);
+    match key.state.admit(&key.limits, estimate) {
+        Ok((permit, headers)) => {
+            ctx.permit = Some(permit);
+            Ok(headers)
+        }
+        Err(r) => {
+            shared
+                .metrics
+                .rate_limited
+                .with_label_values(&[&key.name, r.kind.name()])
+                .inc();
+            Err(ProxyError::RateLimited {
+                kind: r.kind,
+                retry_after: r.retry_after,
+                headers: r.headers,
+            })
+        }
+    }
+}
+
+/// Sends the request to a backend, and again to another one (up to the
+/// model's `retries`, within its retry budget and total timeout) when the
+/// attempt failed before any response byte: connect errors, resets,
+/// first-byte timeouts, garbage, and 502/503/429 answers. The last
+/// attempt's outcome is what the client gets.
+async fn send_with_retries(
+    shared: &Shared,
+    model: &routes::Model,
+    path_and_query: &str,
+    headers: &http::HeaderMap,
+    body: Bytes,
+    ctx: &mut RequestCtx,
+) -> Result<(Response<Incoming>, crate::upstream::Lease), ProxyError> {
+    let deadline = ctx.start + model.timeouts.total;
+    model.retry_budget.deposit();
+    let mut tried = balance::Tried::new();
+    let (mut index, mut lease) = model
+        .balancer
+        .acquire(&model.name, &model.backends, &tried, &model.queue, deadline)
+        .await?;
+    loop {
+        tried.push(index);
+        ctx.attempts += 1;
+        let backend = Arc::clone(lease.backend());
+        ctx.backend = Some(backend.label.clone());
+        let result = proxy::send(
+            &backend,
+            path_and_query,
+            headers,
+            body.clone(),
+            ctx,
+            shared.tls,
+            model.timeouts.first_byte,
+            deadline,
+        )
+        .await;
+        let retryable = match &result {
+            Ok(r) => {
+                let status = r.status();
+                lease.report(!status.is_server_error());
+                matches!(status.as_u16(), 429 | 502 | 503)
+            }
+            Err(e) => {
+                lease.report(false);
+                let kind = match e {
+                    ProxyError::UpstreamTimeout(_) => "timeout",
+                    ProxyError::UpstreamConnect(_) => "connect",
+                    _ => "bad_response",
+                };
+                shared
+                    .metrics
+                    .upstream_errors
+                    .with_label_values(&[&model.name, &backend.label, kind])
+                    .inc();
+                true
+            }
+        };
+        if !retryable || ctx.attempts > model.retries || Instant::now() >= deadline {
+            return result.map(|r| (r, lease));
+        }
+        // Another backend, at once (no queueing for a retry), or none.
+        let Ok(next) = model.balancer.pick(&model.backends, &tried) else {
+            return result.map(|r| (r, lease));
+        };
+        if !model.retry_budget.withdraw() {
+            shared
+                .metrics
+                .retries
+                .with_label_values(&[&model.name, "budget_exhausted"])
+                .inc();
+            return result.map(|r| (r, lease));
+        }
+        shared
+            .metrics
+            .retries
+            .with_label_values(&[&model.name, "retried"])
+            .inc();
+        match &result {
+            Ok(r) => {
+                tracing::debug!(request_id = %ctx.request_id, backend = %backend.label, status = r.status().as_u16(), "retrying on another backend")
+            }
+            Err(e) => {
+                tracing::debug!(request_id = %ctx.request_id, backend = %backend.label, "retrying on another backend: {e}: {}", e.detail().unwrap_or(""))
+            }
+        }
+        (index, lease) = next;
+    }
 }

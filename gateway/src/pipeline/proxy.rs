@@ -2,7 +2,7 @@
 //! credential headers removed, request id and client address added), the
 //! first-byte timeout, and the client-facing response headers.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response};
@@ -10,7 +10,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 
 use super::ctx::RequestCtx;
-use crate::{error::ProxyError, pipeline::routes::Model, upstream::Backend};
+use crate::{error::ProxyError, upstream::Backend};
 
 /// Headers that describe one connection, not the message (RFC 9110 7.6.1),
 /// plus the client's credentials for the gateway, which upstream must never see.
@@ -49,15 +49,18 @@ pub fn end_to_end(from: &HeaderMap) -> HeaderMap {
 }
 
 /// Sends the request to `backend`; returns the upstream response head once
-/// it arrives within the model's first-byte timeout.
+/// it arrives within `first_byte` (and before `deadline`, the request's
+/// total timeout).
+#[allow(clippy::too_many_arguments)]
 pub async fn send(
     backend: &Backend,
-    model: &Model,
     path_and_query: &str,
     client_headers: &HeaderMap,
     body: Bytes,
     ctx: &mut RequestCtx,
     tls: bool,
+    first_byte: Duration,
+    deadline: Instant,
 ) -> Result<Response<Incoming>, ProxyError> {
     let mut headers = end_to_end(client_headers);
     headers.remove(header::CONTENT_LENGTH);
@@ -80,10 +83,12 @@ pub async fn send(
     *req.headers_mut() = headers;
 
     let dispatched = Instant::now();
-    ctx.overhead += dispatched - ctx.start;
-    ctx.dispatched = Some(dispatched);
-    let t = &model.timeouts;
-    let wait = t.first_byte.min(t.total);
+    if ctx.dispatched.is_none() {
+        // Time spent on failed attempts is upstream's, not the gateway's.
+        ctx.overhead += dispatched - ctx.start;
+        ctx.dispatched = Some(dispatched);
+    }
+    let wait = first_byte.min(deadline.saturating_duration_since(dispatched));
     match tokio::time::timeout(wait, backend.client().request(req)).await {
         Err(_) => Err(ProxyError::UpstreamTimeout(format!(
             "no response from {} within {wait:?}",

@@ -48,7 +48,12 @@ struct Peek<'a> {
     model: Option<Cow<'a, str>>,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
 }
+
+/// Deepest nesting of arrays and objects accepted in a request body.
+pub const MAX_JSON_DEPTH: usize = 64;
 
 /// What routing needs to know about a request body.
 #[derive(Debug, PartialEq, Eq)]
@@ -57,10 +62,25 @@ pub struct RequestInfo {
     pub stream: bool,
     /// `None`: no `stream_options`; `Some(x)`: its `include_usage` (false if absent).
     pub include_usage: Option<bool>,
+    /// `max_completion_tokens`, else `max_tokens`.
+    pub max_tokens: Option<u64>,
 }
 
-/// Picks `model`, `stream` and `stream_options.include_usage` out of a body.
+/// Picks `model`, `stream`, `stream_options.include_usage` and the token
+/// cap out of a body, which must be a UTF-8 JSON object nested at most
+/// `MAX_JSON_DEPTH` deep.
 pub fn inspect(body: &[u8]) -> Result<RequestInfo, ProxyError> {
+    if let Err(e) = std::str::from_utf8(body) {
+        return Err(ProxyError::InvalidJson(format!(
+            "invalid UTF-8 at byte {}",
+            e.valid_up_to()
+        )));
+    }
+    if too_deep(body, MAX_JSON_DEPTH) {
+        return Err(ProxyError::InvalidJson(format!(
+            "nested deeper than {MAX_JSON_DEPTH} levels"
+        )));
+    }
     let peek: Peek = serde_json::from_slice(body).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => ProxyError::MissingModel,
         _ => ProxyError::InvalidJson(e.to_string()),
@@ -75,7 +95,44 @@ pub fn inspect(body: &[u8]) -> Result<RequestInfo, ProxyError> {
         include_usage: peek
             .stream_options
             .map(|o| o.include_usage.unwrap_or(false)),
+        max_tokens: peek.max_completion_tokens.or(peek.max_tokens),
     })
+}
+
+/// Whether arrays and objects nest deeper than `max` (strings skipped).
+/// A linear scan that allocates nothing; run before parsing so no parser
+/// downstream, here or upstream, meets an absurd depth.
+fn too_deep(body: &[u8], max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < body.len() {
+        match body[i] {
+            b'"' => {
+                // Skip the string: to the next quote not escaped.
+                i += 1;
+                while i < body.len() {
+                    match memchr::memchr2(b'"', b'\\', &body[i..]) {
+                        Some(j) if body[i + j] == b'\\' => i += j + 2,
+                        Some(j) => {
+                            i += j;
+                            break;
+                        }
+                        None => return false, // unterminated: the parser says so
+                    }
+                }
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    false
 }
 
 /// The body to send upstream. Returns the original bytes untouched when no
@@ -141,8 +198,15 @@ mod tests {
             RequestInfo {
                 model: "m".into(),
                 stream: true,
-                include_usage: None
+                include_usage: None,
+                max_tokens: None,
             }
+        );
+        assert_eq!(
+            inspect(br#"{"model":"m","max_tokens":5,"max_completion_tokens":7}"#)
+                .unwrap()
+                .max_tokens,
+            Some(7)
         );
         let i = inspect(br#"{"model":"m","stream":true,"stream_options":{}}"#).unwrap();
         assert_eq!(i.include_usage, Some(false));
@@ -166,6 +230,33 @@ mod tests {
         ));
         // Escapes in the model name are decoded (borrowed Cow falls back to owned).
         assert_eq!(inspect(br#"{"model":"a\u0062c"}"#).unwrap().model, "abc");
+    }
+
+    #[test]
+    fn hostile_bodies_are_refused() {
+        let deep = format!(
+            "{{\"model\":\"m\",\"x\":{}{}}}",
+            "[".repeat(65),
+            "]".repeat(65)
+        );
+        assert!(
+            matches!(inspect(deep.as_bytes()), Err(ProxyError::InvalidJson(e)) if e.contains("nested"))
+        );
+        let ok = format!(
+            "{{\"model\":\"m\",\"x\":{}{}}}",
+            "[".repeat(63),
+            "]".repeat(63)
+        );
+        assert!(inspect(ok.as_bytes()).is_ok());
+        // Brackets inside strings, and escaped quotes, do not count.
+        let quoted = format!("{{\"model\":\"m\",\"x\":\"\\\"{}\"}}", "[".repeat(100));
+        assert!(inspect(quoted.as_bytes()).is_ok(), "{quoted}");
+        let mut bad = br#"{"model":"m","x":"#.to_vec();
+        bad.extend_from_slice(b"\"\xff\xfe\"}");
+        assert!(matches!(inspect(&bad), Err(ProxyError::InvalidJson(e)) if e.contains("UTF-8")));
+        for not_object in [&b"42"[..], b"\"model\"", b"null", b"[]"] {
+            assert!(inspect(not_object).is_err());
+        }
     }
 
     #[test]

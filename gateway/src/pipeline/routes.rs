@@ -5,10 +5,14 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use super::balance::Balancer;
+use super::{
+    balance::Balancer,
+    limits::{KeyState, Limits},
+    retry,
+};
 use crate::{
-    config::{Config, KeyConfig, ModelConfig, Timeouts},
-    upstream::Backend,
+    config::{Config, HealthCheck, KeyConfig, ModelConfig, Queue, Timeouts},
+    upstream::{Backend, Slots},
 };
 
 /// An API key as the gateway knows it: a name and the digest of the key.
@@ -17,14 +21,24 @@ pub struct Key {
     pub digest: [u8; 32],
     /// Model globs this key may use; empty = every model.
     globs: Vec<String>,
+    pub limits: Limits,
+    /// Rate buckets and in-flight count; carried over reloads by name.
+    pub state: Arc<KeyState>,
 }
 
 impl Key {
-    fn new(k: &KeyConfig) -> Key {
+    fn new(k: &KeyConfig, old: Option<&Key>) -> Key {
+        let limits = Limits {
+            requests_per_minute: k.requests_per_minute,
+            tokens_per_minute: k.tokens_per_minute,
+            max_concurrent: k.max_concurrent,
+        };
         Key {
             name: k.name.as_str().into(),
             digest: k.sha256,
             globs: k.models.clone(),
+            limits,
+            state: old.map_or_else(|| KeyState::new(&limits), |o| Arc::clone(&o.state)),
         }
     }
 
@@ -44,12 +58,20 @@ pub struct Model {
     pub upstream_model: Option<String>,
     pub timeouts: Timeouts,
     pub retries: u32,
+    pub retry_budget: retry::Budget,
+    pub health_check: Option<HealthCheck>,
+    pub queue: Queue,
     pub backends: Vec<Arc<Backend>>,
     pub balancer: Balancer,
 }
 
 impl Model {
     fn new(m: &ModelConfig, workers: usize, old: Option<&Model>) -> Model {
+        // The admission queue belongs to the model name: requests waiting
+        // across a reload are woken by the new table's backends too.
+        let slots = old
+            .and_then(|o| o.backends.first())
+            .map_or_else(|| Arc::new(Slots::default()), |b| Arc::clone(b.slots()));
         let backends: Vec<Arc<Backend>> = m
             .backends
             .iter()
@@ -59,15 +81,30 @@ impl Model {
                         .iter()
                         .find(|x| x.same_spec(b, m.timeouts.connect))
                 });
-                kept.cloned()
-                    .unwrap_or_else(|| Arc::new(Backend::new(b, m.timeouts.connect, workers)))
+                kept.cloned().unwrap_or_else(|| {
+                    Arc::new(Backend::new(
+                        b,
+                        m.timeouts.connect,
+                        workers,
+                        Arc::clone(&slots),
+                    ))
+                })
             })
             .collect();
+        for b in &backends {
+            b.health.configure(&m.outlier, m.slow_start);
+            if m.health_check.is_none() {
+                b.health.clear_active(&b.label);
+            }
+        }
         Model {
             name: m.name.clone(),
             upstream_model: m.upstream_model.clone(),
             timeouts: m.timeouts.clone(),
             retries: m.retries,
+            retry_budget: retry::Budget::new(&m.retry_budget),
+            health_check: m.health_check.clone(),
+            queue: m.queue.clone(),
             balancer: Balancer::new(backends.len()),
             backends,
         }
@@ -110,7 +147,14 @@ impl Routes {
             }
         }
         Routes {
-            keys: cfg.keys.iter().map(Key::new).collect(),
+            keys: cfg
+                .keys
+                .iter()
+                .map(|k| {
+                    let prev = old.and_then(|o| o.keys.iter().find(|x| *x.name == *k.name));
+                    Key::new(k, prev)
+                })
+                .collect(),
             by_name,
             models,
             max_body_bytes: cfg.server.max_body_bytes,

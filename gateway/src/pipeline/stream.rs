@@ -286,6 +286,9 @@ impl Body for ProxyBody {
                 .upstream_errors
                 .with_label_values(&[&model, &backend, kind])
                 .inc();
+            if let Some(l) = f.lease.as_mut() {
+                l.report(false);
+            }
             f.complete(Some(kind));
             return match this.mode {
                 Mode::Sse { .. } => Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(

@@ -1,6 +1,9 @@
 //! Backends: one pooled HTTP client per backend (keep-alive HTTP/1.1, or
 //! HTTP/2 prior knowledge for `h2c://` URLs, TLS for `https://`), and the
-//! in-flight count the balancer reads.
+//! in-flight count and health the balancer reads.
+
+pub mod checker;
+pub mod health;
 
 use std::{
     sync::{
@@ -47,10 +50,36 @@ pub struct Backend {
     /// One pool per worker, so a worker's requests use connections driven
     /// by its own runtime.
     clients: Vec<UpstreamClient>,
+    /// The pool of the active health checks (on the control runtime).
+    pub(crate) probe_client: UpstreamClient,
+    pub health: health::Health,
+    /// The model's admission queue, woken when a slot frees.
+    slots: Arc<Slots>,
+}
+
+/// Requests of one model waiting for a backend slot (see `pipeline::balance`).
+#[derive(Default)]
+pub struct Slots {
+    pub waiting: AtomicU32,
+    pub freed: tokio::sync::Notify,
+}
+
+impl Slots {
+    /// Wakes a waiting request, if any.
+    pub fn wake(&self) {
+        if self.waiting.load(Ordering::Relaxed) > 0 {
+            self.freed.notify_one();
+        }
+    }
 }
 
 impl Backend {
-    pub fn new(cfg: &BackendConfig, connect_timeout: Duration, workers: usize) -> Backend {
+    pub fn new(
+        cfg: &BackendConfig,
+        connect_timeout: Duration,
+        workers: usize,
+        slots: Arc<Slots>,
+    ) -> Backend {
         let h2c = cfg.url.scheme_str() == Some("h2c");
         let scheme = if cfg.url.scheme_str() == Some("https") {
             http::uri::Scheme::HTTPS
@@ -94,6 +123,9 @@ impl Backend {
             drained: std::sync::atomic::AtomicBool::new(false),
             spec: (cfg.clone(), connect_timeout),
             clients: (0..workers.max(1)).map(|_| client()).collect(),
+            probe_client: client(),
+            health: health::Health::default(),
+            slots,
         }
     }
 
@@ -120,8 +152,8 @@ impl Backend {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// Whether the balancer may send it new requests: not drained, not at
-    /// its connection cap.
+    /// Whether the balancer may consider it at all: not drained, not at
+    /// its connection cap (health is asked separately).
     pub fn available(&self) -> bool {
         !self.drained() && !self.full()
     }
@@ -132,6 +164,14 @@ impl Backend {
 
     pub fn set_drained(&self, on: bool) {
         self.drained.store(on, Ordering::Relaxed);
+        if !on {
+            self.slots.wake();
+        }
+    }
+
+    /// The model's admission queue.
+    pub fn slots(&self) -> &Arc<Slots> {
+        &self.slots
     }
 
     /// Whether a reload may keep this backend (same URL and settings), so
@@ -150,25 +190,54 @@ impl Backend {
     }
 
     /// Counts one more request in flight until the lease is dropped.
-    pub fn lease(self: &Arc<Self>) -> Lease {
+    /// `probe`: the request is the half-open probe of an ejected backend.
+    pub fn lease(self: &Arc<Self>, probe: bool) -> Lease {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        Lease(Arc::clone(self))
+        if probe {
+            self.health.claim_probe();
+        }
+        Lease {
+            backend: Arc::clone(self),
+            probe,
+            reported: false,
+        }
     }
 }
 
 /// A request's claim on a backend slot; released on drop, so an error, a
 /// finished response and a client disconnect all free it.
-pub struct Lease(Arc<Backend>);
+pub struct Lease {
+    backend: Arc<Backend>,
+    probe: bool,
+    reported: bool,
+}
 
 impl Lease {
     pub fn backend(&self) -> &Arc<Backend> {
-        &self.0
+        &self.backend
+    }
+
+    /// Tells the backend's health how the request went: `true` for a
+    /// usable response, `false` for a connect error, reset, timeout or 5xx.
+    /// Later reports of the same lease only count failures (a stream that
+    /// breaks after a good start).
+    pub fn report(&mut self, ok: bool) {
+        if self.reported && ok {
+            return;
+        }
+        let probe = self.probe && !self.reported;
+        self.reported = true;
+        self.backend.health.report(ok, probe, &self.backend.label);
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.probe && !self.reported {
+            self.backend.health.abandon_probe();
+        }
+        self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.backend.slots.wake();
     }
 }
 

@@ -1,0 +1,381 @@
+//! Per-key limits: requests per minute, tokens per minute and requests in
+//! flight. Both rates are token buckets that hold a minute's allowance and
+//! refill continuously, so a key may burst up to its limit and then goes at
+//! the limit's pace.
+//!
+//! Tokens are reserved at admission (an estimate: prompt bytes / 4 plus
+//! `max_tokens`) and settled with the real usage when the response ends,
+//! so a stream cannot overshoot the budget by more than what one request
+//! used beyond its estimate; the bucket may go into debt, which later
+//! requests wait out.
+//!
+//! The state outlives reloads (it is carried over by key name), so a reload
+//! does not hand every key a fresh minute.
+
+use std::{
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use http::{HeaderName, HeaderValue};
+
+/// Completion tokens assumed for a request without `max_tokens`.
+pub const DEFAULT_COMPLETION_ESTIMATE: u64 = 1024;
+/// Request bytes per prompt token, for the estimate.
+const BYTES_PER_TOKEN: u64 = 4;
+
+/// A key's configured limits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+    pub max_concurrent: Option<u32>,
+}
+
+impl Limits {
+    pub fn any(&self) -> bool {
+        self.requests_per_minute.is_some()
+            || self.tokens_per_minute.is_some()
+            || self.max_concurrent.is_some()
+    }
+}
+
+/// Which limit refused a request (the `limit` label of
+/// `gateway_rate_limited_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Requests,
+    Tokens,
+    Concurrency,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Requests => "requests",
+            Kind::Tokens => "tokens",
+            Kind::Concurrency => "concurrency",
+        }
+    }
+}
+
+/// A refusal: which limit, when to come back, and the headers to send.
+#[derive(Debug)]
+pub struct Refusal {
+    pub kind: Kind,
+    pub retry_after: Duration,
+    pub headers: RateHeaders,
+}
+
+/// `x-ratelimit-*` headers, OpenAI style.
+#[derive(Debug, Default)]
+pub struct RateHeaders(pub Vec<(HeaderName, HeaderValue)>);
+
+#[derive(Debug)]
+struct Bucket {
+    level: f64,
+}
+
+/// Token bucket with `capacity` = the per-minute limit.
+fn refill(b: &mut Bucket, capacity: f64, elapsed: Duration) {
+    b.level = (b.level + capacity * elapsed.as_secs_f64() / 60.0).min(capacity);
+}
+
+/// How long until `b` holds `need`.
+fn wait_for(b: &Bucket, capacity: f64, need: f64) -> Duration {
+    if b.level >= need {
+        return Duration::ZERO;
+    }
+    Duration::from_secs_f64((need - b.level) * 60.0 / capacity)
+}
+
+#[derive(Debug)]
+struct Buckets {
+    requests: Bucket,
+    tokens: Bucket,
+    last: Instant,
+}
+
+/// The live state of one key.
+#[derive(Debug)]
+pub struct KeyState {
+    buckets: Mutex<Buckets>,
+    in_flight: AtomicU32,
+}
+
+impl KeyState {
+    pub fn new(limits: &Limits) -> Arc<KeyState> {
+        Arc::new(KeyState {
+            buckets: Mutex::new(Buckets {
+                requests: Bucket {
+                    level: limits.requests_per_minute.unwrap_or(0) as f64,
+                },
+                tokens: Bucket {
+                    level: limits.tokens_per_minute.unwrap_or(0) as f64,
+                },
+                last: Instant::now(),
+            }),
+            in_flight: AtomicU32::new(0),
+        })
+    }
+
+    /// Admits a request of an estimated `tokens`, or says why not.
+    pub fn admit(
+        self: &Arc<Self>,
+        limits: &Limits,
+        tokens: u64,
+    ) -> Result<(Permit, RateHeaders), Refusal> {
+        if let Some(max) = limits.max_concurrent {
+            let was = self.in_flight.fetch_add(1, Ordering::AcqRel);
+            if was >= max {
+                self.in_flight.fetch_sub(1, Ordering::AcqRel);
+                return Err(Refusal {
+                    kind: Kind::Concurrency,
+                    retry_after: Duration::from_secs(1),
+                    headers: RateHeaders::default(),
+                });
+            }
+        }
+        let permit = Permit {
+            state: Arc::clone(self),
+            counted: limits.max_concurrent.is_some(),
+            reserved: 0,
+            tpm: limits.tokens_per_minute,
+        };
+        if limits.requests_per_minute.is_none() && limits.tokens_per_minute.is_none() {
+            return Ok((permit, RateHeaders::default()));
+        }
+        let mut g = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let elapsed = now - g.last;
+        g.last = now;
+        let mut refused: Option<(Kind, Duration)> = None;
+        if let Some(rpm) = limits.requests_per_minute {
+            refill(&mut g.requests, rpm as f64, elapsed);
+            let wait = wait_for(&g.requests, rpm as f64, 1.0);
+            if !wait.is_zero() {
+                refused = Some((Kind::Requests, wait));
+            }
+        }
+        // A request larger than the whole minute's allowance waits for a
+        // full bucket rather than forever.
+        let need = limits.tokens_per_minute.map(|tpm| tokens.min(tpm) as f64);
+        if let (Some(tpm), Some(need)) = (limits.tokens_per_minute, need) {
+            refill(&mut g.tokens, tpm as f64, elapsed);
+            let wait = wait_for(&g.tokens, tpm as f64, need);
+            if !wait.is_zero() && refused.is_none_or(|(_, w)| wait > w) {
+                refused = Some((Kind::Tokens, wait));
+            }
+        }
+        if let Some((kind, retry_after)) = refused {
+            let headers = headers(limits, &g);
+            drop(g);
+            drop(permit);
+            return Err(Refusal {
+                kind,
+                retry_after,
+                headers,
+            });
+        }
+        if limits.requests_per_minute.is_some() {
+            g.requests.level -= 1.0;
+        }
+        let mut permit = permit;
+        if let Some(need) = need {
+            g.tokens.level -= need;
+            permit.reserved = need as u64;
+        }
+        let headers = headers(limits, &g);
+        Ok((permit, headers))
+    }
+
+    fn settle(&self, reserved: u64, used: u64, tpm: u64) {
+        let mut g = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        g.tokens.level = (g.tokens.level + reserved as f64 - used as f64).min(tpm as f64);
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+fn headers(limits: &Limits, g: &Buckets) -> RateHeaders {
+    let mut h = Vec::with_capacity(6);
+    let mut add = |kind: &str, limit: u64, b: &Bucket| {
+        let remaining = b.level.max(0.0).floor() as u64;
+        let reset = wait_for(b, limit as f64, limit as f64);
+        for (field, value) in [
+            ("limit", limit.to_string()),
+            ("remaining", remaining.to_string()),
+            ("reset", format_reset(reset)),
+        ] {
+            h.push((
+                HeaderName::try_from(format!("x-ratelimit-{field}-{kind}"))
+                    .expect("a valid header name"),
+                HeaderValue::try_from(value).expect("digits and units"),
+            ));
+        }
+    };
+    if let Some(rpm) = limits.requests_per_minute {
+        add("requests", rpm, &g.requests);
+    }
+    if let Some(tpm) = limits.tokens_per_minute {
+        add("tokens", tpm, &g.tokens);
+    }
+    RateHeaders(h)
+}
+
+/// OpenAI's reset format: `"1s"`, `"6m0s"`, `"120ms"`.
+pub fn format_reset(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let s = d.as_secs_f64();
+    if s < 60.0 {
+        let t = (s * 1000.0).round() / 1000.0;
+        return format!("{t}s");
+    }
+    let m = (s / 60.0).floor() as u64;
+    format!("{m}m{}s", (s - m as f64 * 60.0).round() as u64)
+}
+
+/// A request's admission: released (and its tokens settled) when the
+/// request ends.
+#[derive(Debug)]
+pub struct Permit {
+    state: Arc<KeyState>,
+    counted: bool,
+    reserved: u64,
+    tpm: Option<u64>,
+}
+
+impl Permit {
+    /// Replaces the estimate with the real usage (when it is known).
+    pub fn settle(&mut self, used: Option<u64>) {
+        if let (Some(tpm), Some(used)) = (self.tpm.take(), used) {
+            self.state.settle(self.reserved, used, tpm);
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if self.counted {
+            self.state.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// The token estimate of a request body.
+pub fn estimate(body_len: usize, max_tokens: Option<u64>, completes: bool) -> u64 {
+    let prompt = body_len as u64 / BYTES_PER_TOKEN;
+    let completion = if completes {
+        max_tokens.unwrap_or(DEFAULT_COMPLETION_ESTIMATE)
+    } else {
+        0
+    };
+    prompt.saturating_add(completion).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header<'a>(h: &'a RateHeaders, name: &str) -> &'a str {
+        h.0.iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.to_str().unwrap())
+            .unwrap_or_else(|| panic!("no {name}"))
+    }
+
+    #[test]
+    fn requests_per_minute_bursts_then_refuses() {
+        let l = Limits {
+            requests_per_minute: Some(3),
+            ..Default::default()
+        };
+        let s = KeyState::new(&l);
+        let mut permits = Vec::new();
+        for left in ["2", "1", "0"] {
+            let (p, h) = s.admit(&l, 1).unwrap();
+            assert_eq!(header(&h, "x-ratelimit-remaining-requests"), left);
+            assert_eq!(header(&h, "x-ratelimit-limit-requests"), "3");
+            permits.push(p);
+        }
+        let r = s.admit(&l, 1).unwrap_err();
+        assert_eq!(r.kind, Kind::Requests);
+        assert!(
+            r.retry_after > Duration::from_secs(19) && r.retry_after <= Duration::from_secs(20),
+            "{:?}",
+            r.retry_after
+        );
+        assert_eq!(header(&r.headers, "x-ratelimit-remaining-requests"), "0");
+    }
+
+    #[test]
+    fn tokens_are_reserved_then_settled() {
+        let l = Limits {
+            tokens_per_minute: Some(1000),
+            ..Default::default()
+        };
+        let s = KeyState::new(&l);
+        let (mut p, h) = s.admit(&l, 600).unwrap();
+        assert_eq!(header(&h, "x-ratelimit-remaining-tokens"), "400");
+        let r = s.admit(&l, 600).unwrap_err();
+        assert_eq!(r.kind, Kind::Tokens);
+        // The request used only 100: 500 come back.
+        p.settle(Some(100));
+        let (_p2, h) = s.admit(&l, 600).unwrap();
+        assert!(
+            header(&h, "x-ratelimit-remaining-tokens")
+                .parse::<u64>()
+                .unwrap()
+                >= 300,
+            "{h:?}"
+        );
+    }
+
+    #[test]
+    fn overuse_becomes_debt() {
+        let l = Limits {
+            tokens_per_minute: Some(60_000),
+            ..Default::default()
+        };
+        let s = KeyState::new(&l);
+        let (mut p, _) = s.admit(&l, 10).unwrap();
+        p.settle(Some(90_000));
+        let r = s.admit(&l, 10).unwrap_err();
+        // 30,010 tokens short at 1,000/s.
+        assert!(
+            r.retry_after > Duration::from_secs(29),
+            "{:?}",
+            r.retry_after
+        );
+    }
+
+    #[test]
+    fn concurrency_is_released_on_drop() {
+        let l = Limits {
+            max_concurrent: Some(2),
+            ..Default::default()
+        };
+        let s = KeyState::new(&l);
+        let a = s.admit(&l, 1).unwrap();
+        let _b = s.admit(&l, 1).unwrap();
+        assert_eq!(s.admit(&l, 1).unwrap_err().kind, Kind::Concurrency);
+        drop(a);
+        assert!(s.admit(&l, 1).is_ok());
+        assert_eq!(s.in_flight(), 1, "the permit of the last admit was dropped");
+    }
+
+    #[test]
+    fn reset_format() {
+        assert_eq!(format_reset(Duration::from_millis(120)), "120ms");
+        assert_eq!(format_reset(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(format_reset(Duration::from_secs(360)), "6m0s");
+    }
+}
