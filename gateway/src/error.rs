@@ -58,8 +58,7 @@ pub enum ProxyError {
     },
     #[error("request URI is longer than {0} bytes")]
     UriTooLong(usize),
-    #[error("request has both Content-Length and Transfer-Encoding, or conflicting Content-Length values")]
-    AmbiguousLength,
+
     #[error("the upstream server could not be reached")]
     UpstreamConnect(String),
     #[error("the upstream server sent an invalid response")]
@@ -134,11 +133,7 @@ impl ProxyError {
                 "invalid_request_error",
                 "uri_too_long",
             ),
-            AmbiguousLength => (
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                "ambiguous_length",
-            ),
+
             UpstreamConnect(_) => (
                 StatusCode::BAD_GATEWAY,
                 "server_error",

@@ -5,6 +5,7 @@ mod control;
 mod kernel;
 mod l7;
 mod openai_sdk;
+mod resilience;
 
 /// Skips (with a printed reason) or, under CI=true, fails a test that needs
 /// root.

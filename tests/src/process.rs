@@ -182,6 +182,17 @@ impl Daemon {
 
     /// Runs a CLI command against this daemon's config (from the test's own
     /// namespace: pinned maps are reachable from any).
+    /// The daemon's resident memory, from /proc, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("the daemon's /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status")
+    }
+
     pub fn cli(&self, args: &[&str]) -> Cli {
         let out = Command::new(gateway_bin())
             .arg("--config")

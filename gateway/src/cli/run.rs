@@ -18,6 +18,7 @@ use crate::{admin, config::Config, daemon::Daemon, kernel::runtime::Kernel, serv
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 pub fn run(cfg: Config, path: &Path) -> Result<()> {
+    raise_fd_limit();
     // The proxy runs on its own worker threads (listener::workers); this
     // runtime only drives signals, metrics, the admin socket and housekeeping.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -25,6 +26,27 @@ pub fn run(cfg: Config, path: &Path) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(serve(cfg, path))
+}
+
+/// Every client connection and upstream connection is a file descriptor;
+/// the default soft limit (often 1024) would cap an edge proxy far below
+/// what it can serve, so the soft limit is raised to the hard one.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 || lim.rlim_cur >= lim.rlim_max {
+            return;
+        }
+        let from = lim.rlim_cur;
+        lim.rlim_cur = lim.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+            tracing::debug!(from, to = lim.rlim_max, "raised the open-file limit");
+        }
+    }
 }
 
 async fn serve(cfg: Config, path: &Path) -> Result<()> {

@@ -143,7 +143,6 @@ pub async fn handle(
     }
     let mut ctx = RequestCtx::new(rid, client, req.method().clone(), path);
     let routes = shared.routes.load_full();
-    let http1 = req.version() < http::Version::HTTP_2;
     let served = match screen(&req) {
         Ok(()) => serve(&shared, &routes, req, &mut ctx).await,
         Err(e) => Err(e),
@@ -183,12 +182,6 @@ pub async fn handle(
                 "x-request-id",
                 HeaderValue::from_str(&ctx.request_id).expect("validated"),
             );
-            if http1 && matches!(e, ProxyError::AmbiguousLength) {
-                // The body framing is in doubt: never read another request
-                // from this connection.
-                r.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
             r
         }
     }
@@ -197,18 +190,16 @@ pub async fn handle(
 /// Longest request URI accepted (414 beyond).
 pub const MAX_URI_BYTES: usize = 8192;
 
-/// Refuses requests whose form alone is hostile: an overlong URI, or
-/// ambiguous body framing (both Content-Length and Transfer-Encoding, or
-/// several Content-Length values), the stuff of request smuggling.
+/// Refuses requests whose form alone is hostile: an overlong URI. (Body
+/// framing is hyper's: differing Content-Length values or a non-chunked
+/// Transfer-Encoding get 400, and a request with both Content-Length and
+/// Transfer-Encoding is decoded as chunked and its connection closed
+/// after the answer, RFC 9112 section 6.1; upstream always gets the
+/// gateway's own Content-Length.)
 fn screen(req: &Request<Incoming>) -> Result<(), ProxyError> {
     let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
     if uri_len > MAX_URI_BYTES {
         return Err(ProxyError::UriTooLong(MAX_URI_BYTES));
-    }
-    let h = req.headers();
-    let lengths = h.get_all(header::CONTENT_LENGTH).iter().count();
-    if lengths > 1 || (lengths == 1 && h.contains_key(header::TRANSFER_ENCODING)) {
-        return Err(ProxyError::AmbiguousLength);
     }
     Ok(())
 }

@@ -99,10 +99,20 @@ async fn serve(ctx: &ConnCtx, req: Request<Incoming>, tracker: Tracker) -> Respo
     };
     shared.log.push(record);
     match (route, summary) {
-        (Route::Health, _) => {
-            let ok = MockBody::whole(Bytes::from_static(b"ok"), Some(tracker));
-            respond(shared, StatusCode::OK, "text/plain", ok)
-        }
+        (Route::Health, _) => match shared.current_fail() {
+            None | Some(Failure::MidStreamReset { .. }) => {
+                let ok = MockBody::whole(Bytes::from_static(b"ok"), Some(tracker));
+                respond(shared, StatusCode::OK, "text/plain", ok)
+            }
+            // A stalled server stalls its health endpoint too.
+            Some(Failure::Stall) => std::future::pending().await,
+            Some(_) => error(
+                shared,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "mock-llm: failing",
+                Some(tracker),
+            ),
+        },
         (Route::Models, _) => models(shared, &parts, tracker).await,
         (route, Some(summary)) => api(ctx, route, &parts, summary, tracker).await,
         _ => error(
@@ -133,10 +143,13 @@ async fn api(
     mut tracker: Tracker,
 ) -> Response<MockBody> {
     let shared = &*ctx.shared;
-    let params = match Params::from_headers(&shared.opts, &parts.headers) {
+    let mut params = match Params::from_headers(&shared.opts, &parts.headers) {
         Ok(p) => p,
         Err(m) => return error(shared, StatusCode::BAD_REQUEST, &m, Some(tracker)),
     };
+    if !parts.headers.contains_key("x-mock-fail") {
+        params.fail = shared.current_fail();
+    }
     let summary = match summary {
         Ok(s) => s,
         Err((status, m)) => return error(shared, status, &m, Some(tracker)),

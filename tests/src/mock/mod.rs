@@ -9,8 +9,9 @@
 //! injected failure, in flight) and keeps the last requests it received
 //! (`RecordedRequest`), which is what gateway tests assert on.
 //!
-//! Behaviour comes from `MockOptions` and can be overridden per request
-//! with headers, so one mock can serve varied tests:
+//! Behaviour comes from `MockOptions` (the failure can be changed while it
+//! runs, `MockLlm::set_fail`) and can be overridden per request with
+//! headers, so one mock can serve varied tests:
 //!
 //! | header               | value                                                   |
 //! |----------------------|---------------------------------------------------------|
@@ -135,6 +136,13 @@ impl MockLlm {
     /// The last `LOG_CAPACITY` requests received, oldest first.
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.shared.log.all()
+    }
+
+    /// Changes the failure injected into every request from now on (and
+    /// what `GET /health` answers: 503 while failing, no answer while
+    /// stalling); `None` makes the mock healthy again.
+    pub fn set_fail(&self, fail: Option<Failure>) {
+        *self.shared.fail.lock().unwrap_or_else(|p| p.into_inner()) = fail;
     }
 
     pub fn name(&self) -> &str {

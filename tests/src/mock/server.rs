@@ -32,6 +32,15 @@ pub(crate) struct Shared {
     pub models: Bytes,
     pub stats: Arc<MockStats>,
     pub log: RequestLog,
+    /// The failure injected into every request now (`MockLlm::set_fail`);
+    /// starts as `opts.fail`.
+    pub fail: std::sync::Mutex<Option<super::Failure>>,
+}
+
+impl Shared {
+    pub fn current_fail(&self) -> Option<super::Failure> {
+        *self.fail.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Shared {
@@ -41,6 +50,7 @@ impl Shared {
         Ok(Shared {
             models: render::models(&opts.models),
             name,
+            fail: std::sync::Mutex::new(opts.fail),
             opts,
             stats: Arc::default(),
             log: RequestLog::default(),
