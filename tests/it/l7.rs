@@ -26,7 +26,7 @@ fn url(g: &TestGateway, path: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_error_status() {
     let up = mock("a").await;
-    let models = model_toml("m", "", &[(up.url(), 1, Some(1))])
+    let models = model_toml("m", "queue = { size = 0 }", &[(up.url(), 1, Some(1))])
         + &model_toml(
             "dead",
             "timeouts = { connect = \"300ms\" }",

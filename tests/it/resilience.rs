@@ -765,3 +765,127 @@ async fn a_thousand_slowloris_connections_neither_starve_clients_nor_grow_memory
     let r = c.post(&u, Some(KEY_A), &[], &chat("m", false)).await;
     assert_eq!(r.status, 200);
 }
+
+/// A listener whose accept queue is full: connects to it hang in SYN-SENT,
+/// which is how an unreachable host looks.
+fn blackhole() -> (socket2::Socket, Vec<std::net::TcpStream>, SocketAddr) {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    s.listen(0).unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    // Fill the queue (backlog 0 still admits one) with connections never accepted.
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        let f = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        if f.connect_timeout(&addr.into(), Duration::from_millis(100))
+            .is_err()
+        {
+            break;
+        }
+        fillers.push(f.into());
+    }
+    (s, fillers, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_timeout_answers_or_ends_the_stream_and_frees_the_slot() {
+    let up = mock("a").await;
+    let (_hole, _fillers, hole) = blackhole();
+    let timeouts = "timeouts = { connect = \"200ms\", first_byte = \"300ms\", idle = \"250ms\", total = \"700ms\" }\nqueue = { size = 0 }\nretries = 0";
+    let models = model_toml("m", timeouts, &[(up.url(), 1, Some(1))])
+        + &model_toml("hole", timeouts, &[(format!("http://{hole}"), 1, Some(1))]);
+    let gw = TestGateway::start("", &models).await;
+    let c = Client::http1();
+    let u = url(&gw);
+    let free = |name: &'static str| {
+        let (c, u) = (Client::http1(), u.clone());
+        async move {
+            // max_connections = 1 and no queue: this fails unless the slot is back.
+            let r = c.post(&u, Some(KEY_A), &[], &chat(name, false)).await;
+            assert_ne!(r.status, 503, "the slot of {name} was not released");
+        }
+    };
+
+    // connect: the SYN is never answered.
+    let t = Instant::now();
+    let r = c.post(&u, Some(KEY_A), &[], &chat("hole", false)).await;
+    assert_eq!(
+        (r.status.as_u16(), r.error_code()),
+        (504, "upstream_timeout".into())
+    );
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(180) && took < Duration::from_secs(1),
+        "{took:?}"
+    );
+    let r = c.post(&u, Some(KEY_A), &[], &chat("hole", false)).await;
+    assert_eq!(r.status, 504, "slot released after a connect timeout");
+
+    // first byte: no response head in time.
+    let t = Instant::now();
+    let r = c
+        .post(
+            &u,
+            Some(KEY_A),
+            &[("x-mock-fail", "stall")],
+            &chat("m", false),
+        )
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.error_code()),
+        (504, "upstream_timeout".into())
+    );
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    free("m").await;
+
+    // idle: a stream pauses longer than the idle timeout after its start.
+    let stream = |interval: &'static str| {
+        let (c, u) = (Client::http1(), u.clone());
+        async move {
+            let t = Instant::now();
+            let r = collect(
+                c.post_raw(
+                    &u,
+                    Some(KEY_A),
+                    &[("x-mock-interval-ms", interval), ("x-mock-tokens", "20")],
+                    Bytes::from(chat("m", true).to_string()),
+                )
+                .await,
+            )
+            .await;
+            (String::from_utf8_lossy(&r.body).into_owned(), t.elapsed())
+        }
+    };
+    let (body, took) = stream("400").await;
+    assert!(
+        body.contains("upstream_stream_error") && !body.contains("[DONE]"),
+        "{body}"
+    );
+    assert!(
+        took < Duration::from_millis(1000),
+        "ended at the idle timeout: {took:?}"
+    );
+    free("m").await;
+
+    // total: chunks keep coming, but the whole exchange is too long.
+    let (body, took) = stream("100").await;
+    assert!(
+        body.contains("upstream_stream_error") && !body.contains("[DONE]"),
+        "{body}"
+    );
+    assert!(
+        took >= Duration::from_millis(650) && took < Duration::from_millis(1200),
+        "ended at the total timeout: {took:?}"
+    );
+    free("m").await;
+    let m = gw.metrics().await;
+    for kind in ["idle_timeout", "total_timeout", "timeout"] {
+        let labels = format!(r#"backend="{}",kind="{kind}",model="m""#, up.url());
+        assert_eq!(
+            metric(&m, "gateway_upstream_errors_total", &labels),
+            Some(1.0),
+            "{kind}\n{m}"
+        );
+    }
+}
