@@ -226,6 +226,24 @@ async fn drain_takes_a_backend_out_of_rotation() {
             == "a";
     }
     assert!(saw_a, "an undrained backend takes traffic again");
+
+    // A failing backend is ejected after 5 failures in a row (the retries
+    // hide them from clients), and the list says so.
+    a.set_fail(Some(gateway_tests::mock::Failure::Status(503)));
+    for _ in 0..20 {
+        let r = c.post(&url, Some(KEY_A), &[], &chat("m", false)).await;
+        assert_eq!(r.status, 200, "retried on b");
+    }
+    let list = cli(&["backends", "list", "--json"]).await.unwrap().json();
+    let health: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["health"].as_str().unwrap())
+        .collect();
+    assert_eq!(health, ["ejected", "healthy"], "{list}");
+    let table = cli(&["backends", "list"]).await.unwrap().ok();
+    assert!(table.contains("HEALTH") && table.contains("ejected"), "{table}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
