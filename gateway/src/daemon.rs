@@ -101,10 +101,18 @@ impl Daemon {
             .iter()
             .flat_map(|m| {
                 m.backends.iter().map(move |b| {
+                    let group = m
+                        .groups
+                        .iter()
+                        .find(|g| g.backends.iter().any(|x| Arc::ptr_eq(x, b)))
+                        .map(|g| g.name.to_string())
+                        .filter(|g| !g.is_empty());
                     serde_json::json!({
                         "model": m.name,
+                        "group": group,
+                        "balance": m.policy().name(),
                         "url": b.label,
-                        "weight": b.weight,
+                        "weight": b.weight(),
                         "in_flight": b.in_flight(),
                         "max_connections": b.max_connections,
                         "state": if b.drained() { "drained" } else { "active" },

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     pub rate_limited: IntCounterVec,
     pub queue_waiting: IntGaugeVec,
+    pub group_requests: IntCounterVec,
+    pub backend_requests: IntCounterVec,
     pub connections: IntGaugeVec,
     pub bans: IntCounterVec,
     pub xdp_packets: IntCounterVec,
@@ -144,6 +146,16 @@ impl Metrics {
             "Requests waiting for a backend slot, per model.",
             &["model"],
         );
+        let group_requests = counter(
+            "gateway_group_requests_total",
+            "Requests of models with traffic groups (canary, A/B), by group and status code.",
+            &["model", "group", "code"],
+        );
+        let backend_requests = counter(
+            "gateway_backend_requests_total",
+            "Upstream attempts per backend (retries included): how a balancing policy spreads load.",
+            &["model", "backend"],
+        );
         let connections = gauge(
             "gateway_connections",
             "Open client connections per worker.",
@@ -191,6 +203,8 @@ impl Metrics {
             retries,
             rate_limited,
             queue_waiting,
+            group_requests,
+            backend_requests,
         }
     }
 

@@ -243,7 +243,10 @@ async fn drain_takes_a_backend_out_of_rotation() {
         .collect();
     assert_eq!(health, ["ejected", "healthy"], "{list}");
     let table = cli(&["backends", "list"]).await.unwrap().ok();
-    assert!(table.contains("HEALTH") && table.contains("ejected"), "{table}");
+    assert!(
+        table.contains("HEALTH") && table.contains("ejected"),
+        "{table}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

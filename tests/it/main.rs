@@ -6,6 +6,7 @@ mod kernel;
 mod l7;
 mod openai_sdk;
 mod resilience;
+mod routing;
 
 /// Skips (with a printed reason) or, under CI=true, fails a test that needs
 /// root.

@@ -191,7 +191,71 @@ pub struct ModelConfig {
     /// long. Default: 10s; 0 = full share at once.
     pub slow_start: Duration,
     pub queue: Queue,
+    /// Default: weighted_least_connections.
+    pub balance: Policy,
+    /// What consistent_hash and the sticky group split hash. Default: key.
+    pub hash_on: HashOn,
+    /// Traffic groups with their weights (canary split); empty = one group.
+    pub groups: Vec<GroupConfig>,
+    /// A request header naming a group picks it explicitly (A/B).
+    pub group_header: Option<http::HeaderName>,
     pub backends: Vec<BackendConfig>,
+}
+
+/// How a model spreads requests over its backends (`balance = "..."`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    LeastConnections,
+    RoundRobin,
+    WeightedRoundRobin,
+    Random,
+    PowerOfTwo,
+    ConsistentHash,
+    Latency,
+}
+
+impl Policy {
+    pub const ALL: [Policy; 7] = [
+        Policy::LeastConnections,
+        Policy::RoundRobin,
+        Policy::WeightedRoundRobin,
+        Policy::Random,
+        Policy::PowerOfTwo,
+        Policy::ConsistentHash,
+        Policy::Latency,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::LeastConnections => "weighted_least_connections",
+            Policy::RoundRobin => "round_robin",
+            Policy::WeightedRoundRobin => "weighted_round_robin",
+            Policy::Random => "random",
+            Policy::PowerOfTwo => "power_of_two",
+            Policy::ConsistentHash => "consistent_hash",
+            Policy::Latency => "latency",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Policy> {
+        Policy::ALL.into_iter().find(|p| p.name() == s)
+    }
+}
+
+/// The request attribute a hash is taken of.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HashOn {
+    /// The API key's name.
+    Key,
+    ClientIp,
+    /// A request header's value (the key's name when it is absent).
+    Header(http::HeaderName),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupConfig {
+    pub name: String,
+    pub weight: u32,
 }
 
 /// Retries may add at most `ratio` of the model's recent requests, plus
@@ -260,6 +324,8 @@ pub struct BackendConfig {
     pub weight: u32,
     /// `None` = unlimited.
     pub max_connections: Option<u32>,
+    /// The traffic group (`models.groups`); `None` when there are none.
+    pub group: Option<String>,
 }
 
 /// One problem found in a config file.
@@ -698,7 +764,7 @@ impl Validator {
                 "a model needs at least one backend",
             );
         }
-        let backends = m
+        let backends: Vec<BackendConfig> = m
             .backends
             .into_iter()
             .enumerate()
@@ -750,12 +816,63 @@ impl Validator {
                 DEFAULT_QUEUE_TIMEOUT,
             ),
         };
+        let balance = match m.balance.as_deref() {
+            None => Policy::LeastConnections,
+            Some(s) => Policy::parse(s).unwrap_or_else(|| {
+                let names: Vec<&str> = Policy::ALL.iter().map(|p| p.name()).collect();
+                self.problem(
+                    format!("{at}.balance"),
+                    format!("{s:?} is not one of {}", names.join(", ")),
+                );
+                Policy::LeastConnections
+            }),
+        };
+        let hash_on = match m.hash_on.as_deref() {
+            None | Some("key") => HashOn::Key,
+            Some("client_ip") => HashOn::ClientIp,
+            Some(s) => match s
+                .strip_prefix("header:")
+                .map(|h| http::HeaderName::from_bytes(h.trim().as_bytes()))
+            {
+                Some(Ok(h)) => HashOn::Header(h),
+                _ => {
+                    self.problem(
+                        format!("{at}.hash_on"),
+                        format!(
+                            "{s:?} is not one of key, client_ip, header:<name> (e.g. \"header:x-session-id\")"
+                        ),
+                    );
+                    HashOn::Key
+                }
+            },
+        };
+        let groups = self.groups(&at, m.groups, &backends);
+        let group_header = m.group_header.and_then(|h| {
+            http::HeaderName::from_bytes(h.as_bytes())
+                .map_err(|_| {
+                    self.problem(
+                        format!("{at}.group_header"),
+                        format!("{h:?} is not a header name"),
+                    )
+                })
+                .ok()
+        });
+        if group_header.is_some() && groups.is_empty() {
+            self.problem(
+                format!("{at}.group_header"),
+                "needs `groups` (and a `group` on each backend)",
+            );
+        }
         ModelConfig {
             name,
             aliases: m.aliases,
             upstream_model: m.upstream_model,
             timeouts,
             retries: m.retries.unwrap_or(DEFAULT_RETRIES),
+            balance,
+            hash_on,
+            groups,
+            group_header,
             retry_budget: RetryBudget {
                 ratio,
                 min_per_second: rb
@@ -772,6 +889,63 @@ impl Validator {
             queue,
             backends,
         }
+    }
+
+    /// `groups = { v1 = 90, v2 = 10 }`: every backend names one of them,
+    /// every group has a backend.
+    fn groups(
+        &mut self,
+        at: &str,
+        raw: Option<std::collections::BTreeMap<String, u32>>,
+        backends: &[BackendConfig],
+    ) -> Vec<GroupConfig> {
+        let Some(raw) = raw else {
+            if backends.iter().any(|b| b.group.is_some()) {
+                self.problem(
+                    format!("{at}.groups"),
+                    "backends name groups, but the model lists none (e.g. groups = { stable = 90, canary = 10 })",
+                );
+            }
+            return Vec::new();
+        };
+        if raw.is_empty() {
+            self.problem(
+                format!("{at}.groups"),
+                "list at least one group, or omit it",
+            );
+        }
+        let groups: Vec<GroupConfig> = raw
+            .into_iter()
+            .map(|(name, weight)| GroupConfig { name, weight })
+            .collect();
+        if !groups.is_empty() && groups.iter().all(|g| g.weight == 0) {
+            self.problem(
+                format!("{at}.groups"),
+                "at least one group needs a weight above 0",
+            );
+        }
+        for (j, b) in backends.iter().enumerate() {
+            match &b.group {
+                None => self.problem(
+                    format!("{at}.backends[{j}].group"),
+                    "missing: the model has groups, so each backend names one",
+                ),
+                Some(g) if !groups.iter().any(|x| &x.name == g) => self.problem(
+                    format!("{at}.backends[{j}].group"),
+                    format!("{g:?} is not in the model's groups"),
+                ),
+                Some(_) => {}
+            }
+        }
+        for g in &groups {
+            if !backends.iter().any(|b| b.group.as_deref() == Some(&g.name)) {
+                self.problem(
+                    format!("{at}.groups.{}", g.name),
+                    "no backend is in this group",
+                );
+            }
+        }
+        groups
     }
 
     fn health_check(&mut self, at: &str, h: raw::HealthCheck) -> HealthCheck {
@@ -854,6 +1028,7 @@ impl Validator {
             url: uri,
             weight,
             max_connections: b.max_connections,
+            group: b.group,
         })
     }
 

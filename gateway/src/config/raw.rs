@@ -105,6 +105,10 @@ pub struct Model {
     pub outlier: Option<Outlier>,
     pub slow_start: Option<String>,
     pub queue: Option<Queue>,
+    pub balance: Option<String>,
+    pub hash_on: Option<String>,
+    pub groups: Option<std::collections::BTreeMap<String, u32>>,
+    pub group_header: Option<String>,
     #[serde(default)]
     pub backends: Vec<Backend>,
 }
@@ -156,4 +160,5 @@ pub struct Backend {
     pub url: Option<String>,
     pub weight: Option<u32>,
     pub max_connections: Option<u32>,
+    pub group: Option<String>,
 }

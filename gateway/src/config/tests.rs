@@ -92,3 +92,111 @@ fn key_digest_must_be_hex() {
     let p = problems("[[keys]]\nname = \"a\"\nsha256 = \"sk-plaintext\"\n");
     assert!(p[0].starts_with("keys[0].sha256:"), "{p:?}");
 }
+
+#[test]
+fn balancing_and_groups() {
+    let c = Config::parse(
+        r#"
+[[models]]
+name = "m"
+balance = "consistent_hash"
+hash_on = "header:x-session-id"
+groups = { stable = 90, canary = 10 }
+group_header = "x-test-group"
+[[models.backends]]
+url = "http://10.0.0.1:8000"
+group = "stable"
+[[models.backends]]
+url = "http://10.0.0.2:8000"
+group = "canary"
+"#,
+    )
+    .unwrap();
+    let m = &c.models[0];
+    assert_eq!(m.balance, Policy::ConsistentHash);
+    assert_eq!(m.hash_on, HashOn::Header("x-session-id".parse().unwrap()));
+    assert_eq!(m.groups.len(), 2);
+    assert_eq!(m.group_header.as_ref().unwrap(), "x-test-group");
+    for p in Policy::ALL {
+        assert_eq!(Policy::parse(p.name()), Some(p));
+    }
+    let p = problems(
+        r#"
+[[models]]
+name = "m"
+balance = "fastest"
+hash_on = "cookie"
+groups = { a = 1, b = 1 }
+[[models.backends]]
+url = "http://10.0.0.1:8000"
+group = "a"
+[[models.backends]]
+url = "http://10.0.0.2:8000"
+group = "c"
+[[models]]
+name = "n"
+group_header = "x-g"
+[[models.backends]]
+url = "http://10.0.0.3:8000"
+group = "a"
+"#,
+    );
+    let want = [
+        "models[0].balance: \"fastest\" is not one of weighted_least_connections,",
+        "models[0].hash_on:",
+        "models[0].backends[1].group: \"c\" is not in the model's groups",
+        "models[0].groups.b: no backend is in this group",
+        "models[1].groups: backends name groups",
+        "models[1].group_header: needs `groups`",
+    ];
+    for w in want {
+        assert!(
+            p.iter().any(|x| x.starts_with(w)),
+            "missing {w:?} in {p:#?}"
+        );
+    }
+}
+
+#[test]
+fn resilience_settings_and_their_problems() {
+    let c = Config::defaults();
+    assert!(c.models.is_empty());
+    let m = &Config::parse("[[models]]\nname = \"m\"\n[[models.backends]]\nurl = \"http://a:1\"\n")
+        .unwrap()
+        .models[0];
+    assert_eq!(m.outlier.consecutive_failures, DEFAULT_CONSECUTIVE_FAILURES);
+    assert_eq!(m.queue.size, DEFAULT_QUEUE_SIZE);
+    assert!(m.health_check.is_none());
+    let p = problems(
+        r#"
+[server]
+max_header_bytes = 100
+[[keys]]
+name = "k"
+sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+requests_per_minute = 0
+[[models]]
+name = "m"
+retry_budget = { ratio = 1.5 }
+health_check = { path = "health", interval = "1ms", healthy = 0 }
+outlier = { ejection = "10s", max_ejection = "1s" }
+[[models.backends]]
+url = "http://a:1"
+"#,
+    );
+    let want = [
+        "server.max_header_bytes: 100 is below the minimum 8192",
+        "keys[0].requests_per_minute: must be at least 1",
+        "models[0].retry_budget.ratio:",
+        "models[0].health_check.path:",
+        "models[0].health_check.interval: must be at least 10ms",
+        "models[0].health_check.healthy: 0 is below the minimum 1",
+        "models[0].outlier.max_ejection: must not be shorter",
+    ];
+    for w in want {
+        assert!(
+            p.iter().any(|x| x.starts_with(w)),
+            "missing {w:?} in {p:#?}"
+        );
+    }
+}

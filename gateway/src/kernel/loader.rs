@@ -6,7 +6,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{anyhow, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
     programs::{ProgramError, Xdp, XdpMode},
     Ebpf, EbpfLoader,
@@ -15,8 +15,16 @@ use gateway_common::{names, XDP_PROGRAM};
 
 use crate::{config::AttachMode, error::UsageError};
 
-/// The eBPF object built by build.rs.
+/// The eBPF object built by build.rs; empty in fuzzing builds (see build.rs).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway-xdp"));
+
+/// The embedded object, or an error when this build has none.
+fn object() -> Result<&'static [u8]> {
+    if OBJECT.is_empty() {
+        bail!("this build has no eBPF object (fuzzing build)");
+    }
+    Ok(OBJECT)
+}
 
 /// `statfs` magic of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -76,15 +84,17 @@ pub fn explain(e: anyhow::Error) -> anyhow::Error {
 /// Parses the object and creates its (unpinned) maps without loading any
 /// program; callers load the programs they need.
 pub fn load_object() -> Result<Ebpf> {
+    let object = object()?;
     raise_memlock();
     EbpfLoader::new()
-        .load(OBJECT)
+        .load(object)
         .map_err(|e| explain(anyhow!(e).context("loading the eBPF object")))
 }
 
 /// Loads the object. With `pin_path`, every map is reused from (or pinned
 /// to) that directory so the CLI and a restarted daemon share them.
 pub fn load(pin_path: Option<&Path>) -> Result<Ebpf> {
+    let object = object()?;
     raise_memlock();
     let mut loader = EbpfLoader::new();
     let paths: Vec<(&str, PathBuf)> = match pin_path {
@@ -99,7 +109,7 @@ pub fn load(pin_path: Option<&Path>) -> Result<Ebpf> {
         loader.map_pin_path(name, path.as_path());
     }
     let mut ebpf = loader
-        .load(OBJECT)
+        .load(object)
         .map_err(|e| explain(anyhow!(e).context("loading the eBPF object")))?;
     let prog: &mut Xdp = xdp_program(&mut ebpf)?;
     prog.load().map_err(|e| explain(verifier_context(e)))?;

@@ -1,33 +1,42 @@
-//! Choosing a backend. Weighted least connections: a request goes to the
-//! backend with the fewest in-flight requests per unit of (effective)
-//! weight; backends that are drained, at their `max_connections`,
-//! unhealthy or ejected are skipped, and a backend in slow start counts
-//! with a reduced weight. Ties (all idle, say) are broken by smooth
-//! weighted round robin, so sequential traffic still follows the weights and
-//! equal backends take turns instead of the first one taking everything.
+//! Choosing a backend within a model (or one of its traffic groups).
 //!
-//! When every backend is at its cap, the request waits in the model's
-//! bounded admission queue until a slot frees or the queue timeout passes
-//! (503 + Retry-After).
+//! Every policy sees the same candidates: backends that are not drained,
+//! not at `max_connections`, not unhealthy or ejected, and not already
+//! tried by this request. A backend whose ejection is over gets the request
+//! as its half-open probe whatever the policy. Weights are effective
+//! weights: reduced while a backend is in slow start. The policies:
+//!
+//! | policy | choice |
+//! |---|---|
+//! | `weighted_least_connections` (default) | fewest in-flight per unit of weight; ties by smooth WRR |
+//! | `round_robin` | each candidate in turn, weights ignored |
+//! | `weighted_round_robin` | smooth WRR (nginx): interleaved, no bursts to one backend |
+//! | `random` | weighted random |
+//! | `power_of_two` | two weighted-random candidates, the one with fewer in flight wins (a tie: the first) |
+//! | `consistent_hash` | a hash ring on a request attribute, bounded load (1.25x the mean) |
+//! | `latency` | two random candidates, the lower EWMA of time to first byte x load x errors wins (within 25%: a tie); 10% of picks explore at random |
+//!
+//! When every healthy backend is at its cap, the request waits in the
+//! model's bounded admission queue until a slot frees or the queue timeout
+//! passes (503 + Retry-After).
 
 use std::{
-    sync::{atomic::Ordering, Arc, Mutex},
+    cell::Cell,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
     time::Instant,
 };
 
 use crate::{
-    config::Queue,
+    config::{Policy, Queue},
     error::ProxyError,
     upstream::{
-        health::{Admit, Now},
+        health::{Admit, Now, WEIGHT_SCALE},
         Backend, Lease, Slots,
     },
 };
-
-/// Per-model balancer state: the smooth-WRR credit of each backend.
-pub struct Balancer {
-    credit: Mutex<Vec<i64>>,
-}
 
 /// Why no backend could be picked.
 #[derive(Debug, PartialEq, Eq)]
@@ -41,26 +50,75 @@ pub enum NoPick {
 /// Backends a request already tried (indices), to retry elsewhere.
 pub type Tried = smallvec::SmallVec<[usize; 4]>;
 
+/// Ring points per unit of weight (consistent_hash).
+const VNODES_PER_WEIGHT: u32 = 100;
+/// At most this many ring points per backend.
+const MAX_VNODES: u32 = 2000;
+/// consistent_hash: no backend takes more than this times its fair share.
+const LOAD_BOUND: f64 = 1.25;
+/// latency: the share of picks made at random, so every backend keeps
+/// being measured.
+const EXPLORE_PER_MILLE: u64 = 100;
+/// latency: scores closer than this factor count as equal.
+const LATENCY_TIE: f64 = 1.25;
+/// latency: how much a backend's error rate inflates its score.
+const ERROR_PENALTY: f64 = 8.0;
+
+/// One backend the policy may choose.
+#[derive(Clone, Copy)]
+struct Cand {
+    index: usize,
+    in_flight: u64,
+    /// Effective weight (scaled by WEIGHT_SCALE).
+    weight: u64,
+    /// Configured weight, scaled.
+    full: u64,
+}
+
+/// Per-model (per-group) balancer.
+pub struct Balancer {
+    policy: Policy,
+    /// Smooth-WRR credit of each backend; the lock also makes "read the
+    /// loads, take the slot" one step, so concurrent picks cannot both
+    /// see the same idle backend under its cap.
+    credit: Mutex<Vec<i64>>,
+    /// round_robin position.
+    next: AtomicUsize,
+    /// consistent_hash: (point, backend index), sorted by point.
+    ring: Vec<(u64, u32)>,
+}
+
 impl Balancer {
-    pub fn new(backends: usize) -> Balancer {
+    pub fn new(policy: Policy, backends: &[Arc<Backend>]) -> Balancer {
+        let ring = if matches!(policy, Policy::ConsistentHash) {
+            build_ring(backends)
+        } else {
+            Vec::new()
+        };
         Balancer {
-            credit: Mutex::new(vec![0; backends]),
+            policy,
+            credit: Mutex::new(vec![0; backends.len()]),
+            next: AtomicUsize::new(0),
+            ring,
         }
     }
 
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
     /// Picks a backend not in `exclude` and leases a slot on it; returns
-    /// its index too.
+    /// its index too. `hash` is the request's attribute hash (used by
+    /// consistent_hash only).
     pub fn pick(
         &self,
         backends: &[Arc<Backend>],
         exclude: &[usize],
+        hash: u64,
     ) -> Result<(usize, Lease), NoPick> {
         let mut now = Now::default();
-        // The lock covers reading loads and taking the slot, so two
-        // concurrent picks cannot both see the same idle backend.
         let mut credit = self.credit.lock().unwrap_or_else(|p| p.into_inner());
-        // (index, in_flight, effective weight, probe) of each candidate.
-        let mut cands: smallvec::SmallVec<[(usize, u64, u64, bool); 8]> = Default::default();
+        let mut cands: smallvec::SmallVec<[Cand; 8]> = Default::default();
         let mut full = false;
         for (i, b) in backends.iter().enumerate() {
             if b.drained() || exclude.contains(&i) {
@@ -74,37 +132,69 @@ impl Balancer {
                 full = true;
                 continue;
             }
-            let w = b.health.effective_weight(b.weight, &mut now);
-            cands.push((i, b.in_flight() as u64, w, admit == Admit::Probe));
+            if admit == Admit::Probe {
+                // An ejected backend whose time is up: this request probes it.
+                return Ok((i, b.lease(true)));
+            }
+            let weight = b.weight();
+            cands.push(Cand {
+                index: i,
+                in_flight: b.in_flight() as u64,
+                weight: b.health.effective_weight(weight, &mut now),
+                full: weight as u64 * WEIGHT_SCALE,
+            });
         }
-        // An ejected backend whose time is up gets the request as its probe.
-        if let Some(&(i, ..)) = cands.iter().find(|c| c.3) {
-            return Ok((i, backends[i].lease(true)));
-        }
-        let Some(&(_, bi, bw, _)) = cands.iter().min_by(|a, b| (a.1 * b.2).cmp(&(b.1 * a.2)))
-        else {
+        if cands.is_empty() {
             return Err(if full {
                 NoPick::Full
             } else {
                 NoPick::NoneHealthy
             });
+        }
+        let i = match self.policy {
+            Policy::LeastConnections => least_connections(&cands, &mut credit),
+            Policy::RoundRobin => self.round_robin(&cands),
+            Policy::WeightedRoundRobin => smooth_wrr(cands.iter(), &mut credit),
+            Policy::Random => weighted_random(&cands),
+            Policy::PowerOfTwo => power_of_two(&cands, 1.0, |c| c.in_flight as f64),
+            Policy::ConsistentHash => self.consistent_hash(&cands, hash),
+            Policy::Latency => latency(&cands, backends),
         };
-        // Smooth weighted round robin among the least-loaded ties.
-        let mut total = 0i64;
-        let mut chosen: Option<usize> = None;
-        for &(i, inf, w, _) in &cands {
-            if inf * bw != bi * w {
-                continue;
-            }
-            credit[i] += w as i64;
-            total += w as i64;
-            if chosen.is_none_or(|c| credit[i] > credit[c]) {
-                chosen = Some(i);
+        Ok((i, backends[i].lease(false)))
+    }
+
+    /// Each candidate in turn. A backend in slow start is passed over with
+    /// the probability of its missing share.
+    fn round_robin(&self, cands: &[Cand]) -> usize {
+        for _ in 0..cands.len() {
+            let c = cands[self.next.fetch_add(1, Ordering::Relaxed) % cands.len()];
+            if c.weight >= c.full || rand_below(c.full) < c.weight {
+                return c.index;
             }
         }
-        let i = chosen.expect("the least loaded backend is among the ties");
-        credit[i] -= total;
-        Ok((i, backends[i].lease(false)))
+        cands[0].index
+    }
+
+    /// The first backend clockwise from `hash` on the ring that is a
+    /// candidate and under its load bound.
+    fn consistent_hash(&self, cands: &[Cand], hash: u64) -> usize {
+        let total: u64 = cands.iter().map(|c| c.in_flight).sum();
+        let weights: u64 = cands.iter().map(|c| c.weight).sum();
+        let bound = |c: &Cand| {
+            let share = (total + 1) as f64 * c.weight as f64 / weights as f64;
+            (c.in_flight + 1) as f64 <= (LOAD_BOUND * share).ceil()
+        };
+        let start = self.ring.partition_point(|(p, _)| *p < hash);
+        for k in 0..self.ring.len() {
+            let (_, i) = self.ring[(start + k) % self.ring.len()];
+            if let Some(c) = cands.iter().find(|c| c.index == i as usize) {
+                if bound(c) {
+                    return c.index;
+                }
+            }
+        }
+        // Every candidate over its bound (tiny weights): the least loaded.
+        least_loaded(cands).index
     }
 
     /// Picks a backend, waiting in the admission queue while every healthy
@@ -114,6 +204,7 @@ impl Balancer {
         model: &str,
         backends: &[Arc<Backend>],
         tried: &Tried,
+        hash: u64,
         queue: &Queue,
         deadline: Instant,
     ) -> Result<(usize, Lease), ProxyError> {
@@ -121,7 +212,7 @@ impl Balancer {
             model: model.to_owned(),
             retry_after_secs: super::routes::OVERLOADED_RETRY_AFTER.as_secs() as u32,
         };
-        match self.pick(backends, tried) {
+        match self.pick(backends, tried, hash) {
             Ok(p) => return Ok(p),
             Err(NoPick::NoneHealthy) => return Err(ProxyError::NoBackend(model.to_owned())),
             Err(NoPick::Full) if queue.size == 0 => return Err(overloaded()),
@@ -139,7 +230,7 @@ impl Balancer {
             let freed = slots.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            match self.pick(backends, tried) {
+            match self.pick(backends, tried, hash) {
                 Ok(p) => {
                     // Pass the wake-up on if more slots may be free.
                     slots.wake();
@@ -154,6 +245,150 @@ impl Balancer {
             }
         }
     }
+}
+
+/// Weighted least connections; ties by smooth WRR.
+fn least_connections(cands: &[Cand], credit: &mut [i64]) -> usize {
+    let best = least_loaded(cands);
+    smooth_wrr(
+        cands
+            .iter()
+            .filter(|c| c.in_flight * best.weight == best.in_flight * c.weight),
+        credit,
+    )
+}
+
+/// The candidate with the fewest in-flight requests per unit of weight.
+fn least_loaded(cands: &[Cand]) -> Cand {
+    *cands
+        .iter()
+        .min_by(|a, b| (a.in_flight * b.weight).cmp(&(b.in_flight * a.weight)))
+        .expect("at least one candidate")
+}
+
+/// nginx's smooth weighted round robin: every candidate gains its weight
+/// in credit, the richest is chosen and pays the total.
+fn smooth_wrr<'a>(cands: impl Iterator<Item = &'a Cand>, credit: &mut [i64]) -> usize {
+    let mut total = 0i64;
+    let mut chosen: Option<usize> = None;
+    for c in cands {
+        credit[c.index] += c.weight as i64;
+        total += c.weight as i64;
+        if chosen.is_none_or(|x| credit[c.index] > credit[x]) {
+            chosen = Some(c.index);
+        }
+    }
+    let i = chosen.expect("at least one candidate");
+    credit[i] -= total;
+    i
+}
+
+fn weighted_random(cands: &[Cand]) -> usize {
+    cands[random_position(cands)].index
+}
+
+fn random_position(cands: &[Cand]) -> usize {
+    let total: u64 = cands.iter().map(|c| c.weight).sum();
+    let mut r = rand_below(total);
+    for (k, c) in cands.iter().enumerate() {
+        if r < c.weight {
+            return k;
+        }
+        r -= c.weight;
+    }
+    cands.len() - 1
+}
+
+/// Two distinct weighted-random candidates; the lower `cost` wins, unless
+/// the two are within a factor `tie` of each other: then the first (itself
+/// drawn by weight) does, so equal backends share by weight instead of the
+/// marginally better one taking everything.
+fn power_of_two(cands: &[Cand], tie: f64, cost: impl Fn(&Cand) -> f64) -> usize {
+    if cands.len() == 1 {
+        return cands[0].index;
+    }
+    let a = random_position(cands);
+    let mut b = random_position(cands);
+    if b == a {
+        b = (a + 1 + rand_below(cands.len() as u64 - 1) as usize) % cands.len();
+    }
+    let (x, y) = (&cands[a], &cands[b]);
+    let (sx, sy) = (cost(x), cost(y));
+    if sx <= sy * tie {
+        x.index
+    } else {
+        y.index
+    }
+}
+
+/// Power of two choices on EWMA latency x load x errors; a share of picks
+/// explores at random so a backend that was slow is measured again.
+fn latency(cands: &[Cand], backends: &[Arc<Backend>]) -> usize {
+    if rand_below(1000) < EXPLORE_PER_MILLE {
+        return weighted_random(cands);
+    }
+    power_of_two(cands, LATENCY_TIE, |c| {
+        let o = &backends[c.index].observed;
+        // A backend never measured scores best, so it gets measured.
+        (o.latency_us() + 1.0) * (c.in_flight as f64 + 1.0) * (1.0 + ERROR_PENALTY * o.error_rate())
+            / c.weight as f64
+    })
+}
+
+fn build_ring(backends: &[Arc<Backend>]) -> Vec<(u64, u32)> {
+    let mut ring = Vec::new();
+    for (i, b) in backends.iter().enumerate() {
+        let n = (b.weight().saturating_mul(VNODES_PER_WEIGHT)).min(MAX_VNODES);
+        for v in 0..n {
+            // Points depend on the backend's URL, not its position, so
+            // adding or removing one moves only the keys it owns.
+            ring.push((
+                hash_parts(&[b.label.as_bytes(), &v.to_le_bytes()]),
+                i as u32,
+            ));
+        }
+    }
+    ring.sort_unstable();
+    ring
+}
+
+/// FNV-1a over the parts, then a 64-bit finalizer (splitmix64) so nearby
+/// inputs spread over the ring. Stable across processes and versions.
+pub fn hash_parts(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for &b in *p {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+/// A uniform number below `n` (> 0) from a per-thread xorshift generator.
+pub fn rand_below(n: u64) -> u64 {
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            let mut b = [0u8; 8];
+            let _ = getrandom::fill(&mut b);
+            u64::from_le_bytes(b) | 1
+        });
+    }
+    let x = STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        x
+    });
+    ((x as u128 * n.max(1) as u128) >> 64) as u64
 }
 
 /// A place in the admission queue, given back on drop.
@@ -176,3 +411,6 @@ impl Drop for Waiting<'_> {
         self.0.waiting.fetch_sub(1, Ordering::AcqRel);
     }
 }
+
+#[cfg(test)]
+mod tests;

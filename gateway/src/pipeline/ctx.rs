@@ -36,6 +36,8 @@ pub struct RequestCtx {
     pub permit: Option<Permit>,
     /// Upstream attempts made (1 + retries).
     pub attempts: u32,
+    /// The traffic group that served it, when the model has groups.
+    pub group: Option<Arc<str>>,
 }
 
 impl RequestCtx {
@@ -64,6 +66,7 @@ impl RequestCtx {
             outcome: None,
             permit: None,
             attempts: 0,
+            group: None,
         }
     }
 
@@ -91,6 +94,11 @@ impl RequestCtx {
         }
         if self.dispatched.is_some() {
             m.overhead.observe(self.overhead.as_secs_f64());
+        }
+        if let Some(g) = &self.group {
+            m.group_requests
+                .with_label_values(&[model, g, code.as_str()])
+                .inc();
         }
         if let Some(u) = self.usage {
             m.tokens
@@ -121,6 +129,7 @@ impl RequestCtx {
             prompt_tokens = self.usage.map(|u| u.prompt),
             completion_tokens = self.usage.map(|u| u.completion),
             attempts = self.attempts,
+            group = self.group.as_deref(),
             outcome = self.outcome.unwrap_or("ok"),
         );
     }

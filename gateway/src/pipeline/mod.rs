@@ -277,9 +277,21 @@ async fn serve(
     let upstream_body =
         request::upstream_body(body, &info, model.upstream_model.as_deref(), strip_usage)?;
 
+    let hash = if model.needs_hash() {
+        request_hash(&model.hash_on, key, &parts.headers, ctx.client)
+    } else {
+        0
+    };
+    let (group, explicit) = model.choose_group(&parts.headers, hash);
+    let pick = Pick {
+        group,
+        explicit,
+        hash,
+    };
     let (resp, lease) = send_with_retries(
         shared,
         model,
+        pick,
         &path_and_query,
         &parts.headers,
         upstream_body,
@@ -297,6 +309,11 @@ async fn serve(
     head.headers = proxy::client_headers(&head.headers, &ctx.request_id, edited);
     for (n, v) in rate_headers.0 {
         head.headers.insert(n, v);
+    }
+    if let Some(g) = &ctx.group {
+        if let Ok(v) = HeaderValue::from_str(g) {
+            head.headers.insert(GROUP_HEADER, v);
+        }
     }
     head.version = http::Version::HTTP_11;
     ctx.status = head.status.as_u16();
@@ -345,14 +362,87 @@ fn admit_key(
     }
 }
 
-/// Sends the request to a backend, and again to another one (up to the
-/// model's `retries`, within its retry budget and total timeout) when the
-/// attempt failed before any response byte: connect errors, resets,
-/// first-byte timeouts, garbage, and 502/503/429 answers. The last
-/// attempt's outcome is what the client gets.
+/// Response header naming the traffic group that served a request.
+pub const GROUP_HEADER: &str = "x-gateway-group";
+
+/// Where a request may go: its traffic group, whether the client chose it
+/// (no fallback to another group then), and its attribute hash.
+#[derive(Clone, Copy)]
+struct Pick {
+    group: usize,
+    explicit: bool,
+    hash: u64,
+}
+
+/// The hash of the request attribute the model balances or splits on.
+fn request_hash(
+    on: &crate::config::HashOn,
+    key: &routes::Key,
+    headers: &http::HeaderMap,
+    client: SocketAddr,
+) -> u64 {
+    use crate::config::HashOn;
+    let ip;
+    let input: &[u8] = match on {
+        HashOn::Key => key.name.as_bytes(),
+        HashOn::ClientIp => {
+            ip = match client.ip() {
+                std::net::IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+                std::net::IpAddr::V6(a) => a.octets(),
+            };
+            &ip
+        }
+        HashOn::Header(h) => headers.get(h).map_or(key.name.as_bytes(), |v| v.as_bytes()),
+    };
+    balance::hash_parts(&[input])
+}
+
+/// Leases a backend in the request's group; when that group has none in
+/// rotation and the client did not name it, in another group.
+async fn acquire(
+    model: &routes::Model,
+    pick: &mut Pick,
+    tried: &balance::Tried,
+    deadline: Instant,
+) -> Result<(usize, crate::upstream::Lease), ProxyError> {
+    let g = &model.groups[pick.group];
+    let first = g
+        .balancer
+        .acquire(
+            &model.name,
+            &g.backends,
+            tried,
+            pick.hash,
+            &model.queue,
+            deadline,
+        )
+        .await;
+    match first {
+        Err(ProxyError::NoBackend(_)) if !pick.explicit && model.groups.len() > 1 => {
+            for (i, other) in model.groups.iter().enumerate() {
+                if i == pick.group {
+                    continue;
+                }
+                if let Ok(p) = other.balancer.pick(&other.backends, &[], pick.hash) {
+                    pick.group = i;
+                    return Ok(p);
+                }
+            }
+            first
+        }
+        r => r,
+    }
+}
+
+/// Sends the request to a backend, and again to another one of its group
+/// (up to the model's `retries`, within its retry budget and total
+/// timeout) when the attempt failed before any response byte: connect
+/// errors, resets, first-byte timeouts, garbage, and 502/503/429 answers.
+/// The last attempt's outcome is what the client gets.
 async fn send_with_retries(
     shared: &Shared,
     model: &routes::Model,
+    mut pick: Pick,
     path_and_query: &str,
     headers: &http::HeaderMap,
     body: Bytes,
@@ -361,15 +451,18 @@ async fn send_with_retries(
     let deadline = ctx.start + model.timeouts.total;
     model.retry_budget.deposit();
     let mut tried = balance::Tried::new();
-    let (mut index, mut lease) = model
-        .balancer
-        .acquire(&model.name, &model.backends, &tried, &model.queue, deadline)
-        .await?;
+    let (mut index, mut lease) = acquire(model, &mut pick, &tried, deadline).await?;
+    let group = &model.groups[pick.group];
+    if model.groups.len() > 1 {
+        ctx.group = Some(Arc::clone(&group.name));
+    }
     loop {
         tried.push(index);
         ctx.attempts += 1;
         let backend = Arc::clone(lease.backend());
+        backend.count_request(&shared.metrics, &model.name);
         ctx.backend = Some(backend.label.clone());
+        let sent = Instant::now();
         let result = proxy::send(
             &backend,
             path_and_query,
@@ -384,11 +477,18 @@ async fn send_with_retries(
         let retryable = match &result {
             Ok(r) => {
                 let status = r.status();
-                lease.report(!status.is_server_error());
+                let ok = !status.is_server_error();
+                lease.report(ok);
+                if ok {
+                    backend.observed.success(sent.elapsed());
+                } else {
+                    backend.observed.failure();
+                }
                 matches!(status.as_u16(), 429 | 502 | 503)
             }
             Err(e) => {
                 lease.report(false);
+                backend.observed.failure();
                 let kind = match e {
                     ProxyError::UpstreamTimeout(_) => "timeout",
                     ProxyError::UpstreamConnect(_) => "connect",
@@ -406,7 +506,7 @@ async fn send_with_retries(
             return result.map(|r| (r, lease));
         }
         // Another backend, at once (no queueing for a retry), or none.
-        let Ok(next) = model.balancer.pick(&model.backends, &tried) else {
+        let Ok(next) = group.balancer.pick(&group.backends, &tried, pick.hash) else {
             return result.map(|r| (r, lease));
         };
         if !model.retry_budget.withdraw() {

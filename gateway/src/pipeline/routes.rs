@@ -11,7 +11,7 @@ use super::{
     retry,
 };
 use crate::{
-    config::{Config, HealthCheck, KeyConfig, ModelConfig, Queue, Timeouts},
+    config::{Config, HashOn, HealthCheck, KeyConfig, ModelConfig, Policy, Queue, Timeouts},
     upstream::{Backend, Slots},
 };
 
@@ -61,6 +61,20 @@ pub struct Model {
     pub retry_budget: retry::Budget,
     pub health_check: Option<HealthCheck>,
     pub queue: Queue,
+    /// Every backend, in config order.
+    pub backends: Vec<Arc<Backend>>,
+    /// The traffic groups; one unnamed group when none are configured.
+    pub groups: Vec<Group>,
+    pub hash_on: HashOn,
+    pub group_header: Option<http::HeaderName>,
+}
+
+/// Backends that share a version or an experiment, with their share of
+/// the model's traffic, balanced among themselves.
+pub struct Group {
+    /// Empty for the implicit single group.
+    pub name: Arc<str>,
+    pub weight: u32,
     pub backends: Vec<Arc<Backend>>,
     pub balancer: Balancer,
 }
@@ -91,12 +105,39 @@ impl Model {
                 })
             })
             .collect();
-        for b in &backends {
+        for (b, c) in backends.iter().zip(&m.backends) {
+            b.set_weight(c.weight);
             b.health.configure(&m.outlier, m.slow_start);
             if m.health_check.is_none() {
                 b.health.clear_active(&b.label);
             }
         }
+        let groups = if m.groups.is_empty() {
+            vec![Group {
+                name: "".into(),
+                weight: 1,
+                balancer: Balancer::new(m.balance, &backends),
+                backends: backends.clone(),
+            }]
+        } else {
+            m.groups
+                .iter()
+                .map(|g| {
+                    let members: Vec<Arc<Backend>> = backends
+                        .iter()
+                        .zip(&m.backends)
+                        .filter(|(_, c)| c.group.as_deref() == Some(g.name.as_str()))
+                        .map(|(b, _)| Arc::clone(b))
+                        .collect();
+                    Group {
+                        name: g.name.as_str().into(),
+                        weight: g.weight,
+                        balancer: Balancer::new(m.balance, &members),
+                        backends: members,
+                    }
+                })
+                .collect()
+        };
         Model {
             name: m.name.clone(),
             upstream_model: m.upstream_model.clone(),
@@ -105,9 +146,49 @@ impl Model {
             retry_budget: retry::Budget::new(&m.retry_budget),
             health_check: m.health_check.clone(),
             queue: m.queue.clone(),
-            balancer: Balancer::new(backends.len()),
             backends,
+            groups,
+            hash_on: m.hash_on.clone(),
+            group_header: m.group_header.clone(),
         }
+    }
+
+    pub fn policy(&self) -> Policy {
+        self.groups[0].balancer.policy()
+    }
+
+    /// Whether picking needs the request's attribute hash.
+    pub fn needs_hash(&self) -> bool {
+        self.groups.len() > 1 || self.policy() == Policy::ConsistentHash
+    }
+
+    /// The group a request goes to: the one its `group_header` names, if
+    /// any (`explicit`), else a weighted choice that is sticky per request
+    /// attribute (`hash`), so a user stays on one version.
+    pub fn choose_group(&self, headers: &http::HeaderMap, hash: u64) -> (usize, bool) {
+        if self.groups.len() == 1 {
+            return (0, false);
+        }
+        if let Some(v) = self
+            .group_header
+            .as_ref()
+            .and_then(|h| headers.get(h))
+            .and_then(|v| v.to_str().ok())
+        {
+            if let Some(i) = self.groups.iter().position(|g| &*g.name == v) {
+                return (i, true);
+            }
+        }
+        let total: u64 = self.groups.iter().map(|g| g.weight as u64).sum();
+        // A hash of its own, so the split does not mirror the ring.
+        let mut point = super::balance::hash_parts(&[&hash.to_le_bytes(), b"split"]) % total.max(1);
+        for (i, g) in self.groups.iter().enumerate() {
+            if point < g.weight as u64 {
+                return (i, false);
+            }
+            point -= g.weight as u64;
+        }
+        (self.groups.len() - 1, false)
     }
 }
 
@@ -210,7 +291,53 @@ pub const OVERLOADED_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {
-    use super::glob;
+    use super::{glob, Routes};
+    use crate::config::Config;
+
+    fn canary(stable: u32, canary: u32) -> Routes {
+        let text = format!(
+            "[[models]]\nname = \"m\"\ngroups = {{ stable = {stable}, canary = {canary} }}\n\
+             group_header = \"x-test-group\"\n\
+             [[models.backends]]\nurl = \"http://10.0.0.1:1\"\ngroup = \"stable\"\n\
+             [[models.backends]]\nurl = \"http://10.0.0.2:1\"\ngroup = \"canary\"\n"
+        );
+        Routes::new(&Config::parse(&text).unwrap())
+    }
+
+    #[test]
+    fn canary_split_is_weighted_sticky_and_moves_few_on_reweight() {
+        let r = canary(90, 10);
+        let m = r.model("m").unwrap();
+        let none = http::HeaderMap::new();
+        let user = |k: u64| super::super::balance::hash_parts(&[&k.to_le_bytes()]);
+        let group = |m: &super::Model, k| m.groups[m.choose_group(&none, user(k)).0].name.clone();
+        let canaries = (0..10_000).filter(|k| &*group(m, *k) == "canary").count();
+        assert!((900..1100).contains(&canaries), "about 10%: {canaries}");
+        for k in 0..100 {
+            assert_eq!(group(m, k), group(m, k), "a user stays on one version");
+        }
+        // 80/20: the users already on the canary stay there; about 10% more join.
+        let r2 = canary(80, 20);
+        let m2 = r2.model("m").unwrap();
+        let mut moved = 0;
+        for k in 0..10_000 {
+            let (a, b) = (group(m, k), group(m2, k));
+            if a != b {
+                assert_eq!(&*b, "canary", "only stable users move, to the canary");
+                moved += 1;
+            }
+        }
+        assert!((800..1200).contains(&moved), "{moved}");
+        // A/B: the header picks the group outright.
+        let mut h = http::HeaderMap::new();
+        h.insert("x-test-group", "canary".parse().unwrap());
+        assert!((0..100).all(|k| m.choose_group(&h, user(k)) == (0, true)));
+        h.insert("x-test-group", "nope".parse().unwrap());
+        assert!(
+            !m.choose_group(&h, user(1)).1,
+            "an unknown group falls back to the split"
+        );
+    }
 
     #[test]
     fn globs() {

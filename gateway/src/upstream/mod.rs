@@ -3,6 +3,7 @@
 //! in-flight count and health the balancer reads.
 
 pub mod checker;
+pub mod ewma;
 pub mod health;
 
 use std::{
@@ -39,7 +40,8 @@ pub struct Backend {
     authority: http::uri::Authority,
     /// Path prefix of the URL, without a trailing slash ("" for none).
     prefix: String,
-    pub weight: u32,
+    /// Changed in place by a reload (so pools and health survive it).
+    weight: AtomicU32,
     pub max_connections: Option<u32>,
     in_flight: AtomicU32,
     /// Taken out of rotation by `gateway backends drain`: in-flight
@@ -53,6 +55,10 @@ pub struct Backend {
     /// The pool of the active health checks (on the control runtime).
     pub(crate) probe_client: UpstreamClient,
     pub health: health::Health,
+    /// Latency and error averages (the `latency` policy).
+    pub observed: ewma::Observed,
+    /// `gateway_backend_requests_total` for this backend, resolved once.
+    requests: OnceLock<prometheus::IntCounter>,
     /// The model's admission queue, woken when a slot frees.
     slots: Arc<Slots>,
 }
@@ -117,7 +123,7 @@ impl Backend {
             scheme,
             authority,
             prefix,
-            weight: cfg.weight,
+            weight: AtomicU32::new(cfg.weight),
             max_connections: cfg.max_connections,
             in_flight: AtomicU32::new(0),
             drained: std::sync::atomic::AtomicBool::new(false),
@@ -125,6 +131,8 @@ impl Backend {
             clients: (0..workers.max(1)).map(|_| client()).collect(),
             probe_client: client(),
             health: health::Health::default(),
+            observed: ewma::Observed::default(),
+            requests: OnceLock::new(),
             slots,
         }
     }
@@ -169,19 +177,36 @@ impl Backend {
         }
     }
 
+    /// Counts an upstream attempt in `gateway_backend_requests_total`.
+    pub fn count_request(&self, metrics: &crate::metrics::Metrics, model: &str) {
+        self.requests
+            .get_or_init(|| {
+                metrics
+                    .backend_requests
+                    .with_label_values(&[model, self.label.as_str()])
+            })
+            .inc();
+    }
+
     /// The model's admission queue.
     pub fn slots(&self) -> &Arc<Slots> {
         &self.slots
     }
 
-    /// Whether a reload may keep this backend (same URL and settings), so
-    /// its in-flight count, pools and drain state carry over.
+    /// Whether a reload may keep this backend (same URL and settings; the
+    /// weight may change), so its in-flight count, pools, health and drain
+    /// state carry over.
     pub fn same_spec(&self, cfg: &BackendConfig, connect_timeout: Duration) -> bool {
         let (c, t) = &self.spec;
-        c.url == cfg.url
-            && c.weight == cfg.weight
-            && c.max_connections == cfg.max_connections
-            && *t == connect_timeout
+        c.url == cfg.url && c.max_connections == cfg.max_connections && *t == connect_timeout
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    pub fn set_weight(&self, w: u32) {
+        self.weight.store(w, Ordering::Relaxed);
     }
 
     /// Whether the backend is at its connection cap.

@@ -150,6 +150,9 @@ async fn api(
     if !parts.headers.contains_key("x-mock-fail") {
         params.fail = shared.current_fail();
     }
+    if !parts.headers.contains_key("x-mock-latency-ms") {
+        params.latency = shared.current_latency();
+    }
     let summary = match summary {
         Ok(s) => s,
         Err((status, m)) => return error(shared, status, &m, Some(tracker)),

@@ -9,8 +9,8 @@
 //! injected failure, in flight) and keeps the last requests it received
 //! (`RecordedRequest`), which is what gateway tests assert on.
 //!
-//! Behaviour comes from `MockOptions` (the failure can be changed while it
-//! runs, `MockLlm::set_fail`) and can be overridden per request with
+//! Behaviour comes from `MockOptions` (the failure and latency can be
+//! changed while it runs: `MockLlm::set_fail`, `set_latency`) and can be overridden per request with
 //! headers, so one mock can serve varied tests:
 //!
 //! | header               | value                                                   |
@@ -143,6 +143,15 @@ impl MockLlm {
     /// stalling); `None` makes the mock healthy again.
     pub fn set_fail(&self, fail: Option<Failure>) {
         *self.shared.fail.lock().unwrap_or_else(|p| p.into_inner()) = fail;
+    }
+
+    /// Changes the delay before response headers from now on.
+    pub fn set_latency(&self, latency: std::time::Duration) {
+        *self
+            .shared
+            .latency
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = latency;
     }
 
     pub fn name(&self) -> &str {

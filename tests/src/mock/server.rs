@@ -35,11 +35,17 @@ pub(crate) struct Shared {
     /// The failure injected into every request now (`MockLlm::set_fail`);
     /// starts as `opts.fail`.
     pub fail: std::sync::Mutex<Option<super::Failure>>,
+    /// The latency of every request now (`MockLlm::set_latency`).
+    pub latency: std::sync::Mutex<Duration>,
 }
 
 impl Shared {
     pub fn current_fail(&self) -> Option<super::Failure> {
         *self.fail.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn current_latency(&self) -> Duration {
+        *self.latency.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -51,6 +57,7 @@ impl Shared {
             models: render::models(&opts.models),
             name,
             fail: std::sync::Mutex::new(opts.fail),
+            latency: std::sync::Mutex::new(opts.latency),
             opts,
             stats: Arc::default(),
             log: RequestLog::default(),

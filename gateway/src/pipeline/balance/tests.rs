@@ -1,0 +1,268 @@
+//! Every policy: distribution, stickiness, load awareness, and that none
+//! of them sends a request to a drained, full or ejected backend.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use super::*;
+use crate::config::{BackendConfig, Outlier};
+
+fn backends(weights: &[u32]) -> Vec<Arc<Backend>> {
+    let slots = Arc::new(Slots::default());
+    weights
+        .iter()
+        .enumerate()
+        .map(|(i, w)| backend(i, *w, None, &slots))
+        .collect()
+}
+
+fn backend(i: usize, weight: u32, max: Option<u32>, slots: &Arc<Slots>) -> Arc<Backend> {
+    let cfg = BackendConfig {
+        url: format!("http://10.0.0.{}:8000", i + 1).parse().unwrap(),
+        weight,
+        max_connections: max,
+        group: None,
+    };
+    Arc::new(Backend::new(
+        &cfg,
+        Duration::from_secs(1),
+        1,
+        Arc::clone(slots),
+    ))
+}
+
+/// Picks `n` times (leases dropped at once); counts per backend index.
+fn spread(b: &Balancer, bs: &[Arc<Backend>], n: usize, hash: impl Fn(usize) -> u64) -> Vec<usize> {
+    let mut counts = vec![0; bs.len()];
+    for k in 0..n {
+        let (i, _lease) = b.pick(bs, &[], hash(k)).unwrap();
+        counts[i] += 1;
+    }
+    counts
+}
+
+fn within(got: usize, want: f64, tolerance: f64) -> bool {
+    (got as f64 - want).abs() <= want * tolerance
+}
+
+#[test]
+fn round_robin_takes_turns_ignoring_weights() {
+    let bs = backends(&[5, 1, 1]);
+    let b = Balancer::new(Policy::RoundRobin, &bs);
+    let order: Vec<usize> = (0..6).map(|_| b.pick(&bs, &[], 0).unwrap().0).collect();
+    assert_eq!(order, [0, 1, 2, 0, 1, 2]);
+}
+
+#[test]
+fn weighted_round_robin_is_exact_and_interleaved() {
+    let bs = backends(&[5, 1, 1]);
+    let b = Balancer::new(Policy::WeightedRoundRobin, &bs);
+    let order: Vec<usize> = (0..700).map(|_| b.pick(&bs, &[], 0).unwrap().0).collect();
+    for window in order.chunks(7) {
+        let mut c = [0; 3];
+        window.iter().for_each(|i| c[*i] += 1);
+        assert_eq!(c, [5, 1, 1], "every 7 picks follow the weights exactly");
+    }
+    let longest = order
+        .chunk_by(|a, b| a == b)
+        .filter(|r| r[0] == 0)
+        .map(|r| r.len())
+        .max()
+        .unwrap();
+    assert!(
+        longest < 5,
+        "no burst of the heavy backend's whole share: {longest}"
+    );
+}
+
+#[test]
+fn random_follows_weights() {
+    let bs = backends(&[3, 1]);
+    let b = Balancer::new(Policy::Random, &bs);
+    let c = spread(&b, &bs, 20_000, |_| 0);
+    assert!(
+        within(c[0], 15_000.0, 0.03) && within(c[1], 5_000.0, 0.06),
+        "{c:?}"
+    );
+}
+
+#[test]
+fn power_of_two_prefers_the_less_loaded() {
+    let bs = backends(&[1, 1, 1]);
+    let b = Balancer::new(Policy::PowerOfTwo, &bs);
+    // Backend 0 is busy with 10 requests, backend 1 with 3, backend 2 idle.
+    let _held: Vec<Lease> = (0..10)
+        .map(|_| bs[0].lease(false))
+        .chain((0..3).map(|_| bs[1].lease(false)))
+        .collect();
+    let c = spread(&b, &bs, 3_000, |_| 0);
+    assert_eq!(c[0], 0, "the busiest never wins a pair: {c:?}");
+    // Backend 2 wins every pair it is in (2 of 3 pairs), backend 1 the rest.
+    assert!(
+        within(c[2], 2_000.0, 0.08) && within(c[1], 1_000.0, 0.15),
+        "{c:?}"
+    );
+}
+
+#[test]
+fn consistent_hash_is_sticky_even_and_moves_little() {
+    let bs = backends(&[1, 1, 1, 1]);
+    let b = Balancer::new(Policy::ConsistentHash, &bs);
+    let key = |k: usize| hash_parts(&[format!("user-{k}").as_bytes()]);
+    let owner = |b: &Balancer, bs: &[Arc<Backend>], k: usize| b.pick(bs, &[], key(k)).unwrap().0;
+    for k in 0..100 {
+        assert_eq!(
+            owner(&b, &bs, k),
+            owner(&b, &bs, k),
+            "same key, same backend"
+        );
+    }
+    let c = spread(&b, &bs, 20_000, key);
+    for n in &c {
+        assert!(within(*n, 5_000.0, 0.25), "even within 25%: {c:?}");
+    }
+    // A fifth backend takes about a fifth of the keys, only from the others.
+    let mut more = bs.clone();
+    more.push(backend(4, 1, None, bs[0].slots()));
+    let b5 = Balancer::new(Policy::ConsistentHash, &more);
+    let mut moved = 0;
+    for k in 0..20_000 {
+        let (before, after) = (owner(&b, &bs, k), owner(&b5, &more, k));
+        if before != after {
+            assert_eq!(after, 4, "a key moves only to the new backend");
+            moved += 1;
+        }
+    }
+    assert!(
+        within(moved, 4_000.0, 0.3),
+        "about 1/5 of keys move: {moved}"
+    );
+}
+
+#[test]
+fn consistent_hash_bounds_the_load_of_a_hot_key() {
+    let bs = backends(&[1, 1, 1, 1]);
+    let b = Balancer::new(Policy::ConsistentHash, &bs);
+    let hot = hash_parts(&[b"hot"]);
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        held.push(b.pick(&bs, &[], hot).unwrap());
+    }
+    let mut per = HashMap::new();
+    for (i, _) in &held {
+        *per.entry(*i).or_insert(0) += 1;
+    }
+    let max = per.values().max().unwrap();
+    // 40 requests over 4 backends: at most 1.25 x the mean (plus one).
+    assert!(*max <= 14, "a hot key spills over: {per:?}");
+    assert!(per.len() > 1);
+}
+
+#[test]
+fn latency_moves_load_off_a_slow_backend_and_back() {
+    let bs = backends(&[1, 1]);
+    let b = Balancer::new(Policy::Latency, &bs);
+    for _ in 0..5 {
+        bs[0].observed.success(Duration::from_millis(1));
+        bs[1].observed.success(Duration::from_millis(100));
+    }
+    let c = spread(&b, &bs, 2_000, |_| 0);
+    assert!(
+        c[1] < 160,
+        "the slow one gets about its exploration share: {c:?}"
+    );
+    assert!(c[1] > 40, "but keeps being measured: {c:?}");
+    // It recovers: the samples its exploration share brings pull it back.
+    let mut recent = [0usize; 2];
+    for k in 0..2_000 {
+        let (i, _l) = b.pick(&bs, &[], 0).unwrap();
+        bs[i].observed.success(Duration::from_millis(1));
+        if k >= 1_000 {
+            recent[i] += 1;
+        }
+    }
+    assert!(
+        recent[1] > 300,
+        "back to a fair share after recovery: {recent:?}"
+    );
+}
+
+#[test]
+fn latency_penalizes_errors() {
+    let bs = backends(&[1, 1]);
+    let b = Balancer::new(Policy::Latency, &bs);
+    for _ in 0..10 {
+        bs[0].observed.success(Duration::from_millis(1));
+        bs[1].observed.success(Duration::from_millis(1));
+        bs[1].observed.failure();
+    }
+    let c = spread(&b, &bs, 2_000, |_| 0);
+    assert!(c[1] < 160, "{c:?}");
+}
+
+#[test]
+fn every_policy_skips_drained_full_and_ejected_backends() {
+    for policy in Policy::ALL {
+        let slots = Arc::new(Slots::default());
+        let bs: Vec<Arc<Backend>> = vec![
+            backend(0, 1, None, &slots),
+            backend(1, 1, Some(1), &slots),
+            backend(2, 1, None, &slots),
+            backend(3, 1, None, &slots),
+        ];
+        bs[0].set_drained(true);
+        let _full = bs[1].lease(false);
+        bs[2].health.configure(
+            &Outlier {
+                consecutive_failures: 1,
+                ejection: Duration::from_secs(60),
+                max_ejection: Duration::from_secs(60),
+            },
+            Duration::ZERO,
+        );
+        bs[2].health.report(false, false, "b2");
+        let b = Balancer::new(policy, &bs);
+        let c = spread(&b, &bs, 200, |k| {
+            (k as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        });
+        assert_eq!(c, [0, 0, 0, 200], "{}", policy.name());
+        // With 3 excluded as tried, nothing is left.
+        assert_eq!(
+            b.pick(&bs, &[3], 0).map(|p| p.0),
+            Err(NoPick::Full),
+            "{}",
+            policy.name()
+        );
+    }
+}
+
+#[test]
+fn slow_start_reduces_the_share_under_weighted_policies() {
+    for policy in [
+        Policy::WeightedRoundRobin,
+        Policy::Random,
+        Policy::LeastConnections,
+    ] {
+        let bs = backends(&[1, 1]);
+        let outlier = Outlier {
+            consecutive_failures: 1,
+            ejection: Duration::from_millis(1),
+            max_ejection: Duration::from_millis(1),
+        };
+        bs[1].health.configure(&outlier, Duration::from_secs(60));
+        bs[1].health.report(false, false, "b1");
+        std::thread::sleep(Duration::from_millis(3));
+        let b = Balancer::new(policy, &bs);
+        // The probe goes through and succeeds: backend 1 starts ramping.
+        let (i, mut probe) = b.pick(&bs, &[], 0).unwrap();
+        assert_eq!(i, 1, "the probe");
+        probe.report(true);
+        drop(probe);
+        let c = spread(&b, &bs, 1_100, |_| 0);
+        assert!(
+            c[1] < 200,
+            "{}: ramping backend takes ~1/11: {c:?}",
+            policy.name()
+        );
+        assert!(c[1] > 50, "{}: but not nothing: {c:?}", policy.name());
+    }
+}

@@ -1,0 +1,262 @@
+//! Balancing policies, canary splits and A/B groups through a running
+//! gateway: what share each backend gets, what sticks, what the client
+//! and the metrics are told, and what a reload changes.
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use gateway::{config::Config, pipeline::routes::Routes};
+use gateway_tests::{
+    l7::{chat, collect, metric, Client, TestGateway, KEY_A},
+    mock::{MockLlm, MockOptions},
+};
+
+async fn mock(name: &str) -> MockLlm {
+    MockLlm::start(MockOptions {
+        name: name.into(),
+        tokens: 2,
+        ..MockOptions::default()
+    })
+    .await
+    .unwrap()
+}
+
+fn model(extra: &str, backends: &[(&MockLlm, u32, &str)]) -> String {
+    let mut s = format!("[[models]]\nname = \"m\"\n{extra}\n");
+    for (m, w, group) in backends {
+        s.push_str(&format!(
+            "[[models.backends]]\nurl = \"{}\"\nweight = {w}\n",
+            m.url()
+        ));
+        if !group.is_empty() {
+            s.push_str(&format!("group = \"{group}\"\n"));
+        }
+    }
+    s
+}
+
+/// Sends `n` requests one after another; counts answers per mock name.
+async fn spread(gw: &TestGateway, n: usize, headers: &[(&str, &str)]) -> (usize, usize) {
+    let c = Client::http1();
+    let url = format!("{}/v1/chat/completions", gw.url);
+    let (mut a, mut b) = (0, 0);
+    for _ in 0..n {
+        let r = c.post(&url, Some(KEY_A), headers, &chat("m", false)).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        match r.headers["x-mock-name"].to_str().unwrap() {
+            "a" => a += 1,
+            _ => b += 1,
+        }
+    }
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_policy_spreads_as_documented() {
+    let a = mock("a").await;
+    let b = mock("b").await;
+    // (policy, expected share of a with weights 3:1, tolerance)
+    let cases = [
+        ("weighted_least_connections", 0.75, 0.02),
+        ("weighted_round_robin", 0.75, 0.02),
+        ("round_robin", 0.5, 0.02),
+        ("random", 0.75, 0.08),
+        ("power_of_two", 0.75, 0.08),
+    ];
+    for (policy, share, tol) in cases {
+        let gw = TestGateway::start(
+            "",
+            &model(
+                &format!("balance = \"{policy}\""),
+                &[(&a, 3, ""), (&b, 1, "")],
+            ),
+        )
+        .await;
+        let (na, nb) = spread(&gw, 400, &[]).await;
+        let got = na as f64 / (na + nb) as f64;
+        assert!(
+            (got - share).abs() <= tol,
+            "{policy}: a got {got:.3} of the requests, want {share} +- {tol}"
+        );
+        let m = gw.metrics().await;
+        let per = metric(
+            &m,
+            "gateway_backend_requests_total",
+            &format!(r#"backend="{}",model="m""#, a.url()),
+        );
+        assert_eq!(per, Some(na as f64), "{policy}: per-backend metric");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hash_keeps_a_session_on_one_backend() {
+    let a = mock("a").await;
+    let b = mock("b").await;
+    let gw = TestGateway::start(
+        "",
+        &model(
+            "balance = \"consistent_hash\"\nhash_on = \"header:x-session-id\"",
+            &[(&a, 1, ""), (&b, 1, "")],
+        ),
+    )
+    .await;
+    let c = Client::http1();
+    let url = format!("{}/v1/chat/completions", gw.url);
+    let mut on_a = 0;
+    for s in 0..60 {
+        let session = format!("session-{s}");
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let r = c
+                .post(
+                    &url,
+                    Some(KEY_A),
+                    &[("x-session-id", &session)],
+                    &chat("m", false),
+                )
+                .await;
+            seen.push(r.headers["x-mock-name"].to_str().unwrap().to_owned());
+        }
+        assert!(seen.windows(2).all(|w| w[0] == w[1]), "{session}: {seen:?}");
+        on_a += (seen[0] == "a") as usize;
+    }
+    assert!(
+        (15..=45).contains(&on_a),
+        "sessions spread over both: {on_a} of 60 on a"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_policy_avoids_a_slow_backend_and_returns_to_it() {
+    let a = mock("a").await;
+    let b = mock("b").await;
+    b.set_latency(Duration::from_millis(40));
+    let gw = TestGateway::start(
+        "",
+        &model("balance = \"latency\"", &[(&a, 1, ""), (&b, 1, "")]),
+    )
+    .await;
+    // Within 20 requests both are measured; after that b gets little.
+    spread(&gw, 20, &[]).await;
+    let (_, slow) = spread(&gw, 200, &[]).await;
+    assert!(slow < 30, "the slow backend got {slow} of 200");
+    b.set_latency(Duration::ZERO);
+    // Its exploration share measures it again; then it shares evenly.
+    spread(&gw, 300, &[]).await;
+    let (_, recovered) = spread(&gw, 200, &[]).await;
+    assert!(
+        recovered > 60,
+        "the recovered backend got {recovered} of 200"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_is_sticky_per_user_and_ab_header_picks_the_group() {
+    let stable = mock("a").await;
+    let canary = mock("b").await;
+    let gw = TestGateway::start(
+        "",
+        &model(
+            "groups = { stable = 80, canary = 20 }\nhash_on = \"header:x-user\"\ngroup_header = \"x-test-group\"",
+            &[(&stable, 1, "stable"), (&canary, 1, "canary")],
+        ),
+    )
+    .await;
+    let c = Client::http1();
+    let url = format!("{}/v1/chat/completions", gw.url);
+    let mut canaries = 0;
+    for u in 0..200 {
+        let user = format!("user-{u}");
+        let mut groups = Vec::new();
+        for _ in 0..2 {
+            let r = c
+                .post(&url, Some(KEY_A), &[("x-user", &user)], &chat("m", false))
+                .await;
+            let g = r.headers["x-gateway-group"].to_str().unwrap().to_owned();
+            let served_by = r.headers["x-mock-name"].to_str().unwrap();
+            assert_eq!(served_by, if g == "canary" { "b" } else { "a" });
+            groups.push(g);
+        }
+        assert_eq!(groups[0], groups[1], "{user} flipped between versions");
+        canaries += (groups[0] == "canary") as usize;
+    }
+    assert!(
+        (20..=60).contains(&canaries),
+        "about 20% on the canary: {canaries} of 200"
+    );
+    // A/B: the header decides, for everyone.
+    for u in 0..20 {
+        let user = format!("user-{u}");
+        let r = c
+            .post(
+                &url,
+                Some(KEY_A),
+                &[("x-user", &user), ("x-test-group", "canary")],
+                &chat("m", false),
+            )
+            .await;
+        assert_eq!(r.headers["x-gateway-group"], "canary");
+        assert_eq!(r.headers["x-mock-name"], "b");
+    }
+    let m = gw.metrics().await;
+    let count = |g: &str| {
+        metric(
+            &m,
+            "gateway_group_requests_total",
+            &format!(r#"code="200",group="{g}",model="m""#),
+        )
+        .unwrap_or(0.0) as usize
+    };
+    assert_eq!(count("canary"), canaries * 2 + 20, "{m}");
+    assert_eq!(count("stable"), (200 - canaries) * 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_weight_change_applies_to_new_requests_only() {
+    let a = mock("a").await;
+    let b = mock("b").await;
+    let text = |wa: u32, wb: u32| {
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[[keys]]\nname = \"team-a\"\nsha256 = \"{}\"\n{}",
+            gateway_tests::l7::sha256_hex(KEY_A),
+            model(
+                "balance = \"weighted_round_robin\"",
+                &[(&a, wa, ""), (&b, wb, "")]
+            )
+        )
+    };
+    let gw = TestGateway::start(
+        "",
+        &model(
+            "balance = \"weighted_round_robin\"",
+            &[(&a, 1, ""), (&b, 1, "")],
+        ),
+    )
+    .await;
+    let (na, nb) = spread(&gw, 100, &[]).await;
+    assert_eq!((na, nb), (50, 50));
+    // A stream is open on one backend while the weights change.
+    let c = Client::http1();
+    let url = format!("{}/v1/chat/completions", gw.url);
+    let open = c
+        .post_raw(
+            &url,
+            Some(KEY_A),
+            &[("x-mock-interval-ms", "30"), ("x-mock-tokens", "10")],
+            Bytes::from(chat("m", true).to_string()),
+        )
+        .await;
+    let shared = &gw.gw.as_ref().unwrap().shared;
+    let cfg = Config::parse(&text(4, 1)).unwrap();
+    let old = shared.routes.load_full();
+    shared
+        .routes
+        .store(Arc::new(Routes::reload(&cfg, Some(&old))));
+    let (na, nb) = spread(&gw, 100, &[]).await;
+    assert_eq!((na, nb), (80, 20), "new requests follow the new weights");
+    let done = collect(open).await;
+    assert!(
+        String::from_utf8_lossy(&done.body).contains("[DONE]"),
+        "the open stream finished undisturbed"
+    );
+}
