@@ -18,23 +18,23 @@ use anyhow::{bail, Context as _, Result};
 use super::{load, record};
 use crate::util::{self, root, step, wait_for_port, Children};
 
-const KEY: &str = "sk-bench-key";
+pub(super) const KEY: &str = "sk-bench-key";
 const BODY: &str =
     r#"{"model":"bench-model","messages":[{"role":"user","content":"hello from the benchmark"}]}"#;
-const CONNECTIONS: u32 = 64;
+pub(super) const CONNECTIONS: u32 = 64;
 
-fn free_port() -> Result<u16> {
+pub(super) fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// One wrk run: requests/s and latency percentiles (µs).
-struct Wrk {
-    rps: f64,
+pub(super) struct Wrk {
+    pub rps: f64,
     p50: f64,
     p99: f64,
 }
 
-fn wrk(url: &str, script: &Path, secs: u64) -> Result<Wrk> {
+pub(super) fn wrk(url: &str, script: &Path, secs: u64) -> Result<Wrk> {
     let out = Command::new("wrk")
         .args([
             "-t1",
@@ -83,19 +83,15 @@ fn parse_duration_us(s: &str) -> Result<f64> {
     Ok(num.parse::<f64>()? * mult)
 }
 
-pub fn run(secs: u64) -> Result<()> {
-    let bin = util::build_release_bins()?;
-    let dir = root().join("target/bench/l7");
-    std::fs::create_dir_all(dir.join("nginx"))?;
-    let mut procs = Children::default();
-
-    step("bench: starting mock-llm, nginx and the gateway");
+/// Starts a release mock-llm (16-token completions, one worker thread) on
+/// a free port; returns its address.
+pub(super) fn start_mock(bin: &Path, procs: &mut Children, name: &str) -> Result<SocketAddr> {
     let mut mock = Command::new(bin.join("mock-llm"))
         .args([
             "--listen",
             "127.0.0.1:0",
             "--name",
-            "bench",
+            name,
             "--tokens",
             "16",
             "--workers",
@@ -107,13 +103,34 @@ pub fn run(secs: u64) -> Result<()> {
     let mut line = String::new();
     BufReader::new(mock.stdout.take().expect("piped")).read_line(&mut line)?;
     procs.0.push(mock);
-    let mock_addr: SocketAddr = line
-        .trim()
+    line.trim()
         .rsplit(' ')
         .next()
         .unwrap_or("")
         .parse()
-        .with_context(|| format!("mock-llm said {line:?}"))?;
+        .with_context(|| format!("mock-llm said {line:?}"))
+}
+
+/// A wrk script POSTing `body` with the bench key.
+pub(super) fn post_script(path: &Path, body: &str) -> Result<()> {
+    std::fs::write(
+        path,
+        format!(
+            "wrk.method = \"POST\"\nwrk.body = '{body}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\n\
+             wrk.headers[\"Authorization\"] = \"Bearer {KEY}\"\n"
+        ),
+    )?;
+    Ok(())
+}
+
+pub fn run(secs: u64) -> Result<()> {
+    let bin = util::build_release_bins()?;
+    let dir = root().join("target/bench/l7");
+    std::fs::create_dir_all(dir.join("nginx"))?;
+    let mut procs = Children::default();
+
+    step("bench: starting mock-llm, nginx and the gateway");
+    let mock_addr = start_mock(&bin, &mut procs, "bench")?;
 
     let ngx_port = free_port()?;
     let ngx_conf = dir.join("nginx/nginx.conf");
@@ -169,13 +186,7 @@ pub fn run(secs: u64) -> Result<()> {
     }
 
     let script = dir.join("post.lua");
-    std::fs::write(
-        &script,
-        format!(
-            "wrk.method = \"POST\"\nwrk.body = '{BODY}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\n\
-             wrk.headers[\"Authorization\"] = \"Bearer {KEY}\"\n"
-        ),
-    )?;
+    post_script(&script, BODY)?;
     let targets = [
         ("direct", format!("http://{mock_addr}/v1/chat/completions")),
         (
@@ -278,7 +289,7 @@ fn report(secs: u64, peak: &[(&str, Wrk)], fixed: &[(u64, Runs)]) -> Result<()> 
     record::section("l7", &out)
 }
 
-fn sha256_hex(s: &str) -> Result<String> {
+pub(super) fn sha256_hex(s: &str) -> Result<String> {
     let out = Command::new("sha256sum")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -3,6 +3,7 @@
 
 mod l7;
 mod load;
+mod policies;
 mod record;
 
 use anyhow::{bail, Result};
@@ -20,6 +21,13 @@ pub enum Which {
     L7 {
         /// Seconds per measurement.
         #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// Every balancing policy: selection cost (ns/pick) and requests/s
+    /// through the gateway over the same two upstreams.
+    Policies {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
 }
@@ -42,5 +50,6 @@ pub fn run(which: Which) -> Result<()> {
             )
         }
         Which::L7 { seconds } => l7::run(seconds),
+        Which::Policies { seconds } => policies::run(seconds),
     }
 }
