@@ -47,9 +47,21 @@ struct Peek<'a> {
     #[serde(borrow)]
     model: Option<Cow<'a, str>>,
     stream: Option<bool>,
-    stream_options: Option<StreamOptions>,
+    /// Absent: `None`; present, even as `null`: `Some(..)`, so the body
+    /// is edited rather than given a second `stream_options` key.
+    #[serde(default, deserialize_with = "present")]
+    stream_options: Option<Option<StreamOptions>>,
     max_tokens: Option<u64>,
     max_completion_tokens: Option<u64>,
+}
+
+/// A field that is present (even as `null`) becomes `Some`.
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
 }
 
 /// Deepest nesting of arrays and objects accepted in a request body.
@@ -76,6 +88,11 @@ pub fn inspect(body: &[u8]) -> Result<RequestInfo, ProxyError> {
             e.valid_up_to()
         )));
     }
+    // serde would also read the fields from an array, by position (other
+    // non-objects it refuses itself).
+    if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return Err(ProxyError::MissingModel);
+    }
     if too_deep(body, MAX_JSON_DEPTH) {
         return Err(ProxyError::InvalidJson(format!(
             "nested deeper than {MAX_JSON_DEPTH} levels"
@@ -94,7 +111,7 @@ pub fn inspect(body: &[u8]) -> Result<RequestInfo, ProxyError> {
         stream: peek.stream.unwrap_or(false),
         include_usage: peek
             .stream_options
-            .map(|o| o.include_usage.unwrap_or(false)),
+            .map(|o| o.and_then(|o| o.include_usage).unwrap_or(false)),
         max_tokens: peek.max_completion_tokens.or(peek.max_tokens),
     })
 }
@@ -257,6 +274,37 @@ mod tests {
         for not_object in [&b"42"[..], b"\"model\"", b"null", b"[]"] {
             assert!(inspect(not_object).is_err());
         }
+    }
+
+    /// Found by the `request_json` fuzz target: a `null` stream_options
+    /// was taken for an absent one and a second key was spliced in, which
+    /// upstream parsers resolve to the last (null): usage went uncounted.
+    #[test]
+    fn null_stream_options_is_replaced_not_duplicated() {
+        let b = Bytes::from_static(br#"{"model":"m","stream":true,"stream_options":null}"#);
+        let i = inspect(&b).unwrap();
+        assert_eq!(i.include_usage, Some(false));
+        let out = upstream_body(b, &i, None, true).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out)
+                .unwrap()
+                .matches("stream_options")
+                .count(),
+            1,
+            "{out:?}"
+        );
+        assert_eq!(json(&out)["stream_options"]["include_usage"], true);
+    }
+
+    /// Also from the fuzz target: serde reads a struct from an array by
+    /// position, so `["m", true, null]` passed as a request.
+    #[test]
+    fn arrays_are_not_requests() {
+        assert!(matches!(
+            inspect(br#"["m",true,null]"#),
+            Err(ProxyError::MissingModel)
+        ));
+        assert!(inspect(b" \n{\"model\":\"m\"}").is_ok());
     }
 
     #[test]
