@@ -1,4 +1,4 @@
-//! Build orchestration: `cargo xtask setup | build | run | test | bench`.
+//! Build orchestration: `cargo xtask setup | build | run | test | fuzz | bench`.
 //!
 //! `setup` installs everything the build and the tests need and is run by
 //! `run` and `test` first, so a fresh machine needs only these commands.
@@ -6,6 +6,7 @@
 mod bench;
 mod demo;
 mod dist;
+mod fuzz;
 mod setup;
 mod util;
 
@@ -22,18 +23,30 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install prerequisites (idempotent): nightly rust-src, bpf-linker,
-    /// bpffs mount, Debian packages used by the tests.
+    /// cargo-fuzz, bpffs mount, Debian packages used by the tests.
     Setup,
     /// Build every crate (release), including the embedded eBPF object.
     Build,
     /// Set up, build and start the demo; prints what to try.
     Run,
-    /// Set up, then run lints and every test (kernel tests need root and
-    /// are mandatory under CI=true).
+    /// Set up, then run lints, every test and a short pass of every fuzz
+    /// target (kernel tests need root and are mandatory under CI=true).
     Test {
         /// Skip rustfmt and clippy.
         #[arg(long)]
         no_lint: bool,
+    },
+    /// Run the fuzz targets (fuzz/, cargo-fuzz with nightly); a crash
+    /// fails and names the file holding the input.
+    Fuzz {
+        /// Seconds per target (libFuzzer's -max_total_time; 0 would mean
+        /// forever, so it is refused).
+        #[arg(long, default_value_t = fuzz::DEFAULT_SECONDS,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        seconds: u64,
+        /// Targets to run (default: all).
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(fuzz::TARGETS))]
+        targets: Vec<String>,
     },
     /// Build the installable Debian package (target/dist/*.deb).
     Dist,
@@ -60,6 +73,10 @@ fn main() -> Result<()> {
             setup::run()?;
             test(no_lint)
         }
+        Cmd::Fuzz { seconds, targets } => {
+            setup::run()?;
+            fuzz::run(&targets, seconds)
+        }
         Cmd::Dist => {
             setup::run()?;
             dist::run()
@@ -75,6 +92,8 @@ fn test(no_lint: bool) -> Result<()> {
     if !no_lint {
         util::step("lint: rustfmt");
         util::cargo(&["fmt", "--all", "--", "--check"])?;
+        // fuzz/ is its own workspace, outside `--all`.
+        util::cargo(&["fmt", "--manifest-path", "fuzz/Cargo.toml", "--", "--check"])?;
         util::step("lint: clippy");
         util::cargo(&[
             "clippy",
@@ -89,5 +108,7 @@ fn test(no_lint: bool) -> Result<()> {
     util::cargo(&["build", "--workspace", "--bins"])?;
     util::step("test: unit, kernel (TestRun) and integration tests");
     util::cargo(&["test", "--workspace", "--no-fail-fast"])?;
-    Ok(())
+    // A smoke pass over the seeds and a little beyond; `cargo xtask fuzz`
+    // is the long run.
+    fuzz::run(&[], fuzz::TEST_SECONDS)
 }

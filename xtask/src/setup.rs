@@ -7,6 +7,8 @@ use anyhow::{bail, Context as _, Result};
 use crate::util::{self, in_ci, is_root, output, step};
 
 pub const BPF_LINKER_VERSION: &str = "0.10.4";
+/// cargo-fuzz, pinned: 0.13.2 builds with stable Rust 1.95 (`--locked`).
+pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// LLVM major of the nightly that bpf-linker 0.10.4 loads.
 const EXPECTED_LLVM_MAJOR: &str = "22";
 /// Debian packages the tests and benchmarks use.
@@ -26,6 +28,7 @@ pub fn run() -> Result<()> {
     step("setup: prerequisites");
     nightly()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     bpffs()?;
     debian_packages()?;
     python_venv()?;
@@ -85,6 +88,27 @@ fn bpf_linker() -> Result<()> {
             "bpf-linker",
             "--version",
             BPF_LINKER_VERSION,
+            "--locked",
+            "--force",
+        ]),
+    )
+}
+
+/// cargo-fuzz runs the fuzz targets (`cargo xtask fuzz`, and briefly in
+/// `cargo xtask test`); the targets themselves build with nightly.
+fn cargo_fuzz() -> Result<()> {
+    let have = output("cargo-fuzz", &["--version"]).unwrap_or_default();
+    if have.contains(CARGO_FUZZ_VERSION) {
+        eprintln!("setup: cargo-fuzz {CARGO_FUZZ_VERSION} present");
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION} (a minute or two, once)");
+    util::run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args([
+            "install",
+            "cargo-fuzz",
+            "--version",
+            CARGO_FUZZ_VERSION,
             "--locked",
             "--force",
         ]),

@@ -1,0 +1,53 @@
+//! Upstream SSE events and JSON bodies: the usage readers must agree with
+//! each other and with their cheap prefilter, and never panic.
+#![no_main]
+
+use gateway::pipeline::usage::{from_json, from_sse_event, has_usage_object};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let has = has_usage_object(data);
+    let event = from_sse_event(data);
+    let json = from_json(data);
+
+    // from_sse_event parses only what the prefilter lets through.
+    if event.is_some() {
+        assert!(
+            has,
+            "usage read from an event the prefilter rejected: {data:?}"
+        );
+    }
+
+    // CRLF line endings read the same as LF (the parser strips the CR).
+    if !data.contains(&b'\r') && data.contains(&b'\n') {
+        let crlf: Vec<u8> = data.iter().fold(Vec::new(), |mut v, b| {
+            if *b == b'\n' {
+                v.push(b'\r');
+            }
+            v.push(*b);
+            v
+        });
+        assert_eq!(
+            from_sse_event(&crlf),
+            event,
+            "CRLF and LF events differ: {data:?}"
+        );
+    }
+
+    // A JSON object sent as one `data:` line carries the same usage as the
+    // same object as a plain response body. (Only objects: serde also reads
+    // a struct from an array, where the two shapes differ in length.)
+    let object = data.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    if object && !data.contains(&b'\n') {
+        let mut line = b"data: ".to_vec();
+        line.extend_from_slice(data);
+        if let Some(e) = from_sse_event(&line) {
+            assert_eq!(
+                json,
+                Some(e.usage),
+                "SSE and JSON usage differ for {:?}",
+                String::from_utf8_lossy(data)
+            );
+        }
+    }
+});
