@@ -59,6 +59,9 @@ const LOAD_BOUND: f64 = 1.25;
 /// latency: the share of picks made at random, so every backend keeps
 /// being measured.
 const EXPLORE_PER_MILLE: u64 = 100;
+/// latency: added to every latency average, so differences far below a
+/// model's time to first token (scheduling noise) do not decide a pick.
+const LATENCY_FLOOR_US: f64 = 5000.0;
 /// latency: scores closer than this factor count as equal.
 const LATENCY_TIE: f64 = 1.25;
 /// latency: how much a backend's error rate inflates its score.
@@ -330,7 +333,9 @@ fn latency(cands: &[Cand], backends: &[Arc<Backend>]) -> usize {
     power_of_two(cands, LATENCY_TIE, |c| {
         let o = &backends[c.index].observed;
         // A backend never measured scores best, so it gets measured.
-        (o.latency_us() + 1.0) * (c.in_flight as f64 + 1.0) * (1.0 + ERROR_PENALTY * o.error_rate())
+        (o.latency_us() + LATENCY_FLOOR_US)
+            * (c.in_flight as f64 + 1.0)
+            * (1.0 + ERROR_PENALTY * o.error_rate())
             / c.weight as f64
     })
 }
