@@ -123,51 +123,59 @@ pub(super) fn post_script(path: &Path, body: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn run(secs: u64) -> Result<()> {
-    let bin = util::build_release_bins()?;
-    let dir = root().join("target/bench/l7");
-    std::fs::create_dir_all(dir.join("nginx"))?;
-    let mut procs = Children::default();
-
-    step("bench: starting mock-llm, nginx and the gateway");
-    let mock_addr = start_mock(&bin, &mut procs, "bench")?;
-
-    let ngx_port = free_port()?;
-    let ngx_conf = dir.join("nginx/nginx.conf");
+/// Starts nginx (worker_processes auto, least_conn, keepalive upstream,
+/// the API key checked by a map, no buffering) in front of `upstream`;
+/// returns its port.
+pub(super) fn start_nginx(dir: &Path, procs: &mut Children, upstream: SocketAddr) -> Result<u16> {
+    std::fs::create_dir_all(dir)?;
+    let port = free_port()?;
+    let conf = dir.join("nginx.conf");
     std::fs::write(
-        &ngx_conf,
+        &conf,
         format!(
-            "worker_processes auto;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
-             events {{ worker_connections 4096; }}\n\
+            "worker_processes auto;\nworker_rlimit_nofile 65536;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+             events {{ worker_connections 30000; }}\n\
              http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
                fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
                map $http_authorization $key_ok {{ default 0; \"Bearer {KEY}\" 1; }}\n\
-               upstream llm {{ least_conn; server {mock_addr}; keepalive 128; }}\n\
-               server {{\n    listen 127.0.0.1:{ngx_port};\n    location / {{\n      if ($key_ok = 0) {{ return 401; }}\n\
+               upstream llm {{ least_conn; server {upstream}; keepalive 128; }}\n\
+               server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      if ($key_ok = 0) {{ return 401; }}\n\
                    proxy_pass http://llm;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n\
                    proxy_buffering off;\n    }}\n  }}\n}}\n",
-            d = dir.join("nginx").display()
+            d = dir.display()
         ),
     )?;
     procs.0.push(
         Command::new("nginx")
             .arg("-p")
-            .arg(dir.join("nginx"))
+            .arg(dir)
             .arg("-c")
-            .arg(&ngx_conf)
+            .arg(&conf)
             .spawn()
             .context("starting nginx (cargo xtask setup installs it)")?,
     );
+    Ok(port)
+}
 
-    let gw_port = free_port()?;
-    let gw_conf = dir.join("gateway.toml");
+/// Starts the gateway (release) with one model, `bench-model`, on
+/// `upstream`, plus `server_extra` in `[server]`; returns its port.
+pub(super) fn start_gateway(
+    bin: &Path,
+    dir: &Path,
+    procs: &mut Children,
+    upstream: SocketAddr,
+    server_extra: &str,
+) -> Result<u16> {
+    std::fs::create_dir_all(dir)?;
+    let port = free_port()?;
+    let conf = dir.join("gateway.toml");
     std::fs::write(
-        &gw_conf,
+        &conf,
         format!(
-            "[server]\nlisten = [\"127.0.0.1:{gw_port}\"]\nstate_dir = \"{d}/state\"\nadmin_socket = \"{d}/admin.sock\"\n\
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nstate_dir = \"{d}/state\"\nadmin_socket = \"{d}/admin.sock\"\n{server_extra}\n\
              [metrics]\nlisten = \"127.0.0.1:0\"\n\
              [[keys]]\nname = \"bench\"\nsha256 = \"{digest}\"\n\
-             [[models]]\nname = \"bench-model\"\n[[models.backends]]\nurl = \"http://{mock_addr}\"\n",
+             [[models]]\nname = \"bench-model\"\n[[models.backends]]\nurl = \"http://{upstream}\"\n",
             d = dir.display(),
             digest = sha256_hex(KEY)?,
         ),
@@ -175,12 +183,25 @@ pub fn run(secs: u64) -> Result<()> {
     procs.0.push(
         Command::new(bin.join("gateway"))
             .arg("--config")
-            .arg(&gw_conf)
+            .arg(&conf)
             .arg("run")
             .env("GATEWAY_LOG", "warn")
             .spawn()
             .context("starting the gateway")?,
     );
+    Ok(port)
+}
+
+pub fn run(secs: u64) -> Result<()> {
+    let bin = util::build_release_bins()?;
+    let dir = root().join("target/bench/l7");
+    let mut procs = Children::default();
+
+    step("bench: starting mock-llm, nginx and the gateway");
+    let mock_addr = start_mock(&bin, &mut procs, "bench")?;
+
+    let ngx_port = start_nginx(&dir.join("nginx"), &mut procs, mock_addr)?;
+    let gw_port = start_gateway(&bin, &dir, &mut procs, mock_addr, "")?;
     for p in [ngx_port, gw_port] {
         wait_for_port(SocketAddr::from(([127, 0, 0, 1], p)), &mut procs)?;
     }

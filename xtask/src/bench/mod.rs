@@ -5,13 +5,14 @@ mod l7;
 mod load;
 mod policies;
 mod record;
+mod streams;
 
 use anyhow::{bail, Result};
 use clap::Subcommand;
 
 use crate::util::{self, is_root, step};
 
-#[derive(Subcommand, Clone, Copy)]
+#[derive(Subcommand, Clone)]
 pub enum Which {
     /// ns/packet of the XDP program via BPF_PROG_TEST_RUN with 100,000
     /// blocklist entries, and the time to load them (needs root).
@@ -22,6 +23,20 @@ pub enum Which {
         /// Seconds per measurement.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+    },
+    /// N concurrent SSE streams (default 100, 1,000 and 10,000) directly,
+    /// through nginx and through the gateway: time to first token, chunk
+    /// gaps, proxy memory and CPU.
+    Streams {
+        /// Stream counts to run.
+        #[arg(long, value_delimiter = ',', default_values_t = [100usize, 1000, 10000])]
+        counts: Vec<usize>,
+        /// Chunks per stream.
+        #[arg(long, default_value_t = 200)]
+        tokens: u32,
+        /// Milliseconds between chunks.
+        #[arg(long, default_value_t = 20)]
+        interval_ms: u64,
     },
     /// Every balancing policy: selection cost (ns/pick) and requests/s
     /// through the gateway over the same two upstreams.
@@ -51,5 +66,10 @@ pub fn run(which: Which) -> Result<()> {
         }
         Which::L7 { seconds } => l7::run(seconds),
         Which::Policies { seconds } => policies::run(seconds),
+        Which::Streams {
+            counts,
+            tokens,
+            interval_ms,
+        } => streams::bench(&counts, tokens, interval_ms),
     }
 }
