@@ -8,7 +8,9 @@ use clap::Parser as _;
 use gateway::{cli, error};
 
 // glibc malloc was ~9% of the proxy's CPU under load (perf); mimalloc's
-// per-thread free lists suit a request-per-task server.
+// per-thread free lists suit a request-per-task server. Build without the
+// `mimalloc` feature to profile the heap (heaptrack sees only malloc).
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -188,7 +188,7 @@ pub async fn handle(
 }
 
 /// Longest request URI accepted (414 beyond).
-pub const MAX_URI_BYTES: usize = 8192;
+pub const MAX_URI_BYTES: usize = 4096;
 
 /// Refuses requests whose form alone is hostile: an overlong URI. (Body
 /// framing is hyper's: differing Content-Length values or a non-chunked

@@ -121,7 +121,7 @@ fn builder() -> auto::Builder<TokioExecutor> {
     // slow a client as a test makes.
     b.http1().keep_alive(true).header_read_timeout(None);
     // Benchmarks multiplex many streams over few h2 connections.
-    b.http2().max_concurrent_streams(1024);
+    b.http2().max_concurrent_streams(100_000);
     b
 }
 
