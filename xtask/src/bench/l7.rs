@@ -166,6 +166,17 @@ pub(super) fn start_gateway(
     upstream: SocketAddr,
     server_extra: &str,
 ) -> Result<u16> {
+    start_gateway_to(bin, dir, procs, &format!("http://{upstream}"), server_extra)
+}
+
+/// Like `start_gateway`, with the backend URL given (e.g. `h2c://...`).
+pub(super) fn start_gateway_to(
+    bin: &Path,
+    dir: &Path,
+    procs: &mut Children,
+    upstream: &str,
+    server_extra: &str,
+) -> Result<u16> {
     std::fs::create_dir_all(dir)?;
     let port = free_port()?;
     let conf = dir.join("gateway.toml");
@@ -175,7 +186,7 @@ pub(super) fn start_gateway(
             "[server]\nlisten = [\"127.0.0.1:{port}\"]\nstate_dir = \"{d}/state\"\nadmin_socket = \"{d}/admin.sock\"\n{server_extra}\n\
              [metrics]\nlisten = \"127.0.0.1:0\"\n\
              [[keys]]\nname = \"bench\"\nsha256 = \"{digest}\"\n\
-             [[models]]\nname = \"bench-model\"\n[[models.backends]]\nurl = \"http://{upstream}\"\n",
+             [[models]]\nname = \"bench-model\"\n[[models.backends]]\nurl = \"{upstream}\"\n",
             d = dir.display(),
             digest = sha256_hex(KEY)?,
         ),
