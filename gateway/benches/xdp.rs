@@ -20,8 +20,27 @@ use gateway_common::{
 };
 
 const PORT: u16 = 8443;
-const REPEAT: u32 = 2_000_000;
-const ROUNDS: usize = 9;
+/// Repeats per run and runs per path; `GATEWAY_BENCH_QUICK=1` (used by
+/// `cargo xtask bench quick`) trades precision for time.
+fn repeat() -> u32 {
+    if quick() {
+        200_000
+    } else {
+        2_000_000
+    }
+}
+
+fn rounds() -> usize {
+    if quick() {
+        3
+    } else {
+        9
+    }
+}
+
+fn quick() -> bool {
+    std::env::var_os("GATEWAY_BENCH_QUICK").is_some()
+}
 
 /// 100,000 entries: 80k IPv4 hosts, 10k IPv4 /24s, 5k IPv6 hosts, 5k IPv6 /48s.
 fn entries() -> BTreeMap<Cidr, BlockValue> {
@@ -55,12 +74,12 @@ struct Row {
     target: Option<f64>,
 }
 
-/// Best of `ROUNDS` kernel-timed runs of `frame`, checking the verdict.
+/// Best of `rounds()` kernel-timed runs of `frame`, checking the verdict.
 fn measure(h: &mut Harness, path: &str, frame: &[u8], expect: Option<u32>) -> Result<f64> {
     // Best of several rounds: the VM's other core and timer noise only add.
     let mut best = f64::MAX;
-    for _ in 0..ROUNDS {
-        let (action, d) = h.run_repeat(frame, REPEAT)?;
+    for _ in 0..rounds() {
+        let (action, d) = h.run_repeat(frame, repeat())?;
         if let Some(e) = expect {
             assert_eq!(action, e, "{path}: unexpected verdict {action}");
         }
@@ -185,7 +204,9 @@ fn report(rows: &[Row], load: std::time::Duration) -> Result<()> {
     let mut out = String::new();
     out.push_str(&format!(
         "100,000 blocklist entries (80k IPv4 hosts, 10k IPv4 /24, 5k IPv6 hosts, 5k IPv6 /48), \
-         best of {ROUNDS} x {REPEAT} runs per path.\n\n"
+         best of {} x {} runs per path.\n\n",
+        rounds(),
+        repeat()
     ));
     out.push_str("| path | verdict | ns/packet, empty maps | ns/packet, 100k entries | target |\n");
     out.push_str("|---|---|---:|---:|---:|\n");

@@ -4,6 +4,7 @@
 mod l7;
 mod load;
 mod policies;
+mod quick;
 mod record;
 mod streams;
 
@@ -38,6 +39,9 @@ pub enum Which {
         #[arg(long, default_value_t = 20)]
         interval_ms: u64,
     },
+    /// The headline ratios in under two minutes (XDP ns/packet, gateway vs
+    /// nginx requests/s, streaming TTFT and memory); nothing recorded.
+    Quick,
     /// Every balancing policy: selection cost (ns/pick) and requests/s
     /// through the gateway over the same two upstreams.
     Policies {
@@ -66,6 +70,7 @@ pub fn run(which: Which) -> Result<()> {
         }
         Which::L7 { seconds } => l7::run(seconds),
         Which::Policies { seconds } => policies::run(seconds),
+        Which::Quick => quick::run(),
         Which::Streams {
             counts,
             tokens,
