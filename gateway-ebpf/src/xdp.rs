@@ -32,3 +32,12 @@ pub fn gateway_xdp(ctx: XdpContext) -> u32 {
     }
     xdp_action::XDP_DROP
 }
+
+/// Benchmark traffic generator, never attached: run with
+/// `BPF_PROG_TEST_RUN` in live-frames mode on a veth, every frame is sent
+/// out again (`XDP_TX`), so `cargo xtask bench veth` can flood the peer at
+/// line rate without a NIC or an external tool.
+#[xdp]
+pub fn gateway_bench_tx(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_TX
+}

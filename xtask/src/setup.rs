@@ -18,6 +18,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "inspecting programs and maps"),
     ("xdp-tools", "xdp-trafficgen, xdp-loader"),
     ("nftables", "baseline for kernel benchmarks"),
+    (
+        "ethtool",
+        "GRO on veth for the nftables baseline of bench veth",
+    ),
     ("tcpdump", "debugging kernel tests"),
     ("nginx", "L7 benchmark baseline"),
     ("wrk", "HTTP/1.1 load generator"),

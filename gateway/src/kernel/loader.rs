@@ -120,6 +120,17 @@ fn verifier_context(e: ProgramError) -> anyhow::Error {
     anyhow!(e).context("the kernel refused the XDP program")
 }
 
+/// The benchmark's frame generator (`gateway_bench_tx`), loaded.
+pub fn bench_tx_program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
+    let prog: &mut Xdp = ebpf
+        .program_mut("gateway_bench_tx")
+        .context("the eBPF object has no gateway_bench_tx program")?
+        .try_into()
+        .context("gateway_bench_tx is not an XDP program")?;
+    prog.load().map_err(|e| explain(verifier_context(e)))?;
+    Ok(prog)
+}
+
 pub fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
     ebpf.program_mut(XDP_PROGRAM)
         .context("the eBPF object has no XDP program")?

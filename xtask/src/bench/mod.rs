@@ -39,6 +39,9 @@ pub enum Which {
         #[arg(long, default_value_t = 20)]
         interval_ms: u64,
     },
+    /// Drop rate of a flood on a veth pair: the XDP program (native mode)
+    /// vs an nftables raw-prerouting rule (needs root).
+    Veth,
     /// The headline ratios in under two minutes (XDP ns/packet, gateway vs
     /// nginx requests/s, streaming TTFT and memory); nothing recorded.
     Quick,
@@ -71,6 +74,21 @@ pub fn run(which: Which) -> Result<()> {
         Which::L7 { seconds } => l7::run(seconds),
         Which::Policies { seconds } => policies::run(seconds),
         Which::Quick => quick::run(),
+        Which::Veth => {
+            if !is_root() {
+                bail!("the veth benchmark creates namespaces and attaches XDP: run it as root");
+            }
+            step("bench: veth flood, XDP vs nftables (release build)");
+            util::cargo(&["bench", "-p", "gateway", "--bench", "veth"])?;
+            let table = std::fs::read_to_string(util::root().join("target/bench/veth.md"))?;
+            record::section(
+                "veth",
+                &format!(
+                    "## Kernel: a flood on a veth, XDP vs nftables\n\nCommand: `cargo xtask bench veth` (as root). Machine: {}.\n\n{table}",
+                    record::machine()
+                ),
+            )
+        }
         Which::Streams {
             counts,
             tokens,
