@@ -292,21 +292,22 @@ async fn a_full_backend_queues_requests_until_a_slot_frees_or_the_deadline() {
     );
     let gw = TestGateway::start("", &models).await;
     let u = url(&gw);
-    // One request holds the only slot for 250 ms.
-    let hold = {
+    // A request that holds the only slot for `ms`.
+    let hold = |ms: &'static str| {
         let u = u.clone();
         tokio::spawn(async move {
             Client::http1()
                 .post(
                     &u,
                     Some(KEY_A),
-                    &[("x-mock-latency-ms", "250")],
+                    &[("x-mock-latency-ms", ms)],
                     &chat("m", false),
                 )
                 .await
                 .status
         })
     };
+    let held = hold("250");
     eventually(Duration::from_secs(2), "the slot is taken", || {
         up.stats().snapshot().in_flight == 1
     })
@@ -336,7 +337,7 @@ async fn a_full_backend_queues_requests_until_a_slot_frees_or_the_deadline() {
         .await;
     assert_eq!(full.status, 503, "queue of one is taken");
     assert_eq!(full.headers["retry-after"], "1");
-    assert_eq!(hold.await.unwrap(), 200);
+    assert_eq!(held.await.unwrap(), 200);
     let (status, waited) = queued.await.unwrap();
     assert_eq!(status, 200, "served once the slot freed");
     assert!(
@@ -344,20 +345,7 @@ async fn a_full_backend_queues_requests_until_a_slot_frees_or_the_deadline() {
         "it waited: {waited:?}"
     );
     // Nobody frees the slot in time: 503 after the queue timeout.
-    let hold = {
-        let u = u.clone();
-        tokio::spawn(async move {
-            Client::http1()
-                .post(
-                    &u,
-                    Some(KEY_A),
-                    &[("x-mock-latency-ms", "900")],
-                    &chat("m", false),
-                )
-                .await
-                .status
-        })
-    };
+    let held = hold("900");
     eventually(Duration::from_secs(2), "the slot is taken again", || {
         up.stats().snapshot().in_flight == 1
     })
@@ -373,7 +361,7 @@ async fn a_full_backend_queues_requests_until_a_slot_frees_or_the_deadline() {
         waited >= Duration::from_millis(350) && waited < Duration::from_millis(800),
         "503 at the queue deadline: {waited:?}"
     );
-    assert_eq!(hold.await.unwrap(), 200);
+    assert_eq!(held.await.unwrap(), 200);
 }
 
 const KEY_LIMITED: &str = "sk-test-limited";

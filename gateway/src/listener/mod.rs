@@ -186,32 +186,29 @@ fn spawn_connection(
         async move { Ok::<_, Infallible>(crate::pipeline::handle(shared, req, peer).await) }
     });
     let watcher = graceful.watcher();
+    // HTTP over plain TCP or TLS: the same serving, two stream types.
+    macro_rules! serve_http {
+        ($io:expr) => {
+            watcher
+                .watch(
+                    builder(limits)
+                        .serve_connection(
+                            TokioIo::new(FirstByte::new($io, header_read_timeout)),
+                            svc,
+                        )
+                        .into_owned(),
+                )
+                .await
+        };
+    }
     tokio::spawn(async move {
         let result = match tls {
-            None => {
-                let io = FirstByte::new(stream, header_read_timeout);
-                watcher
-                    .watch(
-                        builder(limits)
-                            .serve_connection(TokioIo::new(io), svc)
-                            .into_owned(),
-                    )
-                    .await
-            }
+            None => serve_http!(stream),
             Some(acceptor) => {
                 // The graceful watcher covers the HTTP connection only, so
                 // the handshake gets its own deadline.
                 match tokio::time::timeout(header_read_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => {
-                        let io = FirstByte::new(s, header_read_timeout);
-                        watcher
-                            .watch(
-                                builder(limits)
-                                    .serve_connection(TokioIo::new(io), svc)
-                                    .into_owned(),
-                            )
-                            .await
-                    }
+                    Ok(Ok(s)) => serve_http!(s),
                     Ok(Err(e)) => Err(format!("TLS handshake failed: {e}").into()),
                     Err(_) => Err("TLS handshake timed out".into()),
                 }

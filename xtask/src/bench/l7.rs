@@ -119,6 +119,42 @@ pub(super) fn start_mock(bin: &Path, procs: &mut Children, name: &str) -> Result
         .with_context(|| format!("mock-llm said {line:?}"))
 }
 
+/// The usual bench set-up: mock-llm, nginx and the gateway in front of it,
+/// all listening.
+pub(super) struct Stack {
+    pub procs: Children,
+    pub mock: SocketAddr,
+    /// (port, pid) of each proxy.
+    pub nginx: (u16, u32),
+    pub gateway: (u16, u32),
+}
+
+impl Stack {
+    /// `gateway_extra` goes into the gateway's `[server]` table.
+    pub fn start(bin: &Path, dir: &Path, gateway_extra: &str) -> Result<Stack> {
+        let mut procs = Children::default();
+        step("bench: starting mock-llm, nginx and the gateway");
+        let mock = start_mock(bin, &mut procs, "bench")?;
+        let ngx = start_nginx(&dir.join("nginx"), &mut procs, mock)?;
+        let ngx_pid = procs.0.last().expect("nginx").id();
+        let gw = start_gateway(bin, dir, &mut procs, mock, gateway_extra)?;
+        let gw_pid = procs.0.last().expect("gateway").id();
+        for p in [ngx, gw] {
+            wait_for_port(SocketAddr::from(([127, 0, 0, 1], p)), &mut procs)?;
+        }
+        Ok(Stack {
+            procs,
+            mock,
+            nginx: (ngx, ngx_pid),
+            gateway: (gw, gw_pid),
+        })
+    }
+
+    pub fn mock_pid(&self) -> u32 {
+        self.procs.0[0].id()
+    }
+}
+
 /// A wrk script POSTing `body` with the bench key.
 pub(super) fn post_script(path: &Path, body: &str) -> Result<()> {
     std::fs::write(
@@ -271,27 +307,16 @@ pub(super) fn start_gateway_to(
 pub fn run(secs: u64) -> Result<()> {
     let bin = util::build_release_bins()?;
     let dir = root().join("target/bench/l7");
-    let mut procs = Children::default();
-
-    step("bench: starting mock-llm, nginx and the gateway");
-    let mock_addr = start_mock(&bin, &mut procs, "bench")?;
-
-    let ngx_port = start_nginx(&dir.join("nginx"), &mut procs, mock_addr)?;
-    let gw_port = start_gateway(&bin, &dir, &mut procs, mock_addr, "")?;
-    for p in [ngx_port, gw_port] {
-        wait_for_port(SocketAddr::from(([127, 0, 0, 1], p)), &mut procs)?;
-    }
+    let mut stack = Stack::start(&bin, &dir, "")?;
+    let (mock_addr, (ngx_port, ngx_pid), (gw_port, gw_pid)) =
+        (stack.mock, stack.nginx, stack.gateway);
 
     let script = dir.join("post.lua");
     post_script(&script, BODY)?;
-    let litellm_port = start_litellm(&dir.join("litellm"), &mut procs, mock_addr)?;
-    let litellm_pid = procs.0.last().expect("litellm").id();
-    let pids = [
-        procs.0[0].id(), // the mock, for the direct row
-        procs.0[1].id(),
-        procs.0[2].id(),
-        litellm_pid,
-    ];
+    let litellm_port = start_litellm(&dir.join("litellm"), &mut stack.procs, mock_addr)?;
+    let litellm_pid = stack.procs.0.last().expect("litellm").id();
+    // The mock's own usage stands for the direct row.
+    let pids = [stack.mock_pid(), ngx_pid, gw_pid, litellm_pid];
     let targets = [
         ("direct", format!("http://{mock_addr}/v1/chat/completions")),
         (

@@ -3,12 +3,12 @@
 //! than the full benchmarks, so noisier (about +-20% on this VM); nothing
 //! is recorded in docs/benchmarks.md.
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use anyhow::Result;
 
 use super::{l7, streams};
-use crate::util::{self, is_root, root, step, wait_for_port, Children};
+use crate::util::{self, is_root, root, step};
 
 pub fn run() -> Result<()> {
     let started = std::time::Instant::now();
@@ -38,22 +38,8 @@ pub fn run() -> Result<()> {
 
     let bin = util::build_release_bins()?;
     let dir = root().join("target/bench/quick");
-    let mut procs = Children::default();
-    step("quick: mock-llm, nginx and the gateway");
-    let mock = l7::start_mock(&bin, &mut procs, "quick")?;
-    let ngx = l7::start_nginx(&dir.join("nginx"), &mut procs, mock)?;
-    let ngx_pid = procs.0.last().expect("nginx").id();
-    let gw = l7::start_gateway(
-        &bin,
-        &dir,
-        &mut procs,
-        mock,
-        "max_connections_per_ip = 100000",
-    )?;
-    let gw_pid = procs.0.last().expect("gateway").id();
-    for p in [ngx, gw] {
-        wait_for_port(SocketAddr::from(([127, 0, 0, 1], p)), &mut procs)?;
-    }
+    let stack = l7::Stack::start(&bin, &dir, "max_connections_per_ip = 100000")?;
+    let (mock, (ngx, ngx_pid), (gw, gw_pid)) = (stack.mock, stack.nginx, stack.gateway);
     let script = dir.join("post.lua");
     l7::post_script(
         &script,
@@ -102,7 +88,7 @@ pub fn run() -> Result<()> {
             per.unwrap_or(f64::NAN)
         ));
     }
-    drop(procs);
+    drop(stack);
     println!(
         "\n== bench quick ({:.0} s) ==",
         started.elapsed().as_secs_f64()

@@ -266,25 +266,18 @@ struct Row {
 /// the gateway, and directly, over one mock-llm.
 pub fn bench(counts: &[usize], tokens: u32, interval_ms: u64) -> Result<()> {
     use super::{l7, record};
-    use crate::util::{self, root, step, wait_for_port, Children};
+    use crate::util::{self, root, step, wait_for_port};
     use std::net::SocketAddr;
 
     raise_nofile(65536);
     let bin = util::build_release_bins()?;
     let dir = root().join("target/bench/streams");
-    let mut procs = Children::default();
-    step("bench: starting mock-llm, nginx and the gateway");
-    let mock = l7::start_mock(&bin, &mut procs, "stream")?;
-    let ngx = l7::start_nginx(&dir.join("nginx"), &mut procs, mock)?;
-    let ngx_pid = procs.0.last().expect("nginx").id();
-    let gw = l7::start_gateway(
-        &bin,
-        &dir,
-        &mut procs,
+    let l7::Stack {
+        mut procs,
         mock,
-        "max_connections_per_ip = 100000",
-    )?;
-    let gw_pid = procs.0.last().expect("gateway").id();
+        nginx: (ngx, ngx_pid),
+        gateway: (gw, gw_pid),
+    } = l7::Stack::start(&bin, &dir, "max_connections_per_ip = 100000")?;
     // The same gateway with one multiplexed HTTP/2 connection per worker
     // to the upstream: one file descriptor per stream instead of two.
     let gw2 = l7::start_gateway_to(
@@ -295,9 +288,7 @@ pub fn bench(counts: &[usize], tokens: u32, interval_ms: u64) -> Result<()> {
         "max_connections_per_ip = 100000",
     )?;
     let gw2_pid = procs.0.last().expect("gateway").id();
-    for p in [ngx, gw, gw2] {
-        wait_for_port(SocketAddr::from(([127, 0, 0, 1], p)), &mut procs)?;
-    }
+    wait_for_port(SocketAddr::from(([127, 0, 0, 1], gw2)), &mut procs)?;
     let targets: [(&'static str, String, Option<u32>); 4] = [
         ("direct", format!("http://{mock}/v1/chat/completions"), None),
         (
