@@ -3,11 +3,9 @@
 //! promises the kernel's counters and drops rely on.
 #![no_main]
 
-use std::{cell::RefCell, collections::HashMap};
-
 use gateway_common::{
-    bucket,
-    maps::{v4_mapped, Bucket, Limits, Reason, SourceKey},
+    bucket::MemBuckets,
+    maps::{v4_mapped, Limits, Reason, SourceKey},
     packet::{parse, Parsed, Source, Transport, TCP_ACK, TCP_SYN},
     verdict::{decide, Tables},
 };
@@ -18,16 +16,14 @@ use libfuzzer_sys::fuzz_target;
 /// per source (/24, /48) and one in total before the buckets are empty.
 struct Policy {
     limits: Limits,
-    buckets: RefCell<HashMap<SourceKey, Bucket>>,
-    global: RefCell<Option<Bucket>>,
+    buckets: MemBuckets,
 }
 
 impl Policy {
     fn new() -> Self {
         Policy {
             limits: Limits::new(1, 1, 1, 24, 48),
-            buckets: RefCell::new(HashMap::new()),
-            global: RefCell::new(None),
+            buckets: MemBuckets::default(),
         }
     }
 }
@@ -55,24 +51,10 @@ impl Tables for Policy {
         Some(&self.limits)
     }
     fn take_source(&self, key: &SourceKey, l: &Limits, now: u64) -> bool {
-        let mut m = self.buckets.borrow_mut();
-        match m.get_mut(key) {
-            Some(b) => bucket::take(b, l.syn_rate, l.syn_burst, l.syn_fill_ns, now),
-            None => {
-                m.insert(*key, bucket::fresh(l.syn_burst, now));
-                true
-            }
-        }
+        self.buckets.take_source(key, l, now)
     }
     fn take_global(&self, l: &Limits, now: u64) -> bool {
-        let mut g = self.global.borrow_mut();
-        match g.as_mut() {
-            Some(b) => bucket::take(b, l.global_rate, l.global_burst, l.global_fill_ns, now),
-            None => {
-                *g = Some(bucket::fresh(l.global_burst, now));
-                true
-            }
-        }
+        self.buckets.take_global(l, now)
     }
 }
 

@@ -134,3 +134,45 @@ mod tests {
         assert_eq!(b.last_ns, 100);
     }
 }
+
+/// SYN buckets over plain collections, for code that runs the verdict
+/// outside the kernel on one thread (the verdict tests and the packet
+/// fuzzer): a bucket per source key, started full, plus the global one.
+#[cfg(any(test, feature = "user"))]
+#[derive(Default)]
+pub struct MemBuckets {
+    sources: core::cell::RefCell<std::collections::HashMap<crate::maps::SourceKey, Bucket>>,
+    global: core::cell::RefCell<Option<Bucket>>,
+}
+
+#[cfg(any(test, feature = "user"))]
+impl MemBuckets {
+    /// `Tables::take_source`.
+    pub fn take_source(
+        &self,
+        key: &crate::maps::SourceKey,
+        l: &crate::maps::Limits,
+        now: u64,
+    ) -> bool {
+        let mut m = self.sources.borrow_mut();
+        match m.get_mut(key) {
+            Some(b) => take(b, l.syn_rate, l.syn_burst, l.syn_fill_ns, now),
+            None => {
+                m.insert(*key, fresh(l.syn_burst, now));
+                true
+            }
+        }
+    }
+
+    /// `Tables::take_global`.
+    pub fn take_global(&self, l: &crate::maps::Limits, now: u64) -> bool {
+        let mut g = self.global.borrow_mut();
+        match g.as_mut() {
+            Some(b) => take(b, l.global_rate, l.global_burst, l.global_fill_ns, now),
+            None => {
+                *g = Some(fresh(l.global_burst, now));
+                true
+            }
+        }
+    }
+}

@@ -147,12 +147,10 @@ pub fn decide<B: Bytes + ?Sized, T: Tables>(pkt: &B, t: &T) -> Verdict {
 mod tests {
     use super::*;
     use crate::{
-        bucket,
-        maps::Bucket,
+        bucket::MemBuckets,
         packet::{craft::*, TCP_ACK, TCP_SYN},
     };
-    use core::cell::RefCell;
-    use std::{collections::HashMap, vec::Vec};
+    use std::vec::Vec;
 
     /// Plain-collection stand-in for the BPF maps.
     struct Fake {
@@ -160,8 +158,7 @@ mod tests {
         block: Vec<(crate::cidr::Cidr, u64)>,
         ports: Vec<u16>,
         limits: Limits,
-        buckets: RefCell<HashMap<SourceKey, Bucket>>,
-        global: RefCell<Option<Bucket>>,
+        buckets: MemBuckets,
         now: core::cell::Cell<u64>,
     }
 
@@ -172,8 +169,7 @@ mod tests {
                 block: Vec::new(),
                 ports: std::vec![8443],
                 limits: Limits::new(2, 2, 0, 32, 64),
-                buckets: RefCell::new(HashMap::new()),
-                global: RefCell::new(None),
+                buckets: MemBuckets::default(),
                 now: core::cell::Cell::new(0),
             }
         }
@@ -206,24 +202,10 @@ mod tests {
             Some(&self.limits)
         }
         fn take_source(&self, key: &SourceKey, l: &Limits, now: u64) -> bool {
-            let mut m = self.buckets.borrow_mut();
-            match m.get_mut(key) {
-                Some(b) => bucket::take(b, l.syn_rate, l.syn_burst, l.syn_fill_ns, now),
-                None => {
-                    m.insert(*key, bucket::fresh(l.syn_burst, now));
-                    true
-                }
-            }
+            self.buckets.take_source(key, l, now)
         }
         fn take_global(&self, l: &Limits, now: u64) -> bool {
-            let mut g = self.global.borrow_mut();
-            match g.as_mut() {
-                Some(b) => bucket::take(b, l.global_rate, l.global_burst, l.global_fill_ns, now),
-                None => {
-                    *g = Some(bucket::fresh(l.global_burst, now));
-                    true
-                }
-            }
+            self.buckets.take_global(l, now)
         }
     }
 
