@@ -41,3 +41,46 @@ pub fn gateway_xdp(ctx: XdpContext) -> u32 {
 pub fn gateway_bench_tx(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
 }
+
+/// Benchmark SYN flood from many sources, never attached: like
+/// `gateway_bench_tx`, but each frame (an IPv4 TCP SYN without IP options)
+/// leaves with a random low half of its source address, the IP and TCP
+/// checksums updated to match (RFC 1624), so the receiver's stack accepts
+/// it as a real SYN from one of 65,536 sources.
+#[xdp]
+pub fn gateway_bench_syn(ctx: XdpContext) -> u32 {
+    const SADDR_LOW: usize = 14 + 14; // Ethernet + offset of saddr's low half
+    const IP_CSUM: usize = 14 + 10;
+    const TCP_CSUM: usize = 14 + 20 + 16;
+    let start = ctx.data();
+    if start + TCP_CSUM + 2 > ctx.data_end() {
+        return xdp_action::XDP_TX;
+    }
+    let p = start as *mut u8;
+    // SAFETY: every offset below is under TCP_CSUM + 2, checked above.
+    unsafe {
+        let new = aya_ebpf::helpers::generated::bpf_get_prandom_u32() as u16;
+        let old = u16::from_be_bytes([*p.add(SADDR_LOW), *p.add(SADDR_LOW + 1)]);
+        let [hi, lo] = new.to_be_bytes();
+        *p.add(SADDR_LOW) = hi;
+        *p.add(SADDR_LOW + 1) = lo;
+        csum_replace(p.add(IP_CSUM), old, new);
+        csum_replace(p.add(TCP_CSUM), old, new);
+    }
+    xdp_action::XDP_TX
+}
+
+/// HC' = ~(~HC + ~m + m') over the big-endian checksum at `at`.
+///
+/// # Safety
+/// `at` and `at + 1` are inside the packet.
+#[inline(always)]
+unsafe fn csum_replace(at: *mut u8, old: u16, new: u16) {
+    let hc = u16::from_be_bytes([*at, *at.add(1)]);
+    let mut sum = (!hc) as u32 + (!old) as u32 + new as u32;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    let [a, b] = (!(sum as u16)).to_be_bytes();
+    *at = a;
+    *at.add(1) = b;
+}

@@ -124,16 +124,22 @@ fn busy_seconds() -> f64 {
     (total - f[3] - f[4]) / 100.0
 }
 
-/// Floods from the generator namespace for `SECONDS`; returns frames sent
-/// and the busy CPU seconds.
-fn flood(frame: &[u8]) -> Result<(u64, f64, Duration)> {
+/// Floods `frame` through the generator program `prog` from the generator
+/// namespace until `done` says so; returns frames sent, the busy CPU
+/// seconds (all cores) and the time taken.
+fn flood(
+    frame: &[u8],
+    prog: &str,
+    done: impl Fn(Duration) -> bool,
+) -> Result<(u64, f64, Duration)> {
     enter(GEN)?;
+    // SAFETY: a NUL-terminated interface name.
     let ifindex = unsafe { libc::if_nametoindex(c"vg".as_ptr()) };
     if ifindex == 0 {
         bail!("no vg in {GEN}");
     }
     let mut ebpf = loader::load(None)?;
-    let tx = loader::bench_tx_program(&mut ebpf)?;
+    let tx = loader::bench_program(&mut ebpf, prog)?;
     // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
     let mut ctx = [0u8; 24];
     ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
@@ -141,7 +147,7 @@ fn flood(frame: &[u8]) -> Result<(u64, f64, Duration)> {
     let start = Instant::now();
     let busy0 = busy_seconds();
     let mut sent = 0u64;
-    while start.elapsed() < Duration::from_secs(SECONDS) {
+    while !done(start.elapsed()) {
         tx.test_run(TestRunOptions {
             data_in: Some(frame),
             ctx_in: Some(&ctx),
@@ -153,6 +159,154 @@ fn flood(frame: &[u8]) -> Result<(u64, f64, Duration)> {
         sent += REPEAT as u64;
     }
     Ok((sent, busy_seconds() - busy0, start.elapsed()))
+}
+
+/// One's-complement sum of big-endian 16-bit words.
+fn ones_sum(bytes: &[u8], mut sum: u32) -> u32 {
+    for w in bytes.chunks(2) {
+        sum += u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]) as u32;
+    }
+    sum
+}
+
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// Valid IPv4 header and TCP checksums for a frame without IP options.
+fn set_checksums(frame: &mut [u8]) {
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let ip = fold(ones_sum(&frame[14..34], 0));
+    frame[24..26].copy_from_slice(&ip.to_be_bytes());
+    frame[50..52].copy_from_slice(&[0, 0]);
+    let tcp_len = (frame.len() - 34) as u32;
+    let pseudo = ones_sum(&frame[26..34], 0) + 6 + tcp_len;
+    let tcp = fold(ones_sum(&frame[34..], pseudo));
+    frame[50..52].copy_from_slice(&tcp.to_be_bytes());
+}
+
+fn for_seconds(elapsed: Duration) -> bool {
+    elapsed >= Duration::from_secs(SECONDS)
+}
+
+/// Legitimate clients under a SYN flood from 65,536 spoofed sources: their
+/// connect success rate and latency with the XDP program off (the kernel's
+/// SYN cookies alone) and on (per-source and global SYN budgets).
+fn syn_flood(home: &File) -> Result<String> {
+    use std::sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    };
+    const ATTEMPTS: usize = 50;
+    /// Below the per-source budget (20/s), so only the flood can refuse them.
+    const CLIENT_INTERVAL: Duration = Duration::from_millis(100);
+    // The flood's base frame: 10.201.0.1 -> 10.200.0.2:8443 SYN; the
+    // generator randomizes the source's low half per frame.
+    let mut frame = Frame::v4([10, 201, 0, 1], [10, 200, 0, 2])
+        .tcp(PORT, TCP_SYN)
+        .build();
+    frame[0..6].copy_from_slice(&mac(DUT, "vd")?);
+    frame[6..12].copy_from_slice(&mac(GEN, "vg")?);
+    set_checksums(&mut frame);
+    let ns = |args: &[&str]| {
+        let mut v = vec!["ip", "netns", "exec", DUT];
+        v.extend_from_slice(args);
+        sh(&v)
+    };
+    // SYN-ACKs to the spoofed sources go back to the generator (and die there).
+    ns(&["ip", "route", "add", "10.201.0.0/16", "via", "10.200.0.1"])?;
+    let _ = ns(&["nft", "delete", "table", "ip", "gwbench"]);
+    let mut table = String::from(
+        "| XDP program | flood sent/s | legitimate connects ok | connect p50 | connect p99 |\n|---|---:|---:|---:|---:|\n",
+    );
+    for xdp_on in [false, true] {
+        // A listener on the protected port, accepting and closing.
+        let stop = Arc::new(AtomicBool::new(false));
+        let listener = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || -> Result<()> {
+                enter(DUT)?;
+                let l = std::net::TcpListener::bind(("10.200.0.2", PORT))?;
+                l.set_nonblocking(true)?;
+                while !stop.load(Ordering::Relaxed) {
+                    match l.accept() {
+                        Ok(_) => {}
+                        Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                    }
+                }
+                Ok(())
+            })
+        };
+        let mut dut = None;
+        if xdp_on {
+            enter(DUT)?;
+            let mut e = loader::load(None)?;
+            let mut maps = gateway::kernel::maps::KernelMaps::from_ebpf(&mut e)?;
+            // The daemon's defaults: 20/s and 40 burst per source, 50,000/s in all.
+            maps.set_limits(&Limits::new(20, 40, 50_000, 32, 64))?;
+            maps.set_ports(&[PORT])?;
+            loader::xdp_program(&mut e)?
+                .attach("vd", XdpMode::Driver)
+                .context("attaching XDP to vd in native mode")?;
+            dut = Some((e, maps));
+        }
+        let flooding = Arc::new(AtomicBool::new(true));
+        let flooder = {
+            let (frame, flooding) = (frame.clone(), Arc::clone(&flooding));
+            std::thread::spawn(move || {
+                flood(&frame, "gateway_bench_syn", |_| {
+                    !flooding.load(Ordering::Relaxed)
+                })
+            })
+        };
+        std::thread::sleep(Duration::from_millis(500));
+        // Legitimate clients from the generator's real address.
+        let client = std::thread::spawn(move || -> Result<Vec<Option<Duration>>> {
+            enter(GEN)?;
+            let dst = std::net::SocketAddr::from(([10, 200, 0, 2], PORT));
+            let mut out = Vec::new();
+            for _ in 0..ATTEMPTS {
+                let t = Instant::now();
+                let ok = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(3)).is_ok();
+                out.push(ok.then(|| t.elapsed()));
+                std::thread::sleep(CLIENT_INTERVAL);
+            }
+            Ok(out)
+        });
+        let results = client.join().expect("client thread")?;
+        flooding.store(false, Ordering::Relaxed);
+        let (sent, _, elapsed) = flooder.join().expect("flood thread")?;
+        stop.store(true, Ordering::Relaxed);
+        listener.join().expect("listener thread")?;
+        drop(dut);
+        let mut ok: Vec<Duration> = results.iter().flatten().copied().collect();
+        ok.sort();
+        let pct = |p: f64| {
+            ok.get(((ok.len() as f64 - 1.0) * p).round() as usize)
+                .map_or("-".into(), |d| format!("{:.2} ms", d.as_secs_f64() * 1e3))
+        };
+        let row = format!(
+            "| {} | {:.2} M | {} / {ATTEMPTS} | {} | {} |\n",
+            if xdp_on { "on" } else { "off" },
+            sent as f64 / elapsed.as_secs_f64() / 1e6,
+            ok.len(),
+            pct(0.5),
+            pct(0.99),
+        );
+        print!("{row}");
+        table.push_str(&row);
+    }
+    // SAFETY: back to the namespace this thread started in.
+    unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) };
+    Ok(format!(
+        "\nSYN flood: the same generator with `gateway_bench_syn` (65,536 random sources in 10.201.0.0/16, valid \
+         checksums; SYN-ACKs are routed back to the generator namespace), while one client connects {ATTEMPTS} \
+         times, 10 per second, from 10.200.0.1 to a listener on 10.200.0.2:{PORT} (3 s timeout each). XDP on: the daemon's \
+         default budgets (20 SYN/s, burst 40 per source; 50,000/s in all). The kernel's SYN cookies are on in \
+         both rows.\n\n{table}"
+    ))
 }
 
 struct Row {
@@ -171,14 +325,7 @@ fn main() -> Result<()> {
     frame[6..12].copy_from_slice(&mac(GEN, "vg")?);
     // The kernel's IP layer checks the header checksum before netfilter
     // sees the packet (XDP does not care); set it so both see the same flood.
-    frame[24..26].copy_from_slice(&[0, 0]);
-    let sum = frame[14..34]
-        .chunks(2)
-        .map(|w| u16::from_be_bytes([w[0], w[1]]) as u32)
-        .sum::<u32>();
-    let sum = (sum & 0xffff) + (sum >> 16);
-    let sum = (sum & 0xffff) + (sum >> 16);
-    frame[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    set_checksums(&mut frame);
     let home = File::open("/proc/self/ns/net")?;
     let mut rows = Vec::new();
 
@@ -200,7 +347,7 @@ fn main() -> Result<()> {
             .map_or(0, |(_, c)| c.packets))
     };
     let before = count(&maps)?;
-    let (sent, busy, elapsed) = flood(&frame)?;
+    let (sent, busy, elapsed) = flood(&frame, "gateway_bench_tx", for_seconds)?;
     rows.push(Row {
         what: "XDP (gateway program, native, blocklist hit)",
         sent,
@@ -227,7 +374,7 @@ fn main() -> Result<()> {
         "nft",
         "add rule ip gwbench prerouting ip saddr 10.200.0.1 counter drop",
     ])?;
-    let (sent, busy, elapsed) = flood(&frame)?;
+    let (sent, busy, elapsed) = flood(&frame, "gateway_bench_tx", for_seconds)?;
     let link = ns(&["ip", "-s", "link", "show", "vd"])?;
     let listing = ns(&["nft", "list", "chain", "ip", "gwbench", "prerouting"])?;
     let dropped = listing
@@ -248,6 +395,7 @@ fn main() -> Result<()> {
     });
     // SAFETY: back to the namespace this thread started in.
     unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) };
+    let syn = syn_flood(&home)?;
     drop(topo);
 
     let mut out = format!(
@@ -283,6 +431,7 @@ fn main() -> Result<()> {
         "\nXDP / nftables, dropped per busy core: **{:.1}x** (target >= 5x; target >= 5 Mpps per core on veth).\n",
         per_core(&rows[0]) / per_core(&rows[1])
     ));
+    out.push_str(&syn);
     println!("\n{out}");
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&dir)?;

@@ -120,13 +120,14 @@ fn verifier_context(e: ProgramError) -> anyhow::Error {
     anyhow!(e).context("the kernel refused the XDP program")
 }
 
-/// The benchmark's frame generator (`gateway_bench_tx`), loaded.
-pub fn bench_tx_program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
+/// One of the benchmark's frame generators (`gateway_bench_tx`: the same
+/// frame; `gateway_bench_syn`: a SYN from a random source), loaded.
+pub fn bench_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
     let prog: &mut Xdp = ebpf
-        .program_mut("gateway_bench_tx")
-        .context("the eBPF object has no gateway_bench_tx program")?
+        .program_mut(name)
+        .with_context(|| format!("the eBPF object has no {name} program"))?
         .try_into()
-        .context("gateway_bench_tx is not an XDP program")?;
+        .with_context(|| format!("{name} is not an XDP program"))?;
     prog.load().map_err(|e| explain(verifier_context(e)))?;
     Ok(prog)
 }
