@@ -127,6 +127,9 @@ pub(super) struct Stack {
     /// (port, pid) of each proxy.
     pub nginx: (u16, u32),
     pub gateway: (u16, u32),
+    /// nginx's h2c and TLS ports.
+    pub nginx_h2c: u16,
+    pub nginx_tls: u16,
 }
 
 impl Stack {
@@ -135,7 +138,7 @@ impl Stack {
         let mut procs = Children::default();
         step("bench: starting mock-llm, nginx and the gateway");
         let mock = start_mock(bin, &mut procs, "bench")?;
-        let ngx = start_nginx(&dir.join("nginx"), &mut procs, mock)?;
+        let (ngx, nginx_h2c, nginx_tls) = start_nginx(&dir.join("nginx"), &mut procs, mock)?;
         let ngx_pid = procs.0.last().expect("nginx").id();
         let gw = start_gateway(bin, dir, &mut procs, mock, gateway_extra)?;
         let gw_pid = procs.0.last().expect("gateway").id();
@@ -147,6 +150,8 @@ impl Stack {
             mock,
             nginx: (ngx, ngx_pid),
             gateway: (gw, gw_pid),
+            nginx_h2c,
+            nginx_tls,
         })
     }
 
@@ -168,26 +173,67 @@ pub(super) fn post_script(path: &Path, body: &str) -> Result<()> {
     Ok(())
 }
 
+/// A self-signed ECDSA P-256 certificate for 127.0.0.1 in `dir`: (cert, key).
+pub(super) fn test_cert(dir: &Path) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+    std::fs::create_dir_all(dir)?;
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    if !cert.exists() {
+        util::run(
+            Command::new("openssl")
+                .args([
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1",
+                    "-nodes",
+                    "-days",
+                    "30",
+                    "-subj",
+                    "/CN=127.0.0.1",
+                    "-addext",
+                    "subjectAltName=IP:127.0.0.1",
+                    "-keyout",
+                ])
+                .arg(&key)
+                .arg("-out")
+                .arg(&cert)
+                .stderr(Stdio::null()),
+        )?;
+    }
+    Ok((cert, key))
+}
+
 /// Starts nginx (worker_processes auto, least_conn, keepalive upstream,
 /// the API key checked by a map, no buffering) in front of `upstream`;
-/// returns its port.
-pub(super) fn start_nginx(dir: &Path, procs: &mut Children, upstream: SocketAddr) -> Result<u16> {
+/// serving plain HTTP/1.1, h2c (prior knowledge) and TLS (h2 and HTTP/1.1
+/// by ALPN) on ports of their own; returns (plain, h2c, TLS).
+pub(super) fn start_nginx(
+    dir: &Path,
+    procs: &mut Children,
+    upstream: SocketAddr,
+) -> Result<(u16, u16, u16)> {
     std::fs::create_dir_all(dir)?;
-    let port = free_port()?;
+    let (cert, key) = test_cert(&dir.join("tls"))?;
+    let (port, h2c, tls) = (free_port()?, free_port()?, free_port()?);
     let conf = dir.join("nginx.conf");
     std::fs::write(
         &conf,
         format!(
             "worker_processes auto;\nworker_rlimit_nofile 65536;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
              events {{ worker_connections 30000; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+             http {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
                fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
                map $http_authorization $key_ok {{ default 0; \"Bearer {KEY}\" 1; }}\n\
                upstream llm {{ least_conn; server {upstream}; keepalive 128; }}\n\
-               server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      if ($key_ok = 0) {{ return 401; }}\n\
+               server {{\n    listen 127.0.0.1:{port};\n    listen 127.0.0.1:{h2c} http2;\n    listen 127.0.0.1:{tls} ssl http2;\n\
+                   ssl_certificate {cert};\n    ssl_certificate_key {key};\n    location / {{\n      if ($key_ok = 0) {{ return 401; }}\n\
                    proxy_pass http://llm;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n\
                    proxy_buffering off;\n    }}\n  }}\n}}\n",
-            d = dir.display()
+            d = dir.display(),
+            cert = cert.display(),
+            key = key.display(),
         ),
     )?;
     procs.0.push(
@@ -199,7 +245,49 @@ pub(super) fn start_nginx(dir: &Path, procs: &mut Children, upstream: SocketAddr
             .spawn()
             .context("starting nginx (cargo xtask setup installs it)")?,
     );
-    Ok(port)
+    Ok((port, h2c, tls))
+}
+
+/// One h2load run of `requests` (HTTP/2, 64 connections x 10 streams):
+/// requests/s and mean request time (µs). A count rather than a duration:
+/// h2load counts the requests in flight at a deadline as errors.
+fn h2load(url: &str, body: &Path, requests: u64) -> Result<(f64, f64)> {
+    let out = Command::new("h2load")
+        .args(["-c", "64", "-m", "10", "-t", "1", "-n", &requests.to_string()])
+        .arg("-d")
+        .arg(body)
+        .args([
+            "-H",
+            "content-type: application/json",
+            "-H",
+            &format!("authorization: Bearer {KEY}"),
+            url,
+        ])
+        .output()
+        .context("running h2load (cargo xtask setup installs nghttp2-client)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let failed = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("requests: "))
+        .and_then(|l| l.split(", ").find_map(|p| p.strip_suffix(" failed")))
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .unwrap_or(1);
+    if !out.status.success() || failed != 0 || !text.contains("2xx") {
+        bail!("h2load against {url} failed:\n{text}");
+    }
+    let rps = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("finished in "))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|v| v.trim().strip_suffix(" req/s"))
+        .and_then(|v| v.parse().ok())
+        .context("no req/s in h2load output")?;
+    let mean = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("time for request:"))
+        .and_then(|l| l.split_whitespace().nth(5))
+        .map_or(Ok(f64::NAN), parse_duration_us)?;
+    Ok((rps, mean))
 }
 
 /// The LiteLLM release the comparison installs (into target/bench, not the
@@ -350,6 +438,7 @@ pub fn run(secs: u64) -> Result<()> {
         );
         peak.push((*name, w, cpu_10k, rss));
     }
+    let protocols = protocol_rows(&bin, &dir, &mut stack, secs)?;
     let half = (peak[2].1.rps / 2.0) as u64;
     let mut fixed = Vec::new();
     for rate in [1000, half] {
@@ -370,14 +459,77 @@ pub fn run(secs: u64) -> Result<()> {
         }
         fixed.push((rate, runs));
     }
-    report(secs, &peak, &fixed)
+    report(secs, &peak, &fixed, &protocols)
+}
+
+/// (protocol, nginx (req/s, latency µs), gateway (req/s, latency µs), latency kind).
+type ProtoRow = (&'static str, (f64, f64), (f64, f64), &'static str);
+
+/// HTTP/2 clients and TLS termination: the same request through nginx and
+/// the gateway over h2c, TLS with HTTP/1.1 and TLS with h2.
+fn protocol_rows(bin: &Path, dir: &Path, stack: &mut Stack, secs: u64) -> Result<Vec<ProtoRow>> {
+    let body = dir.join("body.json");
+    std::fs::write(&body, BODY)?;
+    let (cert, key) = test_cert(&dir.join("nginx/tls"))?;
+    let gw_tls = start_gateway(
+        bin,
+        &dir.join("tls"),
+        &mut stack.procs,
+        stack.mock,
+        &format!(
+            "tls = {{ cert = \"{}\", key = \"{}\" }}",
+            cert.display(),
+            key.display()
+        ),
+    )?;
+    wait_for_port(SocketAddr::from(([127, 0, 0, 1], gw_tls)), &mut stack.procs)?;
+    let path = "/v1/chat/completions";
+    let url = |scheme: &str, port: u16| format!("{scheme}://127.0.0.1:{port}{path}");
+    let script = dir.join("post.lua");
+    let mut rows = Vec::new();
+    // About `secs` seconds at the gateway's HTTP/1.1 rate.
+    let requests = secs * 25_000;
+    let h2 = |u: &str| -> Result<(f64, f64)> {
+        let _ = h2load(u, &body, 10_000)?;
+        h2load(u, &body, requests)
+    };
+    let h1 = |u: &str| -> Result<(f64, f64)> {
+        let _ = wrk(u, &script, 1)?;
+        let w = wrk(u, &script, secs)?;
+        Ok((w.rps, w.p99))
+    };
+    step("bench: HTTP/2 cleartext (h2load -c64 -m10) against nginx and the gateway");
+    rows.push((
+        "HTTP/2 cleartext, h2load -c64 -m10",
+        h2(&url("http", stack.nginx_h2c))?,
+        h2(&url("http", stack.gateway.0))?,
+        "mean",
+    ));
+    step("bench: TLS with HTTP/1.1 (wrk) against nginx and the gateway");
+    rows.push((
+        "TLS 1.3, HTTP/1.1, wrk -c64",
+        h1(&url("https", stack.nginx_tls))?,
+        h1(&url("https", gw_tls))?,
+        "p99",
+    ));
+    step("bench: TLS with HTTP/2 (h2load) against nginx and the gateway");
+    rows.push((
+        "TLS 1.3, HTTP/2, h2load -c64 -m10",
+        h2(&url("https", stack.nginx_tls))?,
+        h2(&url("https", gw_tls))?,
+        "mean",
+    ));
+    for (p, n, g, _) in &rows {
+        println!("{p}: nginx {:.0} req/s, gateway {:.0} req/s", n.0, g.0);
+    }
+    Ok(rows)
 }
 
 type Runs<'a> = Vec<(&'a str, load::Latencies)>;
 
 type Peak<'a> = (&'a str, Wrk, f64, u64);
 
-fn report(secs: u64, peak: &[Peak], fixed: &[(u64, Runs)]) -> Result<()> {
+fn report(secs: u64, peak: &[Peak], fixed: &[(u64, Runs)], protocols: &[ProtoRow]) -> Result<()> {
     let (nginx_rps, gw_rps, litellm_rps) = (peak[1].1.rps, peak[2].1.rps, peak[3].1.rps);
     let mut out = format!(
         "## L7 proxy: direct vs nginx vs gateway vs LiteLLM\n\nCommand: `cargo xtask bench l7` (seconds per run: {secs}). \
@@ -405,6 +557,21 @@ fn report(secs: u64, peak: &[Peak], fixed: &[(u64, Runs)]) -> Result<()> {
         gw_rps / nginx_rps,
         gw_rps / litellm_rps
     ));
+    out.push_str(
+        "\nHTTP/2 clients and TLS termination (ECDSA P-256 certificate; upstream is plain HTTP/1.1 in every case):\n\n\
+         | protocol | nginx requests/s | gateway requests/s | gateway / nginx | nginx latency | gateway latency |\n\
+         |---|---:|---:|---:|---:|---:|\n",
+    );
+    for (p, n, g, kind) in protocols {
+        out.push_str(&format!(
+            "| {p} | {:.0} | {:.0} | {:.2}x | {:.2} ms {kind} | {:.2} ms {kind} |\n",
+            n.0,
+            g.0,
+            g.0 / n.0,
+            n.1 / 1e3,
+            g.1 / 1e3
+        ));
+    }
     for (rate, runs) in fixed {
         out.push_str(&format!(
             "\nOpen loop at {rate} requests/s over 32 connections, latency from each request's scheduled start:\n\n\

@@ -277,6 +277,7 @@ pub fn bench(counts: &[usize], tokens: u32, interval_ms: u64) -> Result<()> {
         mock,
         nginx: (ngx, ngx_pid),
         gateway: (gw, gw_pid),
+        ..
     } = l7::Stack::start(&bin, &dir, "max_connections_per_ip = 100000")?;
     // The same gateway with one multiplexed HTTP/2 connection per worker
     // to the upstream: one file descriptor per stream instead of two.
