@@ -253,7 +253,16 @@ pub(super) fn start_nginx(
 /// h2load counts the requests in flight at a deadline as errors.
 fn h2load(url: &str, body: &Path, requests: u64) -> Result<(f64, f64)> {
     let out = Command::new("h2load")
-        .args(["-c", "64", "-m", "10", "-t", "1", "-n", &requests.to_string()])
+        .args([
+            "-c",
+            "64",
+            "-m",
+            "10",
+            "-t",
+            "1",
+            "-n",
+            &requests.to_string(),
+        ])
         .arg("-d")
         .arg(body)
         .args([
