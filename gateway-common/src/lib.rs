@@ -10,6 +10,7 @@ extern crate std;
 
 pub mod bucket;
 pub mod cidr;
+pub mod hint;
 pub mod maps;
 pub mod packet;
 pub mod reuseport;

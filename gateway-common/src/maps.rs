@@ -7,7 +7,7 @@
 
 /// Layout version of the pinned maps; pinned under `<pin_dir>/v<SCHEMA>/`.
 /// Bump whenever a key or value layout below changes.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Name of the XDP program inside the object.
 pub const XDP_PROGRAM: &str = "gateway_xdp";
@@ -26,9 +26,11 @@ pub mod names {
     pub const PORTS: &str = "PORTS";
     pub const STATS: &str = "STATS";
     pub const TOP_SOURCES: &str = "TOP_SOURCES";
+    /// The blocklist summary (`crate::hint`), since schema 2.
+    pub const BLOCK_HINT: &str = "BLOCK_HINT";
 
     /// Every map the XDP program pins, in a stable order.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         ALLOW_V4,
         ALLOW_V6,
         BLOCK_V4,
@@ -41,6 +43,7 @@ pub mod names {
         PORTS,
         STATS,
         TOP_SOURCES,
+        BLOCK_HINT,
     ];
 }
 

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key, programs::XdpContext};
 use gateway_common::{
-    bucket,
+    bucket, hint,
     packet::{Bytes, Source},
     verdict::Tables,
     BlockValue, Limits, SourceKey, PORT_PROTECTED,
@@ -48,6 +48,21 @@ fn hit(v: Option<*mut BlockValue>) -> bool {
     }
     add(&mut v.hits, 1);
     true
+}
+
+/// Whether the host hash and the trie can hold an entry for the source in
+/// `slot`: both "yes" until userspace has built the hint.
+#[inline(always)]
+fn maybe_blocked(base: u32, slot: u32) -> (bool, bool) {
+    match (
+        BLOCK_HINT.get(hint::READY_INDEX),
+        BLOCK_HINT.get(hint::word(base, slot)),
+    ) {
+        (Some(&hint::READY), Some(w)) => {
+            (w & hint::host_bit(slot) != 0, w & hint::net_bit(slot) != 0)
+        }
+        _ => (true, true),
+    }
 }
 
 /// aya-ebpf's `LpmTrie::get` hands out `&V`; the value lives in writable map
@@ -97,10 +112,14 @@ impl Tables for Maps {
         // show the old or the new expiry.
         match src {
             Source::V4(a) => {
-                hit(BLOCK_HOST_V4.get_ptr_mut(a)) || hit(lpm_ptr(BLOCK_V4.get(Key::new(32, *a))))
+                let (host, net) = maybe_blocked(hint::V4_BASE, hint::slot_v4(a));
+                (host && hit(BLOCK_HOST_V4.get_ptr_mut(a)))
+                    || (net && hit(lpm_ptr(BLOCK_V4.get(Key::new(32, *a)))))
             }
             Source::V6(a) => {
-                hit(BLOCK_HOST_V6.get_ptr_mut(a)) || hit(lpm_ptr(BLOCK_V6.get(Key::new(128, *a))))
+                let (host, net) = maybe_blocked(hint::V6_BASE, hint::slot_v6(a));
+                (host && hit(BLOCK_HOST_V6.get_ptr_mut(a)))
+                    || (net && hit(lpm_ptr(BLOCK_V6.get(Key::new(128, *a)))))
             }
         }
     }

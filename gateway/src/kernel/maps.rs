@@ -7,7 +7,9 @@ use std::path::Path;
 use anyhow::{Context as _, Result};
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use gateway_common::{
-    cidr::Cidr, names, BlockValue, Bucket, Counter, Limits, Reason, SourceKey, PORT_PROTECTED,
+    cidr::Cidr,
+    hint::{self, Hint},
+    names, BlockValue, Bucket, Counter, Limits, Reason, SourceKey, PORT_PROTECTED,
 };
 
 /// Every map of the XDP program.
@@ -23,6 +25,8 @@ pub struct KernelMaps {
     ports: Array<MapData, u32>,
     stats: PerCpuArray<MapData, Counter>,
     top: HashMap<MapData, SourceKey, u64>,
+    /// The blocklist summary the program reads before any blocklist lookup.
+    hint: Array<MapData, u64>,
     /// Kernel id of STATS, to find the program that uses these maps.
     stats_id: u32,
 }
@@ -72,6 +76,7 @@ impl KernelMaps {
             limits: typed(get(names::LIMITS)?, names::LIMITS)?,
             ports: typed(get(names::PORTS)?, names::PORTS)?,
             top: typed(get(names::TOP_SOURCES)?, names::TOP_SOURCES)?,
+            hint: typed(get(names::BLOCK_HINT)?, names::BLOCK_HINT)?,
             stats,
             stats_id,
         })
@@ -100,7 +105,30 @@ impl KernelMaps {
         self.stats_id
     }
 
+    /// Adds (or updates) one blocklist entry.
+    ///
+    /// The hint bits go in before the entry, so the program never skips a
+    /// live entry, and again after it, in case a concurrent `hint_rebuild`
+    /// (another process) cleared them in between: a rebuild that saw the
+    /// entry keeps its bits, one that did not runs before the second set.
     pub fn block_insert(&mut self, cidr: &Cidr, v: BlockValue) -> Result<()> {
+        self.block_insert_many(&[(*cidr, v)])
+    }
+
+    /// Adds many entries, with two passes over the hint for all of them.
+    pub fn block_insert_many(&mut self, entries: &[(Cidr, BlockValue)]) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let need = Hint::of(entries.iter().map(|(c, _)| c));
+        self.hint_or(&need)?;
+        for (c, v) in entries {
+            self.block_insert_entry(c, *v)?;
+        }
+        self.hint_or(&need)
+    }
+
+    fn block_insert_entry(&mut self, cidr: &Cidr, v: BlockValue) -> Result<()> {
         let r = match *cidr {
             Cidr::V4 { addr, len: 32 } => self.host_v4.insert(addr, v, 0),
             Cidr::V6 { addr, len: 128 } => self.host_v6.insert(addr, v, 0),
@@ -110,7 +138,79 @@ impl KernelMaps {
         r.with_context(|| format!("adding {cidr} to the kernel blocklist (is the map full?)"))
     }
 
-    /// Removes a blocklist entry; `false` if it was not there.
+    /// Sets every bit of `need` in the kernel's hint (never clears one).
+    fn hint_or(&mut self, need: &Hint) -> Result<()> {
+        for (i, want) in need.words.iter().enumerate().filter(|(_, w)| **w != 0) {
+            let i = i as u32;
+            let cur = self.hint.get(&i, 0).context("reading BLOCK_HINT")?;
+            if cur & want != *want {
+                self.hint
+                    .set(i, cur | want, 0)
+                    .context("writing BLOCK_HINT")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the hint exactly that of `entries` (the whole blocklist), which
+    /// clears the bits of removed entries, and marks it ready for the
+    /// program. If any bit was cleared, the blocklist is read back and its
+    /// bits set again, so an entry another process added meanwhile (bits,
+    /// entry, bits: see `block_insert`) cannot end up without its bits.
+    pub fn hint_rebuild<'a>(&mut self, entries: impl IntoIterator<Item = &'a Cidr>) -> Result<()> {
+        let want = Hint::of(entries);
+        let mut cleared = false;
+        for (i, w) in want.words.iter().enumerate() {
+            let i = i as u32;
+            let cur = self.hint.get(&i, 0).context("reading BLOCK_HINT")?;
+            if cur != *w {
+                cleared |= cur & !w != 0;
+                self.hint.set(i, *w, 0).context("writing BLOCK_HINT")?;
+            }
+        }
+        if cleared {
+            let now: Vec<Cidr> = self.block_entries()?.into_iter().map(|(c, _)| c).collect();
+            self.hint_or(&Hint::of(&now))?;
+        }
+        if self
+            .hint
+            .get(&hint::READY_INDEX, 0)
+            .context("reading BLOCK_HINT")?
+            != hint::READY
+        {
+            self.hint
+                .set(hint::READY_INDEX, hint::READY, 0)
+                .context("writing BLOCK_HINT")?;
+        }
+        Ok(())
+    }
+
+    /// The hint as the kernel holds it, and whether it is marked ready.
+    pub fn hint(&self) -> Result<(Hint, bool)> {
+        let mut h = Hint::default();
+        for (i, w) in h.words.iter_mut().enumerate() {
+            *w = self
+                .hint
+                .get(&(i as u32), 0)
+                .context("reading BLOCK_HINT")?;
+        }
+        let ready = self
+            .hint
+            .get(&hint::READY_INDEX, 0)
+            .context("reading BLOCK_HINT")?
+            == hint::READY;
+        Ok((h, ready))
+    }
+
+    /// Overwrites one word of the hint (tests of the kernel's use of it).
+    #[cfg(test)]
+    pub(crate) fn hint_set(&mut self, i: u32, w: u64) -> Result<()> {
+        Ok(self.hint.set(i, w, 0)?)
+    }
+
+    /// Removes a blocklist entry; `false` if it was not there. Its hint
+    /// bits stay (a "maybe" costs only a lookup) until the next
+    /// `hint_rebuild`.
     pub fn block_remove(&mut self, cidr: &Cidr) -> Result<bool> {
         let r = match *cidr {
             Cidr::V4 { addr, len: 32 } => self.host_v4.remove(&addr),
@@ -272,16 +372,17 @@ impl KernelMaps {
     /// Removes blocklist entries whose kernel expiry has passed (the kernel
     /// already ignores them; this frees their slots). Returns what it removed.
     pub fn remove_expired(&mut self, now_ns: u64) -> Result<Vec<Cidr>> {
-        let expired: Vec<Cidr> = self
+        let (expired, live): (Vec<_>, Vec<_>) = self
             .block_entries()?
             .into_iter()
-            .filter(|(_, v)| !v.active(now_ns))
-            .map(|(c, _)| c)
-            .collect();
-        for c in &expired {
+            .partition(|(_, v)| !v.active(now_ns));
+        for (c, _) in &expired {
             self.block_remove(c)?;
         }
-        Ok(expired)
+        if !expired.is_empty() {
+            self.hint_rebuild(live.iter().map(|(c, _)| c))?;
+        }
+        Ok(expired.into_iter().map(|(c, _)| c).collect())
     }
 }
 

@@ -133,17 +133,21 @@ pub fn apply(maps: &mut KernelMaps, want: &Desired) -> Result<Applied> {
     maps.set_limits(&want.limits)?;
     maps.set_ports(&want.ports)?;
     let have: BTreeMap<Cidr, BlockValue> = maps.block_entries()?.into_iter().collect();
-    for (c, v) in &want.block {
-        // Compare deadlines only: the kernel's hit counter moves on its own.
-        if have.get(c).map(|h| h.expires_ns) != Some(v.expires_ns) {
-            maps.block_insert(c, *v)?;
-            done.block_added += 1;
-        }
-    }
+    // Compare deadlines only: the kernel's hit counter moves on its own.
+    let add: Vec<(Cidr, BlockValue)> = want
+        .block
+        .iter()
+        .filter(|(c, v)| have.get(c).map(|h| h.expires_ns) != Some(v.expires_ns))
+        .map(|(c, v)| (*c, *v))
+        .collect();
+    maps.block_insert_many(&add)?;
+    done.block_added = add.len();
     for c in have.keys().filter(|c| !want.block.contains_key(c)) {
         maps.block_remove(c)?;
         done.block_removed += 1;
     }
+    // Clears what removals left behind and lets the program trust the hint.
+    maps.hint_rebuild(want.block.keys())?;
     let have: BTreeSet<Cidr> = maps.allow_entries()?.into_iter().collect();
     for c in want.allow.difference(&have) {
         maps.allow_insert(c)?;

@@ -29,6 +29,8 @@ impl Harness {
         let mut maps = KernelMaps::from_ebpf(&mut ebpf)?;
         maps.set_limits(&limits)?;
         maps.set_ports(ports)?;
+        // As the daemon runs it: the (empty) blocklist's hint built and trusted.
+        maps.hint_rebuild([])?;
         Ok(Harness { ebpf, maps })
     }
 

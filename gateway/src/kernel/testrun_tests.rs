@@ -122,6 +122,58 @@ fn allowlist_beats_blocklist() {
 }
 
 #[test]
+fn the_block_hint_decides_which_lookups_run() {
+    use gateway_common::hint;
+    let mut h = harness!(limits());
+    block(&mut h, "198.51.100.7", 0);
+    block(&mut h, "2001:db8:1::/48", 0);
+    let ack = Frame::v4(SRC, DST).tcp(PORT, TCP_ACK).build();
+    let v6 = Frame::v6(V6_A, V6_B).tcp(PORT, TCP_ACK).build(); // 2001:db8::a
+    let mut in48 = V6_A;
+    in48[5] = 1;
+    let v6_blocked = Frame::v6(in48, V6_B).tcp(PORT, TCP_ACK).build();
+    expect(&mut h, &ack, XDP_DROP, Reason::Blocklist);
+    expect(&mut h, &v6_blocked, XDP_DROP, Reason::Blocklist);
+    expect(&mut h, &v6, XDP_PASS, Reason::Pass);
+
+    // The program believes the hint: with the source's bits cleared it does
+    // not even look (which is why userspace must never clear a live bit).
+    let slot = hint::slot_v4(&SRC);
+    let w = hint::word(hint::V4_BASE, slot);
+    h.maps.hint_set(w, 0).unwrap();
+    expect(&mut h, &ack, XDP_PASS, Reason::Pass);
+    // ... but only once it is marked ready.
+    h.maps.hint_set(hint::READY_INDEX, 0).unwrap();
+    expect(&mut h, &ack, XDP_DROP, Reason::Blocklist);
+
+    // A rebuild from a list that lacks a live entry (another process added
+    // it meanwhile) still leaves its bits set: it reads the maps back.
+    h.maps.hint_rebuild([]).unwrap();
+    let (got, ready) = h.maps.hint().unwrap();
+    assert!(ready);
+    assert_eq!(
+        got.maybe(&gateway_common::packet::Source::V4(SRC)),
+        (true, false)
+    );
+    expect(&mut h, &ack, XDP_DROP, Reason::Blocklist);
+    expect(&mut h, &v6_blocked, XDP_DROP, Reason::Blocklist);
+
+    // After a removal the rebuild clears the slot; nothing else is set.
+    h.maps
+        .block_remove(&"198.51.100.7".parse::<Cidr>().unwrap())
+        .unwrap();
+    h.maps
+        .hint_rebuild(&["2001:db8:1::/48".parse::<Cidr>().unwrap()])
+        .unwrap();
+    let (got, _) = h.maps.hint().unwrap();
+    assert_eq!(
+        got,
+        hint::Hint::of(&["2001:db8:1::/48".parse::<Cidr>().unwrap()])
+    );
+    expect(&mut h, &ack, XDP_PASS, Reason::Pass);
+}
+
+#[test]
 fn expiry_lapses_in_the_kernel() {
     let mut h = harness!(limits());
     let now = clock::monotonic_ns();
@@ -136,6 +188,15 @@ fn expiry_lapses_in_the_kernel() {
     // Sweeping removes exactly the lapsed entry.
     let gone = h.maps.remove_expired(clock::monotonic_ns()).unwrap();
     assert_eq!(gone, vec!["198.51.100.8".parse::<Cidr>().unwrap()]);
+    // ... and rebuilds the hint from what is left.
+    let live: Vec<Cidr> = ["198.51.100.7", "198.51.100.0/24"]
+        .iter()
+        .map(|c| c.parse().unwrap())
+        .collect();
+    assert_eq!(
+        h.maps.hint().unwrap(),
+        (gateway_common::hint::Hint::of(&live), true)
+    );
 }
 
 #[test]
