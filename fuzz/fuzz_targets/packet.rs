@@ -56,6 +56,9 @@ impl Tables for Policy {
     fn take_global(&self, l: &Limits, now: u64) -> bool {
         self.buckets.take_global(l, now)
     }
+    fn trusted(&self, key: &SourceKey, _now: u64) -> bool {
+        key[15] % 2 == 1
+    }
 }
 
 fuzz_target!(|data: &[u8]| {

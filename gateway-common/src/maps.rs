@@ -28,9 +28,11 @@ pub mod names {
     pub const TOP_SOURCES: &str = "TOP_SOURCES";
     /// The blocklist summary (`crate::hint`), since schema 2.
     pub const BLOCK_HINT: &str = "BLOCK_HINT";
+    /// Sources that completed a handshake lately, since schema 2.
+    pub const SYN_TRUSTED: &str = "SYN_TRUSTED";
 
     /// Every map the XDP program pins, in a stable order.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         ALLOW_V4,
         ALLOW_V6,
         BLOCK_V4,
@@ -44,6 +46,7 @@ pub mod names {
         STATS,
         TOP_SOURCES,
         BLOCK_HINT,
+        SYN_TRUSTED,
     ];
 }
 
@@ -56,6 +59,7 @@ pub mod capacity {
     pub const BLOCK_HOST_V6: u32 = 131_072;
     pub const SYN_BUCKETS: u32 = 262_144;
     pub const TOP_SOURCES: u32 = 8_192;
+    pub const SYN_TRUSTED: u32 = 65_536;
     /// One slot per TCP port, indexed by the port in host order.
     pub const PORTS: u32 = 65_536;
 }
@@ -279,6 +283,11 @@ pub const fn v4_mapped(a: [u8; 4]) -> SourceKey {
         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
     ]
 }
+
+/// How long a source stays trusted (`SYN_TRUSTED`) after userspace last
+/// saw it complete a TCP handshake: past the global SYN budget, its SYNs
+/// still pass (its own bucket still applies).
+pub const TRUST_TTL_NS: u64 = 10 * 60 * 1_000_000_000;
 
 /// Value of `PORTS[port]`: non-zero when the port is protected.
 pub const PORT_PROTECTED: u32 = 1;

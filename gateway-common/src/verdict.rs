@@ -34,6 +34,9 @@ pub trait Tables {
     fn take_source(&self, key: &SourceKey, limits: &Limits, now_ns: u64) -> bool;
     /// Takes a token from the global SYN budget.
     fn take_global(&self, limits: &Limits, now_ns: u64) -> bool;
+    /// Whether userspace saw `key` complete a TCP handshake within
+    /// `TRUST_TTL_NS` (so it is no spoofed source).
+    fn trusted(&self, key: &SourceKey, now_ns: u64) -> bool;
 }
 
 /// What to do with a frame, and the counter it lands in.
@@ -135,7 +138,14 @@ pub fn decide<B: Bytes + ?Sized, T: Tables>(pkt: &B, t: &T) -> Verdict {
             if limits.syn_rate != 0 && !t.take_source(&bucket_key(&src, limits), limits, now_ns) {
                 return dropped(Reason::SynRate);
             }
-            if limits.global_rate != 0 && !t.take_global(limits, now_ns) {
+            // The global budget is there for spoofed floods of ever-new
+            // sources; a source that recently completed a handshake is not
+            // one of them, so its SYNs pass once the budget is spent (asked
+            // only then, like the allowlist).
+            if limits.global_rate != 0
+                && !t.take_global(limits, now_ns)
+                && !t.trusted(&key_of(&src), now_ns)
+            {
                 return dropped(Reason::SynGlobal);
             }
             pass(Reason::SynPass)
@@ -159,6 +169,7 @@ mod tests {
         ports: Vec<u16>,
         limits: Limits,
         buckets: MemBuckets,
+        trusted: Vec<(SourceKey, u64)>,
         now: core::cell::Cell<u64>,
     }
 
@@ -170,6 +181,7 @@ mod tests {
                 ports: std::vec![8443],
                 limits: Limits::new(2, 2, 0, 32, 64),
                 buckets: MemBuckets::default(),
+                trusted: Vec::new(),
                 now: core::cell::Cell::new(0),
             }
         }
@@ -206,6 +218,11 @@ mod tests {
         }
         fn take_global(&self, l: &Limits, now: u64) -> bool {
             self.buckets.take_global(l, now)
+        }
+        fn trusted(&self, key: &SourceKey, now: u64) -> bool {
+            self.trusted
+                .iter()
+                .any(|(k, seen)| k == key && now.saturating_sub(*seen) < crate::TRUST_TTL_NS)
         }
     }
 
@@ -316,6 +333,29 @@ mod tests {
         let got: Vec<Reason> = srcs.iter().map(|s| reason(&t, &syn(*s), 0)).collect();
         assert_eq!(got[..3], [Reason::SynPass; 3]);
         assert_eq!(got[3..], [Reason::SynGlobal; 2]);
+    }
+
+    #[test]
+    fn trusted_sources_pass_a_spent_global_budget_until_the_trust_lapses() {
+        let mut t = Fake::new();
+        t.limits = Limits::new(5, 5, 1, 32, 64);
+        t.trusted.push((v4_mapped(A), 0));
+        assert_eq!(reason(&t, &syn(B), 0), Reason::SynPass, "the budget of 1");
+        assert_eq!(reason(&t, &syn(B), 0), Reason::SynGlobal);
+        assert_eq!(reason(&t, &syn(A), 0), Reason::SynPass, "trusted");
+        let lapsed = crate::TRUST_TTL_NS + 1;
+        t.buckets = MemBuckets::default();
+        assert_eq!(reason(&t, &syn(A), lapsed), Reason::SynPass, "the budget");
+        assert_eq!(
+            reason(&t, &syn(A), lapsed),
+            Reason::SynGlobal,
+            "trust lapsed"
+        );
+        // Trust does not lift the source's own bucket.
+        let mut t = Fake::new(); // 2/s, burst 2, no global budget
+        t.trusted.push((v4_mapped(A), 0));
+        let got: Vec<Reason> = (0..3).map(|_| reason(&t, &syn(A), 0)).collect();
+        assert_eq!(got, [Reason::SynPass, Reason::SynPass, Reason::SynRate]);
     }
 
     #[test]

@@ -35,6 +35,10 @@ pub static BLOCK_HOST_V6: HashMap<[u8; 16], BlockValue> =
 #[map]
 pub static SYN_BUCKETS: LruHashMap<SourceKey, Bucket> =
     LruHashMap::with_max_entries(capacity::SYN_BUCKETS, 0);
+/// Source key -> when userspace last saw it complete a handshake (ktime ns).
+#[map]
+pub static SYN_TRUSTED: LruHashMap<SourceKey, u64> =
+    LruHashMap::with_max_entries(capacity::SYN_TRUSTED, 0);
 #[map]
 pub static SYN_GLOBAL: Array<Bucket> = Array::with_max_entries(1, 0);
 

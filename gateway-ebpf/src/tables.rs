@@ -6,7 +6,7 @@ use gateway_common::{
     bucket, hint,
     packet::{Bytes, Source},
     verdict::Tables,
-    BlockValue, Limits, SourceKey, PORT_PROTECTED,
+    BlockValue, Limits, SourceKey, PORT_PROTECTED, TRUST_TTL_NS,
 };
 
 use crate::maps::*;
@@ -167,5 +167,11 @@ impl Tables for Maps {
             }
             None => true,
         }
+    }
+
+    #[inline(always)]
+    fn trusted(&self, key: &SourceKey, now: u64) -> bool {
+        // SAFETY: reads a u64 map value.
+        matches!(unsafe { SYN_TRUSTED.get(key) }, Some(seen) if now.saturating_sub(*seen) < TRUST_TTL_NS)
     }
 }

@@ -245,6 +245,7 @@ impl Daemon {
                     ("block_host", o.block_host),
                     ("syn_buckets", o.syn_buckets),
                     ("top_sources", o.top_sources),
+                    ("syn_trusted", o.syn_trusted),
                 ] {
                     m.xdp_map_entries.with_label_values(&[map]).set(n as i64);
                 }

@@ -56,6 +56,7 @@ impl Gateway {
             abuse: crate::pipeline::abuse::Tracker::new(&cfg.abuse, ban_tx),
             guard: Default::default(),
             balancer: std::sync::OnceLock::new(),
+            trust: std::sync::OnceLock::new(),
         });
         let checker = AbortOnDrop(tokio::spawn(crate::upstream::checker::run(Arc::clone(
             &shared,

@@ -417,6 +417,76 @@ sha256 = "{digest}"
 }
 
 #[test]
+fn accepted_sources_connect_through_a_spent_global_syn_budget() {
+    require_root!();
+    let t = Topology::new().expect("creating the test topology");
+    let gw_addr = SocketAddr::new(t.server_v4(), PORT);
+    let body = format!(
+        r#"
+[server]
+listen = ["{gw_addr}"]
+state_dir = "@STATE_DIR@"
+[metrics]
+listen = "127.0.0.1:0"
+[xdp]
+interfaces = ["{iface}"]
+protected_ports = [{PORT}]
+syn_rate = 1000
+syn_burst = 1000
+global_syn_rate = 1
+pin_dir = "@PIN_DIR@"
+"#,
+        iface = t.server_if,
+    );
+    let gw = Daemon::start(Some(&t.server.path()), &body).expect("starting the gateway");
+    let (known, stranger, flooder) = (t.client_v4(2), t.client_v4(3), t.client_v4(4));
+    // One completed handshake makes `known` trusted; the global budget of
+    // 1 SYN/s takes this first connect.
+    assert!(t.connect(known, gw_addr, CONNECT), "the first connect");
+    let start = Instant::now();
+    while gw.cli(&["stats", "--json"]).json()["maps"]["syn_trusted"] != 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the accepted source was never recorded as trusted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A flood spends the budget (the flooder's own bucket is large).
+    let std::net::IpAddr::V4(src) = flooder else {
+        unreachable!()
+    };
+    let std::net::IpAddr::V4(dst) = t.server_v4() else {
+        unreachable!()
+    };
+    let frames: Vec<Vec<u8>> = (0..200u16)
+        .map(|i| {
+            Frame::v4(src.octets(), dst.octets())
+                .tcp(PORT, TCP_SYN)
+                .sport(20_000 + i)
+                .build()
+        })
+        .collect();
+    let global0 = gw.counter("syn_global");
+    t.send_frames(frames).expect("sending the flood");
+    assert!(
+        gw.counter("syn_global") > global0,
+        "the flood did not spend the global budget"
+    );
+    // Less than a token has come back since: a new source's SYN is dropped,
+    // the known source connects every time.
+    assert!(
+        !t.connect(stranger, gw_addr, Duration::from_millis(500)),
+        "a stranger connected through a spent global budget"
+    );
+    for i in 0..10 {
+        assert!(
+            t.connect(known, gw_addr, CONNECT),
+            "trusted connect {i} failed"
+        );
+    }
+}
+
+#[test]
 fn keep_attached_protects_while_the_daemon_restarts() {
     require_root!();
     let t = Topology::new().expect("creating the test topology");

@@ -75,6 +75,16 @@ async fn serve(cfg: Config, path: &Path) -> Result<()> {
         None
     };
     let mut gateway = Gateway::start(&cfg).await?;
+    if kernel.is_some() {
+        match crate::kernel::trust::Trust::open(&cfg.pin_path()) {
+            Ok(t) => {
+                let _ = gateway.shared.trust.set(t);
+            }
+            Err(e) => {
+                tracing::warn!("accepted sources will not bypass the global SYN budget: {e:#}")
+            }
+        }
+    }
     let mut bans = gateway
         .bans
         .take()

@@ -162,6 +162,7 @@ struct MapsRow {
     block_host: usize,
     syn_buckets: usize,
     top_sources: usize,
+    syn_trusted: usize,
 }
 
 pub fn stats(cfg: &Config, json: bool, io: &mut Io) -> Result<()> {
@@ -192,6 +193,7 @@ pub fn stats(cfg: &Config, json: bool, io: &mut Io) -> Result<()> {
             block_host: o.block_host,
             syn_buckets: o.syn_buckets,
             top_sources: o.top_sources,
+            syn_trusted: o.syn_trusted,
         },
     };
     if json {
@@ -237,8 +239,8 @@ pub fn stats(cfg: &Config, json: bool, io: &mut Io) -> Result<()> {
     )?;
     writeln!(
         io.out,
-        "maps: allow {}, block {} CIDR + {} host, syn buckets {}, top sources {}",
-        o.allow, o.block_cidr, o.block_host, o.syn_buckets, o.top_sources
+        "maps: allow {}, block {} CIDR + {} host, syn buckets {}, top sources {}, trusted sources {}",
+        o.allow, o.block_cidr, o.block_host, o.syn_buckets, o.top_sources, o.syn_trusted
     )?;
     Ok(())
 }

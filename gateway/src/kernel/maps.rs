@@ -27,6 +27,8 @@ pub struct KernelMaps {
     top: HashMap<MapData, SourceKey, u64>,
     /// The blocklist summary the program reads before any blocklist lookup.
     hint: Array<MapData, u64>,
+    /// Sources that completed a handshake lately (see `kernel::trust`).
+    trusted: HashMap<MapData, SourceKey, u64>,
     /// Kernel id of STATS, to find the program that uses these maps.
     stats_id: u32,
 }
@@ -46,6 +48,7 @@ pub struct Occupancy {
     pub block_host: usize,
     pub syn_buckets: usize,
     pub top_sources: usize,
+    pub syn_trusted: usize,
 }
 
 fn typed<T>(map: Map, name: &str) -> Result<T>
@@ -77,6 +80,7 @@ impl KernelMaps {
             ports: typed(get(names::PORTS)?, names::PORTS)?,
             top: typed(get(names::TOP_SOURCES)?, names::TOP_SOURCES)?,
             hint: typed(get(names::BLOCK_HINT)?, names::BLOCK_HINT)?,
+            trusted: typed(get(names::SYN_TRUSTED)?, names::SYN_TRUSTED)?,
             stats,
             stats_id,
         })
@@ -290,6 +294,13 @@ impl KernelMaps {
         Ok(out)
     }
 
+    /// Marks `key` as having completed a handshake at `now_ns` (monotonic).
+    pub fn trust(&mut self, key: &SourceKey, now_ns: u64) -> Result<()> {
+        self.trusted
+            .insert(key, now_ns, 0)
+            .context("writing SYN_TRUSTED")
+    }
+
     /// The SYN bucket of a source key, if it has one.
     pub fn syn_bucket(&self, key: &SourceKey) -> Result<Option<Bucket>> {
         match self.syn_buckets.get(key, 0) {
@@ -366,6 +377,7 @@ impl KernelMaps {
             block_host: self.host_v4.keys().count() + self.host_v6.keys().count(),
             syn_buckets: self.syn_buckets.keys().count(),
             top_sources: self.top.keys().count(),
+            syn_trusted: self.trusted.keys().count(),
         })
     }
 

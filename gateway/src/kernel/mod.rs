@@ -1,6 +1,7 @@
 //! The kernel half of the gateway in userspace: loading and attaching the XDP
 //! program (`loader`), typed access to its maps (`maps`), the policy that
-//! config and state ask for (`policy`), and its persistence (`state`).
+//! config and state ask for (`policy`), its persistence (`state`), and the
+//! sources userspace vouches for (`trust`).
 
 pub mod clock;
 pub mod loader;
@@ -8,6 +9,7 @@ pub mod maps;
 pub mod policy;
 pub mod runtime;
 pub mod state;
+pub mod trust;
 
 pub mod testrun;
 

@@ -251,6 +251,33 @@ fn global_budget_caps_many_sources() {
 }
 
 #[test]
+fn trusted_sources_pass_a_spent_global_budget() {
+    use gateway_common::{v4_mapped, TRUST_TTL_NS};
+    let mut h = harness!(Limits::new(0, 0, 1, 32, 64));
+    let now = clock::monotonic_ns();
+    h.maps.trust(&v4_mapped(SRC), now).unwrap();
+    // Seen too long ago: no longer trusted.
+    h.maps
+        .trust(
+            &v4_mapped(SRC2),
+            now.saturating_sub(TRUST_TTL_NS + 1_000_000_000),
+        )
+        .unwrap();
+    let stranger = syn([203, 0, 113, 1]);
+    expect(&mut h, &stranger, XDP_PASS, Reason::SynPass); // the budget of 1
+    expect(&mut h, &stranger, XDP_DROP, Reason::SynGlobal);
+    for _ in 0..5 {
+        expect(&mut h, &syn(SRC), XDP_PASS, Reason::SynPass);
+    }
+    expect(&mut h, &syn(SRC2), XDP_DROP, Reason::SynGlobal);
+    // Through the workers' path: the pinned map is not needed for the key.
+    assert_eq!(
+        crate::kernel::trust::key("::ffff:198.51.100.7".parse().unwrap()),
+        v4_mapped(SRC)
+    );
+}
+
+#[test]
 fn limits_change_at_runtime_without_reload() {
     let mut h = harness!(Limits::new(1, 1, 0, 32, 64));
     expect(&mut h, &syn(SRC), XDP_PASS, Reason::SynPass);

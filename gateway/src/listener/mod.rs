@@ -101,6 +101,9 @@ impl Listeners {
                         shared.abuse.record(peer.ip(), crate::pipeline::abuse::Cause::RateLimited);
                         continue;
                     };
+                    if let Some(t) = shared.trust.get() {
+                        t.record(peer.ip());
+                    }
                     let conn = Conn { peer, slot, gauge: conn_gauge.clone(), worker: self.worker };
                     spawn_connection(stream, conn, Arc::clone(&shared), self.tls.clone(), self.limits, &graceful);
                 }

@@ -61,6 +61,8 @@ pub struct Shared {
     pub guard: crate::listener::guard::Guard,
     /// The sk_reuseport worker balancer, when it could be loaded.
     pub balancer: std::sync::OnceLock<crate::listener::balancer::Balancer>,
+    /// Where accepted sources are recorded for the XDP program, when it runs.
+    pub trust: std::sync::OnceLock<crate::kernel::trust::Trust>,
 }
 
 /// The state /readyz reports.
