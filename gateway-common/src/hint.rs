@@ -232,7 +232,7 @@ mod tests {
 
     fn random_cidr(r: &mut Rng) -> Cidr {
         let bytes = r.next().to_be_bytes();
-        if r.next() % 2 == 0 {
+        if r.next().is_multiple_of(2) {
             let len = (r.next() % 33) as u8;
             let mut addr = [bytes[0], bytes[1], bytes[2], bytes[3]];
             mask(&mut addr, len);
