@@ -119,7 +119,7 @@ fuzz_target!(|data: &[u8]| {
         if policy.blocked(&src) && !policy.allowed(&src) {
             assert_eq!(v.reason, Reason::Blocklist, "{parsed:?}");
         }
-        if let Some(key) = v.source {
+        if let Some(key) = v.source() {
             assert!(
                 matches!(v.reason, Reason::SynRate | Reason::Malformed),
                 "a {:?} drop ranked its source",

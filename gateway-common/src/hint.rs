@@ -1,41 +1,51 @@
-//! The block hint: a one-bit-per-slot summary of the blocklist that lets
-//! the XDP program skip both blocklist lookups (the host hash and the LPM
-//! trie walk) for the common case, a source that nothing blocked is near.
+//! The list hints: one-bit-per-slot summaries of the blocklist and the
+//! allowlist that let the XDP program skip their lookups (the host hash and
+//! the LPM trie walks) for the common case, a source no entry is near.
 //!
 //! Each address family has 65,536 slots. An IPv4 source's slot is its /16;
-//! an IPv6 source's slot is its /32 folded to 16 bits. Every slot has two
-//! bits: "a host entry may cover this slot" and "a CIDR entry may cover
-//! this slot". The XDP program reads one word, and looks in the host hash
-//! only if the host bit is set, in the trie only if the CIDR bit is set.
+//! an IPv6 source's slot is its /32 folded to 16 bits. For the blocklist
+//! every slot has two bits: "a host entry may cover this slot" and "a CIDR
+//! entry may cover this slot", so the program reads one word and looks in
+//! the host hash only if the host bit is set, in the trie only if the CIDR
+//! bit is set. For the allowlist (consulted only before a drop) a slot has
+//! one bit.
 //!
-//! The hint may say "maybe" wrongly (a stale bit after a removal, two /32s
+//! A hint may say "maybe" wrongly (a stale bit after a removal, two /32s
 //! folding to one slot), which only costs the lookup it would have done
-//! anyway; it must never say "no" for a blocked source. Userspace keeps that
+//! anyway; it must never say "no" for a listed source. Userspace keeps that
 //! true by setting bits before inserting an entry (and again after, see
 //! `gateway::kernel::maps`), and by clearing bits only in a rebuild from the
-//! whole blocklist. The kernel trusts the hint only once userspace has
-//! built it and written [`READY`] to [`READY_INDEX`]; until then (or if the
-//! lookup fails) every source gets both lookups, as before.
+//! whole lists. The kernel trusts the hints only once userspace has built
+//! them and written [`READY`] to [`READY_INDEX`]; until then (or if a
+//! lookup fails) every source gets every lookup, as before.
 //!
-//! Layout of the `BLOCK_HINT` array of u64 words: 2,048 words for IPv4, then
-//! 2,048 for IPv6, then the ready word. Slot `s` of a family lives in word
-//! `base + s / 32`: the host bit is `s % 32`, the CIDR bit is `32 + s % 32`.
+//! Layout of the `BLOCK_HINT` array of u64 words: 2,048 blocklist words for
+//! IPv4, 2,048 for IPv6, 1,024 allowlist words for IPv4, 1,024 for IPv6,
+//! then the ready word. Blocklist slot `s` of a family lives in word
+//! `base + s / 32`: the host bit is `s % 32`, the CIDR bit `32 + s % 32`.
+//! Allowlist slot `s` is bit `s % 64` of word `base + s / 64`.
 
 #[cfg(any(test, feature = "user"))]
 use crate::cidr::Cidr;
 
-/// Words per address family (65,536 slots, 32 per word).
+/// Blocklist words per address family (65,536 slots, 32 per word).
 pub const FAMILY_WORDS: u32 = 2048;
-/// First word of the IPv4 slots.
+/// Allowlist words per address family (65,536 slots, 64 per word).
+pub const ALLOW_FAMILY_WORDS: u32 = 1024;
+/// First blocklist word of the IPv4 slots.
 pub const V4_BASE: u32 = 0;
-/// First word of the IPv6 slots.
+/// First blocklist word of the IPv6 slots.
 pub const V6_BASE: u32 = FAMILY_WORDS;
-/// The word that says the hint is built and may be trusted.
-pub const READY_INDEX: u32 = 2 * FAMILY_WORDS;
+/// First allowlist word of the IPv4 slots.
+pub const ALLOW_V4_BASE: u32 = 2 * FAMILY_WORDS;
+/// First allowlist word of the IPv6 slots.
+pub const ALLOW_V6_BASE: u32 = ALLOW_V4_BASE + ALLOW_FAMILY_WORDS;
+/// The word that says the hints are built and may be trusted.
+pub const READY_INDEX: u32 = ALLOW_V6_BASE + ALLOW_FAMILY_WORDS;
 /// Entries of the `BLOCK_HINT` array.
 pub const ENTRIES: u32 = READY_INDEX + 1;
-/// The value of the ready word once the hint is built ("gwhint", v1).
-pub const READY: u64 = 0x6777_6869_6e74_0001;
+/// The value of the ready word once the hints are built ("gwhint", v2).
+pub const READY: u64 = 0x6777_6869_6e74_0002;
 
 /// The slot of an IPv4 address: its /16.
 #[inline(always)]
@@ -72,15 +82,27 @@ pub const fn net_bit(slot: u32) -> u64 {
     1 << (32 + slot % 32)
 }
 
-/// The hint as userspace builds it, one u64 per array entry (the ready word
-/// excluded).
+/// The allowlist word index of `slot` in the family starting at `base`.
+#[inline(always)]
+pub const fn allow_word(base: u32, slot: u32) -> u32 {
+    base + slot / 64
+}
+
+/// The allowlist bit of `slot` in its word.
+#[inline(always)]
+pub const fn allow_bit(slot: u32) -> u64 {
+    1 << (slot % 64)
+}
+
+/// Both hints as userspace builds them, one u64 per array entry (the ready
+/// word excluded).
 #[cfg(any(test, feature = "user"))]
 #[derive(Clone, PartialEq, Eq)]
 pub struct Hint {
     pub words: std::vec::Vec<u64>,
 }
 
-/// The set bits, as (word, bits): the whole vector is 4,096 words.
+/// The set bits, as (word, bits): the whole vector is 6,144 words.
 #[cfg(any(test, feature = "user"))]
 impl core::fmt::Debug for Hint {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
@@ -99,43 +121,38 @@ impl Default for Hint {
     }
 }
 
+/// Which list a hint bit stands for.
+#[cfg(any(test, feature = "user"))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum List {
+    Block,
+    Allow,
+}
+
 #[cfg(any(test, feature = "user"))]
 impl Hint {
-    /// The hint of exactly `entries`.
-    pub fn of<'a>(entries: impl IntoIterator<Item = &'a Cidr>) -> Hint {
+    /// The hints of exactly these blocklist and allowlist entries.
+    pub fn of<'a, 'b>(
+        block: impl IntoIterator<Item = &'a Cidr>,
+        allow: impl IntoIterator<Item = &'b Cidr>,
+    ) -> Hint {
         let mut h = Hint::default();
-        for c in entries {
-            h.add(c);
+        for c in block {
+            h.add(List::Block, c);
+        }
+        for c in allow {
+            h.add(List::Allow, c);
         }
         h
     }
 
-    /// Sets every bit a packet covered by `cidr` can land on.
-    pub fn add(&mut self, cidr: &Cidr) {
-        for_each_bit(cidr, |w, bit| self.words[w as usize] |= bit);
+    /// Sets every bit a packet covered by `cidr` in `list` can land on.
+    pub fn add(&mut self, list: List, cidr: &Cidr) {
+        for_each_bit(list, cidr, |w, bit| self.words[w as usize] |= bit);
     }
 
-    /// The words `cidr` needs, with the bits it needs in each (ascending).
-    pub fn marks(cidr: &Cidr) -> std::vec::Vec<(u32, u64)> {
-        let mut out: std::vec::Vec<(u32, u64)> = std::vec::Vec::new();
-        for_each_bit(cidr, |w, bit| match out.last_mut() {
-            Some((last, m)) if *last == w => *m |= bit,
-            _ => out.push((w, bit)),
-        });
-        out.sort_unstable_by_key(|(w, _)| *w);
-        out.dedup_by(|b, a| {
-            if a.0 == b.0 {
-                a.1 |= b.1;
-                true
-            } else {
-                false
-            }
-        });
-        out
-    }
-
-    /// Whether the hint lets a lookup of `src` reach the host hash and the
-    /// trie, as the kernel reads it: (host, CIDR).
+    /// Whether the blocklist hint lets a lookup of `src` reach the host
+    /// hash and the trie, as the kernel reads it: (host, CIDR).
     pub fn maybe(&self, src: &crate::packet::Source) -> (bool, bool) {
         let (base, slot) = match src {
             crate::packet::Source::V4(a) => (V4_BASE, slot_v4(a)),
@@ -144,42 +161,51 @@ impl Hint {
         let w = self.words[word(base, slot) as usize];
         (w & host_bit(slot) != 0, w & net_bit(slot) != 0)
     }
+
+    /// Whether the allowlist hint lets a lookup of `src` reach the trie.
+    pub fn maybe_allowed(&self, src: &crate::packet::Source) -> bool {
+        let (base, slot) = match src {
+            crate::packet::Source::V4(a) => (ALLOW_V4_BASE, slot_v4(a)),
+            crate::packet::Source::V6(a) => (ALLOW_V6_BASE, slot_v6(a)),
+        };
+        self.words[allow_word(base, slot) as usize] & allow_bit(slot) != 0
+    }
 }
 
-/// Calls `f(word, bit)` for every bit `cidr` needs set.
+/// Calls `f(word, bit)` for every bit `cidr` needs set in `list`'s hint.
 #[cfg(any(test, feature = "user"))]
-fn for_each_bit(cidr: &Cidr, mut f: impl FnMut(u32, u64)) {
+fn for_each_bit(list: List, cidr: &Cidr, mut f: impl FnMut(u32, u64)) {
+    let v6 = matches!(cidr, Cidr::V6 { .. });
+    let mut mark = |slot: u32| match (list, v6) {
+        (List::Allow, false) => f(allow_word(ALLOW_V4_BASE, slot), allow_bit(slot)),
+        (List::Allow, true) => f(allow_word(ALLOW_V6_BASE, slot), allow_bit(slot)),
+        (List::Block, false) if cidr.is_host() => f(word(V4_BASE, slot), host_bit(slot)),
+        (List::Block, false) => f(word(V4_BASE, slot), net_bit(slot)),
+        (List::Block, true) if cidr.is_host() => f(word(V6_BASE, slot), host_bit(slot)),
+        (List::Block, true) => f(word(V6_BASE, slot), net_bit(slot)),
+    };
     match *cidr {
-        Cidr::V4 { addr, len: 32 } => {
-            let s = slot_v4(&addr);
-            f(word(V4_BASE, s), host_bit(s));
-        }
         Cidr::V4 { addr, len } => {
             // A prefix of 16 bits or more sits in one slot; a shorter one
             // covers 2^(16 - len) consecutive slots.
             let first = slot_v4(&addr);
             let count = 1u32 << 16u8.saturating_sub(len);
             for s in first..first + count {
-                f(word(V4_BASE, s), net_bit(s));
+                mark(s);
             }
-        }
-        Cidr::V6 { addr, len: 128 } => {
-            let s = slot_v6(&addr);
-            f(word(V6_BASE, s), host_bit(s));
         }
         Cidr::V6 { addr, len } if len >= 16 => {
             // The /32 prefixes it covers: one, or 2^(32 - len) of them.
             let first = u32::from_be_bytes([addr[0], addr[1], addr[2], addr[3]]);
             let count = 1u32 << 32u8.saturating_sub(len);
             for i in 0..count {
-                let s = fold(first.wrapping_add(i));
-                f(word(V6_BASE, s), net_bit(s));
+                mark(fold(first.wrapping_add(i)));
             }
         }
         Cidr::V6 { .. } => {
             // Shorter than /16: every slot.
             for s in 0..1u32 << 16 {
-                f(word(V6_BASE, s), net_bit(s));
+                mark(s);
             }
         }
     }
@@ -252,7 +278,8 @@ mod tests {
         let mut r = Rng(0x9e37_79b9_7f4a_7c15);
         for _ in 0..3_000 {
             let c = random_cidr(&mut r);
-            let h = Hint::of([&c]);
+            let h = Hint::of([&c], None);
+            let a = Hint::of(None, [&c]);
             for _ in 0..20 {
                 let src = inside(&c, &mut r);
                 let (host, net) = h.maybe(&src);
@@ -260,6 +287,7 @@ mod tests {
                     if c.is_host() { host } else { net },
                     "{c} covers {src:?}, the hint says (host {host}, cidr {net})"
                 );
+                assert!(a.maybe_allowed(&src), "{c} allows {src:?}");
             }
         }
     }
@@ -270,7 +298,7 @@ mod tests {
             .iter()
             .map(|s| s.parse().unwrap())
             .collect();
-        let h = Hint::of(&block);
+        let h = Hint::of(&block, None);
         assert_eq!(h.maybe(&Source::V4([10, 0, 0, 1])), (false, false));
         assert_eq!(h.maybe(&Source::V4([45, 1, 9, 9])), (true, false));
         assert_eq!(h.maybe(&Source::V4([80, 0, 200, 1])), (false, true));
@@ -286,11 +314,11 @@ mod tests {
 
     #[test]
     fn short_prefixes_cover_every_slot_they_span() {
-        let h = Hint::of([&"10.0.0.0/8".parse::<Cidr>().unwrap()]);
+        let h = Hint::of([&"10.0.0.0/8".parse::<Cidr>().unwrap()], None);
         let set: u32 = h.words.iter().map(|w| w.count_ones()).sum();
         assert_eq!(set, 256, "a /8 spans 256 /16 slots");
-        let all = Hint::of([&"::/0".parse::<Cidr>().unwrap()]);
-        let v6: u32 = all.words[V6_BASE as usize..]
+        let all = Hint::of([&"::/0".parse::<Cidr>().unwrap()], None);
+        let v6: u32 = all.words[V6_BASE as usize..ALLOW_V4_BASE as usize]
             .iter()
             .map(|w| w.count_ones())
             .sum();
@@ -302,7 +330,7 @@ mod tests {
         for c in ["255.254.0.0/15", "ffff::/16", "ffff:fff0::/28"] {
             let c: Cidr = c.parse().unwrap();
             let mut r = Rng(3);
-            let h = Hint::of([&c]);
+            let h = Hint::of([&c], None);
             for _ in 0..100 {
                 assert!(h.maybe(&inside(&c, &mut r)).1, "{c}");
             }
@@ -310,17 +338,21 @@ mod tests {
     }
 
     #[test]
-    fn marks_match_add() {
-        let mut r = Rng(7);
-        for _ in 0..500 {
-            let c = random_cidr(&mut r);
-            let mut h = Hint::default();
-            for (w, m) in Hint::marks(&c) {
-                h.words[w as usize] |= m;
-            }
-            assert!(h == Hint::of([&c]), "{c}");
-            let words: Vec<u32> = Hint::marks(&c).iter().map(|(w, _)| *w).collect();
-            assert!(words.windows(2).all(|p| p[0] < p[1]), "one entry per word");
-        }
+    fn the_lists_have_separate_bits() {
+        let c: Cidr = "198.51.100.0/24".parse().unwrap();
+        let src = Source::V4([198, 51, 100, 7]);
+        let block = Hint::of([&c], None);
+        let allow = Hint::of(None, [&c]);
+        assert_eq!(
+            (block.maybe(&src), block.maybe_allowed(&src)),
+            ((false, true), false)
+        );
+        assert_eq!(
+            (allow.maybe(&src), allow.maybe_allowed(&src)),
+            ((false, false), true)
+        );
+        let set = |h: &Hint| h.words.iter().map(|w| w.count_ones()).sum::<u32>();
+        assert_eq!((set(&block), set(&allow)), (1, 1));
+        assert_eq!(Hint::of([&c], [&c]).words.len(), READY_INDEX as usize);
     }
 }

@@ -43,16 +43,39 @@ pub trait Tables {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Verdict {
     pub reason: Reason,
-    /// The source of a packet dropped by its per-source SYN limit or as
-    /// malformed (fed to `TOP_SOURCES`). Blocklist drops are counted on the
-    /// matching entry.
-    pub source: Option<SourceKey>,
+    /// Whether `key` is ranked in `TOP_SOURCES` (see [`Verdict::source`]).
+    ranked: bool,
+    /// Always initialized (zeros when unranked): an `Option<SourceKey>`
+    /// left its bytes undefined when `None`, and LLVM then copied an
+    /// uninitialized register, which the verifier refuses.
+    key: SourceKey,
 }
 
 impl Verdict {
     #[inline(always)]
+    const fn new(reason: Reason) -> Verdict {
+        Verdict {
+            reason,
+            ranked: false,
+            key: [0; 16],
+        }
+    }
+
+    #[inline(always)]
     pub const fn drop(&self) -> bool {
         self.reason.is_drop()
+    }
+
+    /// The source of a packet dropped by its per-source SYN limit or as
+    /// malformed (fed to `TOP_SOURCES`). Blocklist drops are counted on the
+    /// matching entry.
+    #[inline(always)]
+    pub const fn source(&self) -> Option<SourceKey> {
+        if self.ranked {
+            Some(self.key)
+        } else {
+            None
+        }
     }
 }
 
@@ -88,10 +111,7 @@ pub fn bucket_key(src: &Source, limits: &Limits) -> SourceKey {
 /// Decides the fate of one frame.
 #[inline(always)]
 pub fn decide<B: Bytes + ?Sized, T: Tables>(pkt: &B, t: &T) -> Verdict {
-    let pass = |reason| Verdict {
-        reason,
-        source: None,
-    };
+    let pass = Verdict::new;
     let (src, transport) = match parse(pkt) {
         Parsed::NotIp => return pass(Reason::NotIp),
         Parsed::Truncated => return pass(Reason::Unparsed),
@@ -101,17 +121,17 @@ pub fn decide<B: Bytes + ?Sized, T: Tables>(pkt: &B, t: &T) -> Verdict {
     // allowlisted.
     let dropped = |reason| {
         if t.allowed(&src) {
-            Verdict {
-                reason: Reason::Allowlist,
-                source: None,
-            }
+            Verdict::new(Reason::Allowlist)
         } else {
             // Blocklist drops are counted on the entry; global-budget drops
             // come from floods of spoofed, ever-new sources, where ranking
             // would cost an LRU insert per packet and mean nothing.
             let ranked = matches!(reason, Reason::SynRate | Reason::Malformed);
-            let source = ranked.then(|| key_of(&src));
-            Verdict { reason, source }
+            Verdict {
+                reason,
+                ranked,
+                key: if ranked { key_of(&src) } else { [0; 16] },
+            }
         }
     };
     if t.blocked(&src) {
@@ -271,7 +291,8 @@ mod tests {
         );
         let v = decide(&syn(A)[..], &t);
         assert_eq!(
-            v.source, None,
+            v.source(),
+            None,
             "allowlisted traffic is never a top dropped source"
         );
     }
@@ -281,7 +302,7 @@ mod tests {
         let mut t = Fake::new();
         t.block.push(("198.51.100.7".parse().unwrap(), 0));
         let v = decide(&syn(A)[..], &t);
-        assert_eq!((v.reason, v.source), (Reason::Blocklist, None));
+        assert_eq!((v.reason, v.source()), (Reason::Blocklist, None));
     }
 
     #[test]
@@ -309,7 +330,7 @@ mod tests {
             "refilled after 0.5 s"
         );
         let v = decide(&syn(A)[..], &t);
-        assert_eq!(v.source, Some(v4_mapped(A)));
+        assert_eq!(v.source(), Some(v4_mapped(A)));
     }
 
     #[test]

@@ -19,8 +19,8 @@ pub static BLOCK_V4: LpmTrie<[u8; 4], BlockValue> =
 pub static BLOCK_V6: LpmTrie<[u8; 16], BlockValue> =
     LpmTrie::with_max_entries(capacity::BLOCK_CIDR, 0);
 
-/// One bit per address slot saying whether a blocklist lookup can hit
-/// (`gateway_common::hint`).
+/// Bits per address slot saying whether a blocklist or allowlist lookup
+/// can hit (`gateway_common::hint`).
 #[map]
 pub static BLOCK_HINT: Array<u64> = Array::with_max_entries(gateway_common::hint::ENTRIES, 0);
 

@@ -65,6 +65,19 @@ fn maybe_blocked(base: u32, slot: u32) -> (bool, bool) {
     }
 }
 
+/// Whether the allowlist trie can hold an entry for the source in `slot`:
+/// "yes" until userspace has built the hint.
+#[inline(always)]
+fn maybe_allowed(base: u32, slot: u32) -> bool {
+    match (
+        BLOCK_HINT.get(hint::READY_INDEX),
+        BLOCK_HINT.get(hint::allow_word(base, slot)),
+    ) {
+        (Some(&hint::READY), Some(w)) => w & hint::allow_bit(slot) != 0,
+        _ => true,
+    }
+}
+
 /// aya-ebpf's `LpmTrie::get` hands out `&V`; the value lives in writable map
 /// memory, and the only write through this pointer is the atomic hit count.
 #[inline(always)]
@@ -101,8 +114,14 @@ impl Tables for Maps {
     #[inline(always)]
     fn allowed(&self, src: &Source) -> bool {
         match src {
-            Source::V4(a) => ALLOW_V4.get(Key::new(32, *a)).is_some(),
-            Source::V6(a) => ALLOW_V6.get(Key::new(128, *a)).is_some(),
+            Source::V4(a) => {
+                maybe_allowed(hint::ALLOW_V4_BASE, hint::slot_v4(a))
+                    && ALLOW_V4.get(Key::new(32, *a)).is_some()
+            }
+            Source::V6(a) => {
+                maybe_allowed(hint::ALLOW_V6_BASE, hint::slot_v6(a))
+                    && ALLOW_V6.get(Key::new(128, *a)).is_some()
+            }
         }
     }
 

@@ -21,7 +21,7 @@ pub fn gateway_xdp(ctx: XdpContext) -> u32 {
     if !v.drop() {
         return xdp_action::XDP_PASS;
     }
-    if let Some(src) = v.source {
+    if let Some(src) = v.source() {
         match TOP_SOURCES.get_ptr_mut(&src) {
             // SAFETY: pointer into the map value returned by the lookup.
             Some(n) => add(unsafe { &mut *n }, 1),

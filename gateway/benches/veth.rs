@@ -320,7 +320,7 @@ fn syn_flood(home: &File) -> Result<String> {
             // The daemon's defaults: 20/s and 40 burst per source, 50,000/s in all.
             maps.set_limits(&Limits::new(20, 40, 50_000, 32, 64))?;
             maps.set_ports(&[PORT])?;
-            maps.hint_rebuild([])?;
+            maps.hint_rebuild([], [])?;
             loader::xdp_program(&mut e)?
                 .attach("vd", XdpMode::Driver)
                 .context("attaching XDP to vd in native mode")?;

@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result};
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use gateway_common::{
     cidr::Cidr,
-    hint::{self, Hint},
+    hint::{self, Hint, List},
     names, BlockValue, Bucket, Counter, Limits, Reason, SourceKey, PORT_PROTECTED,
 };
 
@@ -25,7 +25,7 @@ pub struct KernelMaps {
     ports: Array<MapData, u32>,
     stats: PerCpuArray<MapData, Counter>,
     top: HashMap<MapData, SourceKey, u64>,
-    /// The blocklist summary the program reads before any blocklist lookup.
+    /// The list summaries the program reads before any list lookup.
     hint: Array<MapData, u64>,
     /// Sources that completed a handshake lately (see `kernel::trust`).
     trusted: HashMap<MapData, SourceKey, u64>,
@@ -124,7 +124,7 @@ impl KernelMaps {
         if entries.is_empty() {
             return Ok(());
         }
-        let need = Hint::of(entries.iter().map(|(c, _)| c));
+        let need = Hint::of(entries.iter().map(|(c, _)| c), None);
         self.hint_or(&need)?;
         for (c, v) in entries {
             self.block_insert_entry(c, *v)?;
@@ -156,13 +156,18 @@ impl KernelMaps {
         Ok(())
     }
 
-    /// Makes the hint exactly that of `entries` (the whole blocklist), which
-    /// clears the bits of removed entries, and marks it ready for the
-    /// program. If any bit was cleared, the blocklist is read back and its
-    /// bits set again, so an entry another process added meanwhile (bits,
-    /// entry, bits: see `block_insert`) cannot end up without its bits.
-    pub fn hint_rebuild<'a>(&mut self, entries: impl IntoIterator<Item = &'a Cidr>) -> Result<()> {
-        let want = Hint::of(entries);
+    /// Makes the hints exactly those of `block` and `allow` (the whole
+    /// lists), which clears the bits of removed entries, and marks them
+    /// ready for the program. If any bit was cleared, both lists are read
+    /// back and their bits set again, so an entry another process added
+    /// meanwhile (bits, entry, bits: see `block_insert`) cannot end up
+    /// without its bits.
+    pub fn hint_rebuild<'a, 'b>(
+        &mut self,
+        block: impl IntoIterator<Item = &'a Cidr>,
+        allow: impl IntoIterator<Item = &'b Cidr>,
+    ) -> Result<()> {
+        let want = Hint::of(block, allow);
         let mut cleared = false;
         for (i, w) in want.words.iter().enumerate() {
             let i = i as u32;
@@ -173,8 +178,9 @@ impl KernelMaps {
             }
         }
         if cleared {
-            let now: Vec<Cidr> = self.block_entries()?.into_iter().map(|(c, _)| c).collect();
-            self.hint_or(&Hint::of(&now))?;
+            let block: Vec<Cidr> = self.block_entries()?.into_iter().map(|(c, _)| c).collect();
+            let allow = self.allow_entries()?;
+            self.hint_or(&Hint::of(&block, &allow))?;
         }
         if self
             .hint
@@ -259,7 +265,16 @@ impl KernelMaps {
         Ok(out)
     }
 
+    /// Adds an allowlist entry: bits, entry, bits, as `block_insert` does.
     pub fn allow_insert(&mut self, cidr: &Cidr) -> Result<()> {
+        let mut need = Hint::default();
+        need.add(List::Allow, cidr);
+        self.hint_or(&need)?;
+        self.allow_insert_entry(cidr)?;
+        self.hint_or(&need)
+    }
+
+    fn allow_insert_entry(&mut self, cidr: &Cidr) -> Result<()> {
         let r = match *cidr {
             Cidr::V4 { addr, len } => self.allow_v4.insert(&Key::new(len.into(), addr), 1, 0),
             Cidr::V6 { addr, len } => self.allow_v6.insert(&Key::new(len.into(), addr), 1, 0),
@@ -392,7 +407,8 @@ impl KernelMaps {
             self.block_remove(c)?;
         }
         if !expired.is_empty() {
-            self.hint_rebuild(live.iter().map(|(c, _)| c))?;
+            let allow = self.allow_entries()?;
+            self.hint_rebuild(live.iter().map(|(c, _)| c), &allow)?;
         }
         Ok(expired.into_iter().map(|(c, _)| c).collect())
     }

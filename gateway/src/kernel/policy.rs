@@ -146,8 +146,6 @@ pub fn apply(maps: &mut KernelMaps, want: &Desired) -> Result<Applied> {
         maps.block_remove(c)?;
         done.block_removed += 1;
     }
-    // Clears what removals left behind and lets the program trust the hint.
-    maps.hint_rebuild(want.block.keys())?;
     let have: BTreeSet<Cidr> = maps.allow_entries()?.into_iter().collect();
     for c in want.allow.difference(&have) {
         maps.allow_insert(c)?;
@@ -157,6 +155,8 @@ pub fn apply(maps: &mut KernelMaps, want: &Desired) -> Result<Applied> {
         maps.allow_remove(c)?;
         done.allow_removed += 1;
     }
+    // Clears what removals left behind and lets the program trust the hints.
+    maps.hint_rebuild(want.block.keys(), &want.allow)?;
     Ok(done)
 }
 

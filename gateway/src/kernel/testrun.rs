@@ -30,7 +30,7 @@ impl Harness {
         maps.set_limits(&limits)?;
         maps.set_ports(ports)?;
         // As the daemon runs it: the (empty) blocklist's hint built and trusted.
-        maps.hint_rebuild([])?;
+        maps.hint_rebuild([], [])?;
         Ok(Harness { ebpf, maps })
     }
 

@@ -122,7 +122,7 @@ fn allowlist_beats_blocklist() {
 }
 
 #[test]
-fn the_block_hint_decides_which_lookups_run() {
+fn the_list_hints_decide_which_lookups_run() {
     use gateway_common::hint;
     let mut h = harness!(limits());
     block(&mut h, "198.51.100.7", 0);
@@ -148,7 +148,7 @@ fn the_block_hint_decides_which_lookups_run() {
 
     // A rebuild from a list that lacks a live entry (another process added
     // it meanwhile) still leaves its bits set: it reads the maps back.
-    h.maps.hint_rebuild([]).unwrap();
+    h.maps.hint_rebuild([], []).unwrap();
     let (got, ready) = h.maps.hint().unwrap();
     assert!(ready);
     assert_eq!(
@@ -162,15 +162,30 @@ fn the_block_hint_decides_which_lookups_run() {
     h.maps
         .block_remove(&"198.51.100.7".parse::<Cidr>().unwrap())
         .unwrap();
-    h.maps
-        .hint_rebuild(&["2001:db8:1::/48".parse::<Cidr>().unwrap()])
-        .unwrap();
+    let left = ["2001:db8:1::/48".parse::<Cidr>().unwrap()];
+    h.maps.hint_rebuild(&left, []).unwrap();
     let (got, _) = h.maps.hint().unwrap();
-    assert_eq!(
-        got,
-        hint::Hint::of(&["2001:db8:1::/48".parse::<Cidr>().unwrap()])
-    );
+    assert_eq!(got, hint::Hint::of(&left, None));
     expect(&mut h, &ack, XDP_PASS, Reason::Pass);
+
+    // The allowlist's bits work the same way.
+    let me = "198.51.100.7".parse::<Cidr>().unwrap();
+    block(&mut h, "198.51.100.0/24", 0);
+    h.maps.allow_insert(&me).unwrap();
+    expect(&mut h, &ack, XDP_PASS, Reason::Allowlist);
+    // A rebuild from an allowlist that lacks the entry keeps its bit.
+    let net = "198.51.100.0/24".parse::<Cidr>().unwrap();
+    h.maps.hint_rebuild(&[net, left[0]], []).unwrap();
+    assert_eq!(
+        h.maps.hint().unwrap().0,
+        hint::Hint::of(&[net, left[0]], [&me])
+    );
+    expect(&mut h, &ack, XDP_PASS, Reason::Allowlist);
+    // Without its bit the program does not look the source up.
+    h.maps
+        .hint_set(hint::allow_word(hint::ALLOW_V4_BASE, slot), 0)
+        .unwrap();
+    expect(&mut h, &ack, XDP_DROP, Reason::Blocklist);
 }
 
 #[test]
@@ -195,7 +210,7 @@ fn expiry_lapses_in_the_kernel() {
         .collect();
     assert_eq!(
         h.maps.hint().unwrap(),
-        (gateway_common::hint::Hint::of(&live), true)
+        (gateway_common::hint::Hint::of(&live, None), true)
     );
 }
 
