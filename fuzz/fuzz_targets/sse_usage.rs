@@ -1,5 +1,6 @@
 //! Upstream SSE events and JSON bodies: the usage readers must agree with
-//! each other and with their cheap prefilter, and never panic.
+//! each other, with their cheap prefilter and with a full JSON parse, and
+//! never panic.
 #![no_main]
 
 use gateway::pipeline::usage::{from_json, from_sse_event, has_usage_object};
@@ -31,6 +32,25 @@ fuzz_target!(|data: &[u8]| {
             from_sse_event(&crlf),
             event,
             "CRLF and LF events differ: {data:?}"
+        );
+    }
+
+    // from_json parses only the `usage` value and steps over the rest: on
+    // any valid JSON object it reads what a full parse reads.
+    if let Ok(serde_json::Value::Object(m)) = serde_json::from_slice(data) {
+        let full = m.get("usage").and_then(|u| {
+            let u = u.as_object()?;
+            let n = |k: &str| match u.get(k) {
+                None => Some(0),
+                Some(v) => v.as_u64(),
+            };
+            Some((n("prompt_tokens")?, n("completion_tokens")?))
+        });
+        assert_eq!(
+            json.map(|u| (u.prompt, u.completion)),
+            full,
+            "from_json and a full parse differ for {:?}",
+            String::from_utf8_lossy(data)
         );
     }
 

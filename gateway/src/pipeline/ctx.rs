@@ -78,10 +78,17 @@ impl RequestCtx {
         }
         let model = self.model.as_deref().unwrap_or(NONE);
         let key = self.key.as_deref().unwrap_or(NONE);
-        let code = self.status.to_string();
-        m.requests
-            .with_label_values(&[model, key, code.as_str()])
-            .inc();
+        // StatusCode keeps the three digits as a static string.
+        let status = http::StatusCode::from_u16(self.status).ok();
+        let owned;
+        let code = match &status {
+            Some(c) => c.as_str(),
+            None => {
+                owned = self.status.to_string();
+                owned.as_str()
+            }
+        };
+        m.requests.with_label_values(&[model, key, code]).inc();
         let total = self.start.elapsed();
         let ttft = self.first_byte.map(|t| t - self.start);
         if self.model.is_some() {
@@ -96,9 +103,7 @@ impl RequestCtx {
             m.overhead.observe(self.overhead.as_secs_f64());
         }
         if let Some(g) = &self.group {
-            m.group_requests
-                .with_label_values(&[model, g, code.as_str()])
-                .inc();
+            m.group_requests.with_label_values(&[model, g, code]).inc();
         }
         if let Some(u) = self.usage {
             m.tokens

@@ -86,7 +86,7 @@ fn json_response(status: StatusCode, body: Vec<u8>, request_id: &str) -> Respons
         HeaderValue::from_static("application/json"),
     );
     r.headers_mut().insert(
-        "x-request-id",
+        proxy::X_REQUEST_ID,
         HeaderValue::from_str(request_id).expect("validated"),
     );
     r
@@ -99,7 +99,10 @@ fn request_id(headers: &http::HeaderMap) -> String {
         atomic::{AtomicU64, Ordering},
         OnceLock,
     };
-    if let Some(v) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
+    if let Some(v) = headers
+        .get(proxy::X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+    {
         if !v.is_empty()
             && v.len() <= 128
             && v.bytes()
@@ -121,7 +124,15 @@ fn request_id(headers: &http::HeaderMap) -> String {
         }
         u64::from_le_bytes(b)
     });
-    format!("{prefix:016x}{:016x}", NEXT.fetch_add(1, Ordering::Relaxed))
+    // 32 lowercase hex digits, written without the `fmt` machinery.
+    let id = ((prefix as u128) << 64) | NEXT.fetch_add(1, Ordering::Relaxed) as u128;
+    let mut out = String::with_capacity(32);
+    for i in (0..32).rev() {
+        out.push(char::from(
+            b"0123456789abcdef"[((id >> (i * 4)) & 0xf) as usize],
+        ));
+    }
+    out
 }
 
 /// Serves one request.
@@ -181,7 +192,7 @@ pub async fn handle(
             let (parts, body) = e.response().into_parts();
             let mut r = Response::from_parts(parts, full(body));
             r.headers_mut().insert(
-                "x-request-id",
+                proxy::X_REQUEST_ID,
                 HeaderValue::from_str(&ctx.request_id).expect("validated"),
             );
             r
@@ -533,5 +544,37 @@ async fn send_with_retries(
             }
         }
         (index, lease) = next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_32_hex_digits_and_unique() {
+        let empty = http::HeaderMap::new();
+        let (a, b) = (request_id(&empty), request_id(&empty));
+        for id in [&a, &b] {
+            assert_eq!(id.len(), 32, "{id}");
+            assert!(
+                id.bytes()
+                    .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()),
+                "{id}"
+            );
+        }
+        assert_ne!(a, b);
+        assert_eq!(a[..16], b[..16], "one per-process prefix");
+        let next = u64::from_str_radix(&a[16..], 16).unwrap() + 1;
+        assert_eq!(u64::from_str_radix(&b[16..], 16).unwrap(), next);
+        // A sane client id is kept; a hostile one is replaced.
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            proxy::X_REQUEST_ID,
+            HeaderValue::from_static("req-42.a:b_c"),
+        );
+        assert_eq!(request_id(&h), "req-42.a:b_c");
+        h.insert(proxy::X_REQUEST_ID, HeaderValue::from_static("a b"));
+        assert_eq!(request_id(&h).len(), 32);
     }
 }

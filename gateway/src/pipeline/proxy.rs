@@ -29,6 +29,11 @@ const DROPPED: [HeaderName; 12] = [
     HeaderName::from_static("x-api-key"),
 ];
 
+/// `x-request-id`, on requests to upstream and on every response.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
 /// Copies `from` without hop-by-hop headers (including those the
 /// `Connection` header names).
 pub fn end_to_end(from: &HeaderMap) -> HeaderMap {
@@ -66,15 +71,12 @@ pub async fn send(
     headers.remove(header::CONTENT_LENGTH);
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     headers.insert(
-        "x-request-id",
+        X_REQUEST_ID,
         HeaderValue::from_str(&ctx.request_id).expect("validated request id"),
     );
+    headers.insert(X_FORWARDED_FOR, ip_header(ctx.client.ip()));
     headers.insert(
-        "x-forwarded-for",
-        HeaderValue::from_str(&ctx.client.ip().to_string()).expect("an IP"),
-    );
-    headers.insert(
-        "x-forwarded-proto",
+        X_FORWARDED_PROTO,
         HeaderValue::from_static(if tls { "https" } else { "http" }),
     );
     let mut req = Request::new(Full::new(body));
@@ -140,15 +142,63 @@ pub fn client_headers(upstream: &HeaderMap, request_id: &str, body_edited: bool)
         h.remove(header::CONTENT_LENGTH);
     }
     h.insert(
-        "x-request-id",
+        X_REQUEST_ID,
         HeaderValue::from_str(request_id).expect("validated request id"),
     );
     h
 }
 
+/// An address as a header value, formatted on the stack (no `fmt`
+/// machinery and no heap string on the request path).
+fn ip_header(ip: std::net::IpAddr) -> HeaderValue {
+    use std::io::Write as _;
+    let mut buf = [0u8; 45]; // the longest IPv6 text form
+    let mut w = &mut buf[..];
+    let len = match ip.to_canonical() {
+        std::net::IpAddr::V4(a) => {
+            let mut n = 0;
+            for (i, o) in a.octets().iter().enumerate() {
+                if i > 0 {
+                    buf[n] = b'.';
+                    n += 1;
+                }
+                for (div, always) in [(100, false), (10, false), (1, true)] {
+                    if always || *o >= div {
+                        buf[n] = b'0' + (o / div) % 10;
+                        n += 1;
+                    }
+                }
+            }
+            n
+        }
+        std::net::IpAddr::V6(a) => {
+            let _ = write!(w, "{a}");
+            45 - w.len()
+        }
+    };
+    HeaderValue::from_bytes(&buf[..len]).expect("an address is a valid header value")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_as_header_values() {
+        for (ip, want) in [
+            ("203.0.113.9", "203.0.113.9"),
+            ("0.0.0.0", "0.0.0.0"),
+            ("255.255.255.255", "255.255.255.255"),
+            ("::ffff:198.51.100.7", "198.51.100.7"),
+            ("2001:db8::1", "2001:db8::1"),
+            (
+                "ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe",
+                "ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe",
+            ),
+        ] {
+            assert_eq!(ip_header(ip.parse().unwrap()), want);
+        }
+    }
 
     #[test]
     fn hop_by_hop_and_credentials_are_dropped() {

@@ -20,11 +20,6 @@ struct UsageObj {
 }
 
 #[derive(Deserialize)]
-struct WithUsage {
-    usage: Option<UsageObj>,
-}
-
-#[derive(Deserialize)]
 struct Chunk {
     usage: Option<UsageObj>,
     #[serde(default)]
@@ -32,12 +27,88 @@ struct Chunk {
 }
 
 /// The `usage` of a complete (non-stream) JSON response.
+///
+/// Only the `usage` value is parsed: the rest of the body (the completion
+/// text, mostly) is stepped over by [`top_level_value`], which tracks
+/// strings and nesting and nothing else. That is a third of the
+/// instructions a full serde pass took on a 16-token completion, and the
+/// body is the client's to validate, not the gateway's.
 pub fn from_json(body: &[u8]) -> Option<Usage> {
-    let v: WithUsage = serde_json::from_slice(body).ok()?;
-    v.usage.map(|u| Usage {
+    let value = top_level_value(body, b"usage")?;
+    // An object only: serde would also fill the struct from an array, by
+    // position.
+    if value.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return None;
+    }
+    let mut de = serde_json::Deserializer::from_slice(value);
+    let u = Option::<UsageObj>::deserialize(&mut de).ok()??;
+    Some(Usage {
         prompt: u.prompt_tokens,
         completion: u.completion_tokens,
     })
+}
+
+/// The input from the start of the value of the top-level `key` of the JSON
+/// object in `body` (serde reads one value from it and stops), or `None`
+/// when `body` is not an object or has no such key before its end.
+fn top_level_value<'a>(body: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    let mut i = body.iter().position(|b| !b.is_ascii_whitespace())?;
+    if body[i] != b'{' {
+        return None;
+    }
+    i += 1;
+    let mut depth = 1usize;
+    // At depth 1, the next string is a key (after `{` or `,`).
+    let mut want_key = true;
+    while i < body.len() {
+        match body[i] {
+            b'"' => {
+                let end = string_end(body, i + 1)?;
+                if depth == 1 && want_key {
+                    want_key = false;
+                    let raw = &body[i + 1..end];
+                    // A key spelled with escapes ("us\u0061ge") is decoded
+                    // as serde would; plain keys are compared as they are.
+                    let matches = raw == key
+                        || (raw.contains(&b'\\')
+                            && serde_json::from_slice::<String>(&body[i..=end])
+                                .is_ok_and(|k| k.as_bytes() == key));
+                    if matches {
+                        let colon = end
+                            + 1
+                            + body[end + 1..]
+                                .iter()
+                                .position(|b| !b.is_ascii_whitespace())?;
+                        return (body[colon] == b':').then(|| &body[colon + 1..]);
+                    }
+                }
+                i = end + 1;
+                continue;
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => {
+                depth -= 1;
+                if depth == 0 {
+                    return None;
+                }
+            }
+            b',' if depth == 1 => want_key = true,
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The index of the quote closing the string whose contents start at `i`.
+fn string_end(body: &[u8], mut i: usize) -> Option<usize> {
+    loop {
+        let j = i + memchr::memchr2(b'"', b'\\', body.get(i..)?)?;
+        if body[j] == b'"' {
+            return Some(j);
+        }
+        i = j + 2; // the escaped byte, whatever it is
+    }
 }
 
 /// Whether `data` holds a `"usage"` key whose value is an object (not
@@ -111,6 +182,42 @@ mod tests {
         );
         assert_eq!(from_json(br#"{"id":"x"}"#), None);
         assert_eq!(from_json(b"not json"), None);
+    }
+
+    #[test]
+    fn json_usage_is_the_top_level_key_only() {
+        let u = |p, c| {
+            Some(Usage {
+                prompt: p,
+                completion: c,
+            })
+        };
+        // "usage" inside the completion text, with escaped quotes around it,
+        // and a nested "usage" object, come before the real one.
+        let b = br#"{"choices":[{"message":{"content":"say \"usage\":{\"prompt_tokens\":99} \\"}}],
+            "meta":{"usage":{"prompt_tokens":98}},"usage" : {"prompt_tokens":7,"completion_tokens":3}}"#;
+        assert_eq!(from_json(b), u(7, 3));
+        // A key written with escapes is the same key, as serde reads it.
+        assert_eq!(
+            from_json(br#"{"us\u0061ge":{"prompt_tokens":1,"completion_tokens":2}}"#),
+            u(1, 2)
+        );
+        // A string value "usage" is not a key.
+        assert_eq!(from_json(br#"{"a":"usage","b":{"prompt_tokens":1}}"#), None);
+        assert_eq!(from_json(br#"{"usage":null}"#), None);
+        assert_eq!(from_json(br#"{"usage":5}"#), None);
+        assert_eq!(from_json(br#"{"usage": [3, 4]}"#), None);
+        assert_eq!(from_json(br#"[{"usage":{"prompt_tokens":1}}]"#), None);
+        // Truncated or unbalanced input ends the scan without a panic.
+        for b in [
+            &br#"{"usage""#[..],
+            br#"{"x":"abc"#,
+            br#"{"x":"\"#,
+            br#"{}}"#,
+            b"{",
+        ] {
+            assert_eq!(from_json(b), None, "{}", String::from_utf8_lossy(b));
+        }
     }
 
     #[test]

@@ -142,7 +142,11 @@ impl Backend {
         Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
-            .path_and_query(format!("{}{}", self.prefix, path_and_query))
+            .path_and_query(if self.prefix.is_empty() {
+                path_and_query.to_owned()
+            } else {
+                [self.prefix.as_str(), path_and_query].concat()
+            })
             .build()
             .expect("a valid base and a valid request path")
     }
