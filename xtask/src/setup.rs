@@ -26,6 +26,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("nginx", "L7 benchmark baseline"),
     ("wrk", "HTTP/1.1 load generator"),
     ("nghttp2-client", "h2load, HTTP/2 load generator"),
+    ("valgrind", "callgrind, for bench instructions"),
 ];
 
 pub fn run() -> Result<()> {

@@ -375,6 +375,26 @@ pub(super) fn start_gateway_to(
     upstream: &str,
     server_extra: &str,
 ) -> Result<u16> {
+    let (conf, port) = gateway_config(dir, upstream, server_extra)?;
+    procs.0.push(
+        Command::new(bin.join("gateway"))
+            .arg("--config")
+            .arg(&conf)
+            .arg("run")
+            .env("GATEWAY_LOG", "warn")
+            .spawn()
+            .context("starting the gateway")?,
+    );
+    Ok(port)
+}
+
+/// Writes the bench gateway's config in `dir`: one model, `bench-model`,
+/// on `upstream`; returns its path and the port it listens on.
+pub(super) fn gateway_config(
+    dir: &Path,
+    upstream: &str,
+    server_extra: &str,
+) -> Result<(std::path::PathBuf, u16)> {
     std::fs::create_dir_all(dir)?;
     let port = free_port()?;
     let conf = dir.join("gateway.toml");
@@ -389,16 +409,7 @@ pub(super) fn start_gateway_to(
             digest = sha256_hex(KEY)?,
         ),
     )?;
-    procs.0.push(
-        Command::new(bin.join("gateway"))
-            .arg("--config")
-            .arg(&conf)
-            .arg("run")
-            .env("GATEWAY_LOG", "warn")
-            .spawn()
-            .context("starting the gateway")?,
-    );
-    Ok(port)
+    Ok((conf, port))
 }
 
 pub fn run(secs: u64) -> Result<()> {

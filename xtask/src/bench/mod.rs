@@ -1,6 +1,7 @@
 //! `cargo xtask bench ...`: each benchmark is a program that prints its
 //! numbers and records them, with the command, in docs/benchmarks.md.
 
+mod instructions;
 mod l7;
 mod load;
 mod policies;
@@ -45,6 +46,14 @@ pub enum Which {
     /// The headline ratios in under two minutes (XDP ns/packet, gateway vs
     /// nginx requests/s, streaming TTFT and memory); nothing recorded.
     Quick,
+    /// User-space instructions per proxied request, counted by callgrind:
+    /// a figure this shared VM's noise does not move, for before/after
+    /// comparisons of request-path changes.
+    Instructions {
+        /// Seconds of load while counting.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// Every balancing policy: selection cost (ns/pick) and requests/s
     /// through the gateway over the same two upstreams.
     Policies {
@@ -74,6 +83,7 @@ pub fn run(which: Which) -> Result<()> {
         Which::L7 { seconds } => l7::run(seconds),
         Which::Policies { seconds } => policies::run(seconds),
         Which::Quick => quick::run(),
+        Which::Instructions { seconds } => instructions::run(seconds),
         Which::Veth => {
             if !is_root() {
                 bail!("the veth benchmark creates namespaces and attaches XDP: run it as root");

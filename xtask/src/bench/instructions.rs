@@ -1,0 +1,186 @@
+//! `cargo xtask bench instructions`: how many user-space instructions the
+//! gateway executes per proxied request (auth, routing, balancing, the
+//! upstream exchange, usage accounting, metrics), counted by callgrind.
+//!
+//! Requests/s on this 2-core VM moves by +-20% from run to run; an
+//! instruction count does not, so this is the figure to compare before and
+//! after a change to the request path. It leaves out the kernel's share
+//! (the TCP work in `writev`/`recvfrom`, about half of the gateway's CPU
+//! time under wrk) and says nothing about cache misses or waiting.
+//!
+//! The gateway (release) runs under `valgrind --tool=callgrind` in front of
+//! the release mock; wrk warms it, the counters are zeroed, wrk drives
+//! `seconds` of load over 8 connections, and the counters are dumped.
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use super::{l7, record};
+use crate::util::{self, root, step, wait_for_port, Children};
+
+pub fn run(seconds: u64) -> Result<()> {
+    for tool in ["valgrind", "callgrind_control", "callgrind_annotate"] {
+        if Command::new(tool)
+            .arg("--help")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_err()
+        {
+            bail!("{tool} not found: `cargo xtask setup` installs valgrind");
+        }
+    }
+    let bin = util::build_release_bins()?;
+    let dir = root().join("target/bench/instructions");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let mut procs = Children::default();
+    let mock = l7::start_mock(&bin, &mut procs, "bench")?;
+    let (conf, port) = l7::gateway_config(&dir, &format!("http://{mock}"), "")?;
+    step("bench: starting the gateway under callgrind");
+    let out = dir.join("callgrind.out");
+    procs.0.push(
+        Command::new("valgrind")
+            .args(["--tool=callgrind", "--dump-instr=no"])
+            .arg(format!("--callgrind-out-file={}", out.display()))
+            .arg(bin.join("gateway"))
+            .arg("--config")
+            .arg(&conf)
+            .arg("run")
+            .env("GATEWAY_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting valgrind")?,
+    );
+    let pid = procs.0.last().expect("valgrind").id().to_string();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    wait_for_port(addr, &mut procs)?;
+    let script = dir.join("post.lua");
+    l7::post_script(
+        &script,
+        r#"{"model":"bench-model","messages":[{"role":"user","content":"hello from the benchmark"}]}"#,
+    )?;
+    let url = format!("http://{addr}/v1/chat/completions");
+    step("bench: warming up (3 s)");
+    let _ = wrk8(&url, &script, 3)?;
+    callgrind_control(&["-z", &pid])?;
+    step(&format!("bench: counting over {seconds} s of load"));
+    let requests = wrk8(&url, &script, seconds)?;
+    callgrind_control(&["-d", &pid])?;
+    drop(procs);
+    let dump = newest_dump(&dir)?;
+    let total = totals(&dump)?;
+    if requests == 0 {
+        bail!("no requests completed under callgrind");
+    }
+    let per = total / requests;
+    let top = top_functions(&dump, total, requests)?;
+    let body = format!(
+        "## Instructions per request (callgrind)\n\nCommand: `cargo xtask bench instructions` (seconds: {seconds}). \
+         Machine: {}. The gateway (release) under callgrind, in front of the release mock-llm; wrk, 8 \
+         connections, the same 16-token non-stream chat completion as `bench l7`. User space only.\n\n\
+         **{per} instructions per proxied request** ({requests} requests, {total} instructions).\n\n\
+         The gateway's own functions, inclusive of what they call (hyper's server side and the runtime are outside them):\n\n| function | instructions per request | share |\n|---|---:|---:|\n{top}",
+        record::machine()
+    );
+    println!("\n{body}");
+    record::section("instructions", &body)
+}
+
+/// One wrk run with 8 connections; returns the requests completed.
+fn wrk8(url: &str, script: &Path, secs: u64) -> Result<u64> {
+    let out = Command::new("wrk")
+        .args(["-t1", "-c8", &format!("-d{secs}s"), "-s"])
+        .arg(script)
+        .arg(url)
+        .output()
+        .context("running wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || text.contains("Non-2xx") {
+        bail!("wrk against {url} failed or saw errors:\n{text}");
+    }
+    text.lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .context("no request count in wrk output")
+}
+
+fn callgrind_control(args: &[&str]) -> Result<()> {
+    let s = Command::new("callgrind_control")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("running callgrind_control")?;
+    if !s.success() {
+        bail!("callgrind_control {args:?} failed");
+    }
+    Ok(())
+}
+
+/// The dump `callgrind_control -d` wrote (`callgrind.out.N`, newest).
+fn newest_dump(dir: &Path) -> Result<std::path::PathBuf> {
+    std::fs::read_dir(dir)?
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("callgrind.out.")
+        })
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
+        .map(|e| e.path())
+        .context("callgrind wrote no dump")
+}
+
+/// The event total of a dump (its `totals:` or `summary:` line).
+fn totals(dump: &Path) -> Result<u64> {
+    let text = std::fs::read_to_string(dump)?;
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("totals:")
+                .or_else(|| l.strip_prefix("summary:"))
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .context("no totals in the callgrind dump")
+}
+
+/// The gateway's own functions with the most inclusive cost (callees
+/// included), as table rows. (This callgrind's self-cost view lumps a
+/// zeroed-then-dumped profile into the thread's entry function.)
+fn top_functions(dump: &Path, total: u64, requests: u64) -> Result<String> {
+    let out = Command::new("callgrind_annotate")
+        .arg("--inclusive=yes")
+        .arg(dump)
+        .output()
+        .context("running callgrind_annotate")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut rows = String::new();
+    // Lines look like: "12,345 ( 1.23%)  ???:name [/path/binary]".
+    for line in text
+        .lines()
+        .skip_while(|l| !l.contains("file:function"))
+        .filter(|l| l.contains("???:gateway::") && !l.contains("spawn_connection"))
+        .take(15)
+    {
+        let Some((count, rest)) = line.trim().split_once(' ') else {
+            continue;
+        };
+        let Ok(n) = count.replace(',', "").parse::<u64>() else {
+            continue;
+        };
+        let name = rest.split("???:").nth(1).unwrap_or(rest);
+        let name = name.split(" [").next().unwrap_or(name).replace('|', "\\|");
+        rows.push_str(&format!(
+            "| `{name}` | {} | {:.1}% |\n",
+            n / requests,
+            n as f64 * 100.0 / total as f64
+        ));
+    }
+    Ok(rows)
+}
