@@ -319,7 +319,7 @@ async fn serve(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
     let edited = sse && strip_usage;
-    head.headers = proxy::client_headers(&head.headers, &ctx.request_id, edited);
+    proxy::client_headers(&mut head.headers, &ctx.request_id, edited);
     for (n, v) in rate_headers.0 {
         head.headers.insert(n, v);
     }

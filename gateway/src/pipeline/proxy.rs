@@ -34,16 +34,31 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
-/// Copies `from` without hop-by-hop headers (including those the
-/// `Connection` header names).
-pub fn end_to_end(from: &HeaderMap) -> HeaderMap {
-    let listed: Vec<HeaderName> = from
-        .get_all(header::CONNECTION)
+/// The header names the `Connection` header lists (hop-by-hop too).
+fn connection_listed(from: &HeaderMap) -> Vec<HeaderName> {
+    from.get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
+        .collect()
+}
+
+/// Removes hop-by-hop headers (including those the `Connection` header
+/// names) and client credentials in place.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    for n in connection_listed(h) {
+        h.remove(n);
+    }
+    for n in &DROPPED {
+        h.remove(n);
+    }
+}
+
+/// Copies `from` without hop-by-hop headers (including those the
+/// `Connection` header names).
+pub fn end_to_end(from: &HeaderMap) -> HeaderMap {
+    let listed = connection_listed(from);
     let mut out = HeaderMap::with_capacity(from.len());
     for (name, value) in from {
         if !DROPPED.contains(name) && !listed.contains(name) {
@@ -134,10 +149,11 @@ fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Response headers for the client: upstream's end-to-end headers plus the
-/// request id; no length when the gateway edits the body.
-pub fn client_headers(upstream: &HeaderMap, request_id: &str, body_edited: bool) -> HeaderMap {
-    let mut h = end_to_end(upstream);
+/// Turns upstream's response headers into the client's, in place: the
+/// end-to-end headers plus the request id; no length when the gateway
+/// edits the body.
+pub fn client_headers(h: &mut HeaderMap, request_id: &str, body_edited: bool) {
+    strip_hop_by_hop(h);
     if body_edited {
         h.remove(header::CONTENT_LENGTH);
     }
@@ -145,7 +161,6 @@ pub fn client_headers(upstream: &HeaderMap, request_id: &str, body_edited: bool)
         X_REQUEST_ID,
         HeaderValue::from_str(request_id).expect("validated request id"),
     );
-    h
 }
 
 /// An address as a header value, formatted on the stack (no `fmt`
@@ -232,5 +247,9 @@ mod tests {
             2,
             "repeated headers are kept"
         );
+        // The in-place version keeps exactly the same.
+        let mut inplace = h.clone();
+        strip_hop_by_hop(&mut inplace);
+        assert_eq!(inplace, out);
     }
 }
