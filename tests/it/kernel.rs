@@ -527,4 +527,33 @@ fn keep_attached_protects_while_the_daemon_restarts() {
         t.connect(bad, v4, CONNECT),
         "the new program enforces the live maps"
     );
+
+    // An upgrade across a map schema: the link sits in an older schema's
+    // directory (moved there to play the old version), and the new daemon
+    // takes it over and pins it under its own schema.
+    gw.cli(&["block", "add", &bad.to_string()]).ok();
+    gw.stop_process();
+    let schema = gateway_common::SCHEMA_VERSION;
+    let pins = gw.pin_dir.clone();
+    let link = |v: u32| {
+        pins.join(format!("v{v}"))
+            .join(format!("link_{}", t.server_if))
+    };
+    std::fs::create_dir_all(pins.join(format!("v{}", schema - 1))).unwrap();
+    std::fs::rename(link(schema), link(schema - 1)).expect("moving the pinned link");
+    assert!(
+        !t.connect(bad, v4, CONNECT),
+        "{bad} got through with the link pinned elsewhere"
+    );
+    gw.respawn().expect("restarting the gateway");
+    let stats = gw.cli(&["stats", "--json"]).json();
+    assert_eq!(
+        stats["attached"]["interfaces"][0]["mode"], "kept",
+        "{stats}"
+    );
+    assert!(link(schema).exists() && !link(schema - 1).exists());
+    assert!(
+        !t.connect(bad, v4, CONNECT),
+        "{bad} is blocked by the new daemon's program"
+    );
 }

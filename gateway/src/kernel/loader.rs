@@ -172,6 +172,19 @@ pub fn link_pin(pin_path: &Path, iface: &str) -> PathBuf {
     pin_path.join(format!("link_{iface}"))
 }
 
+/// Links of `iface` pinned by versions with an older map schema (the
+/// `v1`.. siblings of `pin_path`), newest first.
+fn older_link_pins(pin_path: &Path, iface: &str) -> Vec<PathBuf> {
+    let Some(parent) = pin_path.parent() else {
+        return Vec::new();
+    };
+    (1..gateway_common::SCHEMA_VERSION)
+        .rev()
+        .map(|v| link_pin(&parent.join(format!("v{v}")), iface))
+        .filter(|p| p.exists())
+        .collect()
+}
+
 /// Attaches to `iface`, or, when a previous daemon left its program
 /// attached (a pinned link), swaps this program in on that link atomically,
 /// so there is no moment without a program. With `keep`, the link is (or
@@ -190,23 +203,41 @@ pub fn attach_or_take_over(
         xdp::XdpLink,
     };
     let pin = link_pin(pin_path, iface);
-    if pin.exists() {
-        let pinned = PinnedLink::from_pin(&pin)
-            .with_context(|| format!("opening the pinned link {}", pin.display()))?;
-        let fd: FdLink = if keep {
+    // A link an older version (map schema) left attached is taken over the
+    // same way, so an upgrade with keep_attached never leaves the interface
+    // unprotected or fails to attach; its old maps are left behind.
+    let found = if pin.exists() {
+        Some(pin.clone())
+    } else {
+        older_link_pins(pin_path, iface).into_iter().next()
+    };
+    if let Some(found) = found {
+        let from_older = found != pin;
+        let pinned = PinnedLink::from_pin(&found)
+            .with_context(|| format!("opening the pinned link {}", found.display()))?;
+        let fd: FdLink = if keep && !from_older {
             pinned.into()
         } else {
             pinned
                 .unpin()
-                .with_context(|| format!("unpinning {}", pin.display()))?
+                .with_context(|| format!("unpinning {}", found.display()))?
         };
         let link = XdpLink::try_from(fd).context("the pinned link is not an XDP link")?;
-        xdp_program(ebpf)?.attach_to_link(link).map_err(|e| {
+        let id = xdp_program(ebpf)?.attach_to_link(link).map_err(|e| {
             explain(anyhow!(e).context("swapping the program into the pinned link"))
         })?;
+        if from_older && keep {
+            let fd: FdLink = xdp_program(ebpf)?
+                .take_link(id)?
+                .try_into()
+                .map_err(|_| anyhow!("{iface}: the taken-over link is not a BPF link"))?;
+            fd.pin(&pin)
+                .with_context(|| format!("pinning the XDP link at {}", pin.display()))?;
+        }
         tracing::info!(
             interface = iface,
-            "took over the XDP link the previous daemon left attached"
+            from = %found.display(),
+            "took over the XDP link a previous daemon left attached"
         );
         return Ok("kept".into());
     }
