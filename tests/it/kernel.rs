@@ -337,12 +337,10 @@ fn restart_state_dir(config: &str) -> String {
     format!("{dir}-restart")
 }
 
-#[test]
-fn repeated_bad_keys_get_the_source_banned_in_the_kernel() {
-    require_root!();
-    let t = Topology::new().expect("creating the test topology");
-    let gw_addr = SocketAddr::new(t.server_v4(), PORT);
-    let body = format!(
+/// A gateway that serves on the protected port itself (`gw_addr`), with
+/// roomy per-source SYN limits, `xdp_extra` in `[xdp]` and `rest` after it.
+fn serving_config(t: &Topology, gw_addr: SocketAddr, xdp_extra: &str, rest: &str) -> String {
+    format!(
         r#"
 [server]
 listen = ["{gw_addr}"]
@@ -354,17 +352,27 @@ interfaces = ["{iface}"]
 protected_ports = [{PORT}]
 syn_rate = 1000
 syn_burst = 1000
-allow = ["{allowed}/32"]
 pin_dir = "@PIN_DIR@"
-[abuse]
-auth_failures = {{ max = 3, window = "1m", ban = "3s" }}
-[[keys]]
-name = "team-a"
-sha256 = "{digest}"
-"#,
+{xdp_extra}
+{rest}"#,
         iface = t.server_if,
-        allowed = t.client_v4(3),
-        digest = gateway_tests::l7::sha256_hex("sk-good"),
+    )
+}
+
+#[test]
+fn repeated_bad_keys_get_the_source_banned_in_the_kernel() {
+    require_root!();
+    let t = Topology::new().expect("creating the test topology");
+    let gw_addr = SocketAddr::new(t.server_v4(), PORT);
+    let body = serving_config(
+        &t,
+        gw_addr,
+        &format!("allow = [\"{}/32\"]", t.client_v4(3)),
+        &format!(
+            "[abuse]\nauth_failures = {{ max = 3, window = \"1m\", ban = \"3s\" }}\n\
+             [[keys]]\nname = \"team-a\"\nsha256 = \"{}\"\n",
+            gateway_tests::l7::sha256_hex("sk-good")
+        ),
     );
     let gw = Daemon::start(Some(&t.server.path()), &body).expect("starting the gateway");
     let (bad, good) = (t.client_v4(2), t.client_v4(3));
@@ -421,23 +429,7 @@ fn accepted_sources_connect_through_a_spent_global_syn_budget() {
     require_root!();
     let t = Topology::new().expect("creating the test topology");
     let gw_addr = SocketAddr::new(t.server_v4(), PORT);
-    let body = format!(
-        r#"
-[server]
-listen = ["{gw_addr}"]
-state_dir = "@STATE_DIR@"
-[metrics]
-listen = "127.0.0.1:0"
-[xdp]
-interfaces = ["{iface}"]
-protected_ports = [{PORT}]
-syn_rate = 1000
-syn_burst = 1000
-global_syn_rate = 1
-pin_dir = "@PIN_DIR@"
-"#,
-        iface = t.server_if,
-    );
+    let body = serving_config(&t, gw_addr, "global_syn_rate = 1", "");
     let gw = Daemon::start(Some(&t.server.path()), &body).expect("starting the gateway");
     let (known, stranger, flooder) = (t.client_v4(2), t.client_v4(3), t.client_v4(4));
     // One completed handshake makes `known` trusted; the global budget of
