@@ -195,7 +195,7 @@ impl Daemon {
         {
             Some(k) => {
                 let v = BlockValue::until(clock::monotonic_ns() + b.duration.as_nanos() as u64);
-                if let Err(e) = k.maps.block_insert(&cidr, v) {
+                if let Err(e) = k.block(&cidr, v) {
                     return tracing::error!("banning {} in the kernel: {e:#}", b.ip);
                 }
             }

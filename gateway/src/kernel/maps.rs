@@ -397,8 +397,9 @@ impl KernelMaps {
     }
 
     /// Removes blocklist entries whose kernel expiry has passed (the kernel
-    /// already ignores them; this frees their slots). Returns what it removed.
-    pub fn remove_expired(&mut self, now_ns: u64) -> Result<Vec<Cidr>> {
+    /// already ignores them; this frees their slots). Returns what it
+    /// removed and the earliest expiry among the entries left, if any.
+    pub fn remove_expired(&mut self, now_ns: u64) -> Result<(Vec<Cidr>, Option<u64>)> {
         let (expired, live): (Vec<_>, Vec<_>) = self
             .block_entries()?
             .into_iter()
@@ -410,8 +411,18 @@ impl KernelMaps {
             let allow = self.allow_entries()?;
             self.hint_rebuild(live.iter().map(|(c, _)| c), &allow)?;
         }
-        Ok(expired.into_iter().map(|(c, _)| c).collect())
+        let next = earliest_expiry(live.iter().map(|(_, v)| v));
+        Ok((expired.into_iter().map(|(c, _)| c).collect(), next))
     }
+}
+
+/// The earliest expiry among `values` (permanent entries have none).
+pub fn earliest_expiry<'a>(values: impl IntoIterator<Item = &'a BlockValue>) -> Option<u64> {
+    values
+        .into_iter()
+        .map(|v| v.expires_ns)
+        .filter(|e| *e != 0)
+        .min()
 }
 
 fn not_found_is_false(r: Result<(), aya::maps::MapError>) -> Result<bool, aya::maps::MapError> {

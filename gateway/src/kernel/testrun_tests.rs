@@ -201,8 +201,13 @@ fn expiry_lapses_in_the_kernel() {
     block(&mut h, "198.51.100.0/24", now + 60_000_000_000);
     expect(&mut h, &syn(SRC2), XDP_DROP, Reason::Blocklist);
     // Sweeping removes exactly the lapsed entry.
-    let gone = h.maps.remove_expired(clock::monotonic_ns()).unwrap();
+    let (gone, next) = h.maps.remove_expired(clock::monotonic_ns()).unwrap();
     assert_eq!(gone, vec!["198.51.100.8".parse::<Cidr>().unwrap()]);
+    assert_eq!(
+        next,
+        Some(now + 60_000_000_000),
+        "the next lapse the sweep waits for"
+    );
     // ... and rebuilds the hint from what is left.
     let live: Vec<Cidr> = ["198.51.100.7", "198.51.100.0/24"]
         .iter()
