@@ -191,7 +191,7 @@ impl Kernel {
     pub fn sweep(&mut self) -> Result<usize> {
         let now_ns = clock::monotonic_ns();
         let now = std::time::Instant::now();
-        if !self.next_expiry_ns.is_some_and(|t| t <= now_ns) && now < self.next_full_sweep {
+        if self.next_expiry_ns.is_none_or(|t| t > now_ns) && now < self.next_full_sweep {
             return Ok(0);
         }
         let (gone, next) = self.maps.remove_expired(now_ns)?;
