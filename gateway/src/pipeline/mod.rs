@@ -460,7 +460,7 @@ async fn send_with_retries(
     headers: &http::HeaderMap,
     body: Bytes,
     ctx: &mut RequestCtx,
-) -> Result<(Response<Incoming>, crate::upstream::Lease), ProxyError> {
+) -> Result<(Response<crate::upstream::Incoming>, crate::upstream::Lease), ProxyError> {
     let deadline = ctx.start + model.timeouts.total;
     model.retry_budget.deposit();
     let mut tried = balance::Tried::new();

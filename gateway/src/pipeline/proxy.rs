@@ -7,10 +7,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response};
 use http_body_util::Full;
-use hyper::body::Incoming;
 
 use super::ctx::RequestCtx;
-use crate::{error::ProxyError, upstream::Backend};
+use crate::{
+    error::ProxyError,
+    upstream::{Backend, Incoming},
+};
 
 /// Headers that describe one connection, not the message (RFC 9110 7.6.1),
 /// plus the client's credentials for the gateway, which upstream must never see.
@@ -89,6 +91,8 @@ pub async fn send(
 ) -> Result<Response<Incoming>, ProxyError> {
     let mut headers = end_to_end(client_headers);
     headers.remove(header::CONTENT_LENGTH);
+    // The body is already read in full: upstream has nothing to wait for.
+    headers.remove(header::EXPECT);
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     headers.insert(
         X_REQUEST_ID,
@@ -99,10 +103,6 @@ pub async fn send(
         X_FORWARDED_PROTO,
         HeaderValue::from_static(if tls { "https" } else { "http" }),
     );
-    let mut req = Request::new(Full::new(body));
-    *req.method_mut() = ctx.method.clone();
-    *req.uri_mut() = backend.uri(path_and_query);
-    *req.headers_mut() = headers;
 
     let dispatched = Instant::now();
     if ctx.dispatched.is_none() {
@@ -111,22 +111,39 @@ pub async fn send(
         ctx.dispatched = Some(dispatched);
     }
     let wait = first_byte.min(deadline.saturating_duration_since(dispatched));
-    match tokio::time::timeout(wait, backend.client().request(req)).await {
-        Err(_) => Err(ProxyError::UpstreamTimeout(format!(
+    let timed_out = || {
+        ProxyError::UpstreamTimeout(format!(
             "no response from {} within {wait:?}",
             backend.label
-        ))),
-        Ok(Ok(resp)) => Ok(resp),
-        Ok(Err(e)) => {
-            let detail = format!("{}: {}", backend.label, error_chain(&e));
-            if is_timeout(&e) {
-                Err(ProxyError::UpstreamTimeout(detail))
-            } else if e.is_connect() {
-                Err(ProxyError::UpstreamConnect(detail))
-            } else {
-                Err(ProxyError::UpstreamBadResponse(detail))
-            }
+        ))
+    };
+    let classify = |e: &(dyn std::error::Error + 'static), timeout: bool, connect: bool| {
+        let detail = format!("{}: {}", backend.label, error_chain(e));
+        if timeout || is_timeout(e) {
+            ProxyError::UpstreamTimeout(detail)
+        } else if connect {
+            ProxyError::UpstreamConnect(detail)
+        } else {
+            ProxyError::UpstreamBadResponse(detail)
         }
+    };
+    if let Some(client) = backend.h1() {
+        let path = backend.path(path_and_query);
+        let sent = client.send(&ctx.method, &path, &headers, body);
+        return match tokio::time::timeout(wait, sent).await {
+            Err(_) => Err(timed_out()),
+            Ok(Ok(resp)) => Ok(resp.map(Incoming::H1)),
+            Ok(Err(e)) => Err(classify(&e, e.is_timeout(), e.is_connect())),
+        };
+    }
+    let mut req = Request::new(Full::new(body));
+    *req.method_mut() = ctx.method.clone();
+    *req.uri_mut() = backend.uri(path_and_query);
+    *req.headers_mut() = headers;
+    match tokio::time::timeout(wait, backend.client().request(req)).await {
+        Err(_) => Err(timed_out()),
+        Ok(Ok(resp)) => Ok(resp.map(Incoming::Hyper)),
+        Ok(Err(e)) => Err(classify(&e, false, e.is_connect())),
     }
 }
 

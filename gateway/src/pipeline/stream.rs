@@ -17,17 +17,16 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 
 use super::{ctx::RequestCtx, usage, Shared};
-use crate::upstream::Lease;
+use crate::upstream::{self, Lease};
 
 /// Largest JSON body kept aside to read `usage` from.
 const MAX_JSON_TEE: usize = 8 * 1024 * 1024;
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::upstream::BoxError;
 
 /// Writes metrics and the access log once, however the body ends.
 pub struct Finish {
@@ -80,7 +79,7 @@ enum Mode {
 pin_project! {
     pub struct ProxyBody {
         #[pin]
-        inner: Incoming,
+        inner: upstream::Incoming,
         #[pin]
         idle: Sleep,
         #[pin]
@@ -94,7 +93,7 @@ pin_project! {
 
 impl ProxyBody {
     pub fn new(
-        inner: Incoming,
+        inner: upstream::Incoming,
         sse: bool,
         strip_usage: bool,
         idle_timeout: Duration,

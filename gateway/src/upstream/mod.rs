@@ -1,16 +1,20 @@
-//! Backends: one pooled HTTP client per backend (keep-alive HTTP/1.1, or
-//! HTTP/2 prior knowledge for `h2c://` URLs, TLS for `https://`), and the
-//! in-flight count and health the balancer reads.
+//! Backends: pooled clients per backend (the gateway's own HTTP/1.1 client
+//! for `http://` URLs, hyper's for HTTP/2 prior knowledge on `h2c://` and
+//! for TLS on `https://`), and the in-flight count and health the balancer
+//! reads.
 
 pub mod checker;
 pub mod ewma;
+pub mod h1;
 pub mod health;
 
 use std::{
+    pin::Pin,
     sync::{
         atomic::{AtomicU32, Ordering},
         Arc, OnceLock,
     },
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -50,8 +54,10 @@ pub struct Backend {
     /// What the backend was built from, to reuse it across reloads.
     spec: (BackendConfig, Duration),
     /// One pool per worker, so a worker's requests use connections driven
-    /// by its own runtime.
+    /// by its own runtime (`https://` and `h2c://` backends).
     clients: Vec<UpstreamClient>,
+    /// The own HTTP/1.1 client (`http://` backends), pools per worker too.
+    h1: Option<h1::Client>,
     /// The pool of the active health checks (on the control runtime).
     pub(crate) probe_client: UpstreamClient,
     pub health: health::Health,
@@ -98,6 +104,9 @@ impl Backend {
             .cloned()
             .expect("validated: backend URLs have a host");
         let prefix = cfg.url.path().trim_end_matches('/').to_owned();
+        let own_h1 = !h2c && scheme == http::uri::Scheme::HTTP;
+        let h1 = own_h1
+            .then(|| h1::Client::new(&authority, connect_timeout, POOL_IDLE_TIMEOUT, workers));
         let client = || {
             let mut http = HttpConnector::new();
             http.set_connect_timeout(Some(connect_timeout));
@@ -128,7 +137,12 @@ impl Backend {
             in_flight: AtomicU32::new(0),
             drained: std::sync::atomic::AtomicBool::new(false),
             spec: (cfg.clone(), connect_timeout),
-            clients: (0..workers.max(1)).map(|_| client()).collect(),
+            clients: if own_h1 {
+                Vec::new()
+            } else {
+                (0..workers.max(1)).map(|_| client()).collect()
+            },
+            h1,
             probe_client: client(),
             health: health::Health::default(),
             observed: ewma::Observed::default(),
@@ -151,11 +165,26 @@ impl Backend {
             .expect("a valid base and a valid request path")
     }
 
+    /// The upstream path for a client request path: the URL's prefix
+    /// joined to it.
+    pub fn path<'a>(&self, path_and_query: &'a str) -> std::borrow::Cow<'a, str> {
+        if self.prefix.is_empty() {
+            path_and_query.into()
+        } else {
+            [self.prefix.as_str(), path_and_query].concat().into()
+        }
+    }
+
     pub fn authority(&self) -> &http::uri::Authority {
         &self.authority
     }
 
-    /// The calling worker's pool.
+    /// The own HTTP/1.1 client, for `http://` backends.
+    pub fn h1(&self) -> Option<&h1::Client> {
+        self.h1.as_ref()
+    }
+
+    /// The calling worker's hyper pool (`https://` and `h2c://` backends).
     pub fn client(&self) -> &UpstreamClient {
         &self.clients[crate::listener::workers::current() % self.clients.len()]
     }
@@ -229,6 +258,43 @@ impl Backend {
             backend: Arc::clone(self),
             probe,
             reported: false,
+        }
+    }
+}
+
+/// A response body from upstream, from whichever client carried it.
+pub enum Incoming {
+    H1(h1::Body),
+    Hyper(hyper::body::Incoming),
+}
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl http_body::Body for Incoming {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Incoming::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Incoming::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Incoming::H1(b) => b.is_end_stream(),
+            Incoming::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            Incoming::H1(b) => b.size_hint(),
+            Incoming::Hyper(b) => b.size_hint(),
         }
     }
 }

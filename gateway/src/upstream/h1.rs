@@ -1,0 +1,791 @@
+//! The HTTP/1.1 client for `http://` backends.
+//!
+//! The request's own task writes the request and reads the response: there
+//! is no connection task and no channel between the two, so a proxied
+//! request costs no extra task wake-ups. A connection holds no buffer while
+//! it waits: reads go to a stack buffer and only the bytes that arrived are
+//! copied out, so an open stream costs its socket and a few hundred bytes
+//! (hyper's client keeps 8 KiB read and write buffers and a dispatch channel
+//! per connection for its whole life).
+//!
+//! Idle connections are kept per worker (a socket is registered with the
+//! runtime that opened it), most recently used first. A kept connection the
+//! backend closed while it was idle is noticed when it is taken, or, if the
+//! close races the request, by the request failing before any response
+//! byte; such a request is sent again on another connection, as nginx does
+//! with its upstream keepalive connections.
+
+use std::{
+    io,
+    mem::MaybeUninit,
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::{Bytes, BytesMut};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
+use http_body::{Frame, SizeHint};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _, ReadBuf},
+    net::TcpStream,
+};
+
+/// Largest response head accepted (status line and headers).
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Most response headers accepted.
+const MAX_HEADERS: usize = 100;
+/// Bytes read from the socket at a time, into a buffer on the stack.
+const READ_CHUNK: usize = 16 * 1024;
+/// Request bodies up to this size go out in the same write as the head.
+const COALESCE_BODY: usize = 16 * 1024;
+/// Idle connections kept per worker and backend.
+const MAX_IDLE: usize = 1024;
+/// Longest chunk-size line (with extensions) and total trailer section.
+const MAX_CHUNK_LINE: u32 = 4096;
+const MAX_TRAILERS: u32 = 16 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("resolve {host}: {source}")]
+    Resolve { host: String, source: io::Error },
+    #[error("connect to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("connect to {0}: timed out")]
+    ConnectTimeout(String),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("connection closed before a complete response head")]
+    Closed,
+    #[error("invalid response: {0}")]
+    Invalid(&'static str),
+}
+
+impl Error {
+    /// The backend could not be reached at all.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, Error::Resolve { .. } | Error::Connect { .. })
+    }
+
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::ConnectTimeout(_))
+            || matches!(self, Error::Io(e) if e.kind() == io::ErrorKind::TimedOut)
+    }
+
+    /// A kept-alive connection turned out to be closed before the backend
+    /// sent anything: the request can go again on another connection.
+    fn is_stale(&self) -> bool {
+        match self {
+            Error::Closed => true,
+            Error::Io(e) => matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionAborted
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// Idle connections of one worker to one backend.
+pub struct Pool {
+    idle: Mutex<Vec<Idle>>,
+    timeout: Duration,
+}
+
+struct Idle {
+    stream: TcpStream,
+    since: Instant,
+}
+
+impl Pool {
+    fn new(timeout: Duration) -> Pool {
+        Pool {
+            idle: Mutex::new(Vec::new()),
+            timeout,
+        }
+    }
+
+    /// The most recently used connection that is still open.
+    fn take(&self) -> Option<TcpStream> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(c) = idle.pop() {
+            if c.since.elapsed() < self.timeout && still_open(&c.stream) {
+                return Some(c.stream);
+            }
+        }
+        None
+    }
+
+    fn put(&self, stream: TcpStream) {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        // The least recently used sit at the bottom: drop those past the
+        // idle timeout (the backend has most likely closed them).
+        if idle
+            .first()
+            .is_some_and(|c| now.duration_since(c.since) >= self.timeout)
+        {
+            idle.retain(|c| now.duration_since(c.since) < self.timeout);
+        }
+        if idle.len() < MAX_IDLE {
+            idle.push(Idle { stream, since: now });
+        }
+    }
+
+    pub fn idle(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// Whether an idle connection shows no sign of the peer having closed it or
+/// sent something unasked. Costs no system call unless the socket became
+/// readable while idle.
+fn still_open(s: &TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    matches!(s.try_read(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+}
+
+/// Where a backend is and how to reach it, with one pool per worker.
+pub struct Client {
+    /// Host as written in the URL (brackets removed for IPv6), for DNS.
+    host: String,
+    port: u16,
+    /// The address when the host is an IP literal (no lookup then).
+    ip: Option<IpAddr>,
+    /// The `Host` header: the URL's authority.
+    authority: String,
+    connect_timeout: Duration,
+    pools: Vec<Arc<Pool>>,
+}
+
+impl Client {
+    pub fn new(
+        authority: &http::uri::Authority,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        workers: usize,
+    ) -> Client {
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        Client {
+            ip: host.parse().ok(),
+            host,
+            port: authority.port_u16().unwrap_or(80),
+            authority: authority.as_str().to_owned(),
+            connect_timeout,
+            pools: (0..workers.max(1))
+                .map(|_| Arc::new(Pool::new(idle_timeout)))
+                .collect(),
+        }
+    }
+
+    /// The calling worker's pool.
+    fn pool(&self) -> &Arc<Pool> {
+        &self.pools[crate::listener::workers::current() % self.pools.len()]
+    }
+
+    /// Idle connections across the workers' pools.
+    pub fn idle(&self) -> usize {
+        self.pools.iter().map(|p| p.idle()).sum()
+    }
+
+    /// Sends one request; returns once the response head has arrived. The
+    /// body is read as the returned `Body` is polled; the connection goes
+    /// back to the pool when the body has been read to its end.
+    pub async fn send(
+        &self,
+        method: &Method,
+        path_and_query: &str,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Result<Response<Body>, Error> {
+        let mut wire = encode_head(method, path_and_query, &self.authority, headers, &body);
+        let separate_body = body.len() > COALESCE_BODY;
+        if !separate_body {
+            wire.extend_from_slice(&body);
+        }
+        let no_body = *method == Method::HEAD;
+        let pool = self.pool();
+        // A kept connection the backend has just closed fails before any
+        // response byte: try another kept one, then a new connection.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let pooled = if attempt <= 2 { pool.take() } else { None };
+            let (mut stream, reused) = match pooled {
+                Some(s) => (s, true),
+                None => (self.connect().await?, false),
+            };
+            let sent = async {
+                stream.write_all(&wire).await?;
+                if separate_body {
+                    stream.write_all(&body).await?;
+                }
+                Ok::<_, io::Error>(())
+            }
+            .await;
+            let result = match sent {
+                Ok(()) => read_head(stream, no_body, Arc::clone(pool)).await,
+                Err(e) => Err(Error::Io(e)),
+            };
+            match result {
+                Err(e) if reused && e.is_stale() => {
+                    tracing::debug!(backend = %self.authority, "kept connection was closed: {e}; sending again");
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<TcpStream, Error> {
+        let addrs: Vec<SocketAddr> = match self.ip {
+            Some(ip) => vec![SocketAddr::new(ip, self.port)],
+            None => tokio::net::lookup_host((self.host.as_str(), self.port))
+                .await
+                .map_err(|source| Error::Resolve {
+                    host: self.host.clone(),
+                    source,
+                })?
+                .collect(),
+        };
+        if addrs.is_empty() {
+            return Err(Error::Resolve {
+                host: self.host.clone(),
+                source: io::Error::new(io::ErrorKind::NotFound, "no addresses"),
+            });
+        }
+        // Each address gets an equal share of what is left of the timeout.
+        let deadline = Instant::now() + self.connect_timeout;
+        let mut last = None;
+        for (i, addr) in addrs.iter().enumerate() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let share = left / (addrs.len() - i) as u32;
+            match tokio::time::timeout(share, TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => {
+                    let _ = s.set_nodelay(true);
+                    return Ok(s);
+                }
+                Ok(Err(source)) => {
+                    last = Some(Error::Connect {
+                        addr: *addr,
+                        source,
+                    })
+                }
+                Err(_) => last = Some(Error::ConnectTimeout(addr.to_string())),
+            }
+        }
+        Err(last.expect("at least one address was tried"))
+    }
+}
+
+/// The request line and headers (the caller sets `content-length`).
+fn encode_head(
+    method: &Method,
+    path_and_query: &str,
+    authority: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Vec<u8> {
+    let mut len = method.as_str().len() + path_and_query.len() + authority.len() + 32;
+    for (n, v) in headers {
+        len += n.as_str().len() + v.len() + 4;
+    }
+    if body.len() <= COALESCE_BODY {
+        len += body.len();
+    }
+    let mut w = Vec::with_capacity(len);
+    w.extend_from_slice(method.as_str().as_bytes());
+    w.push(b' ');
+    w.extend_from_slice(path_and_query.as_bytes());
+    w.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    w.extend_from_slice(authority.as_bytes());
+    w.extend_from_slice(b"\r\n");
+    for (n, v) in headers {
+        w.extend_from_slice(n.as_str().as_bytes());
+        w.extend_from_slice(b": ");
+        w.extend_from_slice(v.as_bytes());
+        w.extend_from_slice(b"\r\n");
+    }
+    w.extend_from_slice(b"\r\n");
+    w
+}
+
+/// Reads and parses the response head (skipping 1xx interim responses).
+async fn read_head(
+    mut stream: TcpStream,
+    no_body: bool,
+    pool: Arc<Pool>,
+) -> Result<Response<Body>, Error> {
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        if let Some((head_len, parsed)) = parse_head(&buf)? {
+            let head = buf.split_to(head_len).freeze();
+            let resp = parsed.into_response(&head)?;
+            let status = resp.status();
+            if status.is_informational() {
+                if status == StatusCode::SWITCHING_PROTOCOLS {
+                    return Err(Error::Invalid("unexpected 101 Switching Protocols"));
+                }
+                continue;
+            }
+            let (framing, keep_alive) = framing(&resp, no_body)?;
+            let body = Body {
+                conn: Some(stream),
+                pool,
+                framing,
+                keep_alive,
+                leftover: buf.freeze(),
+            };
+            let (parts, ()) = resp.into_parts();
+            return Ok(Response::from_parts(parts, body.settle()));
+        }
+        if buf.len() >= MAX_HEAD {
+            return Err(Error::Invalid("response head larger than 64 KiB"));
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(buf.len().max(4096));
+        }
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Err(if buf.is_empty() {
+                Error::Closed
+            } else {
+                Error::Invalid("connection closed inside the response head")
+            });
+        }
+    }
+}
+
+/// A parsed head: where its parts are inside the head bytes.
+struct Parsed {
+    version: Version,
+    status: u16,
+    headers: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>,
+}
+
+/// Parses a response head at the start of `buf`; `None` while incomplete.
+fn parse_head(buf: &[u8]) -> Result<Option<(usize, Parsed)>, Error> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut r = httparse::Response::new(&mut slots);
+    let len = match r.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Error::Invalid("more than 100 response headers"))
+        }
+        Err(_) => return Err(Error::Invalid("malformed response head")),
+    };
+    let base = buf.as_ptr() as usize;
+    let range = |s: &[u8]| {
+        let start = s.as_ptr() as usize - base;
+        start..start + s.len()
+    };
+    Ok(Some((
+        len,
+        Parsed {
+            version: if r.version == Some(1) {
+                Version::HTTP_11
+            } else {
+                Version::HTTP_10
+            },
+            status: r.code.unwrap_or(0),
+            headers: r
+                .headers
+                .iter()
+                .map(|h| (range(h.name.as_bytes()), range(h.value)))
+                .collect(),
+        },
+    )))
+}
+
+impl Parsed {
+    /// The response, its header values sharing the head's bytes.
+    fn into_response(self, head: &Bytes) -> Result<Response<()>, Error> {
+        let mut resp = Response::new(());
+        *resp.status_mut() =
+            StatusCode::from_u16(self.status).map_err(|_| Error::Invalid("bad status code"))?;
+        *resp.version_mut() = self.version;
+        let h = resp.headers_mut();
+        h.reserve(self.headers.len());
+        for (n, v) in self.headers {
+            let name =
+                HeaderName::from_bytes(&head[n]).map_err(|_| Error::Invalid("bad header name"))?;
+            let value = HeaderValue::from_maybe_shared(head.slice(v))
+                .map_err(|_| Error::Invalid("bad header value"))?;
+            h.append(name, value);
+        }
+        Ok(resp)
+    }
+}
+
+/// How the body's end is found (RFC 9112 section 6.3), and whether the
+/// connection may carry another request after it.
+fn framing(resp: &Response<()>, no_body: bool) -> Result<(Framing, bool), Error> {
+    let h = resp.headers();
+    let tokens = |name: header::HeaderName| {
+        h.get_all(name)
+            .into_iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(|t| t.trim_ascii())
+            .filter(|t| !t.is_empty())
+            .collect::<Vec<&[u8]>>()
+    };
+    let mut keep_alive = resp.version() == Version::HTTP_11
+        && !tokens(header::CONNECTION)
+            .iter()
+            .any(|t| t.eq_ignore_ascii_case(b"close"));
+    let status = resp.status().as_u16();
+    if no_body || status == 204 || status == 304 {
+        return Ok((Framing::Length(0), keep_alive));
+    }
+    let te = tokens(header::TRANSFER_ENCODING);
+    if !te.is_empty() {
+        if h.contains_key(header::CONTENT_LENGTH) {
+            // Both: the length is ignored, and the connection not trusted.
+            keep_alive = false;
+        }
+        return Ok(match te.last() {
+            Some(t) if t.eq_ignore_ascii_case(b"chunked") => {
+                (Framing::Chunked(Chunked::default()), keep_alive)
+            }
+            _ => (Framing::Eof, false),
+        });
+    }
+    let lengths = tokens(header::CONTENT_LENGTH);
+    if lengths.is_empty() {
+        return Ok((Framing::Eof, false));
+    }
+    let mut len = None;
+    for t in lengths {
+        let n = std::str::from_utf8(t)
+            .ok()
+            .filter(|s| s.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or(Error::Invalid("bad content-length"))?;
+        if len.is_some_and(|l| l != n) {
+            return Err(Error::Invalid("conflicting content-length values"));
+        }
+        len = Some(n);
+    }
+    Ok((Framing::Length(len.unwrap_or(0)), keep_alive))
+}
+
+enum Framing {
+    /// This many body bytes are still to come.
+    Length(u64),
+    Chunked(Chunked),
+    /// Until the backend closes the connection.
+    Eof,
+    Done,
+}
+
+/// A response body read straight from the backend connection.
+pub struct Body {
+    /// `None` once the body has ended.
+    conn: Option<TcpStream>,
+    pool: Arc<Pool>,
+    framing: Framing,
+    keep_alive: bool,
+    /// Bytes read with the head that belong to the body.
+    leftover: Bytes,
+}
+
+impl Body {
+    /// Ends an empty body at once, so its connection is free again.
+    fn settle(mut self) -> Body {
+        if matches!(self.framing, Framing::Length(0)) && self.leftover.is_empty() {
+            self.framing = Framing::Done;
+            self.release(true);
+        }
+        self
+    }
+
+    /// The body has ended: the connection goes back to the pool when the
+    /// backend left it clean and reusable.
+    fn release(&mut self, clean: bool) {
+        if let Some(s) = self.conn.take() {
+            if clean && self.keep_alive {
+                self.pool.put(s);
+            }
+        }
+    }
+
+    /// Turns raw body bytes into data, advancing the framing.
+    fn decode(&mut self, input: &[u8]) -> Result<Option<Bytes>, io::Error> {
+        let invalid = |m: &'static str| io::Error::new(io::ErrorKind::InvalidData, m);
+        match &mut self.framing {
+            Framing::Length(rem) => {
+                let take = (*rem).min(input.len() as u64) as usize;
+                *rem -= take as u64;
+                let clean = take == input.len();
+                let data = Bytes::copy_from_slice(&input[..take]);
+                if *rem == 0 {
+                    self.framing = Framing::Done;
+                    self.release(clean);
+                }
+                Ok(Some(data))
+            }
+            Framing::Chunked(c) => {
+                let mut out = BytesMut::new();
+                let used = c
+                    .decode(input, &mut |d| out.extend_from_slice(d))
+                    .map_err(invalid)?;
+                if c.is_done() {
+                    self.framing = Framing::Done;
+                    self.release(used == input.len());
+                }
+                Ok((!out.is_empty()).then(|| out.freeze()))
+            }
+            Framing::Eof => Ok(Some(Bytes::copy_from_slice(input))),
+            Framing::Done => Ok(None),
+        }
+    }
+
+    /// At end of file: fine only for a body that runs to the close.
+    fn at_eof(&mut self) -> Result<(), io::Error> {
+        self.conn = None;
+        match std::mem::replace(&mut self.framing, Framing::Done) {
+            Framing::Eof | Framing::Done => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "backend closed the connection before the end of the body",
+            )),
+        }
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = self.get_mut();
+        loop {
+            if matches!(this.framing, Framing::Done) {
+                return Poll::Ready(None);
+            }
+            if !this.leftover.is_empty() {
+                let input = std::mem::take(&mut this.leftover);
+                // A length-delimited body read whole with the head: no copy.
+                if let Framing::Length(rem) = &mut this.framing {
+                    if input.len() as u64 <= *rem {
+                        *rem -= input.len() as u64;
+                        if *rem == 0 {
+                            this.framing = Framing::Done;
+                            this.release(true);
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(input))));
+                    }
+                }
+                match this.decode(&input) {
+                    Ok(Some(d)) if !d.is_empty() => return Poll::Ready(Some(Ok(Frame::data(d)))),
+                    Ok(_) => continue,
+                    Err(e) => return Poll::Ready(Some(Err(e))),
+                }
+            }
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            // Never read past this response.
+            let cap = match this.framing {
+                Framing::Length(rem) => rem.min(READ_CHUNK as u64) as usize,
+                _ => READ_CHUNK,
+            };
+            let mut raw = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+            let mut rb = ReadBuf::uninit(&mut raw[..cap]);
+            match Pin::new(conn).poll_read(cx, &mut rb) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => {
+                    this.conn = None;
+                    this.framing = Framing::Done;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                    return Poll::Ready(this.at_eof().err().map(Err));
+                }
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    // SAFETY: `poll_read` initialized the first `n` bytes.
+                    let read = unsafe { std::slice::from_raw_parts(raw.as_ptr().cast::<u8>(), n) };
+                    match this.decode(read) {
+                        Ok(Some(d)) if !d.is_empty() => {
+                            return Poll::Ready(Some(Ok(Frame::data(d))))
+                        }
+                        Ok(_) => continue,
+                        Err(e) => {
+                            this.conn = None;
+                            this.framing = Framing::Done;
+                            return Poll::Ready(Some(Err(e)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.framing, Framing::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(n) => SizeHint::with_exact(n),
+            Framing::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// Incremental decoder of the chunked transfer coding (RFC 9112 section
+/// 7.1): fed any split of the bytes, it hands out the same data. Chunk
+/// extensions and trailer fields are read and dropped.
+#[derive(Default)]
+pub struct Chunked {
+    state: ChunkState,
+    /// Chunk size being read, or data bytes left in the current chunk.
+    size: u64,
+    /// Bytes of the current size line or of the trailer section so far.
+    seen: u32,
+}
+
+#[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
+enum ChunkState {
+    /// Hex digits of a chunk size (`seen` counts them).
+    #[default]
+    Size,
+    /// After the size: extensions up to the line end.
+    Ext,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    /// At the start of a trailer line (or of the final blank line).
+    TrailerStart,
+    /// Inside a trailer line.
+    Trailer,
+    EndLf,
+    Done,
+}
+
+impl Chunked {
+    pub fn is_done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+
+    /// Feeds `input`, passing each run of data to `data`; returns how many
+    /// bytes were used (fewer than given only once the body has ended).
+    pub fn decode(
+        &mut self,
+        input: &[u8],
+        data: &mut dyn FnMut(&[u8]),
+    ) -> Result<usize, &'static str> {
+        use ChunkState::*;
+        let mut i = 0;
+        while i < input.len() {
+            let b = input[i];
+            match self.state {
+                Size => match b {
+                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        if self.size >> 56 != 0 || self.seen >= MAX_CHUNK_LINE {
+                            return Err("chunk size too large");
+                        }
+                        self.size = self.size << 4 | (b as char).to_digit(16).unwrap_or(0) as u64;
+                        self.seen += 1;
+                    }
+                    _ if self.seen == 0 => return Err("chunk size expected"),
+                    b';' | b' ' | b'\t' => self.state = Ext,
+                    b'\r' => self.state = SizeLf,
+                    b'\n' => self.end_size_line(),
+                    _ => return Err("bad chunk size"),
+                },
+                Ext => {
+                    self.seen += 1;
+                    if self.seen > MAX_CHUNK_LINE {
+                        return Err("chunk extension too long");
+                    }
+                    match b {
+                        b'\r' => self.state = SizeLf,
+                        b'\n' => self.end_size_line(),
+                        _ => {}
+                    }
+                }
+                SizeLf => {
+                    if b != b'\n' {
+                        return Err("bad chunk size line end");
+                    }
+                    self.end_size_line();
+                }
+                Data => {
+                    let n = (self.size.min((input.len() - i) as u64)) as usize;
+                    data(&input[i..i + n]);
+                    self.size -= n as u64;
+                    i += n;
+                    if self.size == 0 {
+                        self.state = DataCr;
+                    }
+                    continue;
+                }
+                DataCr => match b {
+                    b'\r' => self.state = DataLf,
+                    b'\n' => self.state = Size,
+                    _ => return Err("missing CRLF after chunk data"),
+                },
+                DataLf => {
+                    if b != b'\n' {
+                        return Err("missing CRLF after chunk data");
+                    }
+                    self.state = Size;
+                }
+                TrailerStart | Trailer => {
+                    self.seen += 1;
+                    if self.seen > MAX_TRAILERS {
+                        return Err("trailer section too long");
+                    }
+                    self.state = match (self.state, b) {
+                        (TrailerStart, b'\r') => EndLf,
+                        (TrailerStart, b'\n') => Done,
+                        (_, b'\n') => TrailerStart,
+                        _ => Trailer,
+                    };
+                    if self.state == Done {
+                        return Ok(i + 1);
+                    }
+                }
+                EndLf => {
+                    if b != b'\n' {
+                        return Err("bad end of chunked body");
+                    }
+                    self.state = Done;
+                    return Ok(i + 1);
+                }
+                Done => return Ok(i),
+            }
+            i += 1;
+        }
+        Ok(i)
+    }
+
+    fn end_size_line(&mut self) {
+        self.seen = 0;
+        self.state = if self.size == 0 {
+            ChunkState::TrailerStart
+        } else {
+            ChunkState::Data
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests;
