@@ -14,7 +14,13 @@ use anyhow::{bail, Context as _, Result};
 use crate::util::{self, step};
 
 /// The targets in fuzz/fuzz_targets, in the order they run.
-pub const TARGETS: &[&str] = &["request_json", "sse_usage", "config", "packet"];
+pub const TARGETS: &[&str] = &[
+    "request_json",
+    "sse_usage",
+    "config",
+    "packet",
+    "h1_response",
+];
 /// Seconds per target for `cargo xtask fuzz`.
 pub const DEFAULT_SECONDS: u64 = 60;
 /// Seconds per target in `cargo xtask test`: a smoke pass that keeps CI short.

@@ -362,11 +362,43 @@ async fn read_head(
     }
 }
 
+/// What `inspect_head` found.
+#[doc(hidden)]
+pub struct HeadSummary {
+    pub len: usize,
+    pub status: u16,
+    /// `None`: chunked; `u64::MAX`: until the close.
+    pub body: Option<u64>,
+    pub keep_alive: bool,
+}
+
+/// For the fuzzer: parses a response head at the start of `buf` as one read
+/// from a backend would be, and decides its framing.
+#[doc(hidden)]
+pub fn inspect_head(buf: &[u8]) -> Result<Option<HeadSummary>, Error> {
+    let Some((len, parsed)) = parse_head(buf)? else {
+        return Ok(None);
+    };
+    let resp = parsed.into_response(&Bytes::copy_from_slice(&buf[..len]))?;
+    let (f, keep) = framing(&resp, false)?;
+    let body = match f {
+        Framing::Length(n) => Some(n),
+        Framing::Chunked(_) => None,
+        Framing::Eof | Framing::Done => Some(u64::MAX),
+    };
+    Ok(Some(HeadSummary {
+        len,
+        status: resp.status().as_u16(),
+        body,
+        keep_alive: keep,
+    }))
+}
+
 /// A parsed head: where its parts are inside the head bytes.
 struct Parsed {
     version: Version,
     status: u16,
-    headers: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>,
+    headers: smallvec::SmallVec<[(std::ops::Range<usize>, std::ops::Range<usize>); 16]>,
 }
 
 /// Parses a response head at the start of `buf`; `None` while incomplete.
@@ -431,41 +463,25 @@ impl Parsed {
 /// connection may carry another request after it.
 fn framing(resp: &Response<()>, no_body: bool) -> Result<(Framing, bool), Error> {
     let h = resp.headers();
-    let tokens = |name: header::HeaderName| {
-        h.get_all(name)
-            .into_iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .map(|t| t.trim_ascii())
-            .filter(|t| !t.is_empty())
-            .collect::<Vec<&[u8]>>()
-    };
     let mut keep_alive = resp.version() == Version::HTTP_11
-        && !tokens(header::CONNECTION)
-            .iter()
-            .any(|t| t.eq_ignore_ascii_case(b"close"));
+        && !tokens(h, header::CONNECTION).any(|t| t.eq_ignore_ascii_case(b"close"));
     let status = resp.status().as_u16();
     if no_body || status == 204 || status == 304 {
         return Ok((Framing::Length(0), keep_alive));
     }
-    let te = tokens(header::TRANSFER_ENCODING);
-    if !te.is_empty() {
+    if let Some(last) = tokens(h, header::TRANSFER_ENCODING).last() {
         if h.contains_key(header::CONTENT_LENGTH) {
             // Both: the length is ignored, and the connection not trusted.
             keep_alive = false;
         }
-        return Ok(match te.last() {
-            Some(t) if t.eq_ignore_ascii_case(b"chunked") => {
-                (Framing::Chunked(Chunked::default()), keep_alive)
-            }
-            _ => (Framing::Eof, false),
+        return Ok(if last.eq_ignore_ascii_case(b"chunked") {
+            (Framing::Chunked(Chunked::default()), keep_alive)
+        } else {
+            (Framing::Eof, false)
         });
     }
-    let lengths = tokens(header::CONTENT_LENGTH);
-    if lengths.is_empty() {
-        return Ok((Framing::Eof, false));
-    }
     let mut len = None;
-    for t in lengths {
+    for t in tokens(h, header::CONTENT_LENGTH) {
         let n = std::str::from_utf8(t)
             .ok()
             .filter(|s| s.bytes().all(|b| b.is_ascii_digit()))
@@ -476,7 +492,19 @@ fn framing(resp: &Response<()>, no_body: bool) -> Result<(Framing, bool), Error>
         }
         len = Some(n);
     }
-    Ok((Framing::Length(len.unwrap_or(0)), keep_alive))
+    Ok(match len {
+        Some(n) => (Framing::Length(n), keep_alive),
+        None => (Framing::Eof, false),
+    })
+}
+
+/// The non-empty comma-separated elements of every `name` header.
+fn tokens(h: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &[u8]> {
+    h.get_all(name)
+        .into_iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|t| t.trim_ascii())
+        .filter(|t| !t.is_empty())
 }
 
 enum Framing {
