@@ -131,9 +131,11 @@ impl Pool {
         {
             idle.retain(|c| now.duration_since(c.since) < self.timeout);
         }
-        if idle.len() < MAX_IDLE {
-            idle.push(Idle { stream, since: now });
+        if idle.len() >= MAX_IDLE {
+            // Full: the least recently used one goes.
+            idle.remove(0);
         }
+        idle.push(Idle { stream, since: now });
     }
 
     pub fn idle(&self) -> usize {

@@ -209,6 +209,14 @@ fn reply(raw: &'static [u8]) -> Reply {
     }
 }
 
+/// `raw`, then the backend closes the connection.
+fn closing(raw: &'static [u8]) -> Reply {
+    Reply {
+        pieces: vec![raw],
+        close: true,
+    }
+}
+
 struct Backend {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
@@ -382,10 +390,7 @@ async fn a_chunked_stream_arrives_piece_by_piece() {
 #[tokio::test]
 async fn a_kept_connection_the_backend_closed_is_replaced() {
     let b = backend(vec![
-        Reply {
-            pieces: vec![b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na"],
-            close: true,
-        },
+        closing(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na"),
         reply(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nb"),
     ])
     .await;
@@ -404,10 +409,7 @@ async fn a_request_the_backend_drops_on_a_kept_connection_goes_again() {
     // request): the request goes again on a new connection.
     let b = backend(vec![
         reply(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na"),
-        Reply {
-            pieces: vec![b""],
-            close: true,
-        },
+        closing(b""),
         reply(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nb"),
     ])
     .await;
@@ -420,11 +422,7 @@ async fn a_request_the_backend_drops_on_a_kept_connection_goes_again() {
 
     // On a new connection the same is an error (nothing to blame but the
     // backend).
-    let b = backend(vec![Reply {
-        pieces: vec![b""],
-        close: true,
-    }])
-    .await;
+    let b = backend(vec![closing(b"")]).await;
     assert!(matches!(post(&client(&b), b"{}").await, Err(Error::Closed)));
 }
 
@@ -435,10 +433,7 @@ async fn unframed_and_closing_responses_do_not_reuse_the_connection() {
             pieces: vec![b"HTTP/1.1 200 OK\r\n\r\nuntil", b" the end"],
             close: true,
         },
-        Reply {
-            pieces: vec![b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\nx"],
-            close: true,
-        },
+        closing(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\nx"),
         reply(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi"),
     ])
     .await;
@@ -459,30 +454,15 @@ async fn unframed_and_closing_responses_do_not_reuse_the_connection() {
 #[tokio::test]
 async fn broken_responses_are_errors() {
     let b = backend(vec![
-        Reply {
-            pieces: vec![b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort"],
-            close: true,
-        },
-        Reply {
-            pieces: vec![b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nab"],
-            close: true,
-        },
+        closing(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort"),
+        closing(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nab"),
         Reply {
             pieces: vec![b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n"],
             close: false,
         },
-        Reply {
-            pieces: vec![b"not http at all\r\n\r\n"],
-            close: true,
-        },
-        Reply {
-            pieces: vec![b"HTTP/1.1 200 OK\r\nx: y"],
-            close: true,
-        },
-        Reply {
-            pieces: vec![b""],
-            close: true,
-        },
+        closing(b"not http at all\r\n\r\n"),
+        closing(b"HTTP/1.1 200 OK\r\nx: y"),
+        closing(b""),
     ])
     .await;
     let c = client(&b);
