@@ -209,6 +209,14 @@ fn reply(raw: &'static [u8]) -> Reply {
     }
 }
 
+/// `pieces` written 20 ms apart (as tokens arrive), connection kept.
+fn paced(pieces: Vec<&'static [u8]>) -> Reply {
+    Reply {
+        pieces,
+        close: false,
+    }
+}
+
 /// `raw`, then the backend closes the connection.
 fn closing(raw: &'static [u8]) -> Reply {
     Reply {
@@ -300,6 +308,13 @@ fn client(b: &Backend) -> Client {
     )
 }
 
+/// Headers of a request without a body.
+fn empty_request() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+    h
+}
+
 async fn post(c: &Client, body: &'static [u8]) -> Result<(Response<()>, Vec<Vec<u8>>), Error> {
     let mut h = HeaderMap::new();
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
@@ -357,16 +372,13 @@ async fn requests_are_written_whole_and_kept_connections_reused() {
 #[tokio::test]
 async fn a_chunked_stream_arrives_piece_by_piece() {
     let b = backend(vec![
-        Reply {
-            pieces: vec![
+        paced(vec![
                 b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
                 b"d\r\ndata: one\r\n\r\n\r\n",
                 b"d\r\ndata: t",
                 b"wo\r\n\r\n\r\n",
                 b"c\r\ndata: [DONE]\r\n0\r\n\r\n",
-            ],
-            close: false,
-        },
+            ]),
         reply(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"),
     ])
     .await;
@@ -456,10 +468,7 @@ async fn broken_responses_are_errors() {
     let b = backend(vec![
         closing(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort"),
         closing(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nab"),
-        Reply {
-            pieces: vec![b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n"],
-            close: false,
-        },
+        reply(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n"),
         closing(b"not http at all\r\n\r\n"),
         closing(b"HTTP/1.1 200 OK\r\nx: y"),
         closing(b""),
@@ -482,11 +491,7 @@ async fn broken_responses_are_errors() {
 async fn a_huge_head_is_refused() {
     let mut raw = b"HTTP/1.1 200 OK\r\nx-filler: ".to_vec();
     raw.resize(MAX_HEAD + 100, b'a');
-    let b = backend(vec![Reply {
-        pieces: vec![Box::leak(raw.into_boxed_slice())],
-        close: true,
-    }])
-    .await;
+    let b = backend(vec![closing(Box::leak(raw.into_boxed_slice()))]).await;
     let e = post(&client(&b), b"{}").await.unwrap_err();
     assert!(e.to_string().contains("larger than 64 KiB"), "{e}");
 }
@@ -494,21 +499,19 @@ async fn a_huge_head_is_refused() {
 #[tokio::test]
 async fn a_body_dropped_midway_closes_its_connection() {
     let b = backend(vec![
-        Reply {
-            pieces: vec![
-                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1\r\na\r\n",
-                b"1\r\nb\r\n0\r\n\r\n",
-            ],
-            close: false,
-        },
+        paced(vec![
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1\r\na\r\n",
+            b"1\r\nb\r\n0\r\n\r\n",
+        ]),
         reply(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nc"),
     ])
     .await;
     let c = client(&b);
-    let mut h = HeaderMap::new();
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
-    let resp = c.send(&Method::POST, "/", &h, Bytes::new()).await.unwrap();
-    let mut body = resp.into_body();
+    let mut body = c
+        .send(&Method::POST, "/", &empty_request(), Bytes::new())
+        .await
+        .unwrap()
+        .into_body();
     assert_eq!(
         body.frame().await.unwrap().unwrap().into_data().unwrap(),
         "a"
