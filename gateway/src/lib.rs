@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod http1;
 pub mod kernel;
 pub mod listener;
 pub mod metrics;

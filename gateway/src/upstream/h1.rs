@@ -25,8 +25,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub use crate::http1::Chunked;
+use crate::http1::{self, READ_CHUNK};
 use bytes::{Bytes, BytesMut};
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
+use http::{header, HeaderMap, Method, Response, StatusCode, Version};
 use http_body::{Frame, SizeHint};
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _, ReadBuf},
@@ -37,15 +39,10 @@ use tokio::{
 pub const MAX_HEAD: usize = 64 * 1024;
 /// Most response headers accepted.
 const MAX_HEADERS: usize = 100;
-/// Bytes read from the socket at a time, into a buffer on the stack.
-const READ_CHUNK: usize = 16 * 1024;
 /// Request bodies up to this size go out in the same write as the head.
 const COALESCE_BODY: usize = 16 * 1024;
 /// Idle connections kept per worker and backend.
 const MAX_IDLE: usize = 1024;
-/// Longest chunk-size line (with extensions) and total trailer section.
-const MAX_CHUNK_LINE: u32 = 4096;
-const MAX_TRAILERS: u32 = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -400,7 +397,7 @@ pub fn inspect_head(buf: &[u8]) -> Result<Option<HeadSummary>, Error> {
 struct Parsed {
     version: Version,
     status: u16,
-    headers: smallvec::SmallVec<[(std::ops::Range<usize>, std::ops::Range<usize>); 16]>,
+    headers: http1::Fields,
 }
 
 /// Parses a response head at the start of `buf`; `None` while incomplete.
@@ -418,11 +415,6 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Parsed)>, Error> {
         }
         Err(_) => return Err(Error::Invalid("malformed response head")),
     };
-    let base = buf.as_ptr() as usize;
-    let range = |s: &[u8]| {
-        let start = s.as_ptr() as usize - base;
-        start..start + s.len()
-    };
     Ok(Some((
         len,
         Parsed {
@@ -432,11 +424,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Parsed)>, Error> {
                 Version::HTTP_10
             },
             status: r.code.unwrap_or(0),
-            headers: r
-                .headers
-                .iter()
-                .map(|h| (range(h.name.as_bytes()), range(h.value)))
-                .collect(),
+            headers: http1::fields(buf, r.headers),
         },
     )))
 }
@@ -448,15 +436,7 @@ impl Parsed {
         *resp.status_mut() =
             StatusCode::from_u16(self.status).map_err(|_| Error::Invalid("bad status code"))?;
         *resp.version_mut() = self.version;
-        let h = resp.headers_mut();
-        h.reserve(self.headers.len());
-        for (n, v) in self.headers {
-            let name =
-                HeaderName::from_bytes(&head[n]).map_err(|_| Error::Invalid("bad header name"))?;
-            let value = HeaderValue::from_maybe_shared(head.slice(v))
-                .map_err(|_| Error::Invalid("bad header value"))?;
-            h.append(name, value);
-        }
+        http1::fill_headers(resp.headers_mut(), head, self.headers).map_err(Error::Invalid)?;
         Ok(resp)
     }
 }
@@ -465,13 +445,12 @@ impl Parsed {
 /// connection may carry another request after it.
 fn framing(resp: &Response<()>, no_body: bool) -> Result<(Framing, bool), Error> {
     let h = resp.headers();
-    let mut keep_alive = resp.version() == Version::HTTP_11
-        && !tokens(h, header::CONNECTION).any(|t| t.eq_ignore_ascii_case(b"close"));
+    let mut keep_alive = resp.version() == Version::HTTP_11 && !http1::connection_has(h, b"close");
     let status = resp.status().as_u16();
     if no_body || status == 204 || status == 304 {
         return Ok((Framing::Length(0), keep_alive));
     }
-    if let Some(last) = tokens(h, header::TRANSFER_ENCODING).last() {
+    if let Some(last) = http1::tokens(h, header::TRANSFER_ENCODING).last() {
         if h.contains_key(header::CONTENT_LENGTH) {
             // Both: the length is ignored, and the connection not trusted.
             keep_alive = false;
@@ -482,31 +461,11 @@ fn framing(resp: &Response<()>, no_body: bool) -> Result<(Framing, bool), Error>
             (Framing::Eof, false)
         });
     }
-    let mut len = None;
-    for t in tokens(h, header::CONTENT_LENGTH) {
-        let n = std::str::from_utf8(t)
-            .ok()
-            .filter(|s| s.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|s| s.parse::<u64>().ok())
-            .ok_or(Error::Invalid("bad content-length"))?;
-        if len.is_some_and(|l| l != n) {
-            return Err(Error::Invalid("conflicting content-length values"));
-        }
-        len = Some(n);
-    }
+    let len = http1::content_length(h).map_err(Error::Invalid)?;
     Ok(match len {
         Some(n) => (Framing::Length(n), keep_alive),
         None => (Framing::Eof, false),
     })
-}
-
-/// The non-empty comma-separated elements of every `name` header.
-fn tokens(h: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &[u8]> {
-    h.get_all(name)
-        .into_iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(|t| t.trim_ascii())
-        .filter(|t| !t.is_empty())
 }
 
 enum Framing {
@@ -675,145 +634,6 @@ impl http_body::Body for Body {
             Framing::Done => SizeHint::with_exact(0),
             _ => SizeHint::default(),
         }
-    }
-}
-
-/// Incremental decoder of the chunked transfer coding (RFC 9112 section
-/// 7.1): fed any split of the bytes, it hands out the same data. Chunk
-/// extensions and trailer fields are read and dropped.
-#[derive(Default)]
-pub struct Chunked {
-    state: ChunkState,
-    /// Chunk size being read, or data bytes left in the current chunk.
-    size: u64,
-    /// Bytes of the current size line or of the trailer section so far.
-    seen: u32,
-}
-
-#[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
-enum ChunkState {
-    /// Hex digits of a chunk size (`seen` counts them).
-    #[default]
-    Size,
-    /// After the size: extensions up to the line end.
-    Ext,
-    SizeLf,
-    Data,
-    DataCr,
-    DataLf,
-    /// At the start of a trailer line (or of the final blank line).
-    TrailerStart,
-    /// Inside a trailer line.
-    Trailer,
-    EndLf,
-    Done,
-}
-
-impl Chunked {
-    pub fn is_done(&self) -> bool {
-        self.state == ChunkState::Done
-    }
-
-    /// Feeds `input`, passing each run of data to `data`; returns how many
-    /// bytes were used (fewer than given only once the body has ended).
-    pub fn decode(
-        &mut self,
-        input: &[u8],
-        data: &mut dyn FnMut(&[u8]),
-    ) -> Result<usize, &'static str> {
-        use ChunkState::*;
-        let mut i = 0;
-        while i < input.len() {
-            let b = input[i];
-            match self.state {
-                Size => match b {
-                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
-                        if self.size >> 56 != 0 || self.seen >= MAX_CHUNK_LINE {
-                            return Err("chunk size too large");
-                        }
-                        self.size = self.size << 4 | (b as char).to_digit(16).unwrap_or(0) as u64;
-                        self.seen += 1;
-                    }
-                    _ if self.seen == 0 => return Err("chunk size expected"),
-                    b';' | b' ' | b'\t' => self.state = Ext,
-                    b'\r' => self.state = SizeLf,
-                    b'\n' => self.end_size_line(),
-                    _ => return Err("bad chunk size"),
-                },
-                Ext => {
-                    self.seen += 1;
-                    if self.seen > MAX_CHUNK_LINE {
-                        return Err("chunk extension too long");
-                    }
-                    match b {
-                        b'\r' => self.state = SizeLf,
-                        b'\n' => self.end_size_line(),
-                        _ => {}
-                    }
-                }
-                SizeLf => {
-                    if b != b'\n' {
-                        return Err("bad chunk size line end");
-                    }
-                    self.end_size_line();
-                }
-                Data => {
-                    let n = (self.size.min((input.len() - i) as u64)) as usize;
-                    data(&input[i..i + n]);
-                    self.size -= n as u64;
-                    i += n;
-                    if self.size == 0 {
-                        self.state = DataCr;
-                    }
-                    continue;
-                }
-                DataCr => match b {
-                    b'\r' => self.state = DataLf,
-                    b'\n' => self.state = Size,
-                    _ => return Err("missing CRLF after chunk data"),
-                },
-                DataLf => {
-                    if b != b'\n' {
-                        return Err("missing CRLF after chunk data");
-                    }
-                    self.state = Size;
-                }
-                TrailerStart | Trailer => {
-                    self.seen += 1;
-                    if self.seen > MAX_TRAILERS {
-                        return Err("trailer section too long");
-                    }
-                    self.state = match (self.state, b) {
-                        (TrailerStart, b'\r') => EndLf,
-                        (TrailerStart, b'\n') => Done,
-                        (_, b'\n') => TrailerStart,
-                        _ => Trailer,
-                    };
-                    if self.state == Done {
-                        return Ok(i + 1);
-                    }
-                }
-                EndLf => {
-                    if b != b'\n' {
-                        return Err("bad end of chunked body");
-                    }
-                    self.state = Done;
-                    return Ok(i + 1);
-                }
-                Done => return Ok(i),
-            }
-            i += 1;
-        }
-        Ok(i)
-    }
-
-    fn end_size_line(&mut self) {
-        self.seen = 0;
-        self.state = if self.size == 0 {
-            ChunkState::TrailerStart
-        } else {
-            ChunkState::Data
-        };
     }
 }
 

@@ -8,6 +8,8 @@ use tokio::{
 };
 
 use super::*;
+use crate::http1::{MAX_CHUNK_LINE, MAX_TRAILERS};
+use http::HeaderValue;
 
 fn decode_all(c: &mut Chunked, input: &[u8]) -> Result<(Vec<u8>, usize), &'static str> {
     let mut out = Vec::new();

@@ -1,0 +1,242 @@
+//! HTTP/1.1 wire pieces shared by the upstream client (`upstream::h1`) and
+//! the client-facing server (`listener::h1`): the chunked decoder, header
+//! fields sliced out of a head's bytes, list-valued headers and body
+//! lengths, and reads that hold no buffer while they wait.
+
+use std::{
+    io,
+    mem::MaybeUninit,
+    ops::Range,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, HeaderValue};
+use tokio::io::{AsyncRead, ReadBuf};
+
+/// Longest chunk-size line (with extensions) and total trailer section.
+pub const MAX_CHUNK_LINE: u32 = 4096;
+pub const MAX_TRAILERS: u32 = 16 * 1024;
+/// Bytes read from a socket at a time, into a buffer on the stack.
+pub const READ_CHUNK: usize = 16 * 1024;
+
+/// Reads at most `cap` bytes (and at most `READ_CHUNK`) into a buffer on
+/// the stack and hands what arrived to `got`; an empty slice is the end of
+/// the stream. A connection waiting here holds no heap buffer.
+pub fn poll_read_with<R, T>(
+    r: &mut R,
+    cx: &mut Context<'_>,
+    cap: usize,
+    got: impl FnOnce(&[u8]) -> T,
+) -> Poll<io::Result<T>>
+where
+    R: AsyncRead + Unpin + ?Sized,
+{
+    let mut raw = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+    let mut rb = ReadBuf::uninit(&mut raw[..cap.min(READ_CHUNK)]);
+    match Pin::new(r).poll_read(cx, &mut rb) {
+        Poll::Pending => Poll::Pending,
+        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        Poll::Ready(Ok(())) => Poll::Ready(Ok(got(rb.filled()))),
+    }
+}
+
+/// The non-empty comma-separated elements of every `name` header.
+pub fn tokens(h: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &[u8]> {
+    h.get_all(name)
+        .into_iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|t| t.trim_ascii())
+        .filter(|t| !t.is_empty())
+}
+
+/// Whether a `Connection` header lists `token`.
+pub fn connection_has(h: &HeaderMap, token: &[u8]) -> bool {
+    tokens(h, header::CONNECTION).any(|t| t.eq_ignore_ascii_case(token))
+}
+
+/// The `Content-Length`, if any: every value must be the same run of digits.
+pub fn content_length(h: &HeaderMap) -> Result<Option<u64>, &'static str> {
+    let mut len = None;
+    for t in tokens(h, header::CONTENT_LENGTH) {
+        let n = std::str::from_utf8(t)
+            .ok()
+            .filter(|s| s.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or("bad content-length")?;
+        if len.is_some_and(|l| l != n) {
+            return Err("conflicting content-length values");
+        }
+        len = Some(n);
+    }
+    Ok(len)
+}
+
+/// Where each header's name and value lie in a head's bytes, so the values
+/// can share those bytes instead of being copied.
+pub type Fields = smallvec::SmallVec<[(Range<usize>, Range<usize>); 16]>;
+
+/// The positions of `headers`, which httparse found inside `buf`.
+pub fn fields(buf: &[u8], headers: &[httparse::Header<'_>]) -> Fields {
+    let base = buf.as_ptr() as usize;
+    let range = |s: &[u8]| {
+        let start = s.as_ptr() as usize - base;
+        start..start + s.len()
+    };
+    headers
+        .iter()
+        .map(|h| (range(h.name.as_bytes()), range(h.value)))
+        .collect()
+}
+
+/// Adds the headers at `fields` in `head` to `h`.
+pub fn fill_headers(h: &mut HeaderMap, head: &Bytes, fields: Fields) -> Result<(), &'static str> {
+    h.reserve(fields.len());
+    for (n, v) in fields {
+        let name = HeaderName::from_bytes(&head[n]).map_err(|_| "bad header name")?;
+        let value =
+            HeaderValue::from_maybe_shared(head.slice(v)).map_err(|_| "bad header value")?;
+        h.append(name, value);
+    }
+    Ok(())
+}
+
+/// Incremental decoder of the chunked transfer coding (RFC 9112 section
+/// 7.1): fed any split of the bytes, it hands out the same data. Chunk
+/// extensions and trailer fields are read and dropped.
+#[derive(Default)]
+pub struct Chunked {
+    state: ChunkState,
+    /// Chunk size being read, or data bytes left in the current chunk.
+    size: u64,
+    /// Bytes of the current size line or of the trailer section so far.
+    seen: u32,
+}
+
+#[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
+enum ChunkState {
+    /// Hex digits of a chunk size (`seen` counts them).
+    #[default]
+    Size,
+    /// After the size: extensions up to the line end.
+    Ext,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    /// At the start of a trailer line (or of the final blank line).
+    TrailerStart,
+    /// Inside a trailer line.
+    Trailer,
+    EndLf,
+    Done,
+}
+
+impl Chunked {
+    pub fn is_done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+
+    /// Feeds `input`, passing each run of data to `data`; returns how many
+    /// bytes were used (fewer than given only once the body has ended).
+    pub fn decode(
+        &mut self,
+        input: &[u8],
+        data: &mut dyn FnMut(&[u8]),
+    ) -> Result<usize, &'static str> {
+        use ChunkState::*;
+        let mut i = 0;
+        while i < input.len() {
+            let b = input[i];
+            match self.state {
+                Size => match b {
+                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        if self.size >> 56 != 0 || self.seen >= MAX_CHUNK_LINE {
+                            return Err("chunk size too large");
+                        }
+                        self.size = self.size << 4 | (b as char).to_digit(16).unwrap_or(0) as u64;
+                        self.seen += 1;
+                    }
+                    _ if self.seen == 0 => return Err("chunk size expected"),
+                    b';' | b' ' | b'\t' => self.state = Ext,
+                    b'\r' => self.state = SizeLf,
+                    b'\n' => self.end_size_line(),
+                    _ => return Err("bad chunk size"),
+                },
+                Ext => {
+                    self.seen += 1;
+                    if self.seen > MAX_CHUNK_LINE {
+                        return Err("chunk extension too long");
+                    }
+                    match b {
+                        b'\r' => self.state = SizeLf,
+                        b'\n' => self.end_size_line(),
+                        _ => {}
+                    }
+                }
+                SizeLf => {
+                    if b != b'\n' {
+                        return Err("bad chunk size line end");
+                    }
+                    self.end_size_line();
+                }
+                Data => {
+                    let n = (self.size.min((input.len() - i) as u64)) as usize;
+                    data(&input[i..i + n]);
+                    self.size -= n as u64;
+                    i += n;
+                    if self.size == 0 {
+                        self.state = DataCr;
+                    }
+                    continue;
+                }
+                DataCr => match b {
+                    b'\r' => self.state = DataLf,
+                    b'\n' => self.state = Size,
+                    _ => return Err("missing CRLF after chunk data"),
+                },
+                DataLf => {
+                    if b != b'\n' {
+                        return Err("missing CRLF after chunk data");
+                    }
+                    self.state = Size;
+                }
+                TrailerStart | Trailer => {
+                    self.seen += 1;
+                    if self.seen > MAX_TRAILERS {
+                        return Err("trailer section too long");
+                    }
+                    self.state = match (self.state, b) {
+                        (TrailerStart, b'\r') => EndLf,
+                        (TrailerStart, b'\n') => Done,
+                        (_, b'\n') => TrailerStart,
+                        _ => Trailer,
+                    };
+                    if self.state == Done {
+                        return Ok(i + 1);
+                    }
+                }
+                EndLf => {
+                    if b != b'\n' {
+                        return Err("bad end of chunked body");
+                    }
+                    self.state = Done;
+                    return Ok(i + 1);
+                }
+                Done => return Ok(i),
+            }
+            i += 1;
+        }
+        Ok(i)
+    }
+
+    fn end_size_line(&mut self) {
+        self.seen = 0;
+        self.state = if self.size == 0 {
+            ChunkState::TrailerStart
+        } else {
+            ChunkState::Data
+        };
+    }
+}
