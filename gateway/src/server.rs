@@ -3,18 +3,13 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use anyhow::Result;
-use arc_swap::ArcSwap;
-
 use crate::{
     config::Config,
-    listener::{
-        limit::PerIp,
-        workers::{self, Workers},
-    },
-    metrics::{self, Metrics},
-    pipeline::{routes::Routes, Readiness, Shared},
+    listener::workers::{self, Workers},
+    metrics,
+    pipeline::Shared,
 };
+use anyhow::Result;
 
 /// How long open connections may take to finish at shutdown.
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
@@ -45,19 +40,8 @@ impl Gateway {
     /// the proxy on its worker threads, metrics on the current runtime.
     pub async fn start(cfg: &Config) -> Result<Gateway> {
         install_crypto_provider();
-        let metrics = Arc::new(Metrics::new());
         let (ban_tx, bans) = tokio::sync::mpsc::unbounded_channel();
-        let shared = Arc::new(Shared {
-            routes: ArcSwap::from_pointee(Routes::new(cfg)),
-            metrics: Arc::clone(&metrics),
-            tls: cfg.server.tls.is_some(),
-            ready: ArcSwap::from_pointee(Readiness::default()),
-            per_ip: PerIp::new(cfg.server.max_connections_per_ip),
-            abuse: crate::pipeline::abuse::Tracker::new(&cfg.abuse, ban_tx),
-            guard: Default::default(),
-            balancer: std::sync::OnceLock::new(),
-            trust: std::sync::OnceLock::new(),
-        });
+        let shared = Arc::new(Shared::new(cfg, ban_tx));
         let checker = AbortOnDrop(tokio::spawn(crate::upstream::checker::run(Arc::clone(
             &shared,
         ))));
@@ -88,7 +72,8 @@ impl Gateway {
             let shared = Arc::clone(&shared);
             Arc::new(move || refresh_gauges(&shared)) as Arc<dyn Fn() + Send + Sync>
         };
-        let metrics_addr = metrics::serve(cfg.metrics.listen, metrics, refresh).await?;
+        let metrics_addr =
+            metrics::serve(cfg.metrics.listen, Arc::clone(&shared.metrics), refresh).await?;
         if let Some(b) = balancer {
             let _ = shared.balancer.set(b);
         }

@@ -405,6 +405,48 @@ async fn client_disconnect_cancels_upstream_and_frees_the_slot() {
     );
 }
 
+/// A client that gives up while the backend has not answered yet (a long
+/// prompt, a queue on the backend) cancels the upstream request too, so
+/// the backend stops working for nobody and the slot comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_leaving_before_the_first_byte_cancels_upstream() {
+    let up = mock("a").await;
+    let g = TestGateway::start("", &model_toml("m", "", &[(up.url(), 1, Some(1))])).await;
+    let addr = g.url.trim_start_matches("http://").to_owned();
+    let body = chat("m", false).to_string();
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {KEY_A}\r\n\
+         x-mock-latency-ms: 10000\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes())
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(3),
+        "the request reaches the mock",
+        || up.stats().snapshot().in_flight == 1,
+    )
+    .await;
+    drop(s);
+    eventually(
+        Duration::from_secs(3),
+        "the mock sees the request cancelled",
+        || up.stats().snapshot().cancelled == 1,
+    )
+    .await;
+    let r = Client::http1()
+        .post(
+            &url(&g, "/v1/chat/completions"),
+            Some(KEY_A),
+            &[("x-mock-tokens", "1")],
+            &chat("m", false),
+        )
+        .await;
+    assert_eq!(r.status, 200, "slot not released");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_tls_and_alpn_h2() {
     let up = mock("a").await;

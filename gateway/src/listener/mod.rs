@@ -1,25 +1,38 @@
 //! Listening sockets and connections: accept (with a per-client-IP limit on
-//! concurrent connections), optional TLS, then HTTP/1.1 or HTTP/2 (ALPN over
-//! TLS, prior knowledge in clear text) served by hyper, with a header read
-//! timeout against slow clients and graceful shutdown. `workers` runs one
-//! of these per worker thread.
+//! concurrent connections), optional TLS, then HTTP/1.1 (the gateway's own
+//! connection, `h1`) or HTTP/2 (hyper's; ALPN over TLS, prior knowledge in
+//! clear text), with a header read timeout against slow clients and
+//! graceful shutdown. `workers` runs one of these per worker thread.
 
 pub mod balancer;
 pub mod guard;
+pub mod h1;
 pub mod limit;
 pub mod tls;
 pub mod workers;
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
-
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
+use std::{
+    convert::Infallible,
+    future::poll_fn,
+    io,
+    net::SocketAddr,
+    pin::{pin, Pin},
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
 };
-use tokio::net::{TcpListener, TcpStream};
+
+use bytes::{Buf as _, Bytes, BytesMut};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
 use tokio_rustls::TlsAcceptor;
 
-use crate::pipeline::Shared;
+use self::h1::BoxIo;
+use crate::{http1, pipeline::Shared};
 
 /// One worker's listening sockets and connection settings.
 pub struct Listeners {
@@ -57,7 +70,9 @@ impl Listeners {
         mut shutdown: tokio::sync::watch::Receiver<bool>,
         drain: Duration,
     ) {
-        let graceful = GracefulShutdown::new();
+        // Every connection holds a receiver; `true` asks it to finish its
+        // current request and close, and the sender sees when all are gone.
+        let (drain_tx, drain_rx) = watch::channel(false);
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(TcpStream, SocketAddr)>(1024);
         let mut accept_tasks = Vec::new();
         for l in self.sockets {
@@ -105,7 +120,7 @@ impl Listeners {
                         t.record(peer.ip());
                     }
                     let conn = Conn { peer, slot, gauge: conn_gauge.clone(), worker: self.worker };
-                    spawn_connection(stream, conn, Arc::clone(&shared), self.tls.clone(), self.limits, &graceful);
+                    spawn_connection(stream, conn, Arc::clone(&shared), self.tls.clone(), self.limits, drain_rx.clone());
                 }
                 _ = shutdown.changed() => break,
             }
@@ -116,7 +131,9 @@ impl Listeners {
         if self.worker == 0 {
             tracing::info!(drain = ?drain, "stopped accepting; draining open connections");
         }
-        if tokio::time::timeout(drain, graceful.shutdown())
+        drop(drain_rx);
+        drain_tx.send_replace(true);
+        if tokio::time::timeout(drain, drain_tx.closed())
             .await
             .is_err()
         {
@@ -152,70 +169,32 @@ impl Conn {
 /// Streams one HTTP/2 connection may have open at once.
 const MAX_CONCURRENT_STREAMS: u32 = 256;
 
-fn builder(limits: ConnLimits) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    // The header read timeout also ends idle keep-alive connections. The
-    // read buffer's ceiling is what bounds a request head (431 beyond);
-    // bodies stream through it in chunks.
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes as usize)
-        .max_headers(limits.max_headers as usize)
-        .keep_alive(true);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(limits.max_header_bytes)
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .keep_alive_interval(Some(Duration::from_secs(30)));
-    b
-}
-
 fn spawn_connection(
     stream: TcpStream,
     conn: Conn,
     shared: Arc<Shared>,
     tls: Option<TlsAcceptor>,
     limits: ConnLimits,
-    graceful: &GracefulShutdown,
+    drain: watch::Receiver<bool>,
 ) {
-    let header_read_timeout = limits.header_read_timeout;
     let _ = stream.set_nodelay(true);
     let peer = conn.peer;
     conn.count(&shared, 1);
-    let counted = Arc::clone(&shared);
-    let svc = hyper::service::service_fn(move |req| {
-        let shared = Arc::clone(&shared);
-        async move { Ok::<_, Infallible>(crate::pipeline::handle(shared, req, peer).await) }
-    });
-    let watcher = graceful.watcher();
-    // HTTP over plain TCP or TLS: the same serving, two stream types.
-    macro_rules! serve_http {
-        ($io:expr) => {
-            watcher
-                .watch(
-                    builder(limits)
-                        .serve_connection(
-                            TokioIo::new(FirstByte::new($io, header_read_timeout)),
-                            svc,
-                        )
-                        .into_owned(),
-                )
-                .await
-        };
-    }
     tokio::spawn(async move {
         let result = match tls {
-            None => serve_http!(stream),
-            // Boxed: a TLS connection's state is larger (the task of a plain
-            // one went from 4,632 to 2,224 bytes), and plain connections
-            // should not reserve room for it.
+            None => serve_client(Box::new(stream), false, &shared, peer, limits, drain).await,
+            // Boxed: a TLS handshake's state is large, and plain
+            // connections should not reserve room for it.
             Some(acceptor) => {
-                Box::pin(async move {
-                    // The graceful watcher covers the HTTP connection only,
-                    // so the handshake gets its own deadline.
-                    match tokio::time::timeout(header_read_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => serve_http!(s),
+                Box::pin(async {
+                    // The handshake has its own deadline.
+                    match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(s)) => {
+                            let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
+                            serve_client(Box::new(s), h2, &shared, peer, limits, drain).await
+                        }
                         Ok(Err(e)) => Err(format!("TLS handshake failed: {e}").into()),
                         Err(_) => Err("TLS handshake timed out".into()),
                     }
@@ -226,87 +205,136 @@ fn spawn_connection(
         if let Err(e) = result {
             tracing::debug!(%peer, "connection ended: {e}");
         }
-        conn.count(&counted, -1);
+        conn.count(&shared, -1);
         drop(conn.slot);
     });
 }
 
-pin_project_lite::pin_project! {
-    /// A client connection that must send its first byte within a
-    /// deadline. hyper's header read timeout starts only once it knows the
-    /// protocol, so a client that connects and stays silent would
-    /// otherwise hold its connection (and slot) forever.
-    struct FirstByte<IO> {
-        #[pin]
-        io: IO,
-        deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+/// The HTTP/2 connection preface (RFC 9113 section 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Serves one client connection: HTTP/2 when ALPN chose it or the client
+/// opens with the HTTP/2 preface, HTTP/1.1 otherwise.
+async fn serve_client(
+    mut io: BoxIo,
+    alpn_h2: bool,
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+    limits: ConnLimits,
+    drain: watch::Receiver<bool>,
+) -> Result<(), crate::pipeline::stream::BoxError> {
+    let mut buf = BytesMut::new();
+    // A client that connects and stays silent is closed after the header
+    // read timeout, before any protocol is chosen.
+    let h2 = alpn_h2
+        || tokio::time::timeout(limits.header_read_timeout, sniff(&mut io, &mut buf))
+            .await
+            .map_err(|_| "client sent nothing within the header read timeout")??;
+    if h2 {
+        serve_h2(io, buf.freeze(), shared, peer, limits, drain).await
+    } else {
+        Ok(h1::serve(io, buf, Arc::clone(shared), peer, limits, drain).await?)
     }
 }
 
-impl<IO> FirstByte<IO> {
-    fn new(io: IO, within: Duration) -> FirstByte<IO> {
-        FirstByte {
-            io,
-            deadline: Some(Box::pin(tokio::time::sleep(within))),
+/// Reads until the first bytes either are or cannot be the HTTP/2 preface.
+async fn sniff(io: &mut BoxIo, buf: &mut BytesMut) -> io::Result<bool> {
+    loop {
+        let n = buf.len().min(H2_PREFACE.len());
+        if buf[..n] != H2_PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(true);
+        }
+        let got = poll_fn(|cx| {
+            http1::poll_read_with(io, cx, http1::READ_CHUNK, |b| {
+                buf.extend_from_slice(b);
+                b.len()
+            })
+        })
+        .await?;
+        if got == 0 {
+            return Ok(false);
         }
     }
 }
 
-impl<IO: tokio::io::AsyncRead> tokio::io::AsyncRead for FirstByte<IO> {
+/// An HTTP/2 connection, served by hyper, drained gracefully (GOAWAY, then
+/// open streams finish) when `drain` turns true.
+async fn serve_h2(
+    io: BoxIo,
+    read: Bytes,
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+    limits: ConnLimits,
+    mut drain: watch::Receiver<bool>,
+) -> Result<(), crate::pipeline::stream::BoxError> {
+    let shared = Arc::clone(shared);
+    let svc = hyper::service::service_fn(move |req| {
+        let shared = Arc::clone(&shared);
+        async move { Ok::<_, Infallible>(crate::pipeline::handle(shared, req, peer).await) }
+    });
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .max_header_list_size(limits.max_header_bytes)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    let mut conn = pin!(b.serve_connection(TokioIo::new(Prefixed { read, io }), svc));
+    tokio::select! {
+        r = conn.as_mut() => return Ok(r?),
+        _ = drain.wait_for(|d| *d) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    Ok(conn.await?)
+}
+
+/// A connection whose first bytes were read already (to choose the
+/// protocol): they are read again before the socket.
+struct Prefixed {
+    read: Bytes,
+    io: BoxIo,
+}
+
+impl AsyncRead for Prefixed {
     fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        use std::{future::Future as _, task::Poll};
-        let this = self.project();
-        let before = buf.filled().len();
-        let r = this.io.poll_read(cx, buf);
-        if let Some(d) = this.deadline.as_mut() {
-            match r {
-                Poll::Ready(Ok(())) if buf.filled().len() > before => *this.deadline = None,
-                Poll::Pending if d.as_mut().poll(cx).is_ready() => {
-                    return Poll::Ready(Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "client sent nothing within the header read timeout",
-                    )));
-                }
-                _ => {}
-            }
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.read.is_empty() {
+            return Pin::new(&mut self.io).poll_read(cx, buf);
         }
-        r
+        let n = self.read.len().min(buf.remaining());
+        buf.put_slice(&self.read[..n]);
+        self.read.advance(n);
+        Poll::Ready(Ok(()))
     }
 }
 
-impl<IO: tokio::io::AsyncWrite> tokio::io::AsyncWrite for FirstByte<IO> {
+impl AsyncWrite for Prefixed {
     fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
         buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        self.project().io.poll_write(cx, buf)
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        self.project().io.poll_flush(cx)
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        self.project().io.poll_shutdown(cx)
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        self.project().io.poll_write_vectored(cx, bufs)
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -35,7 +35,6 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt as _, Full};
-use hyper::body::Incoming;
 
 use self::{
     ctx::RequestCtx,
@@ -63,6 +62,26 @@ pub struct Shared {
     pub balancer: std::sync::OnceLock<crate::listener::balancer::Balancer>,
     /// Where accepted sources are recorded for the XDP program, when it runs.
     pub trust: std::sync::OnceLock<crate::kernel::trust::Trust>,
+}
+
+impl Shared {
+    /// The state for a config; bans the abuse tracker decides go to `bans`.
+    pub fn new(
+        cfg: &crate::config::Config,
+        bans: tokio::sync::mpsc::UnboundedSender<abuse::Ban>,
+    ) -> Shared {
+        Shared {
+            routes: ArcSwap::from_pointee(Routes::new(cfg)),
+            metrics: Arc::new(Metrics::new()),
+            tls: cfg.server.tls.is_some(),
+            ready: ArcSwap::from_pointee(Readiness::default()),
+            per_ip: crate::listener::limit::PerIp::new(cfg.server.max_connections_per_ip),
+            abuse: abuse::Tracker::new(&cfg.abuse, bans),
+            guard: Default::default(),
+            balancer: std::sync::OnceLock::new(),
+            trust: std::sync::OnceLock::new(),
+        }
+    }
 }
 
 /// The state /readyz reports.
@@ -135,12 +154,17 @@ fn request_id(headers: &http::HeaderMap) -> String {
     out
 }
 
-/// Serves one request.
-pub async fn handle(
+/// Serves one request, whichever connection (the own HTTP/1.1 one, or
+/// hyper's HTTP/2) its body comes from.
+pub async fn handle<B>(
     shared: Arc<Shared>,
-    req: Request<Incoming>,
+    req: Request<B>,
     client: SocketAddr,
-) -> Response<ResponseBody> {
+) -> Response<ResponseBody>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     let rid = request_id(req.headers());
     let path = req.uri().path().to_owned();
     match (req.method(), path.as_str()) {
@@ -204,12 +228,12 @@ pub async fn handle(
 pub const MAX_URI_BYTES: usize = 4096;
 
 /// Refuses requests whose form alone is hostile: an overlong URI. (Body
-/// framing is hyper's: differing Content-Length values or a non-chunked
-/// Transfer-Encoding get 400, and a request with both Content-Length and
-/// Transfer-Encoding is decoded as chunked and its connection closed
-/// after the answer, RFC 9112 section 6.1; upstream always gets the
-/// gateway's own Content-Length.)
-fn screen(req: &Request<Incoming>) -> Result<(), ProxyError> {
+/// framing is the connection's, `listener::h1`: differing Content-Length
+/// values or a non-chunked Transfer-Encoding get 400, and a request with
+/// both Content-Length and Transfer-Encoding is decoded as chunked and its
+/// connection closed after the answer, RFC 9112 section 6.1; upstream
+/// always gets the gateway's own Content-Length.)
+fn screen<B>(req: &Request<B>) -> Result<(), ProxyError> {
     let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
     if uri_len > MAX_URI_BYTES {
         return Err(ProxyError::UriTooLong(MAX_URI_BYTES));
@@ -229,12 +253,16 @@ enum Served {
     },
 }
 
-async fn serve(
+async fn serve<B>(
     shared: &Arc<Shared>,
     routes: &Routes,
-    req: Request<Incoming>,
+    req: Request<B>,
     ctx: &mut RequestCtx,
-) -> Result<Served, ProxyError> {
+) -> Result<Served, ProxyError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     let key = auth::authenticate(req.headers(), &routes.keys)?;
     ctx.key = Some(Arc::clone(&key.name));
     let path = ctx.path.as_str();

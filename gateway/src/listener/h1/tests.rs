@@ -1,0 +1,402 @@
+//! The client-facing HTTP/1.1 connection over an in-memory pipe: framing
+//! both ways, keep-alive and pipelining, refusals, `Expect`, and closes.
+
+use std::time::Duration;
+
+use sha2::Digest as _;
+use tokio::io::{AsyncReadExt as _, DuplexStream};
+
+use super::*;
+
+const KEY: &str = "sk-unit";
+
+fn shared() -> Arc<Shared> {
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n\
+         [[keys]]\nname = \"t\"\nsha256 = \"{:x}\"\nmodels = [\"*\"]\n\
+         [[models]]\nname = \"m\"\n[[models.backends]]\nurl = \"http://127.0.0.1:1\"\n",
+        sha2::Sha256::digest(KEY.as_bytes())
+    );
+    let cfg = crate::config::Config::parse(&text).unwrap_or_else(|p| panic!("{p:?}"));
+    let (tx, _) = tokio::sync::mpsc::unbounded_channel();
+    Arc::new(Shared::new(&cfg, tx))
+}
+
+fn limits() -> ConnLimits {
+    ConnLimits {
+        header_read_timeout: Duration::from_secs(2),
+        max_header_bytes: 8192,
+        max_headers: 20,
+    }
+}
+
+/// A connection served on one end of a pipe; the other end, and the
+/// sender that drains the connection.
+fn connect() -> (DuplexStream, watch::Sender<bool>) {
+    connect_with(limits())
+}
+
+fn connect_with(limits: ConnLimits) -> (DuplexStream, watch::Sender<bool>) {
+    let (client, server) = tokio::io::duplex(1 << 20);
+    let (tx, rx) = watch::channel(false);
+    let peer = "127.0.0.1:40000".parse().unwrap();
+    tokio::spawn(serve(
+        Box::new(server),
+        BytesMut::new(),
+        shared(),
+        peer,
+        limits,
+        rx,
+    ));
+    (client, tx)
+}
+
+/// One response read off the pipe: status, headers (names lowercase) and
+/// body, decoded by its framing.
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads one response (the body too unless `head_only`), leaving any later
+/// bytes in `pending`.
+async fn reply(c: &mut DuplexStream, pending: &mut Vec<u8>, head_only: bool) -> Reply {
+    let end = loop {
+        if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        fill(c, pending).await;
+    };
+    let head = String::from_utf8(pending.drain(..end).collect()).unwrap();
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap()[9..12].parse().unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let (n, v) = l.split_once(": ").unwrap();
+            (n.to_ascii_lowercase(), v.to_owned())
+        })
+        .collect();
+    let mut r = Reply {
+        status,
+        headers,
+        body: Vec::new(),
+    };
+    if head_only {
+        return r;
+    }
+    if let Some(n) = r.header("content-length") {
+        let n: usize = n.parse().unwrap();
+        while pending.len() < n {
+            fill(c, pending).await;
+        }
+        r.body = pending.drain(..n).collect();
+    } else if r.header("transfer-encoding") == Some("chunked") {
+        let mut dec = Chunked::default();
+        loop {
+            let used = dec
+                .decode(pending, &mut |d| r.body.extend_from_slice(d))
+                .unwrap();
+            pending.drain(..used);
+            if dec.is_done() {
+                break;
+            }
+            fill(c, pending).await;
+        }
+    } else {
+        c.read_to_end(pending).await.unwrap();
+        r.body = std::mem::take(pending);
+    }
+    r
+}
+
+async fn fill(c: &mut DuplexStream, pending: &mut Vec<u8>) {
+    let mut b = [0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b))
+        .await
+        .expect("the gateway answered within 5 s")
+        .unwrap();
+    assert!(
+        n > 0,
+        "closed early; got so far: {:?}",
+        String::from_utf8_lossy(pending)
+    );
+    pending.extend_from_slice(&b[..n]);
+}
+
+/// Whether the gateway closed its end (after reading what is left).
+async fn closed(c: &mut DuplexStream) -> bool {
+    let mut rest = Vec::new();
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest)).await,
+        Ok(Ok(_))
+    )
+}
+
+fn post(extra: &str, body: &str) -> String {
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {KEY}\r\n{extra}\r\n{body}"
+    )
+}
+
+#[tokio::test]
+async fn keep_alive_and_pipelined_requests() {
+    let (mut c, _drain) = connect();
+    let get = "GET /healthz HTTP/1.1\r\nhost: gw\r\n\r\n";
+    // Two requests in one write, answered in order on the same connection.
+    c.write_all(format!("{get}{get}").as_bytes()).await.unwrap();
+    let mut pending = Vec::new();
+    for _ in 0..2 {
+        let r = reply(&mut c, &mut pending, false).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, br#"{"status":"ok"}"#);
+        assert_eq!(r.header("content-length"), Some("15"));
+        assert!(
+            r.header("date").is_some_and(|d| d.ends_with(" GMT")),
+            "{r:?}"
+        );
+        assert_eq!(r.header("connection"), None, "{r:?}");
+    }
+    c.write_all(get.as_bytes()).await.unwrap();
+    assert_eq!(reply(&mut c, &mut pending, false).await.status, 200);
+    // `Connection: close` is honoured.
+    c.write_all(b"GET /healthz HTTP/1.1\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let r = reply(&mut c, &mut pending, false).await;
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(closed(&mut c).await);
+}
+
+#[tokio::test]
+async fn head_answers_carry_no_body() {
+    let (mut c, _drain) = connect();
+    c.write_all(b"HEAD /v1/models HTTP/1.1\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    let r = reply(&mut c, &mut pending, true).await;
+    assert_eq!(r.status, 401);
+    assert!(
+        r.header("content-length").is_some_and(|n| n != "0"),
+        "{r:?}"
+    );
+    // The next bytes are the next response, not the HEAD's body.
+    let r = reply(&mut c, &mut pending, false).await;
+    assert_eq!(
+        (r.status, r.body.as_slice()),
+        (200, br#"{"status":"ok"}"#.as_slice())
+    );
+}
+
+#[tokio::test]
+async fn http10_closes_unless_asked_to_keep_alive() {
+    let (mut c, _drain) = connect();
+    c.write_all(b"GET /healthz HTTP/1.0\r\nconnection: keep-alive\r\n\r\n")
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    let r = reply(&mut c, &mut pending, false).await;
+    assert_eq!(r.header("connection"), Some("keep-alive"));
+    c.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").await.unwrap();
+    let r = reply(&mut c, &mut pending, false).await;
+    assert_eq!((r.status, r.header("connection")), (200, Some("close")));
+    assert!(closed(&mut c).await);
+}
+
+#[tokio::test]
+async fn chunked_request_bodies_are_decoded() {
+    let (mut c, _drain) = connect();
+    let body = r#"{"model":"nope"}"#;
+    let (a, b) = body.split_at(5);
+    let chunked = format!(
+        "{:x};ext=1\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\nx-trailer: 1\r\n\r\n",
+        a.len(),
+        b.len()
+    );
+    c.write_all(post("transfer-encoding: chunked\r\n", &chunked).as_bytes())
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    let r = reply(&mut c, &mut pending, false).await;
+    // The model was read out of the decoded body.
+    assert_eq!(r.status, 404, "{r:?}");
+    assert!(String::from_utf8_lossy(&r.body).contains("nope"), "{r:?}");
+    // The body was read whole, so the connection carries on.
+    c.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").await.unwrap();
+    assert_eq!(reply(&mut c, &mut pending, false).await.status, 200);
+}
+
+#[tokio::test]
+async fn expect_continue_is_answered_only_when_the_body_is_wanted() {
+    let (mut c, _drain) = connect();
+    let body = r#"{"model":"nope"}"#;
+    let head = post(
+        &format!("expect: 100-continue\r\ncontent-length: {}\r\n", body.len()),
+        "",
+    );
+    c.write_all(head.as_bytes()).await.unwrap();
+    let mut pending = Vec::new();
+    let r = reply(&mut c, &mut pending, true).await;
+    assert_eq!(r.status, 100);
+    c.write_all(body.as_bytes()).await.unwrap();
+    assert_eq!(reply(&mut c, &mut pending, false).await.status, 404);
+
+    // Refused before the body: no 100, and the connection closes since
+    // the body was never read.
+    let (mut c, _drain) = connect();
+    c.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 100000\r\n\r\n")
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    let r = reply(&mut c, &mut pending, false).await;
+    assert_eq!((r.status, r.header("connection")), (401, Some("close")));
+    assert!(closed(&mut c).await);
+}
+
+#[tokio::test]
+async fn an_unread_body_closes_the_connection_after_the_answer() {
+    let (mut c, _drain) = connect();
+    // No key: 401 without reading the body; the client may still be
+    // sending it, so the connection cannot carry another request.
+    c.write_all(b"POST /v1/chat/completions HTTP/1.1\r\ncontent-length: 50\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    let r = reply(&mut c, &mut pending, false).await;
+    assert_eq!((r.status, r.header("connection")), (401, Some("close")));
+    c.write_all(&[b'x'; 40]).await.unwrap();
+    assert!(closed(&mut c).await);
+}
+
+#[tokio::test]
+async fn hostile_heads_are_refused_and_closed() {
+    let many: String = (0..30).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let cases = [
+        (format!("GET /healthz HTTP/1.1\r\n{many}\r\n"), 431),
+        (
+            format!(
+                "GET /healthz HTTP/1.1\r\nx-big: {}\r\n\r\n",
+                "b".repeat(9000)
+            ),
+            431,
+        ),
+        (
+            "GET /healthz HTTP/1.1\r\nbad header\r\n\r\n".to_owned(),
+            400,
+        ),
+        ("GET /he lthz HTTP/1.1\r\n\r\n".to_owned(), 400),
+        (post("transfer-encoding: gzip\r\n", ""), 400),
+        (post("transfer-encoding: chunked, gzip\r\n", ""), 400),
+        (
+            post("content-length: 3\r\ncontent-length: 4\r\n", "abc"),
+            400,
+        ),
+        (post("content-length: -1\r\n", ""), 400),
+        (post("content-length: 0x10\r\n", ""), 400),
+        (
+            "POST /v1/chat/completions HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\n".to_owned(),
+            400,
+        ),
+    ];
+    for (req, want) in cases {
+        let (mut c, _drain) = connect();
+        c.write_all(req.as_bytes()).await.unwrap();
+        let mut pending = Vec::new();
+        let r = reply(&mut c, &mut pending, false).await;
+        assert_eq!(r.status, want, "{req:?}: {r:?}");
+        assert_eq!(r.header("connection"), Some("close"), "{req:?}");
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert!(v["error"]["message"].is_string(), "{v}");
+        assert!(closed(&mut c).await, "{req:?}");
+    }
+}
+
+#[tokio::test]
+async fn both_lengths_decode_chunked_then_close() {
+    let (mut c, _drain) = connect();
+    let body = "10\r\n{\"model\":\"nope\"}\r\n0\r\n\r\n";
+    // The hidden request after the chunked body is never served.
+    let req = post(
+        "content-length: 4\r\ntransfer-encoding: chunked\r\n",
+        &format!("{body}GET /healthz HTTP/1.1\r\n\r\n"),
+    );
+    c.write_all(req.as_bytes()).await.unwrap();
+    let mut pending = Vec::new();
+    let r = reply(&mut c, &mut pending, false).await;
+    assert_eq!((r.status, r.header("connection")), (404, Some("close")));
+    assert!(closed(&mut c).await);
+    assert!(
+        !String::from_utf8_lossy(&pending).contains("HTTP/1.1"),
+        "{pending:?}"
+    );
+}
+
+#[tokio::test]
+async fn drain_closes_idle_connections_and_ends_busy_ones_after_their_answer() {
+    let (mut idle, drain) = connect();
+    let (mut busy, drain_busy) = connect();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    assert_eq!(reply(&mut idle, &mut pending, false).await.status, 200);
+    drain.send_replace(true);
+    assert!(closed(&mut idle).await, "an idle connection closes at once");
+
+    // Half a head when the drain comes: the request is still answered,
+    // with `connection: close`.
+    busy.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drain_busy.send_replace(true);
+    busy.write_all(b"\r\n").await.unwrap();
+    let r = reply(&mut busy, &mut pending, false).await;
+    assert_eq!((r.status, r.header("connection")), (200, Some("close")));
+    assert!(closed(&mut busy).await);
+}
+
+#[tokio::test]
+async fn a_silent_client_is_closed_after_the_header_read_timeout() {
+    let within = Duration::from_millis(300);
+    let (mut c, _drain) = connect_with(ConnLimits {
+        header_read_timeout: within,
+        ..limits()
+    });
+    let t = std::time::Instant::now();
+    c.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty(), "closed without an answer: {rest:?}");
+    let took = t.elapsed();
+    assert!(took >= within && took < within * 5, "{took:?}");
+}
+
+#[test]
+fn inspect_head_matches_framing() {
+    let r = inspect_head(b"POST / HTTP/1.1\r\ncontent-length: 5\r\n\r\nhello", 10)
+        .unwrap()
+        .unwrap();
+    assert_eq!((r.body, r.keep_alive), (Some(5), true));
+    let r = inspect_head(b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n", 10)
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.body, None);
+    assert!(inspect_head(b"POST / HTTP/1.1\r\ncontent", 10)
+        .unwrap()
+        .is_none());
+    assert_eq!(
+        inspect_head(b"GET / HTTP/1.1\r\na: 1\r\nb: 2\r\n\r\n", 1).err(),
+        Some(431)
+    );
+}
