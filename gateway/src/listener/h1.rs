@@ -31,7 +31,7 @@ use std::{
     future::{poll_fn, Future as _},
     io,
     net::SocketAddr,
-    pin::{pin, Pin},
+    pin::Pin,
     sync::Arc,
     task::{ready, Context, Poll},
     time::Duration,
@@ -189,7 +189,10 @@ async fn exchange(
         }
     };
     let watch_limit = limits.max_header_bytes as usize;
-    let mut handler = pin!(crate::pipeline::handle(Arc::clone(shared), req, peer));
+    // Boxed, and dropped once it has answered: the pipeline's state is
+    // large, and a connection streaming its answer, or idle between
+    // requests, should not carry room for it.
+    let mut handler = Box::pin(crate::pipeline::handle(Arc::clone(shared), req, peer));
     let resp = poll_fn(|cx| {
         if let Poll::Ready(r) = handler.as_mut().poll(cx) {
             return Poll::Ready(Some(r));
@@ -208,6 +211,7 @@ async fn exchange(
         Poll::Pending
     })
     .await;
+    drop(handler);
     let Some(resp) = resp else {
         // The client left while its request was being served.
         return Ok(Next::Gone);

@@ -231,7 +231,9 @@ async fn serve_client(
             .await
             .map_err(|_| "client sent nothing within the header read timeout")??;
     if h2 {
-        serve_h2(io, buf.freeze(), shared, peer, limits, drain).await
+        // Boxed: hyper's HTTP/2 connection state is larger than an
+        // HTTP/1.1 connection's, which should not carry room for it.
+        Box::pin(serve_h2(io, buf.freeze(), shared, peer, limits, drain)).await
     } else {
         Ok(h1::serve(io, buf, Arc::clone(shared), peer, limits, drain).await?)
     }
