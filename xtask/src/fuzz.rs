@@ -20,6 +20,7 @@ pub const TARGETS: &[&str] = &[
     "config",
     "packet",
     "h1_response",
+    "h1_request",
 ];
 /// Seconds per target for `cargo xtask fuzz`.
 pub const DEFAULT_SECONDS: u64 = 60;
