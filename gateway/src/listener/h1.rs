@@ -488,6 +488,11 @@ impl RequestBody {
     fn give_back(&mut self, done: bool) {
         if let (Some(mut c), Some(tx)) = (self.conn.take(), self.back.take()) {
             c.body_done = done;
+            if c.buf.is_empty() {
+                // Let the request's bytes go with the request, not stay
+                // (as spare capacity) with a connection that streams on.
+                c.buf = BytesMut::new();
+            }
             let _ = tx.send(c);
         }
         self.framing = BodyFraming::Length(0);

@@ -85,7 +85,7 @@ pub fn run(seconds: u64) -> Result<()> {
          Machine: {}. The gateway (release) under callgrind, in front of the release mock-llm; wrk, 8 \
          connections, the same 16-token non-stream chat completion as `bench l7`. User space only.\n\n\
          **{per} instructions per proxied request** ({requests} requests, {total} instructions).\n\n\
-         The gateway's own functions, inclusive of what they call (hyper's server side and the runtime are outside them):\n\n| function | instructions per request | share |\n|---|---:|---:|\n{top}",
+         The gateway's own functions, inclusive of what they call (the runtime and the code that polls them are outside them):\n\n| function | instructions per request | share |\n|---|---:|---:|\n{top}",
         record::machine()
     );
     println!("\n{body}");
