@@ -372,16 +372,21 @@ async fn client_disconnect_cancels_upstream_and_frees_the_slot() {
     let first = body.frame().await.expect("a first chunk").expect("ok");
     assert!(first.is_data());
     drop(body);
+    cancelled_and_slot_free(&up, &g).await;
+}
+
+/// The mock saw its request cancelled, the model's single slot serves
+/// again, and the backend counts nothing in flight.
+async fn cancelled_and_slot_free(up: &MockLlm, g: &TestGateway) {
     eventually(
         Duration::from_secs(3),
-        "the mock sees the stream cancelled",
+        "the mock sees the request cancelled",
         || up.stats().snapshot().cancelled == 1,
     )
     .await;
-    // The single slot is free again.
-    let r = c
+    let r = Client::http1()
         .post(
-            &chat_url,
+            &url(g, "/v1/chat/completions"),
             Some(KEY_A),
             &[("x-mock-tokens", "1")],
             &chat("m", false),
@@ -430,21 +435,7 @@ async fn client_leaving_before_the_first_byte_cancels_upstream() {
     )
     .await;
     drop(s);
-    eventually(
-        Duration::from_secs(3),
-        "the mock sees the request cancelled",
-        || up.stats().snapshot().cancelled == 1,
-    )
-    .await;
-    let r = Client::http1()
-        .post(
-            &url(&g, "/v1/chat/completions"),
-            Some(KEY_A),
-            &[("x-mock-tokens", "1")],
-            &chat("m", false),
-        )
-        .await;
-    assert_eq!(r.status, 200, "slot not released");
+    cancelled_and_slot_free(&up, &g).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

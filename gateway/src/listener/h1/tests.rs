@@ -32,10 +32,6 @@ fn limits() -> ConnLimits {
 
 /// A connection served on one end of a pipe; the other end, and the
 /// sender that drains the connection.
-fn connect() -> (DuplexStream, watch::Sender<bool>) {
-    connect_with(limits())
-}
-
 fn connect_with(limits: ConnLimits) -> (DuplexStream, watch::Sender<bool>) {
     let (client, server) = tokio::io::duplex(1 << 20);
     let (tx, rx) = watch::channel(false);
@@ -144,6 +140,49 @@ async fn closed(c: &mut DuplexStream) -> bool {
     )
 }
 
+/// A test client: its end of the pipe, bytes read past the last reply,
+/// and the connection's drain switch.
+struct Peer {
+    c: DuplexStream,
+    pending: Vec<u8>,
+    drain: watch::Sender<bool>,
+}
+
+impl Peer {
+    fn new() -> Peer {
+        Peer::with(limits())
+    }
+
+    fn with(limits: ConnLimits) -> Peer {
+        let (c, drain) = connect_with(limits);
+        Peer {
+            c,
+            pending: Vec::new(),
+            drain,
+        }
+    }
+
+    async fn write(&mut self, bytes: impl AsRef<[u8]>) {
+        self.c.write_all(bytes.as_ref()).await.unwrap();
+    }
+
+    /// Writes `req` and reads the next reply.
+    async fn send(&mut self, req: impl AsRef<[u8]>) -> Reply {
+        self.write(req).await;
+        self.next(false).await
+    }
+
+    async fn next(&mut self, head_only: bool) -> Reply {
+        reply(&mut self.c, &mut self.pending, head_only).await
+    }
+
+    /// The reply says the connection closes, and it does.
+    async fn closes_after(&mut self, r: &Reply) {
+        assert_eq!(r.header("connection"), Some("close"), "{r:?}");
+        assert!(closed(&mut self.c).await, "{r:?}");
+    }
+}
+
 fn post(extra: &str, body: &str) -> String {
     format!(
         "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {KEY}\r\n{extra}\r\n{body}"
@@ -152,13 +191,12 @@ fn post(extra: &str, body: &str) -> String {
 
 #[tokio::test]
 async fn keep_alive_and_pipelined_requests() {
-    let (mut c, _drain) = connect();
+    let mut p = Peer::new();
     let get = "GET /healthz HTTP/1.1\r\nhost: gw\r\n\r\n";
     // Two requests in one write, answered in order on the same connection.
-    c.write_all(format!("{get}{get}").as_bytes()).await.unwrap();
-    let mut pending = Vec::new();
+    p.write(format!("{get}{get}")).await;
     for _ in 0..2 {
-        let r = reply(&mut c, &mut pending, false).await;
+        let r = p.next(false).await;
         assert_eq!(r.status, 200);
         assert_eq!(r.body, br#"{"status":"ok"}"#);
         assert_eq!(r.header("content-length"), Some("15"));
@@ -168,32 +206,27 @@ async fn keep_alive_and_pipelined_requests() {
         );
         assert_eq!(r.header("connection"), None, "{r:?}");
     }
-    c.write_all(get.as_bytes()).await.unwrap();
-    assert_eq!(reply(&mut c, &mut pending, false).await.status, 200);
+    assert_eq!(p.send(get).await.status, 200);
     // `Connection: close` is honoured.
-    c.write_all(b"GET /healthz HTTP/1.1\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let r = reply(&mut c, &mut pending, false).await;
-    assert_eq!(r.header("connection"), Some("close"));
-    assert!(closed(&mut c).await);
+    let r = p
+        .send("GET /healthz HTTP/1.1\r\nconnection: close\r\n\r\n")
+        .await;
+    p.closes_after(&r).await;
 }
 
 #[tokio::test]
 async fn head_answers_carry_no_body() {
-    let (mut c, _drain) = connect();
-    c.write_all(b"HEAD /v1/models HTTP/1.1\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n")
-        .await
-        .unwrap();
-    let mut pending = Vec::new();
-    let r = reply(&mut c, &mut pending, true).await;
+    let mut p = Peer::new();
+    p.write("HEAD /v1/models HTTP/1.1\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n")
+        .await;
+    let r = p.next(true).await;
     assert_eq!(r.status, 401);
     assert!(
         r.header("content-length").is_some_and(|n| n != "0"),
         "{r:?}"
     );
     // The next bytes are the next response, not the HEAD's body.
-    let r = reply(&mut c, &mut pending, false).await;
+    let r = p.next(false).await;
     assert_eq!(
         (r.status, r.body.as_slice()),
         (200, br#"{"status":"ok"}"#.as_slice())
@@ -202,22 +235,19 @@ async fn head_answers_carry_no_body() {
 
 #[tokio::test]
 async fn http10_closes_unless_asked_to_keep_alive() {
-    let (mut c, _drain) = connect();
-    c.write_all(b"GET /healthz HTTP/1.0\r\nconnection: keep-alive\r\n\r\n")
-        .await
-        .unwrap();
-    let mut pending = Vec::new();
-    let r = reply(&mut c, &mut pending, false).await;
+    let mut p = Peer::new();
+    let r = p
+        .send("GET /healthz HTTP/1.0\r\nconnection: keep-alive\r\n\r\n")
+        .await;
     assert_eq!(r.header("connection"), Some("keep-alive"));
-    c.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").await.unwrap();
-    let r = reply(&mut c, &mut pending, false).await;
-    assert_eq!((r.status, r.header("connection")), (200, Some("close")));
-    assert!(closed(&mut c).await);
+    let r = p.send("GET /healthz HTTP/1.0\r\n\r\n").await;
+    assert_eq!(r.status, 200);
+    p.closes_after(&r).await;
 }
 
 #[tokio::test]
 async fn chunked_request_bodies_are_decoded() {
-    let (mut c, _drain) = connect();
+    let mut p = Peer::new();
     let body = r#"{"model":"nope"}"#;
     let (a, b) = body.split_at(5);
     let chunked = format!(
@@ -225,59 +255,53 @@ async fn chunked_request_bodies_are_decoded() {
         a.len(),
         b.len()
     );
-    c.write_all(post("transfer-encoding: chunked\r\n", &chunked).as_bytes())
-        .await
-        .unwrap();
-    let mut pending = Vec::new();
-    let r = reply(&mut c, &mut pending, false).await;
+    let r = p
+        .send(post("transfer-encoding: chunked\r\n", &chunked))
+        .await;
     // The model was read out of the decoded body.
     assert_eq!(r.status, 404, "{r:?}");
     assert!(String::from_utf8_lossy(&r.body).contains("nope"), "{r:?}");
     // The body was read whole, so the connection carries on.
-    c.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").await.unwrap();
-    assert_eq!(reply(&mut c, &mut pending, false).await.status, 200);
+    assert_eq!(p.send("GET /healthz HTTP/1.1\r\n\r\n").await.status, 200);
+}
+
+/// A request head with `Expect: 100-continue` and a body still to come.
+fn expecting(body: &str) -> String {
+    post(
+        &format!("expect: 100-continue\r\ncontent-length: {}\r\n", body.len()),
+        "",
+    )
 }
 
 #[tokio::test]
 async fn expect_continue_is_answered_only_when_the_body_is_wanted() {
-    let (mut c, _drain) = connect();
+    let mut p = Peer::new();
     let body = r#"{"model":"nope"}"#;
-    let head = post(
-        &format!("expect: 100-continue\r\ncontent-length: {}\r\n", body.len()),
-        "",
-    );
-    c.write_all(head.as_bytes()).await.unwrap();
-    let mut pending = Vec::new();
-    let r = reply(&mut c, &mut pending, true).await;
-    assert_eq!(r.status, 100);
-    c.write_all(body.as_bytes()).await.unwrap();
-    assert_eq!(reply(&mut c, &mut pending, false).await.status, 404);
+    p.write(expecting(body)).await;
+    assert_eq!(p.next(true).await.status, 100);
+    assert_eq!(p.send(body).await.status, 404);
 
     // Refused before the body: no 100, and the connection closes since
     // the body was never read.
-    let (mut c, _drain) = connect();
-    c.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 100000\r\n\r\n")
-        .await
-        .unwrap();
-    let mut pending = Vec::new();
-    let r = reply(&mut c, &mut pending, false).await;
-    assert_eq!((r.status, r.header("connection")), (401, Some("close")));
-    assert!(closed(&mut c).await);
+    let mut p = Peer::new();
+    let r = p
+        .send("POST /v1/chat/completions HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 100000\r\n\r\n")
+        .await;
+    assert_eq!(r.status, 401);
+    p.closes_after(&r).await;
 }
 
 #[tokio::test]
 async fn an_unread_body_closes_the_connection_after_the_answer() {
-    let (mut c, _drain) = connect();
+    let mut p = Peer::new();
     // No key: 401 without reading the body; the client may still be
     // sending it, so the connection cannot carry another request.
-    c.write_all(b"POST /v1/chat/completions HTTP/1.1\r\ncontent-length: 50\r\n\r\n0123456789")
-        .await
-        .unwrap();
-    let mut pending = Vec::new();
-    let r = reply(&mut c, &mut pending, false).await;
-    assert_eq!((r.status, r.header("connection")), (401, Some("close")));
-    c.write_all(&[b'x'; 40]).await.unwrap();
-    assert!(closed(&mut c).await);
+    let r = p
+        .send("POST /v1/chat/completions HTTP/1.1\r\ncontent-length: 50\r\n\r\n0123456789")
+        .await;
+    assert_eq!(r.status, 401);
+    p.write([b'x'; 40]).await;
+    p.closes_after(&r).await;
 }
 
 #[tokio::test]
@@ -311,72 +335,67 @@ async fn hostile_heads_are_refused_and_closed() {
         ),
     ];
     for (req, want) in cases {
-        let (mut c, _drain) = connect();
-        c.write_all(req.as_bytes()).await.unwrap();
-        let mut pending = Vec::new();
-        let r = reply(&mut c, &mut pending, false).await;
+        let mut p = Peer::new();
+        let r = p.send(&req).await;
         assert_eq!(r.status, want, "{req:?}: {r:?}");
-        assert_eq!(r.header("connection"), Some("close"), "{req:?}");
         let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         assert!(v["error"]["message"].is_string(), "{v}");
-        assert!(closed(&mut c).await, "{req:?}");
+        p.closes_after(&r).await;
     }
 }
 
 #[tokio::test]
 async fn both_lengths_decode_chunked_then_close() {
-    let (mut c, _drain) = connect();
+    let mut p = Peer::new();
     let body = "10\r\n{\"model\":\"nope\"}\r\n0\r\n\r\n";
     // The hidden request after the chunked body is never served.
     let req = post(
         "content-length: 4\r\ntransfer-encoding: chunked\r\n",
         &format!("{body}GET /healthz HTTP/1.1\r\n\r\n"),
     );
-    c.write_all(req.as_bytes()).await.unwrap();
-    let mut pending = Vec::new();
-    let r = reply(&mut c, &mut pending, false).await;
-    assert_eq!((r.status, r.header("connection")), (404, Some("close")));
-    assert!(closed(&mut c).await);
+    let r = p.send(req).await;
+    assert_eq!(r.status, 404);
+    p.closes_after(&r).await;
     assert!(
-        !String::from_utf8_lossy(&pending).contains("HTTP/1.1"),
-        "{pending:?}"
+        !String::from_utf8_lossy(&p.pending).contains("HTTP/1.1"),
+        "{:?}",
+        p.pending
     );
 }
 
 #[tokio::test]
 async fn drain_closes_idle_connections_and_ends_busy_ones_after_their_answer() {
-    let (mut idle, drain) = connect();
-    let (mut busy, drain_busy) = connect();
-    idle.write_all(b"GET /healthz HTTP/1.1\r\n\r\n")
-        .await
-        .unwrap();
-    let mut pending = Vec::new();
-    assert_eq!(reply(&mut idle, &mut pending, false).await.status, 200);
-    drain.send_replace(true);
-    assert!(closed(&mut idle).await, "an idle connection closes at once");
+    let mut idle = Peer::new();
+    assert_eq!(idle.send("GET /healthz HTTP/1.1\r\n\r\n").await.status, 200);
+    idle.drain.send_replace(true);
+    assert!(
+        closed(&mut idle.c).await,
+        "an idle connection closes at once"
+    );
 
-    // Half a head when the drain comes: the request is still answered,
-    // with `connection: close`.
-    busy.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    drain_busy.send_replace(true);
-    busy.write_all(b"\r\n").await.unwrap();
-    let r = reply(&mut busy, &mut pending, false).await;
-    assert_eq!((r.status, r.header("connection")), (200, Some("close")));
-    assert!(closed(&mut busy).await);
+    // Mid-request when the drain comes (the 100 says its head was read):
+    // the request is still answered, with `connection: close`.
+    let mut busy = Peer::new();
+    let body = r#"{"model":"nope"}"#;
+    busy.write(expecting(body)).await;
+    assert_eq!(busy.next(true).await.status, 100);
+    busy.drain.send_replace(true);
+    let r = busy.send(body).await;
+    assert_eq!(r.status, 404);
+    busy.closes_after(&r).await;
 }
 
 #[tokio::test]
 async fn a_silent_client_is_closed_after_the_header_read_timeout() {
     let within = Duration::from_millis(300);
-    let (mut c, _drain) = connect_with(ConnLimits {
+    let mut p = Peer::with(ConnLimits {
         header_read_timeout: within,
         ..limits()
     });
     let t = std::time::Instant::now();
-    c.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+    p.write("GET /healthz HTTP/1.1\r\n").await;
     let mut rest = Vec::new();
-    c.read_to_end(&mut rest).await.unwrap();
+    p.c.read_to_end(&mut rest).await.unwrap();
     assert!(rest.is_empty(), "closed without an answer: {rest:?}");
     let took = t.elapsed();
     assert!(took >= within && took < within * 5, "{took:?}");
