@@ -11,12 +11,53 @@ pub struct Usage {
     pub completion: u64,
 }
 
-#[derive(Deserialize)]
+/// A `usage` object. Read by hand rather than derived: a key given twice
+/// takes its last value, as JSON parsers commonly do (a derived struct
+/// would refuse the whole object and the tokens would go uncounted).
+#[derive(Default)]
 struct UsageObj {
-    #[serde(default)]
     prompt_tokens: u64,
-    #[serde(default)]
     completion_tokens: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum UsageField {
+    PromptTokens,
+    CompletionTokens,
+    #[serde(other)]
+    Other,
+}
+
+impl<'de> Deserialize<'de> for UsageObj {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<UsageObj, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = UsageObj;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a usage object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<UsageObj, A::Error> {
+                let mut u = UsageObj::default();
+                while let Some(k) = map.next_key::<UsageField>()? {
+                    match k {
+                        UsageField::PromptTokens => u.prompt_tokens = map.next_value()?,
+                        UsageField::CompletionTokens => u.completion_tokens = map.next_value()?,
+                        UsageField::Other => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(u)
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
 }
 
 #[derive(Deserialize)]
@@ -50,8 +91,10 @@ pub fn from_json(body: &[u8]) -> Option<Usage> {
 
 /// The input from the start of the value of the top-level `key` of the JSON
 /// object in `body` (serde reads one value from it and stops), or `None`
-/// when `body` is not an object or has no such key before its end.
+/// when `body` is not an object or has no such key. A key given twice
+/// yields its last value, as with the fields of `usage` itself.
 fn top_level_value<'a>(body: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    let mut found = None;
     let mut i = body.iter().position(|b| !b.is_ascii_whitespace())?;
     if body[i] != b'{' {
         return None;
@@ -79,7 +122,12 @@ fn top_level_value<'a>(body: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
                             + body[end + 1..]
                                 .iter()
                                 .position(|b| !b.is_ascii_whitespace())?;
-                        return (body[colon] == b':').then(|| &body[colon + 1..]);
+                        if body[colon] != b':' {
+                            return None;
+                        }
+                        found = Some(&body[colon + 1..]);
+                        i = colon + 1;
+                        continue;
                     }
                 }
                 i = end + 1;
@@ -89,7 +137,7 @@ fn top_level_value<'a>(body: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
             b'}' | b']' => {
                 depth -= 1;
                 if depth == 0 {
-                    return None;
+                    return found;
                 }
             }
             b',' if depth == 1 => want_key = true,
@@ -97,7 +145,7 @@ fn top_level_value<'a>(body: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
         }
         i += 1;
     }
-    None
+    found
 }
 
 /// The index of the quote closing the string whose contents start at `i`.
@@ -218,6 +266,33 @@ mod tests {
         ] {
             assert_eq!(from_json(b), None, "{}", String::from_utf8_lossy(b));
         }
+    }
+
+    /// Found by the `sse_usage` fuzzer: a key given twice, inside `usage`
+    /// or at the top, reads as a full JSON parse reads it (the last one),
+    /// instead of losing the response's tokens.
+    #[test]
+    fn a_repeated_key_takes_its_last_value() {
+        let u = |p, c| {
+            Some(Usage {
+                prompt: p,
+                completion: c,
+            })
+        };
+        let b =
+            br#"{"id":"c","usage":{"prompt_tokens":7,"prompt_tokens":8,"completion_tokens":3}}"#;
+        assert_eq!(from_json(b), u(8, 3));
+        let b = br#"{"usage":{"prompt_tokens":1},"x":[],"usage":{"prompt_tokens":2,"completion_tokens":5}}"#;
+        assert_eq!(from_json(b), u(2, 5));
+        assert_eq!(
+            from_json(br#"{"usage":{"prompt_tokens":1},"usage":null}"#),
+            None
+        );
+        // A wrong type is still no usage, wherever it is.
+        assert_eq!(
+            from_json(br#"{"usage":{"prompt_tokens":1,"prompt_tokens":"x"}}"#),
+            None
+        );
     }
 
     #[test]
