@@ -150,16 +150,16 @@ async fn exchange(
             ))
         }
         Ok(Err(HeadError::Refused(status, why))) => {
+            // Answered like any response, then the connection closes.
             let body = crate::error::error_body(why, "invalid_request_error", refusal_code(status));
-            let mut out = Vec::with_capacity(160 + body.len());
-            status_line(&mut out, status);
-            out.extend_from_slice(b"content-type: application/json\r\n");
-            let mut head = ResponseHead::new(out, false);
-            head.length(body.len() as u64);
-            let mut out = head.finish();
-            out.extend_from_slice(&body);
-            conn.io.write_all(&out).await?;
-            conn.io.flush().await?;
+            let mut resp = Response::new(crate::pipeline::full(body));
+            *resp.status_mut() = status;
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            let limit = limits.max_header_bytes as usize;
+            write_response(&mut conn, resp, false, Version::HTTP_11, false, limit).await?;
             return Ok(Next::Close(conn, true));
         }
     };

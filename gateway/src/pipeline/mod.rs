@@ -93,7 +93,7 @@ pub struct Readiness {
 
 pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
 
-fn full(b: Bytes) -> ResponseBody {
+pub(crate) fn full(b: Bytes) -> ResponseBody {
     Full::new(b).map_err(|never| match never {}).boxed_unsync()
 }
 
