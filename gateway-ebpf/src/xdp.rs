@@ -4,7 +4,7 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use gateway_common::{verdict::decide, Counter};
 
 use crate::{
-    maps::{STATS, TOP_SOURCES},
+    maps::{BLOCK_HOST_V4, STATS, TOP_SOURCES},
     tables::{add, Maps, Packet},
 };
 
@@ -40,6 +40,42 @@ pub fn gateway_xdp(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn gateway_bench_tx(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
+}
+
+/// Benchmark floor, attached only by `cargo xtask bench veth`: reads the
+/// IPv4 source address, the least any filter by source must do, and drops
+/// the frame (passes frames too short to hold one). Its drop rate is what
+/// the veth driver plus that one read cost per frame: the ceiling for any
+/// such XDP program on the veth.
+#[xdp]
+pub fn gateway_bench_drop(ctx: XdpContext) -> u32 {
+    match bench_saddr(&ctx) {
+        Some(a) if a != [0; 4] => xdp_action::XDP_DROP,
+        _ => xdp_action::XDP_PASS,
+    }
+}
+
+/// The second benchmark floor: the source address looked up in
+/// `BLOCK_HOST_V4`, dropped on a hit. What a drop costs with the kernel's
+/// hash map and nothing else: the ceiling for a blocklist kept in one.
+#[xdp]
+pub fn gateway_bench_lookup(ctx: XdpContext) -> u32 {
+    match bench_saddr(&ctx) {
+        Some(a) if BLOCK_HOST_V4.get_ptr(&a).is_some() => xdp_action::XDP_DROP,
+        _ => xdp_action::XDP_PASS,
+    }
+}
+
+/// The IPv4 source address of an untagged Ethernet frame, unchecked.
+#[inline(always)]
+fn bench_saddr(ctx: &XdpContext) -> Option<[u8; 4]> {
+    const SADDR: usize = 14 + 12;
+    let start = ctx.data();
+    if start + SADDR + 4 > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: [start + SADDR, start + SADDR + 4) is inside the frame (checked above).
+    Some(unsafe { core::ptr::read_volatile((start + SADDR) as *const [u8; 4]) })
 }
 
 /// Benchmark SYN flood from many sources, never attached: like

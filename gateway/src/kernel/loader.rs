@@ -120,8 +120,9 @@ fn verifier_context(e: ProgramError) -> anyhow::Error {
     anyhow!(e).context("the kernel refused the XDP program")
 }
 
-/// One of the benchmark's frame generators (`gateway_bench_tx`: the same
-/// frame; `gateway_bench_syn`: a SYN from a random source), loaded.
+/// One of the benchmark's programs (`gateway_bench_tx`: the same frame
+/// again; `gateway_bench_syn`: a SYN from a random source;
+/// `gateway_bench_drop`: the floor, read the source and drop), loaded.
 pub fn bench_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
     let prog: &mut Xdp = ebpf
         .program_mut(name)
