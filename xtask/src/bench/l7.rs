@@ -250,6 +250,18 @@ pub(super) fn start_nginx(
 
 /// One h2load run of `requests` (HTTP/2, 64 connections x 10 streams):
 /// requests/s and mean request time (µs). A count rather than a duration:
+/// CPU seconds per 10,000 requests.
+struct Cpu10k {
+    user: f64,
+    system: f64,
+}
+
+impl Cpu10k {
+    fn total(&self) -> f64 {
+        self.user + self.system
+    }
+}
+
 /// h2load counts the requests in flight at a deadline as errors.
 fn h2load(url: &str, body: &Path, requests: u64) -> Result<(f64, f64)> {
     let out = Command::new("h2load")
@@ -446,17 +458,28 @@ pub fn run(secs: u64) -> Result<()> {
             "bench: wrk -t1 -c{CONNECTIONS} -d{secs}s against {name}"
         ));
         let _ = wrk(url, &script, 2)?; // warm up pools and caches
-        let before = super::streams::usage(pid);
+        let before = super::streams::tree_usage(pid);
         let sampler = super::streams::Sampler::start(pid);
         let w = wrk(url, &script, secs)?;
         let rss = sampler.peak_kib();
-        let cpu = super::streams::usage(pid).1 - before.1;
-        let cpu_10k = cpu / (w.rps * secs as f64) * 10_000.0;
+        let after = super::streams::tree_usage(pid);
+        let per_10k = |s: f64| s / (w.rps * secs as f64) * 10_000.0;
+        let cpu = Cpu10k {
+            user: per_10k(after.user - before.user),
+            system: per_10k(after.system - before.system),
+        };
         println!(
-            "{name}: {:.0} req/s, p50 {:.0} us, p99 {:.0} us, p99.9 {:.0} us, {cpu_10k:.2} CPU s per 10k, peak RSS {} KiB",
-            w.rps, w.p50, w.p99, w.p999, rss
+            "{name}: {:.0} req/s, p50 {:.0} us, p99 {:.0} us, p99.9 {:.0} us, {:.2} CPU s per 10k ({:.2} user, {:.2} system), peak RSS {} KiB",
+            w.rps,
+            w.p50,
+            w.p99,
+            w.p999,
+            cpu.total(),
+            cpu.user,
+            cpu.system,
+            rss
         );
-        peak.push((*name, w, cpu_10k, rss));
+        peak.push((*name, w, cpu, rss));
     }
     let protocols = protocol_rows(&bin, &dir, &mut stack, secs)?;
     let half = (peak[2].1.rps / 2.0) as u64;
@@ -547,7 +570,7 @@ fn protocol_rows(bin: &Path, dir: &Path, stack: &mut Stack, secs: u64) -> Result
 
 type Runs<'a> = Vec<(&'a str, load::Latencies)>;
 
-type Peak<'a> = (&'a str, Wrk, f64, u64);
+type Peak<'a> = (&'a str, Wrk, Cpu10k, u64);
 
 fn report(secs: u64, peak: &[Peak], fixed: &[(u64, Runs)], protocols: &[ProtoRow]) -> Result<()> {
     let (nginx_rps, gw_rps, litellm_rps) = (peak[1].1.rps, peak[2].1.rps, peak[3].1.rps);
@@ -558,17 +581,20 @@ fn report(secs: u64, peak: &[Peak], fixed: &[(u64, Runs)], protocols: &[ProtoRow
          run-to-run variation on this VM is about 20%.\n\n\
          LiteLLM {LITELLM_VERSION} runs its proxy (`litellm --config`, one uvicorn worker) with two deployments \
          of the same mock and a master key. CPU is the target process's user + system time (nginx: master and \
-         workers; direct: the mock) during the peak run, per 10,000 requests; peak RSS is sampled every 100 ms.\n\n\
-         Peak (wrk -t1 -c{CONNECTIONS}, closed loop):\n\n| target | requests/s | p50 | p99 | p99.9 | CPU s / 10k requests | peak RSS |\n|---|---:|---:|---:|---:|---:|---:|\n",
+         workers; direct: the mock) during the peak run, per 10,000 requests, as total (user + system); peak RSS is sampled every 100 ms.\n\n\
+         Peak (wrk -t1 -c{CONNECTIONS}, closed loop):\n\n| target | requests/s | p50 | p99 | p99.9 | CPU s / 10k requests (user + system) | peak RSS |\n|---|---:|---:|---:|---:|---:|---:|\n",
         record::machine()
     );
     for (name, w, cpu, rss) in peak {
         out.push_str(&format!(
-            "| {name} | {:.0} | {:.2} ms | {:.2} ms | {:.2} ms | {cpu:.2} | {:.1} MiB |\n",
+            "| {name} | {:.0} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ({:.2} + {:.2}) | {:.1} MiB |\n",
             w.rps,
             w.p50 / 1e3,
             w.p99 / 1e3,
             w.p999 / 1e3,
+            cpu.total(),
+            cpu.user,
+            cpu.system,
             *rss as f64 / 1024.0
         ));
     }
@@ -576,6 +602,20 @@ fn report(secs: u64, peak: &[Peak], fixed: &[(u64, Runs)], protocols: &[ProtoRow
         "\nGateway / nginx throughput: **{:.2}x** (target >= 1.2). Gateway / LiteLLM: **{:.0}x** (target >= 50).\n",
         gw_rps / nginx_rps,
         gw_rps / litellm_rps
+    ));
+    let (ngx_cpu, gw_cpu) = (&peak[1].2, &peak[2].2);
+    let budget = ngx_cpu.total() / 1.2;
+    out.push_str(&format!(
+        "\nWhat 1.2x would take: on the same cores, 1.2x nginx's requests/s needs the gateway to spend at most \
+         {budget:.2} CPU s per 10k requests (nginx's {:.2} / 1.2; less still, since the generator and the mock \
+         share the cores). Its kernel time alone, the two sockets' TCP work that nginx pays too ({:.2} s for \
+         nginx), is {:.2} s, which leaves {:.2} s for user space: now {:.2} s, nginx's own is {:.2} s.\n",
+        ngx_cpu.total(),
+        ngx_cpu.system,
+        gw_cpu.system,
+        (budget - gw_cpu.system).max(0.0),
+        gw_cpu.user,
+        ngx_cpu.user,
     ));
     out.push_str(
         "\nHTTP/2 clients and TLS termination (ECDSA P-256 certificate; upstream is plain HTTP/1.1 in every case):\n\n\

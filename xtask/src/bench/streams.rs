@@ -149,6 +149,19 @@ fn memchr_done(b: &[u8]) -> bool {
 /// Resident memory (KiB) and CPU time (seconds) of a process and its
 /// descendants (nginx's workers), read from /proc.
 pub fn usage(pid: u32) -> (u64, f64) {
+    let t = tree_usage(pid);
+    (t.rss_kib, t.user + t.system)
+}
+
+/// What a process and its descendants use: resident memory (KiB), and CPU
+/// seconds in user space and in the kernel.
+pub struct TreeUsage {
+    pub rss_kib: u64,
+    pub user: f64,
+    pub system: f64,
+}
+
+pub fn tree_usage(pid: u32) -> TreeUsage {
     let mut pids = vec![pid];
     let mut i = 0;
     while i < pids.len() {
@@ -156,11 +169,14 @@ pub fn usage(pid: u32) -> (u64, f64) {
         i += 1;
     }
     let tick = 100.0; // USER_HZ
-    let mut rss = 0;
-    let mut cpu = 0.0;
+    let mut t = TreeUsage {
+        rss_kib: 0,
+        user: 0.0,
+        system: 0.0,
+    };
     for p in pids {
         if let Ok(s) = std::fs::read_to_string(format!("/proc/{p}/status")) {
-            rss += s
+            t.rss_kib += s
                 .lines()
                 .find_map(|l| l.strip_prefix("VmRSS:"))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
@@ -172,13 +188,12 @@ pub fn usage(pid: u32) -> (u64, f64) {
             let f: Vec<&str> = rest.split_whitespace().collect();
             // utime and stime are fields 14 and 15 (1-based); rest starts at field 3.
             if f.len() > 13 {
-                let ticks: f64 =
-                    f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0);
-                cpu += ticks / tick;
+                t.user += f[11].parse::<f64>().unwrap_or(0.0) / tick;
+                t.system += f[12].parse::<f64>().unwrap_or(0.0) / tick;
             }
         }
     }
-    (rss, cpu)
+    t
 }
 
 fn children(pid: u32) -> Vec<u32> {
@@ -251,6 +266,29 @@ pub fn raise_nofile(n: u64) {
     }
 }
 
+/// CPU time all cores spent busy (not idle or waiting on I/O), seconds,
+/// from /proc/stat: with the run's wall time, how saturated the machine was.
+fn busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0.0;
+    };
+    // user nice system idle iowait irq softirq steal (guest time is in user).
+    let f: Vec<f64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    let busy: f64 = f
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v)
+        .sum();
+    busy / 100.0 // USER_HZ
+}
+
 /// One row of the streaming table.
 struct Row {
     target: &'static str,
@@ -260,6 +298,9 @@ struct Row {
     rss_growth: Option<u64>,
     peak_rss: Option<u64>,
     cpu: Option<f64>,
+    /// Busy cores of the whole machine over the run (generator, proxy and
+    /// mock together).
+    busy_cores: f64,
 }
 
 /// `cargo xtask bench streams`: N concurrent SSE streams through nginx and
@@ -318,11 +359,13 @@ pub fn bench(counts: &[usize], tokens: u32, interval_ms: u64) -> Result<()> {
             ));
             let before = pid.map(usage);
             let sampler = pid.map(Sampler::start);
+            let (busy0, t0) = (busy_seconds(), std::time::Instant::now());
             let run = run(url, Some(l7::KEY), n, tokens, interval_ms, ramp)?;
+            let busy_cores = (busy_seconds() - busy0) / t0.elapsed().as_secs_f64();
             let peak = sampler.map(Sampler::peak_kib);
             let after = pid.map(usage);
             println!(
-                "{name} x{n}: {} ok, {} errors, ttft p50 {:.2} ms p99 {:.2} ms, gap p99 {:.2} ms{}",
+                "{name} x{n}: {} ok, {} errors, ttft p50 {:.2} ms p99 {:.2} ms, gap p99 {:.2} ms, {busy_cores:.2} busy cores{}",
                 run.completed,
                 run.errors,
                 percentile(&run.ttft, 0.5) / 1e3,
@@ -339,6 +382,7 @@ pub fn bench(counts: &[usize], tokens: u32, interval_ms: u64) -> Result<()> {
                 rss_growth: before.zip(peak).map(|(b, p)| p.saturating_sub(b.0)),
                 peak_rss: peak,
                 cpu: before.zip(after).map(|(b, a)| a.1 - b.1),
+                busy_cores,
                 run,
             });
         }
@@ -350,14 +394,16 @@ pub fn bench(counts: &[usize], tokens: u32, interval_ms: u64) -> Result<()> {
          streams start evenly over max(1 s, N ms). Time to first token (TTFT) is from sending the request to the \
          first body chunk; gaps are between consecutive chunks. \"added\" is the difference to direct at the same \
          N. RSS growth is the proxy's peak resident memory during the run minus its resident memory before it \
-         (nginx: master and workers). The generator, the proxy and the mock share the 2 cores: at 10,000 streams \
-         ({} chunks/s) the machine itself is the bottleneck for every target, direct included. This VM caps a \
+         (nginx: master and workers). The generator, the proxy and the mock share the 2 cores; \"busy\" is the cores the \
+         whole machine kept busy during the run (of 2): at {} streams ({} chunks/s) the machine itself is the \
+         bottleneck for every target, direct included. This VM caps a \
          process at 20,000 open files (the hard limit cannot be raised here), so a single-process proxy with \
          HTTP/1.1 upstreams, which needs two descriptors per stream, cannot hold 10,000 streams; the \
          \"h2c upstream\" gateway multiplexes its upstream streams over one connection per worker.\n\n\
-         | streams | target | ok / errors | TTFT p50 (ms) | TTFT p99 (ms) | added TTFT p99 | gap p50 | gap p99 | added gap p99 | RSS growth | per stream | peak RSS | CPU s |\n\
-         |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | streams | target | ok / errors | TTFT p50 (ms) | TTFT p99 (ms) | added TTFT p99 | gap p50 | gap p99 | added gap p99 | RSS growth | per stream | peak RSS | CPU s | busy |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         record::machine(),
+        counts.iter().max().copied().unwrap_or(0),
         counts.iter().max().copied().unwrap_or(0) as u64 * 1000 / interval_ms.max(1),
     );
     for r in &rows {
@@ -373,7 +419,7 @@ pub fn bench(counts: &[usize], tokens: u32, interval_ms: u64) -> Result<()> {
             }
         };
         out.push_str(&format!(
-            "| {} | {} | {} / {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} / {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} |\n",
             r.streams,
             r.target,
             r.run.completed,
@@ -393,6 +439,7 @@ pub fn bench(counts: &[usize], tokens: u32, interval_ms: u64) -> Result<()> {
             r.peak_rss
                 .map_or("-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
             r.cpu.map_or("-".into(), |c| format!("{c:.1}")),
+            r.busy_cores,
         ));
     }
     out.push_str(
