@@ -248,8 +248,6 @@ pub(super) fn start_nginx(
     Ok((port, h2c, tls))
 }
 
-/// One h2load run of `requests` (HTTP/2, 64 connections x 10 streams):
-/// requests/s and mean request time (µs). A count rather than a duration:
 /// CPU seconds per 10,000 requests.
 struct Cpu10k {
     user: f64,
@@ -262,6 +260,8 @@ impl Cpu10k {
     }
 }
 
+/// One h2load run of `requests` (HTTP/2, 64 connections x 10 streams):
+/// requests/s and mean request time (µs). A count rather than a duration:
 /// h2load counts the requests in flight at a deadline as errors.
 fn h2load(url: &str, body: &Path, requests: u64) -> Result<(f64, f64)> {
     let out = Command::new("h2load")
