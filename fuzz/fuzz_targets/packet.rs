@@ -4,7 +4,7 @@
 #![no_main]
 
 use gateway_common::{
-    bucket::MemBuckets,
+    bucket::{MemBuckets, Taken},
     maps::{v4_mapped, Limits, Reason, SourceKey},
     packet::{parse, Parsed, Source, Transport, TCP_ACK, TCP_SYN},
     verdict::{decide, Tables},
@@ -50,7 +50,7 @@ impl Tables for Policy {
     fn limits(&self) -> Option<&Limits> {
         Some(&self.limits)
     }
-    fn take_source(&self, key: &SourceKey, l: &Limits, now: u64) -> bool {
+    fn take_source(&self, key: &SourceKey, l: &Limits, now: u64) -> Taken {
         self.buckets.take_source(key, l, now)
     }
     fn take_global(&self, l: &Limits, now: u64) -> bool {
@@ -119,7 +119,8 @@ fuzz_target!(|data: &[u8]| {
         if policy.blocked(&src) && !policy.allowed(&src) {
             assert_eq!(v.reason, Reason::Blocklist, "{parsed:?}");
         }
-        if let Some(key) = v.source() {
+        if let Some((key, credit)) = v.ranked() {
+            assert!(credit > 0, "ranked with nothing to credit: {v:?}");
             assert!(
                 matches!(v.reason, Reason::SynRate | Reason::Malformed),
                 "a {:?} drop ranked its source",

@@ -7,7 +7,7 @@
 
 /// Layout version of the pinned maps; pinned under `<pin_dir>/v<SCHEMA>/`.
 /// Bump whenever a key or value layout below changes.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Name of the XDP program inside the object.
 pub const XDP_PROGRAM: &str = "gateway_xdp";
@@ -165,7 +165,7 @@ impl BlockValue {
     }
 }
 
-/// Token bucket state (`SYN_BUCKETS` values, `SYN_GLOBAL[0]`).
+/// Token bucket state (`SYN_GLOBAL[0]`, and inside [`SourceBucket`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Bucket {
@@ -173,6 +173,18 @@ pub struct Bucket {
     pub tokens: u64,
     /// Last refill, bpf_ktime_get_ns.
     pub last_ns: u64,
+}
+
+/// `SYN_BUCKETS` values (schema 3): a source key's token bucket and how
+/// many of its SYNs the bucket refused. The refusals reach `TOP_SOURCES`
+/// in batches ([`crate::bucket::rank_credit`]), so a flooding source costs
+/// one `TOP_SOURCES` update per batch instead of one per dropped SYN.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceBucket {
+    pub bucket: Bucket,
+    /// SYNs refused since the bucket was created.
+    pub refused: u64,
 }
 
 /// Runtime limits (`LIMITS[0]`), written by userspace, read per packet.
@@ -299,12 +311,14 @@ mod pod {
     // arrays with explicit padding: every bit pattern is valid.
     unsafe impl aya::Pod for BlockValue {}
     unsafe impl aya::Pod for Bucket {}
+    unsafe impl aya::Pod for SourceBucket {}
     unsafe impl aya::Pod for Limits {}
     unsafe impl aya::Pod for Counter {}
 }
 
 const _: () = assert!(core::mem::size_of::<BlockValue>() == 16);
 const _: () = assert!(core::mem::size_of::<Bucket>() == 16);
+const _: () = assert!(core::mem::size_of::<SourceBucket>() == 24);
 const _: () = assert!(core::mem::size_of::<Limits>() == 72);
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 

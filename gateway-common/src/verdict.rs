@@ -16,6 +16,7 @@
 //! only when an expiry or a bucket needs it.
 
 use crate::{
+    bucket::Taken,
     maps::{v4_mapped, Limits, Reason, SourceKey},
     packet::{parse, Bytes, Parsed, Source, Transport, TCP_ACK, TCP_SYN},
 };
@@ -31,7 +32,7 @@ pub trait Tables {
     /// The limits in force, borrowed from the map (no per-packet copy).
     fn limits(&self) -> Option<&Limits>;
     /// Takes a token from the per-source bucket keyed by `key`.
-    fn take_source(&self, key: &SourceKey, limits: &Limits, now_ns: u64) -> bool;
+    fn take_source(&self, key: &SourceKey, limits: &Limits, now_ns: u64) -> Taken;
     /// Takes a token from the global SYN budget.
     fn take_global(&self, limits: &Limits, now_ns: u64) -> bool;
     /// Whether userspace saw `key` complete a TCP handshake within
@@ -43,8 +44,9 @@ pub trait Tables {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Verdict {
     pub reason: Reason,
-    /// Whether `key` is ranked in `TOP_SOURCES` (see [`Verdict::source`]).
-    ranked: bool,
+    /// Drops to add to `key`'s count in `TOP_SOURCES` (see
+    /// [`Verdict::ranked`]); 0 for none.
+    credit: u64,
     /// Always initialized (zeros when unranked): an `Option<SourceKey>`
     /// left its bytes undefined when `None`, and LLVM then copied an
     /// uninitialized register, which the verifier refuses.
@@ -56,7 +58,7 @@ impl Verdict {
     const fn new(reason: Reason) -> Verdict {
         Verdict {
             reason,
-            ranked: false,
+            credit: 0,
             key: [0; 16],
         }
     }
@@ -67,12 +69,15 @@ impl Verdict {
     }
 
     /// The source of a packet dropped by its per-source SYN limit or as
-    /// malformed (fed to `TOP_SOURCES`). Blocklist drops are counted on the
-    /// matching entry.
+    /// malformed, and how many drops to add to its `TOP_SOURCES` count: 1
+    /// for a malformed packet; SYN-limit drops come in batches
+    /// ([`crate::bucket::rank_credit`]), so most of them add nothing and
+    /// return `None` here. Blocklist drops are counted on the matching
+    /// entry.
     #[inline(always)]
-    pub const fn source(&self) -> Option<SourceKey> {
-        if self.ranked {
-            Some(self.key)
+    pub const fn ranked(&self) -> Option<(SourceKey, u64)> {
+        if self.credit != 0 {
+            Some((self.key, self.credit))
         } else {
             None
         }
@@ -118,35 +123,40 @@ pub fn decide<B: Bytes + ?Sized, T: Tables>(pkt: &B, t: &T) -> Verdict {
         Parsed::Ip { src, transport } => (src, transport),
     };
     // A drop (or bucket charge) is only final when the source is not
-    // allowlisted.
-    let dropped = |reason| {
+    // allowlisted. `credit`: drops to add to the source's `TOP_SOURCES`
+    // count; global-budget drops come from floods of spoofed, ever-new
+    // sources, where ranking would cost an LRU insert per packet and mean
+    // nothing (0).
+    let dropped = |reason, credit| {
         if t.allowed(&src) {
             Verdict::new(Reason::Allowlist)
         } else {
-            // Blocklist drops are counted on the entry; global-budget drops
-            // come from floods of spoofed, ever-new sources, where ranking
-            // would cost an LRU insert per packet and mean nothing.
-            let ranked = matches!(reason, Reason::SynRate | Reason::Malformed);
             Verdict {
                 reason,
-                ranked,
-                key: if ranked { key_of(&src) } else { [0; 16] },
+                credit,
+                key: if credit != 0 { key_of(&src) } else { [0; 16] },
             }
         }
     };
     if t.blocked(&src) {
-        return dropped(Reason::Blocklist);
+        // Counted on the entry, never ranked. Kept out of `dropped`: sharing
+        // it cost the blocklist hits 3-5 ns in the kernel (code layout).
+        return Verdict::new(if t.allowed(&src) {
+            Reason::Allowlist
+        } else {
+            Reason::Blocklist
+        });
     }
     match transport {
         Transport::Fragment => pass(Reason::Fragment),
         Transport::Other => pass(Reason::Pass),
         Transport::Malformed { dport: Some(port) } if t.protected(port) => {
-            dropped(Reason::Malformed)
+            dropped(Reason::Malformed, 1)
         }
         // Too broken to tell the port: not provably ours, and the kernel's IP
         // layer discards it anyway.
         Transport::Malformed { .. } => pass(Reason::Pass),
-        Transport::Evasive => dropped(Reason::Malformed),
+        Transport::Evasive => dropped(Reason::Malformed, 1),
         Transport::Tcp { dport, flags } => {
             if flags & (TCP_SYN | TCP_ACK) != TCP_SYN || !t.protected(dport) {
                 return pass(Reason::Pass);
@@ -155,8 +165,12 @@ pub fn decide<B: Bytes + ?Sized, T: Tables>(pkt: &B, t: &T) -> Verdict {
                 return pass(Reason::SynPass);
             };
             let now_ns = t.now();
-            if limits.syn_rate != 0 && !t.take_source(&bucket_key(&src, limits), limits, now_ns) {
-                return dropped(Reason::SynRate);
+            if limits.syn_rate != 0 {
+                if let Taken::Refused { credit } =
+                    t.take_source(&bucket_key(&src, limits), limits, now_ns)
+                {
+                    return dropped(Reason::SynRate, credit);
+                }
             }
             // The global budget is there for spoofed floods of ever-new
             // sources; a source that recently completed a handshake is not
@@ -166,7 +180,7 @@ pub fn decide<B: Bytes + ?Sized, T: Tables>(pkt: &B, t: &T) -> Verdict {
                 && !t.take_global(limits, now_ns)
                 && !t.trusted(&key_of(&src), now_ns)
             {
-                return dropped(Reason::SynGlobal);
+                return dropped(Reason::SynGlobal, 0);
             }
             pass(Reason::SynPass)
         }
@@ -233,7 +247,7 @@ mod tests {
         fn limits(&self) -> Option<&Limits> {
             Some(&self.limits)
         }
-        fn take_source(&self, key: &SourceKey, l: &Limits, now: u64) -> bool {
+        fn take_source(&self, key: &SourceKey, l: &Limits, now: u64) -> Taken {
             self.buckets.take_source(key, l, now)
         }
         fn take_global(&self, l: &Limits, now: u64) -> bool {
@@ -291,7 +305,7 @@ mod tests {
         );
         let v = decide(&syn(A)[..], &t);
         assert_eq!(
-            v.source(),
+            v.ranked(),
             None,
             "allowlisted traffic is never a top dropped source"
         );
@@ -302,7 +316,7 @@ mod tests {
         let mut t = Fake::new();
         t.block.push(("198.51.100.7".parse().unwrap(), 0));
         let v = decide(&syn(A)[..], &t);
-        assert_eq!((v.reason, v.source()), (Reason::Blocklist, None));
+        assert_eq!((v.reason, v.ranked()), (Reason::Blocklist, None));
     }
 
     #[test]
@@ -318,7 +332,13 @@ mod tests {
         let t = Fake::new(); // 2/s, burst 2
         assert_eq!(reason(&t, &syn(A), 0), Reason::SynPass);
         assert_eq!(reason(&t, &syn(A), 0), Reason::SynPass);
-        assert_eq!(reason(&t, &syn(A), 0), Reason::SynRate);
+        let v = decide(&syn(A)[..], &t);
+        assert_eq!(v.reason, Reason::SynRate);
+        assert_eq!(
+            v.ranked(),
+            Some((v4_mapped(A), 1)),
+            "the first refusal ranks its source at once"
+        );
         assert_eq!(
             reason(&t, &syn(B), 0),
             Reason::SynPass,
@@ -330,7 +350,39 @@ mod tests {
             "refilled after 0.5 s"
         );
         let v = decide(&syn(A)[..], &t);
-        assert_eq!(v.source(), Some(v4_mapped(A)));
+        assert_eq!(v.reason, Reason::SynRate);
+        assert_eq!(v.ranked(), None, "the second refusal waits for its batch");
+    }
+
+    #[test]
+    fn syn_refusals_rank_in_batches() {
+        let t = Fake::new(); // 2/s, burst 2
+        for _ in 0..2 {
+            assert_eq!(reason(&t, &syn(A), 0), Reason::SynPass);
+        }
+        let batch = crate::bucket::RANK_BATCH;
+        let mut credited = 0;
+        let mut ranked = 0;
+        for nth in 1..=3 * batch + 5 {
+            let v = decide(&syn(A)[..], &t);
+            assert_eq!(v.reason, Reason::SynRate, "refusal {nth}");
+            if let Some((key, n)) = v.ranked() {
+                assert_eq!(key, v4_mapped(A));
+                credited += n;
+                ranked += 1;
+            }
+        }
+        assert_eq!(ranked, 4, "the first refusal, then one per batch");
+        assert_eq!(credited, 3 * batch + 1);
+        // A malformed drop always counts at once.
+        let bad = Frame::v4(A, ME).tcp(8443, TCP_SYN).tcp_doff(2).build();
+        for _ in 0..3 {
+            let v = decide(&bad[..], &t);
+            assert_eq!(
+                (v.reason, v.ranked()),
+                (Reason::Malformed, Some((v4_mapped(A), 1)))
+            );
+        }
     }
 
     #[test]

@@ -5,7 +5,9 @@ use aya_ebpf::{
     macros::map,
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray},
 };
-use gateway_common::{capacity, BlockValue, Bucket, Counter, Limits, Reason, SourceKey};
+use gateway_common::{
+    capacity, BlockValue, Bucket, Counter, Limits, Reason, SourceBucket, SourceKey,
+};
 
 #[map]
 pub static ALLOW_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(capacity::ALLOW, 0);
@@ -33,7 +35,7 @@ pub static BLOCK_HOST_V6: HashMap<[u8; 16], BlockValue> =
     HashMap::with_max_entries(capacity::BLOCK_HOST_V6, 0);
 
 #[map]
-pub static SYN_BUCKETS: LruHashMap<SourceKey, Bucket> =
+pub static SYN_BUCKETS: LruHashMap<SourceKey, SourceBucket> =
     LruHashMap::with_max_entries(capacity::SYN_BUCKETS, 0);
 /// Source key -> when userspace last saw it complete a handshake (ktime ns).
 #[map]

@@ -3,7 +3,8 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key, programs::XdpContext};
 use gateway_common::{
-    bucket, hint,
+    bucket::{self, Taken},
+    hint,
     packet::{Bytes, Source},
     verdict::Tables,
     BlockValue, Limits, SourceKey, PORT_PROTECTED, TRUST_TTL_NS,
@@ -154,20 +155,24 @@ impl Tables for Maps {
     }
 
     #[inline(always)]
-    fn take_source(&self, key: &SourceKey, l: &Limits, now: u64) -> bool {
+    fn take_source(&self, key: &SourceKey, l: &Limits, now: u64) -> Taken {
         match SYN_BUCKETS.get_ptr_mut(key) {
             // SAFETY: the pointer is into the map value; concurrent CPUs may
             // race on the same source, which only blurs its rate slightly.
-            Some(b) => bucket::take(
-                unsafe { &mut *b },
-                l.syn_rate,
-                l.syn_burst,
-                l.syn_fill_ns,
-                now,
-            ),
+            // The refusal count itself is atomic; two CPUs refusing the
+            // same source at once may both read the count after both adds
+            // and so blur its batches of `TOP_SOURCES` credit the same way.
+            // (Reading the old value in the add itself needs BPF ISA v3,
+            // which bpf-linker's default CPU does not emit.)
+            Some(b) => bucket::take_source(unsafe { &mut *b }, l, now, |n| {
+                add(n, 1);
+                // SAFETY: `n` is a valid, aligned u64 in the map value.
+                unsafe { core::ptr::read_volatile(n) }
+            }),
             None => {
-                let _ = SYN_BUCKETS.insert(key, bucket::fresh(l.syn_burst, now), 0);
-                l.syn_burst > 0
+                let (b, taken) = bucket::fresh_source(l.syn_burst, now);
+                let _ = SYN_BUCKETS.insert(key, b, 0);
+                taken
             }
         }
     }

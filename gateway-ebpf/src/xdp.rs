@@ -21,12 +21,12 @@ pub fn gateway_xdp(ctx: XdpContext) -> u32 {
     if !v.drop() {
         return xdp_action::XDP_PASS;
     }
-    if let Some(src) = v.source() {
+    if let Some((src, credit)) = v.ranked() {
         match TOP_SOURCES.get_ptr_mut(&src) {
             // SAFETY: pointer into the map value returned by the lookup.
-            Some(n) => add(unsafe { &mut *n }, 1),
+            Some(n) => add(unsafe { &mut *n }, credit),
             None => {
-                let _ = TOP_SOURCES.insert(&src, 1u64, 0);
+                let _ = TOP_SOURCES.insert(&src, credit, 0);
             }
         }
     }

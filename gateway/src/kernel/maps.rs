@@ -7,9 +7,10 @@ use std::path::Path;
 use anyhow::{Context as _, Result};
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use gateway_common::{
+    bucket,
     cidr::Cidr,
     hint::{self, Hint, List},
-    names, BlockValue, Bucket, Counter, Limits, Reason, SourceKey, PORT_PROTECTED,
+    names, v4_mapped, BlockValue, Counter, Limits, Reason, SourceBucket, SourceKey, PORT_PROTECTED,
 };
 
 /// Every map of the XDP program.
@@ -20,7 +21,7 @@ pub struct KernelMaps {
     block_v6: LpmTrie<MapData, [u8; 16], BlockValue>,
     host_v4: HashMap<MapData, [u8; 4], BlockValue>,
     host_v6: HashMap<MapData, [u8; 16], BlockValue>,
-    syn_buckets: HashMap<MapData, SourceKey, Bucket>,
+    syn_buckets: HashMap<MapData, SourceKey, SourceBucket>,
     limits: Array<MapData, Limits>,
     ports: Array<MapData, u32>,
     stats: PerCpuArray<MapData, Counter>,
@@ -317,7 +318,7 @@ impl KernelMaps {
     }
 
     /// The SYN bucket of a source key, if it has one.
-    pub fn syn_bucket(&self, key: &SourceKey) -> Result<Option<Bucket>> {
+    pub fn syn_bucket(&self, key: &SourceKey) -> Result<Option<SourceBucket>> {
         match self.syn_buckets.get(key, 0) {
             Ok(b) => Ok(Some(b)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
@@ -378,10 +379,39 @@ impl KernelMaps {
     }
 
     /// The sources with the most dropped packets, most first.
+    ///
+    /// The kernel credits a source's SYN-limit drops to `TOP_SOURCES` in
+    /// batches (`bucket::rank_credit`). Where a source is its own bucket
+    /// (the IPv4 prefix is 32, the IPv6 one 128: the default for IPv4), the
+    /// refusals its bucket has not credited yet are added here, so its
+    /// count is exact; otherwise it trails by less than a batch.
     pub fn top(&self, n: usize) -> Result<Vec<(SourceKey, u64)>> {
         let mut all: Vec<(SourceKey, u64)> = self.top.iter().collect::<Result<_, _>>()?;
+        if let Some(l) = self.limits()? {
+            for (key, count) in &mut all {
+                let v4 = key[..12] == v4_mapped([0; 4])[..12];
+                let own_bucket = if v4 {
+                    l.ipv4_prefix == 32
+                } else {
+                    l.ipv6_prefix == 128
+                };
+                if own_bucket {
+                    if let Some(b) = self.syn_bucket(key)? {
+                        *count += b.refused - bucket::credited(b.refused);
+                    }
+                }
+            }
+        }
         all.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         all.truncate(n);
+        Ok(all)
+    }
+
+    /// `TOP_SOURCES` as the kernel wrote it, by source key (for tests).
+    #[cfg(test)]
+    pub fn top_credited(&self) -> Result<Vec<(SourceKey, u64)>> {
+        let mut all: Vec<(SourceKey, u64)> = self.top.iter().collect::<Result<_, _>>()?;
+        all.sort_unstable();
         Ok(all)
     }
 

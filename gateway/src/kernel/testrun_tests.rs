@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use gateway_common::{
     cidr::Cidr,
     packet::{craft::*, ETH_P_8021AD, ETH_P_8021Q, TCP_ACK, TCP_RST, TCP_SYN},
-    BlockValue, Bucket, Limits, Reason,
+    BlockValue, Limits, Reason, SourceBucket,
 };
 
 use super::{
@@ -248,11 +248,50 @@ fn syn_bucket_drains_and_refills_over_time() {
     );
     // The bucket in the map is keyed by the v4-mapped source.
     let key = gateway_common::v4_mapped(SRC);
-    let _: Bucket = bucket_of(&h, key).expect("bucket for the source");
+    let b = bucket_of(&h, key).expect("bucket for the source");
+    assert!(b.refused >= 1, "the refusals are counted: {b:?}");
 }
 
-fn bucket_of(h: &Harness, key: gateway_common::SourceKey) -> Option<Bucket> {
+fn bucket_of(h: &Harness, key: gateway_common::SourceKey) -> Option<SourceBucket> {
     h.maps.syn_bucket(&key).unwrap()
+}
+
+#[test]
+fn syn_refusals_reach_top_sources_in_batches() {
+    use gateway_common::{bucket::RANK_BATCH, v4_mapped};
+    // 1/s with a burst of 1: the first SYN passes, the rest of this
+    // (millisecond-long) test is refused.
+    let mut h = harness!(Limits::new(1, 1, 0, 32, 64));
+    expect(&mut h, &syn(SRC), XDP_PASS, Reason::SynPass);
+    let refused = RANK_BATCH + 8;
+    for _ in 0..refused {
+        expect(&mut h, &syn(SRC), XDP_DROP, Reason::SynRate);
+    }
+    let b = bucket_of(&h, v4_mapped(SRC)).expect("bucket for the source");
+    assert_eq!(b.refused, refused, "every refusal counted on the bucket");
+    // Malformed drops are credited one by one.
+    let bad = Frame::v4(SRC2, DST).tcp(PORT, TCP_SYN).tcp_doff(2).build();
+    for _ in 0..3 {
+        expect(&mut h, &bad, XDP_DROP, Reason::Malformed);
+    }
+    // The kernel has credited the first refusal and one batch; the 7
+    // after it wait for the next batch.
+    assert_eq!(
+        h.maps.top_credited().unwrap(),
+        vec![(v4_mapped(SRC), RANK_BATCH + 1), (v4_mapped(SRC2), 3)],
+    );
+    // A source that is its own bucket (IPv4 /32) gets its exact count: the
+    // bucket's uncredited refusals are added.
+    assert_eq!(
+        h.maps.top(10).unwrap(),
+        vec![(v4_mapped(SRC), refused), (v4_mapped(SRC2), 3)],
+    );
+    // With /24 buckets a source's count is what the kernel credited.
+    h.maps.set_limits(&Limits::new(1, 1, 0, 24, 64)).unwrap();
+    assert_eq!(
+        h.maps.top(10).unwrap(),
+        vec![(v4_mapped(SRC), RANK_BATCH + 1), (v4_mapped(SRC2), 3)],
+    );
 }
 
 #[test]
