@@ -264,6 +264,22 @@ fn flood(frame: &[u8], prog: &str, done: impl Fn(Duration) -> bool) -> Result<Fl
 }
 
 /// One's-complement sum of big-endian 16-bit words.
+/// One row of the table: floods `frame` at vd with its receiver pinned,
+/// counting the row's drops with `dropped` (a running total, read before
+/// and after) and the receiver's CPU time over the flood.
+fn row(what: &'static str, frame: &[u8], dropped: impl Fn() -> Result<u64>) -> Result<Row> {
+    let rx = pin_receiver()?;
+    let before = dropped()?;
+    let rx0 = receiver_cpu_seconds(&rx);
+    let run = flood(frame, "gateway_bench_tx", for_seconds)?;
+    Ok(Row {
+        what,
+        dropped: dropped()? - before,
+        receiver: receiver_cpu_seconds(&rx) - rx0,
+        run,
+    })
+}
+
 fn ones_sum(bytes: &[u8], mut sum: u32) -> u32 {
     for w in bytes.chunks(2) {
         sum += u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]) as u32;
@@ -465,16 +481,7 @@ fn main() -> Result<()> {
         loader::bench_program(&mut floor, prog)?
             .attach("vd", XdpMode::Driver)
             .with_context(|| format!("attaching {prog} to vd in native mode"))?;
-        let rx = pin_receiver()?;
-        let before = veth_xdp_drops()?;
-        let rx0 = receiver_cpu_seconds(&rx);
-        let run = flood(&frame, "gateway_bench_tx", for_seconds)?;
-        rows.push(Row {
-            what,
-            dropped: veth_xdp_drops()? - before,
-            receiver: receiver_cpu_seconds(&rx) - rx0,
-            run,
-        });
+        rows.push(row(what, &frame, veth_xdp_drops)?);
     } // each floor detaches when its object drops
 
     // 1. The gateway's XDP program on vd, native mode, source blocked.
@@ -489,23 +496,17 @@ fn main() -> Result<()> {
     loader::xdp_program(&mut dut)?
         .attach("vd", XdpMode::Driver)
         .context("attaching XDP to vd in native mode")?;
-    let count = |maps: &gateway::kernel::maps::KernelMaps| -> Result<u64> {
-        Ok(maps
-            .stats()?
-            .into_iter()
-            .find(|(r, _)| *r == Reason::Blocklist)
-            .map_or(0, |(_, c)| c.packets))
-    };
-    let rx = pin_receiver()?;
-    let before = count(&maps)?;
-    let rx0 = receiver_cpu_seconds(&rx);
-    let run = flood(&frame, "gateway_bench_tx", for_seconds)?;
-    rows.push(Row {
-        what: "XDP (gateway program, native, blocklist hit)",
-        dropped: count(&maps)? - before,
-        receiver: receiver_cpu_seconds(&rx) - rx0,
-        run,
-    });
+    rows.push(row(
+        "XDP (gateway program, native, blocklist hit)",
+        &frame,
+        || {
+            Ok(maps
+                .stats()?
+                .into_iter()
+                .find(|(r, _)| *r == Reason::Blocklist)
+                .map_or(0, |(_, c)| c.packets))
+        },
+    )?);
     drop(maps);
     drop(dut); // detaches
 
@@ -524,27 +525,20 @@ fn main() -> Result<()> {
         "nft",
         "add rule ip gwbench prerouting ip saddr 10.200.0.1 counter drop",
     ])?;
-    let rx = pin_receiver()?;
-    let rx0 = receiver_cpu_seconds(&rx);
-    let run = flood(&frame, "gateway_bench_tx", for_seconds)?;
-    let receiver = receiver_cpu_seconds(&rx) - rx0;
-    let link = ns(&["ip", "-s", "link", "show", "vd"])?;
-    let listing = ns(&["nft", "list", "chain", "ip", "gwbench", "prerouting"])?;
-    let dropped = listing
-        .split("counter packets ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .with_context(|| format!("no nft counter in {listing}"))?;
-    if dropped == 0 {
+    let nft = row("nftables (raw prerouting drop, GRO on)", &frame, || {
+        let listing = ns(&["nft", "list", "chain", "ip", "gwbench", "prerouting"])?;
+        listing
+            .split("counter packets ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("no nft counter in {listing}"))
+    })?;
+    if nft.dropped == 0 {
+        let link = ns(&["ip", "-s", "link", "show", "vd"])?;
         bail!("nftables saw nothing; vd: {link}");
     }
-    rows.push(Row {
-        what: "nftables (raw prerouting drop, GRO on)",
-        run,
-        dropped,
-        receiver,
-    });
+    rows.push(nft);
     // SAFETY: back to the namespace this thread started in.
     unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) };
     let syn = syn_flood(&home)?;
