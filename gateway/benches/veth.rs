@@ -337,7 +337,7 @@ fn syn_flood(home: &File) -> Result<String> {
     ns(&["ip", "route", "add", "10.201.0.0/16", "via", "10.200.0.1"])?;
     let _ = ns(&["nft", "delete", "table", "ip", "gwbench"]);
     let mut table = String::from(
-        "| XDP program | flood sent/s | legitimate connects ok | connect p50 | connect p99 |\n|---|---:|---:|---:|---:|\n",
+        "| XDP program | flood sent/s | legitimate connects ok | failed attempts (1-based) | connect p50 | connect p99 |\n|---|---:|---:|---|---:|---:|\n",
     );
     for xdp_on in [false, true] {
         let mut dut = None;
@@ -415,6 +415,12 @@ fn syn_flood(home: &File) -> Result<String> {
         listener.join().expect("listener thread")?;
         drop(dut);
         let _ = std::fs::remove_dir_all(&pin);
+        let failed: Vec<String> = results
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.is_none())
+            .map(|(i, _)| (i + 1).to_string())
+            .collect();
         let mut ok: Vec<Duration> = results.iter().flatten().copied().collect();
         ok.sort();
         let pct = |p: f64| {
@@ -422,10 +428,15 @@ fn syn_flood(home: &File) -> Result<String> {
                 .map_or("-".into(), |d| format!("{:.2} ms", d.as_secs_f64() * 1e3))
         };
         let row = format!(
-            "| {} | {:.2} M | {} / {ATTEMPTS} | {} | {} |\n",
+            "| {} | {:.2} M | {} / {ATTEMPTS} | {} | {} | {} |\n",
             if xdp_on { "on" } else { "off" },
             sent as f64 / elapsed.as_secs_f64() / 1e6,
             ok.len(),
+            if failed.is_empty() {
+                "-".to_string()
+            } else {
+                failed.join(", ")
+            },
             pct(0.5),
             pct(0.99),
         );
