@@ -1,12 +1,13 @@
 //! The list hints: one-bit-per-slot summaries of the blocklist and the
-//! allowlist that let the XDP program skip their lookups (the host hash and
-//! the LPM trie walks) for the common case, a source no entry is near.
+//! allowlist that let the XDP program skip their lookups (the host table
+//! searches and the LPM trie walks) for the common case, a source no entry
+//! is near.
 //!
 //! Each address family has 65,536 slots. An IPv4 source's slot is its /16;
 //! an IPv6 source's slot is its /32 folded to 16 bits. For the blocklist
 //! every slot has two bits: "a host entry may cover this slot" and "a CIDR
 //! entry may cover this slot", so the program reads one word and looks in
-//! the host hash only if the host bit is set, in the trie only if the CIDR
+//! the host table only if the host bit is set, in the trie only if the CIDR
 //! bit is set. For the allowlist (consulted only before a drop) a slot has
 //! one bit.
 //!

@@ -11,6 +11,7 @@ extern crate std;
 pub mod bucket;
 pub mod cidr;
 pub mod hint;
+pub mod host;
 pub mod maps;
 pub mod packet;
 pub mod reuseport;

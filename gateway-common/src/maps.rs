@@ -7,7 +7,7 @@
 
 /// Layout version of the pinned maps; pinned under `<pin_dir>/v<SCHEMA>/`.
 /// Bump whenever a key or value layout below changes.
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// Name of the XDP program inside the object.
 pub const XDP_PROGRAM: &str = "gateway_xdp";
@@ -30,9 +30,12 @@ pub mod names {
     pub const BLOCK_HINT: &str = "BLOCK_HINT";
     /// Sources that completed a handshake lately, since schema 2.
     pub const SYN_TRUSTED: &str = "SYN_TRUSTED";
+    /// The /32 blocks that found no room in `BLOCK_HOST_V4` (an array
+    /// since schema 4, see `crate::host`).
+    pub const BLOCK_HOST_V4_SPILL: &str = "BLOCK_HOST_V4_SPILL";
 
     /// Every map the XDP program pins, in a stable order.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         ALLOW_V4,
         ALLOW_V6,
         BLOCK_V4,
@@ -47,6 +50,7 @@ pub mod names {
         TOP_SOURCES,
         BLOCK_HINT,
         SYN_TRUSTED,
+        BLOCK_HOST_V4_SPILL,
     ];
 }
 
@@ -55,7 +59,11 @@ pub mod names {
 pub mod capacity {
     pub const ALLOW: u32 = 16_384;
     pub const BLOCK_CIDR: u32 = 262_144;
+    /// IPv4 /32 blocks; the table has twice as many slots (`crate::host`).
     pub const BLOCK_HOST_V4: u32 = 262_144;
+    /// /32 blocks whose table window is full: about one in 10,000 at
+    /// `BLOCK_HOST_V4` entries, so this is ample.
+    pub const BLOCK_HOST_V4_SPILL: u32 = 16_384;
     pub const BLOCK_HOST_V6: u32 = 131_072;
     pub const SYN_BUCKETS: u32 = 262_144;
     pub const TOP_SOURCES: u32 = 8_192;
@@ -314,6 +322,7 @@ mod pod {
     unsafe impl aya::Pod for SourceBucket {}
     unsafe impl aya::Pod for Limits {}
     unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for crate::host::HostSlot {}
 }
 
 const _: () = assert!(core::mem::size_of::<BlockValue>() == 16);

@@ -2,11 +2,13 @@
 //! contract in `gateway_common::maps`; userspace pins them by name.
 
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray},
 };
 use gateway_common::{
-    capacity, BlockValue, Bucket, Counter, Limits, Reason, SourceBucket, SourceKey,
+    capacity, host, host::HostSlot, BlockValue, Bucket, Counter, Limits, Reason, SourceBucket,
+    SourceKey,
 };
 
 #[map]
@@ -26,10 +28,15 @@ pub static BLOCK_V6: LpmTrie<[u8; 16], BlockValue> =
 #[map]
 pub static BLOCK_HINT: Array<u64> = Array::with_max_entries(gateway_common::hint::ENTRIES, 0);
 
-/// Exact-address blocks (/32, /128): one hash lookup instead of a trie walk.
+/// Exact IPv4 blocks (/32): an open-addressed table (`gateway_common::host`)
+/// that userspace writes through a memory mapping.
 #[map]
-pub static BLOCK_HOST_V4: HashMap<[u8; 4], BlockValue> =
-    HashMap::with_max_entries(capacity::BLOCK_HOST_V4, 0);
+pub static BLOCK_HOST_V4: Array<HostSlot> = Array::with_max_entries(host::SLOTS, BPF_F_MMAPABLE);
+/// The /32 blocks whose window in `BLOCK_HOST_V4` is full.
+#[map]
+pub static BLOCK_HOST_V4_SPILL: HashMap<[u8; 4], BlockValue> =
+    HashMap::with_max_entries(capacity::BLOCK_HOST_V4_SPILL, 0);
+/// Exact IPv6 blocks (/128): one hash lookup instead of a trie walk.
 #[map]
 pub static BLOCK_HOST_V6: HashMap<[u8; 16], BlockValue> =
     HashMap::with_max_entries(capacity::BLOCK_HOST_V6, 0);

@@ -5,6 +5,7 @@ use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key, programs::
 use gateway_common::{
     bucket::{self, Taken},
     hint,
+    host::{self, Probe},
     packet::{Bytes, Source},
     verdict::Tables,
     BlockValue, Limits, SourceKey, PORT_PROTECTED, TRUST_TTL_NS,
@@ -44,14 +45,36 @@ fn hit(v: Option<*mut BlockValue>) -> bool {
     let Some(v) = v else { return false };
     // SAFETY: a pointer into the map value returned by the lookup.
     let v = unsafe { &mut *v };
-    if v.expires_ns != 0 && !v.active(now()) {
+    // Read once, after the key that led here (see `host_v4`).
+    // SAFETY: an aligned u64 in the map value.
+    let expires_ns = unsafe { core::ptr::read_volatile(&v.expires_ns) };
+    if expires_ns != 0 && now() >= expires_ns {
         return false;
     }
     add(&mut v.hits, 1);
     true
 }
 
-/// Whether the host hash and the trie can hold an entry for the source in
+/// The value of an IPv4 /32 block of `a`: a search of the open-addressed
+/// table, then the spill map if the search saw a full window. Keys are read
+/// with volatile loads before their values; userspace writes a value before
+/// its key, so a key found here comes with its own value.
+#[inline(always)]
+pub fn host_v4(a: &[u8; 4]) -> Option<*mut BlockValue> {
+    let found = host::probe(a, |s| {
+        let p = BLOCK_HOST_V4.get_ptr_mut(s)?;
+        // SAFETY: a pointer to a slot of the array map.
+        Some((unsafe { core::ptr::read_volatile(&(*p).key) }, p))
+    });
+    match found {
+        // SAFETY: as above.
+        Probe::Found(p) => Some(unsafe { &mut (*p).value }),
+        Probe::Absent => None,
+        Probe::Spill => BLOCK_HOST_V4_SPILL.get_ptr_mut(a),
+    }
+}
+
+/// Whether the host table and the trie can hold an entry for the source in
 /// `slot`: both "yes" until userspace has built the hint.
 #[inline(always)]
 fn maybe_blocked(base: u32, slot: u32) -> (bool, bool) {
@@ -133,8 +156,7 @@ impl Tables for Maps {
         match src {
             Source::V4(a) => {
                 let (host, net) = maybe_blocked(hint::V4_BASE, hint::slot_v4(a));
-                (host && hit(BLOCK_HOST_V4.get_ptr_mut(a)))
-                    || (net && hit(lpm_ptr(BLOCK_V4.get(Key::new(32, *a)))))
+                (host && hit(host_v4(a))) || (net && hit(lpm_ptr(BLOCK_V4.get(Key::new(32, *a)))))
             }
             Source::V6(a) => {
                 let (host, net) = maybe_blocked(hint::V6_BASE, hint::slot_v6(a));

@@ -348,7 +348,7 @@ fn syn_flood(home: &File) -> Result<String> {
             // Pinned, as the daemon runs it, so `Trust` opens the map the
             // same way the workers do.
             let mut e = loader::load(Some(&pin))?;
-            let mut maps = gateway::kernel::maps::KernelMaps::from_ebpf(&mut e)?;
+            let mut maps = gateway::kernel::maps::KernelMaps::from_ebpf(&mut e, None)?;
             // The daemon's defaults: 20/s and 40 burst per source, 50,000/s in all.
             maps.set_limits(&Limits::new(20, 40, 50_000, 32, 64))?;
             maps.set_ports(&[PORT])?;
@@ -476,18 +476,18 @@ fn main() -> Result<()> {
     let mut rows = Vec::new();
 
     // 0. Two floors, counted by the veth itself: read the source address
-    // and drop; and look it up in the blocklist's host hash, drop on a hit.
+    // and drop; and look it up in the blocklist's host table, drop on a hit.
     let blocked = Cidr::V4 { addr: src, len: 32 };
     for (prog, what) in [
         ("gateway_bench_drop", "floor: read the source address, drop"),
         (
             "gateway_bench_lookup",
-            "floor: source looked up in the host hash, drop",
+            "floor: source looked up in the host table, drop",
         ),
     ] {
         enter(DUT)?;
         let mut floor = loader::load(None)?;
-        let mut maps = gateway::kernel::maps::KernelMaps::from_ebpf(&mut floor)?;
+        let mut maps = gateway::kernel::maps::KernelMaps::from_ebpf(&mut floor, None)?;
         maps.block_insert(&blocked, BlockValue::permanent())?;
         loader::bench_program(&mut floor, prog)?
             .attach("vd", XdpMode::Driver)
@@ -498,7 +498,7 @@ fn main() -> Result<()> {
     // 1. The gateway's XDP program on vd, native mode, source blocked.
     enter(DUT)?;
     let mut dut = loader::load(None)?;
-    let mut maps = gateway::kernel::maps::KernelMaps::from_ebpf(&mut dut)?;
+    let mut maps = gateway::kernel::maps::KernelMaps::from_ebpf(&mut dut, None)?;
     maps.set_limits(&Limits::new(1_000_000_000, 1_000_000_000, 0, 32, 64))?;
     maps.set_ports(&[PORT])?;
     maps.block_insert(&blocked, BlockValue::permanent())?;
@@ -589,24 +589,24 @@ fn main() -> Result<()> {
         ));
     }
     let per_core = |r: &Row| r.dropped as f64 / r.receiver;
-    let [floor, hash, xdp, nft] = [0, 1, 2, 3].map(|i| per_core(&rows[i]));
+    let [floor, lookup, xdp, nft] = [0, 1, 2, 3].map(|i| per_core(&rows[i]));
     let ns = |pps: f64| 1e9 / pps;
     out.push_str(&format!(
         "\nXDP / nftables, dropped per receiver-core second: **{:.1}x** (target >= 5x); XDP: **{:.2} Mpps per core** \
          (target >= 5 Mpps per core on veth). Receiver-core time per drop: {:.0} ns for the veth and one read of \
          the source (floor / nftables {:.1}x: no XDP program that reads the source can do better on this veth), \
-         {:.0} ns with one lookup in the kernel's hash map ({:.1}x: the ceiling for a blocklist kept in one), \
-         {:.0} ns for the gateway's program ({:.0} ns above the hash floor: parsing, the hint, counters), \
+         {:.0} ns with the search of the blocklist's host table ({:.1}x), \
+         {:.0} ns for the gateway's program ({:.0} ns above the lookup floor: parsing, the hint, counters), \
          {:.0} ns for nftables. When the receiver core is not saturated, the generator is the limit and per-core \
          figures extrapolate from the busy share.\n",
         xdp / nft,
         xdp / 1e6,
         ns(floor),
         floor / nft,
-        ns(hash),
-        hash / nft,
+        ns(lookup),
+        lookup / nft,
         ns(xdp),
-        (ns(xdp) - ns(hash)).max(0.0),
+        (ns(xdp) - ns(lookup)).max(0.0),
         ns(nft),
     ));
     out.push_str(&syn);

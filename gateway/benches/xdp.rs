@@ -162,7 +162,7 @@ fn cases() -> Vec<Case> {
             Some(60.0),
         ),
         (
-            "block hit: IPv4 exact (hash)",
+            "block hit: IPv4 exact (host table)",
             "DROP",
             Frame::v4(host_hit, dst).tcp(PORT, TCP_SYN).build(),
             Some(60.0),

@@ -2,15 +2,22 @@
 //! loaded object or from their pins, with the operations the CLI and daemon
 //! need. The only code that touches map layouts in userspace.
 
-use std::path::Path;
+use std::{
+    fs::File,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
+
+use super::host::HostTable;
 use gateway_common::{
     bucket,
     cidr::Cidr,
     hint::{self, Hint, List},
-    names, v4_mapped, BlockValue, Counter, Limits, Reason, SourceBucket, SourceKey, PORT_PROTECTED,
+    host, names, v4_mapped, BlockValue, Counter, Limits, Reason, SourceBucket, SourceKey,
+    PORT_PROTECTED,
 };
 
 /// Every map of the XDP program.
@@ -19,7 +26,8 @@ pub struct KernelMaps {
     allow_v6: LpmTrie<MapData, [u8; 16], u32>,
     block_v4: LpmTrie<MapData, [u8; 4], BlockValue>,
     block_v6: LpmTrie<MapData, [u8; 16], BlockValue>,
-    host_v4: HashMap<MapData, [u8; 4], BlockValue>,
+    /// `BLOCK_HOST_V4` and its spill map (see `gateway_common::host`).
+    host_v4: HostTable,
     host_v6: HashMap<MapData, [u8; 16], BlockValue>,
     syn_buckets: HashMap<MapData, SourceKey, SourceBucket>,
     limits: Array<MapData, Limits>,
@@ -32,6 +40,10 @@ pub struct KernelMaps {
     trusted: HashMap<MapData, SourceKey, u64>,
     /// Kernel id of STATS, to find the program that uses these maps.
     stats_id: u32,
+    /// The pin directory, locked while the blocklist is written: the
+    /// daemon and the CLI both write `BLOCK_HOST_V4`, whose slots only
+    /// userspace places. `None` for maps no other process can open.
+    pin_dir: Option<PathBuf>,
 }
 
 /// Counters of one reason, summed over CPUs.
@@ -62,7 +74,7 @@ where
 
 impl KernelMaps {
     /// Builds the handles from a map source (pins or a loaded object).
-    fn build(mut get: impl FnMut(&str) -> Result<Map>) -> Result<Self> {
+    fn build(pin_dir: Option<&Path>, mut get: impl FnMut(&str) -> Result<Map>) -> Result<Self> {
         let stats = get(names::STATS)?;
         let stats_id = match &stats {
             Map::PerCpuArray(data) => data.info().context("reading the STATS map info")?.id(),
@@ -74,7 +86,7 @@ impl KernelMaps {
             allow_v6: typed(get(names::ALLOW_V6)?, names::ALLOW_V6)?,
             block_v4: typed(get(names::BLOCK_V4)?, names::BLOCK_V4)?,
             block_v6: typed(get(names::BLOCK_V6)?, names::BLOCK_V6)?,
-            host_v4: typed(get(names::BLOCK_HOST_V4)?, names::BLOCK_HOST_V4)?,
+            host_v4: HostTable::new(get(names::BLOCK_HOST_V4)?, get(names::BLOCK_HOST_V4_SPILL)?)?,
             host_v6: typed(get(names::BLOCK_HOST_V6)?, names::BLOCK_HOST_V6)?,
             syn_buckets: typed(get(names::SYN_BUCKETS)?, names::SYN_BUCKETS)?,
             limits: typed(get(names::LIMITS)?, names::LIMITS)?,
@@ -84,12 +96,13 @@ impl KernelMaps {
             trusted: typed(get(names::SYN_TRUSTED)?, names::SYN_TRUSTED)?,
             stats,
             stats_id,
+            pin_dir: pin_dir.map(Path::to_path_buf),
         })
     }
 
     /// Opens the maps pinned in `dir`.
     pub fn open_pinned(dir: &Path) -> Result<Self> {
-        Self::build(|name| {
+        Self::build(Some(dir), |name| {
             let path = dir.join(name);
             let data = MapData::from_pin(&path)
                 .with_context(|| format!("opening the pinned map {}", path.display()))?;
@@ -97,9 +110,9 @@ impl KernelMaps {
         })
     }
 
-    /// Takes the maps out of a loaded object.
-    pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> Result<Self> {
-        Self::build(|name| {
+    /// Takes the maps out of a loaded object, pinned in `pin_dir` if given.
+    pub fn from_ebpf(ebpf: &mut aya::Ebpf, pin_dir: Option<&Path>) -> Result<Self> {
+        Self::build(pin_dir, |name| {
             ebpf.take_map(name)
                 .with_context(|| format!("the eBPF object has no map {name}"))
         })
@@ -127,15 +140,34 @@ impl KernelMaps {
         }
         let need = Hint::of(entries.iter().map(|(c, _)| c), None);
         self.hint_or(&need)?;
+        let _lock = self.write_lock()?;
         for (c, v) in entries {
             self.block_insert_entry(c, *v)?;
         }
         self.hint_or(&need)
     }
 
+    /// Holds the pin directory's lock until dropped (see `pin_dir`).
+    fn write_lock(&self) -> Result<Option<File>> {
+        let Some(dir) = &self.pin_dir else {
+            return Ok(None);
+        };
+        let f = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+        // SAFETY: flock on a file descriptor this function owns.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("locking {}", dir.display()));
+        }
+        Ok(Some(f))
+    }
+
     fn block_insert_entry(&mut self, cidr: &Cidr, v: BlockValue) -> Result<()> {
         let r = match *cidr {
-            Cidr::V4 { addr, len: 32 } => self.host_v4.insert(addr, v, 0),
+            Cidr::V4 { addr, len: 32 } => {
+                return host::insert(&mut self.host_v4, &addr, v)
+                    .map(drop)
+                    .with_context(|| format!("adding {cidr} to the kernel blocklist"));
+            }
             Cidr::V6 { addr, len: 128 } => self.host_v6.insert(addr, v, 0),
             Cidr::V4 { addr, len } => self.block_v4.insert(&Key::new(len.into(), addr), v, 0),
             Cidr::V6 { addr, len } => self.block_v6.insert(&Key::new(len.into(), addr), v, 0),
@@ -224,7 +256,11 @@ impl KernelMaps {
     /// `hint_rebuild`.
     pub fn block_remove(&mut self, cidr: &Cidr) -> Result<bool> {
         let r = match *cidr {
-            Cidr::V4 { addr, len: 32 } => self.host_v4.remove(&addr),
+            Cidr::V4 { addr, len: 32 } => {
+                let _lock = self.write_lock()?;
+                return host::remove(&mut self.host_v4, &addr)
+                    .with_context(|| format!("removing {cidr} from the kernel blocklist"));
+            }
             Cidr::V6 { addr, len: 128 } => self.host_v6.remove(&addr),
             Cidr::V4 { addr, len } => self.block_v4.remove(&Key::new(len.into(), addr)),
             Cidr::V6 { addr, len } => self.block_v6.remove(&Key::new(len.into(), addr)),
@@ -235,8 +271,7 @@ impl KernelMaps {
     /// Every blocklist entry with its kernel value.
     pub fn block_entries(&self) -> Result<Vec<(Cidr, BlockValue)>> {
         let mut out = Vec::new();
-        for kv in self.host_v4.iter() {
-            let (addr, v) = kv?;
+        for (addr, v) in self.host_v4.entries()? {
             out.push((Cidr::V4 { addr, len: 32 }, v));
         }
         for kv in self.host_v6.iter() {
@@ -407,6 +442,12 @@ impl KernelMaps {
         Ok(all)
     }
 
+    /// The IPv4 host table (tests).
+    #[cfg(test)]
+    pub fn host_v4(&self) -> &HostTable {
+        &self.host_v4
+    }
+
     /// `TOP_SOURCES` as the kernel wrote it, by source key (for tests).
     #[cfg(test)]
     pub fn top_credited(&self) -> Result<Vec<(SourceKey, u64)>> {
@@ -419,7 +460,7 @@ impl KernelMaps {
         Ok(Occupancy {
             allow: self.allow_v4.keys().count() + self.allow_v6.keys().count(),
             block_cidr: self.block_v4.keys().count() + self.block_v6.keys().count(),
-            block_host: self.host_v4.keys().count() + self.host_v6.keys().count(),
+            block_host: self.host_v4.count() + self.host_v6.keys().count(),
             syn_buckets: self.syn_buckets.keys().count(),
             top_sources: self.top.keys().count(),
             syn_trusted: self.trusted.keys().count(),
@@ -455,7 +496,9 @@ pub fn earliest_expiry<'a>(values: impl IntoIterator<Item = &'a BlockValue>) -> 
         .min()
 }
 
-fn not_found_is_false(r: Result<(), aya::maps::MapError>) -> Result<bool, aya::maps::MapError> {
+pub(super) fn not_found_is_false(
+    r: Result<(), aya::maps::MapError>,
+) -> Result<bool, aya::maps::MapError> {
     match r {
         Ok(()) => Ok(true),
         Err(aya::maps::MapError::KeyNotFound) => Ok(false),

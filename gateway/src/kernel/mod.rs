@@ -1,9 +1,11 @@
 //! The kernel half of the gateway in userspace: loading and attaching the XDP
-//! program (`loader`), typed access to its maps (`maps`), the policy that
+//! program (`loader`), typed access to its maps (`maps`, with the IPv4 host
+//! table in `host`), the policy that
 //! config and state ask for (`policy`), its persistence (`state`), and the
 //! sources userspace vouches for (`trust`).
 
 pub mod clock;
+pub mod host;
 pub mod loader;
 pub mod maps;
 pub mod policy;

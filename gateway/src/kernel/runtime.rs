@@ -114,7 +114,7 @@ impl Kernel {
         }
         let want = policy::load(cfg)?;
         let mut ebpf = loader::load(Some(&pin))?;
-        let mut maps = KernelMaps::from_ebpf(&mut ebpf)?;
+        let mut maps = KernelMaps::from_ebpf(&mut ebpf, Some(&pin))?;
         let applied = policy::apply(&mut maps, &want)?;
         tracing::info!(
             blocklist = want.block.len(),

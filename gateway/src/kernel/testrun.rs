@@ -26,7 +26,7 @@ impl Harness {
     /// Loads the program with `limits` and the given protected ports.
     pub fn new(limits: Limits, ports: &[u16]) -> Result<Harness> {
         let mut ebpf = loader::load(None)?;
-        let mut maps = KernelMaps::from_ebpf(&mut ebpf)?;
+        let mut maps = KernelMaps::from_ebpf(&mut ebpf, None)?;
         maps.set_limits(&limits)?;
         maps.set_ports(ports)?;
         // As the daemon runs it: the (empty) blocklist's hint built and trusted.

@@ -107,6 +107,53 @@ fn exact_and_cidr_blocks_v4_and_v6() {
     );
 }
 
+/// /32 blocks crowded onto one home slot of the host table, with a window
+/// that wraps around the table's end: the first `MAX_PROBE` fill the
+/// window, the rest spill; the program finds every one, and removals pull
+/// spilled entries back into the table without losing any.
+#[test]
+fn crowded_host_blocks_spill_and_come_back() {
+    use gateway_common::host::{self, MAX_PROBE, SLOTS};
+    let mut h = harness!(limits());
+    let mut addrs = host::homed_at(SLOTS - 3);
+    let blocked: Vec<[u8; 4]> = addrs.by_ref().take(MAX_PROBE as usize + 5).collect();
+    let stranger = addrs.next().unwrap();
+    for a in &blocked {
+        h.maps
+            .block_insert(&Cidr::V4 { addr: *a, len: 32 }, BlockValue::permanent())
+            .unwrap();
+    }
+    assert_eq!(h.maps.host_v4().spilled(), 5);
+    for a in &blocked {
+        expect(&mut h, &syn(*a), XDP_DROP, Reason::Blocklist);
+    }
+    // A search that saw a full window and a spill-map miss passes.
+    expect(&mut h, &syn(stranger), XDP_PASS, Reason::SynPass);
+    // Remove from both ends of the window and from the spill map.
+    let gone = [0, 1, MAX_PROBE as usize - 1, MAX_PROBE as usize + 4];
+    for i in gone {
+        let c = Cidr::V4 {
+            addr: blocked[i],
+            len: 32,
+        };
+        assert!(h.maps.block_remove(&c).unwrap(), "{c}");
+    }
+    assert_eq!(h.maps.host_v4().spilled(), 1);
+    for (i, a) in blocked.iter().enumerate() {
+        if gone.contains(&i) {
+            expect(&mut h, &syn(*a), XDP_PASS, Reason::SynPass);
+        } else {
+            expect(&mut h, &syn(*a), XDP_DROP, Reason::Blocklist);
+        }
+    }
+    // Hit counts moved with the entries that were shifted or pulled in.
+    let entries = h.maps.block_entries().unwrap();
+    assert_eq!(entries.len(), blocked.len() - gone.len());
+    for (c, v) in entries {
+        assert_eq!(v.hits, 2, "{c}");
+    }
+}
+
 #[test]
 fn allowlist_beats_blocklist() {
     let mut h = harness!(limits());
