@@ -10,8 +10,6 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
-
-use super::host::HostTable;
 use gateway_common::{
     bucket,
     cidr::Cidr,
@@ -19,6 +17,8 @@ use gateway_common::{
     host, names, v4_mapped, BlockValue, Counter, Limits, Reason, SourceBucket, SourceKey,
     PORT_PROTECTED,
 };
+
+use super::host::HostTable;
 
 /// Every map of the XDP program.
 pub struct KernelMaps {
