@@ -154,6 +154,54 @@ fn crowded_host_blocks_spill_and_come_back() {
     }
 }
 
+/// The program and userspace agree on every address at scale: 60,000
+/// random /32s plus a crowded window that spills, a third of them removed
+/// again (entries shift back, spilled ones are pulled in), then every
+/// address, and 2,000 never blocked, sent through the real program.
+#[test]
+fn host_table_agrees_with_the_program_at_scale() {
+    use std::collections::BTreeSet;
+
+    use gateway_common::host;
+    let mut h = harness!(limits());
+    let mut x: u32 = 0x9E37_79B9;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        x.to_be_bytes()
+    };
+    let mut addrs: BTreeSet<[u8; 4]> = (0..60_000).map(|_| next()).collect();
+    addrs.extend(host::homed_at(12_345).take(40));
+    let entries: Vec<(Cidr, BlockValue)> = addrs
+        .iter()
+        .map(|a| (Cidr::V4 { addr: *a, len: 32 }, BlockValue::permanent()))
+        .collect();
+    h.maps.block_insert_many(&entries).unwrap();
+    assert!(h.maps.host_v4().spilled() >= 40 - host::MAX_PROBE as usize);
+    let mut kept = BTreeSet::new();
+    for (i, a) in addrs.iter().enumerate() {
+        if i % 3 == 0 {
+            assert!(h
+                .maps
+                .block_remove(&Cidr::V4 { addr: *a, len: 32 })
+                .unwrap());
+        } else {
+            kept.insert(*a);
+        }
+    }
+    assert_eq!(h.maps.block_entries().unwrap().len(), kept.len());
+    let strangers: Vec<[u8; 4]> = (0..2_000)
+        .map(|_| next())
+        .filter(|a| !addrs.contains(a))
+        .collect();
+    for a in addrs.iter().chain(&strangers) {
+        let frame = Frame::v4(*a, DST).tcp(PORT, TCP_ACK).build();
+        let want = if kept.contains(a) { XDP_DROP } else { XDP_PASS };
+        assert_eq!(h.run(&frame).unwrap(), want, "{a:?}");
+    }
+}
+
 #[test]
 fn allowlist_beats_blocklist() {
     let mut h = harness!(limits());
