@@ -93,8 +93,9 @@ const fn dist(from: u32, to: u32) -> u32 {
 pub enum Probe<T> {
     /// In the table, at what `read` returned for its slot.
     Found(T),
-    /// Not in the table, and not spilled (a free slot ended the search).
-    Absent,
+    /// Not in the table, and not spilled: the free slot that ended the
+    /// search, where an insert puts it.
+    Absent(T),
     /// Not in the table, and its window is full: look in the spill map.
     Spill,
 }
@@ -109,7 +110,7 @@ pub fn probe<T>(a: &[u8; 4], mut read: impl FnMut(u32) -> Option<(u64, T)>) -> P
     for i in 0..MAX_PROBE {
         match read(slot(h, i)) {
             Some((k, t)) if k == want => return Probe::Found(t),
-            Some((0, _)) => return Probe::Absent,
+            Some((0, t)) => return Probe::Absent(t),
             Some(_) => {}
             None => return Probe::Spill,
         }
@@ -157,13 +158,7 @@ pub fn insert<S: Store>(t: &mut S, a: &[u8; 4], v: BlockValue) -> Result<Placed,
             t.set_value(s, v);
             Ok(Placed::Updated)
         }
-        Probe::Absent => {
-            // The first free slot ends the search, so that is where it goes.
-            let h = home(a);
-            let s = (0..MAX_PROBE)
-                .map(|i| slot(h, i))
-                .find(|s| t.key(*s) == 0)
-                .expect("a search that ended Absent saw a free slot");
+        Probe::Absent(s) => {
             t.publish(
                 s,
                 HostSlot {
@@ -185,7 +180,7 @@ pub fn insert<S: Store>(t: &mut S, a: &[u8; 4], v: BlockValue) -> Result<Placed,
 pub fn remove<S: Store>(t: &mut S, a: &[u8; 4]) -> Result<bool, S::Error> {
     let at = match probe(a, |s| Some((t.key(s), s))) {
         Probe::Found(s) => s,
-        Probe::Absent => return Ok(false),
+        Probe::Absent(_) => return Ok(false),
         Probe::Spill => return t.spill_remove(a),
     };
     // Backward shift: move each later entry of the run that may sit at the
@@ -282,7 +277,7 @@ mod tests {
         fn lookup(&self, a: &[u8; 4]) -> Option<BlockValue> {
             match probe(a, |s| Some((self.slots[s as usize].key, s))) {
                 Probe::Found(s) => Some(self.slots[s as usize].value),
-                Probe::Absent => None,
+                Probe::Absent(_) => None,
                 Probe::Spill => self.spill.get(a).copied(),
             }
         }

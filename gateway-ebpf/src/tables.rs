@@ -69,7 +69,7 @@ pub fn host_v4(a: &[u8; 4]) -> Option<*mut BlockValue> {
     match found {
         // SAFETY: as above.
         Probe::Found(p) => Some(unsafe { &mut (*p).value }),
-        Probe::Absent => None,
+        Probe::Absent(_) => None,
         Probe::Spill => BLOCK_HOST_V4_SPILL.get_ptr_mut(a),
     }
 }

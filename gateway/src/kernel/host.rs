@@ -122,7 +122,7 @@ impl HostTable {
         use gateway_common::host::Probe;
         Ok(match host::probe(a, |s| Some((self.key(s), s))) {
             Probe::Found(s) => Some(self.value(s)),
-            Probe::Absent => None,
+            Probe::Absent(_) => None,
             Probe::Spill => match self.spill.get(a, 0) {
                 Ok(v) => Some(v),
                 Err(aya::maps::MapError::KeyNotFound) => None,
