@@ -28,11 +28,39 @@
 
 use crate::BlockValue;
 
-/// Bits of the slot index.
+/// The size of one open-addressed table: `BLOCK_HOST_V4` ([`Hosts`]) and
+/// `BLOCK_NET_V4` ([`Nets`]) share the layout, the keys and the algorithms.
+pub trait Shape {
+    /// Bits of the slot index.
+    const BITS: u32;
+    /// Slots in the table.
+    const SLOTS: u32 = 1 << Self::BITS;
+    /// The slot index mask.
+    const MASK: u32 = Self::SLOTS - 1;
+}
+
+/// `BLOCK_HOST_V4`: the IPv4 /32 blocks.
+pub struct Hosts;
+impl Shape for Hosts {
+    const BITS: u32 = SLOT_BITS;
+}
+
+/// `BLOCK_NET_V4`: the IPv4 CIDR blocks (/0 to /31), a copy of `BLOCK_V4`
+/// the program searches one prefix length at a time (see [`crate::nets`]).
+pub struct Nets;
+impl Shape for Nets {
+    const BITS: u32 = NET_SLOT_BITS;
+}
+
+/// Bits of the slot index of `BLOCK_HOST_V4`.
 pub const SLOT_BITS: u32 = 19;
 /// Slots in `BLOCK_HOST_V4` (twice `capacity::BLOCK_HOST_V4`).
 pub const SLOTS: u32 = 1 << SLOT_BITS;
-const MASK: u32 = SLOTS - 1;
+/// Bits of the slot index of `BLOCK_NET_V4`.
+pub const NET_SLOT_BITS: u32 = 18;
+/// Slots in `BLOCK_NET_V4`: room for 131,072 CIDRs at half load; more
+/// than fit send the program back to the trie (see [`crate::nets`]).
+pub const NET_SLOTS: u32 = 1 << NET_SLOT_BITS;
 /// Slots a search looks at: an entry sits at most `MAX_PROBE - 1` slots
 /// after its home slot. At half load a window is full for about one
 /// address in 10,000; at the benchmark's 100,000 entries, for none.
@@ -43,6 +71,8 @@ const _: () = assert!(core::mem::size_of::<HostSlot>() == 24);
 
 /// Marks a used slot's key (an address alone may be 0.0.0.0).
 const USED: u64 = 1 << 32;
+/// Where a CIDR key keeps its prefix length (0 in every host key).
+const LEN_SHIFT: u32 = 40;
 
 /// One slot of `BLOCK_HOST_V4`. `key` is 0 when the slot is free.
 #[repr(C)]
@@ -68,24 +98,53 @@ pub const fn addr_of(key: u64) -> Option<[u8; 4]> {
     }
 }
 
-/// The home slot of `a` (Fibonacci hashing: neighbouring addresses land
-/// far apart).
+/// The key of the `len`-bit prefix of `a` (`len` <= 32; the host bits of
+/// `a` are masked off here, so any address inside the prefix gives it).
 #[inline(always)]
-pub const fn home(a: &[u8; 4]) -> u32 {
-    u32::from_be_bytes(*a).wrapping_mul(0x9E37_79B1) >> (32 - SLOT_BITS)
+pub const fn net_key(a: &[u8; 4], len: u32) -> u64 {
+    // A u64 shift, so /0 (a shift by 32) is defined: mask 0.
+    let mask = (u64::MAX << (32 - (len & 63))) as u32;
+    USED | ((len as u64) << LEN_SHIFT) | (u32::from_be_bytes(*a) & mask) as u64
+}
+
+/// The prefix a CIDR key holds: address and length.
+#[inline(always)]
+pub const fn net_of(key: u64) -> Option<([u8; 4], u8)> {
+    match addr_of(key) {
+        Some(a) => Some((a, (key >> LEN_SHIFT) as u8)),
+        None => None,
+    }
+}
+
+/// The home slot of a key (Fibonacci hashing: neighbouring addresses land
+/// far apart; a CIDR key's length moves it, so 10.0.0.0/8 and 10.0.0.0/16
+/// start their searches apart). For a host key this is [`home`].
+#[inline(always)]
+pub fn home_of<S: Shape>(key: u64) -> u32 {
+    let len = (key >> LEN_SHIFT) as u32;
+    (key as u32)
+        .wrapping_add(len.wrapping_mul(0x85EB_CA6B))
+        .wrapping_mul(0x9E37_79B1)
+        >> (32 - S::BITS)
+}
+
+/// The home slot of `a` in `BLOCK_HOST_V4`.
+#[inline(always)]
+pub fn home(a: &[u8; 4]) -> u32 {
+    home_of::<Hosts>(key_of(a))
 }
 
 /// The `i`th slot of the window that starts at `home`.
 #[inline(always)]
-pub const fn slot(home: u32, i: u32) -> u32 {
-    home.wrapping_add(i) & MASK
+pub fn slot_in<S: Shape>(home: u32, i: u32) -> u32 {
+    home.wrapping_add(i) & S::MASK
 }
 
 /// Slots from `from` forward to `to`, wrapping.
 #[cfg(any(test, feature = "user"))]
 #[inline(always)]
-const fn dist(from: u32, to: u32) -> u32 {
-    to.wrapping_sub(from) & MASK
+fn dist<S: Shape>(from: u32, to: u32) -> u32 {
+    to.wrapping_sub(from) & S::MASK
 }
 
 /// Where a search for an address ended.
@@ -100,15 +159,17 @@ pub enum Probe<T> {
     Spill,
 }
 
-/// The search. `read(slot)` returns the slot's key and a handle to it;
-/// `None` (a lookup the program could not do) sends the search to the
-/// spill map, which is never wrong, only slower.
+/// The search for `want`. `read(slot)` returns the slot's key and a handle
+/// to it; `None` (a lookup the program could not do) sends the search to
+/// the spill map, which is never wrong, only slower.
 #[inline(always)]
-pub fn probe<T>(a: &[u8; 4], mut read: impl FnMut(u32) -> Option<(u64, T)>) -> Probe<T> {
-    let want = key_of(a);
-    let h = home(a);
+pub fn probe_key<S: Shape, T>(
+    want: u64,
+    mut read: impl FnMut(u32) -> Option<(u64, T)>,
+) -> Probe<T> {
+    let h = home_of::<S>(want);
     for i in 0..MAX_PROBE {
-        match read(slot(h, i)) {
+        match read(slot_in::<S>(h, i)) {
             Some((k, t)) if k == want => return Probe::Found(t),
             Some((0, t)) => return Probe::Absent(t),
             Some(_) => {}
@@ -118,7 +179,13 @@ pub fn probe<T>(a: &[u8; 4], mut read: impl FnMut(u32) -> Option<(u64, T)>) -> P
     Probe::Spill
 }
 
-/// The table and its spill map as userspace writes them.
+/// The search for the host `a` in `BLOCK_HOST_V4`.
+#[inline(always)]
+pub fn probe<T>(a: &[u8; 4], read: impl FnMut(u32) -> Option<(u64, T)>) -> Probe<T> {
+    probe_key::<Hosts, T>(key_of(a), read)
+}
+
+/// A table and its spill map as userspace writes them.
 #[cfg(any(test, feature = "user"))]
 pub trait Store {
     type Error;
@@ -132,10 +199,10 @@ pub trait Store {
     /// Frees `slot`.
     fn clear(&mut self, slot: u32);
 
-    fn spill_insert(&mut self, a: &[u8; 4], v: BlockValue) -> Result<(), Self::Error>;
-    /// `false` if `a` was not there.
-    fn spill_remove(&mut self, a: &[u8; 4]) -> Result<bool, Self::Error>;
-    fn spill_entries(&self) -> Result<std::vec::Vec<([u8; 4], BlockValue)>, Self::Error>;
+    fn spill_insert(&mut self, key: u64, v: BlockValue) -> Result<(), Self::Error>;
+    /// `false` if `key` was not there.
+    fn spill_remove(&mut self, key: u64) -> Result<bool, Self::Error>;
+    fn spill_entries(&self) -> Result<std::vec::Vec<(u64, BlockValue)>, Self::Error>;
 }
 
 /// Where [`insert`] put an entry.
@@ -150,38 +217,49 @@ pub enum Placed {
     Spilled,
 }
 
-/// Adds `a` with value `v`, or replaces the value it has.
+/// Adds the host `a` with value `v`, or replaces the value it has.
 #[cfg(any(test, feature = "user"))]
 pub fn insert<S: Store>(t: &mut S, a: &[u8; 4], v: BlockValue) -> Result<Placed, S::Error> {
-    match probe(a, |s| Some((t.key(s), s))) {
+    insert_key::<Hosts, S>(t, key_of(a), v)
+}
+
+/// Removes the host `a`; `false` if it was in neither the table nor the
+/// spill map.
+#[cfg(any(test, feature = "user"))]
+pub fn remove<S: Store>(t: &mut S, a: &[u8; 4]) -> Result<bool, S::Error> {
+    remove_key::<Hosts, S>(t, key_of(a))
+}
+
+/// Adds `key` with value `v`, or replaces the value it has.
+#[cfg(any(test, feature = "user"))]
+pub fn insert_key<Sh: Shape, S: Store>(
+    t: &mut S,
+    key: u64,
+    v: BlockValue,
+) -> Result<Placed, S::Error> {
+    match probe_key::<Sh, _>(key, |s| Some((t.key(s), s))) {
         Probe::Found(s) => {
             t.set_value(s, v);
             Ok(Placed::Updated)
         }
         Probe::Absent(s) => {
-            t.publish(
-                s,
-                HostSlot {
-                    key: key_of(a),
-                    value: v,
-                },
-            );
+            t.publish(s, HostSlot { key, value: v });
             Ok(Placed::Table)
         }
         Probe::Spill => {
-            t.spill_insert(a, v)?;
+            t.spill_insert(key, v)?;
             Ok(Placed::Spilled)
         }
     }
 }
 
-/// Removes `a`; `false` if it was in neither the table nor the spill map.
+/// Removes `key`; `false` if it was in neither the table nor the spill map.
 #[cfg(any(test, feature = "user"))]
-pub fn remove<S: Store>(t: &mut S, a: &[u8; 4]) -> Result<bool, S::Error> {
-    let at = match probe(a, |s| Some((t.key(s), s))) {
+pub fn remove_key<Sh: Shape, S: Store>(t: &mut S, key: u64) -> Result<bool, S::Error> {
+    let at = match probe_key::<Sh, _>(key, |s| Some((t.key(s), s))) {
         Probe::Found(s) => s,
         Probe::Absent(_) => return Ok(false),
-        Probe::Spill => return t.spill_remove(a),
+        Probe::Spill => return t.spill_remove(key),
     };
     // Backward shift: move each later entry of the run that may sit at the
     // hole into it. The hole keeps a copy of what was there until it is
@@ -189,17 +267,18 @@ pub fn remove<S: Store>(t: &mut S, a: &[u8; 4]) -> Result<bool, S::Error> {
     let mut hole = at;
     let mut j = at;
     let mut end = None;
-    for _ in 1..SLOTS {
-        j = slot(j, 1);
+    for _ in 1..Sh::SLOTS {
+        j = slot_in::<Sh>(j, 1);
         let k = t.key(j);
-        let Some(addr) = addr_of(k) else {
+        if k == 0 {
             end = Some(j);
             break;
-        };
+        }
         // The entry at j may move to the hole unless its home lies in
         // (hole, j]: then the hole is before its home.
-        let h = home(&addr);
-        let home_after_hole = dist(hole, h) != 0 && dist(hole, h) <= dist(hole, j);
+        let h = home_of::<Sh>(k);
+        let d = dist::<Sh>(hole, h);
+        let home_after_hole = d != 0 && d <= dist::<Sh>(hole, j);
         if !home_after_hole {
             t.publish(
                 hole,
@@ -216,23 +295,17 @@ pub fn remove<S: Store>(t: &mut S, a: &[u8; 4]) -> Result<bool, S::Error> {
     // of taken slots around the hole (before this removal), so only a run
     // that long needs the spill map read.
     let before = (1..MAX_PROBE)
-        .take_while(|i| t.key(hole.wrapping_sub(*i) & MASK) != 0)
+        .take_while(|i| t.key(hole.wrapping_sub(*i) & Sh::MASK) != 0)
         .count() as u32;
-    let after = end.map_or(SLOTS, |e| dist(hole, e));
+    let after = end.map_or(Sh::SLOTS, |e| dist::<Sh>(hole, e));
     if before + after >= MAX_PROBE {
         let spilled = t.spill_entries()?;
-        if let Some((sa, sv)) = spilled
+        if let Some((sk, sv)) = spilled
             .into_iter()
-            .find(|(sa, _)| dist(home(sa), hole) < MAX_PROBE)
+            .find(|(sk, _)| dist::<Sh>(home_of::<Sh>(*sk), hole) < MAX_PROBE)
         {
-            t.publish(
-                hole,
-                HostSlot {
-                    key: key_of(&sa),
-                    value: sv,
-                },
-            );
-            t.spill_remove(&sa)?;
+            t.publish(hole, HostSlot { key: sk, value: sv });
+            t.spill_remove(sk)?;
             return Ok(true);
         }
     }
@@ -259,26 +332,34 @@ mod tests {
 
     use super::*;
 
-    /// The table in memory, with a spill map, as tests and the fuzzer use.
+    /// A table in memory, with a spill map, as tests use.
     struct Mem {
         slots: Vec<HostSlot>,
-        spill: BTreeMap<[u8; 4], BlockValue>,
+        spill: BTreeMap<u64, BlockValue>,
     }
 
     impl Mem {
         fn new() -> Mem {
+            Mem::sized(SLOTS)
+        }
+
+        fn sized(n: u32) -> Mem {
             Mem {
-                slots: vec![HostSlot::default(); SLOTS as usize],
+                slots: vec![HostSlot::default(); n as usize],
                 spill: BTreeMap::new(),
             }
         }
 
         /// What the program would find for `a`.
         fn lookup(&self, a: &[u8; 4]) -> Option<BlockValue> {
-            match probe(a, |s| Some((self.slots[s as usize].key, s))) {
+            self.lookup_key::<Hosts>(key_of(a))
+        }
+
+        fn lookup_key<S: Shape>(&self, key: u64) -> Option<BlockValue> {
+            match probe_key::<S, _>(key, |s| Some((self.slots[s as usize].key, s))) {
                 Probe::Found(s) => Some(self.slots[s as usize].value),
                 Probe::Absent(_) => None,
-                Probe::Spill => self.spill.get(a).copied(),
+                Probe::Spill => self.spill.get(&key).copied(),
             }
         }
 
@@ -304,15 +385,15 @@ mod tests {
         fn clear(&mut self, s: u32) {
             self.slots[s as usize] = HostSlot::default();
         }
-        fn spill_insert(&mut self, a: &[u8; 4], v: BlockValue) -> Result<(), ()> {
-            self.spill.insert(*a, v);
+        fn spill_insert(&mut self, key: u64, v: BlockValue) -> Result<(), ()> {
+            self.spill.insert(key, v);
             Ok(())
         }
-        fn spill_remove(&mut self, a: &[u8; 4]) -> Result<bool, ()> {
-            Ok(self.spill.remove(a).is_some())
+        fn spill_remove(&mut self, key: u64) -> Result<bool, ()> {
+            Ok(self.spill.remove(&key).is_some())
         }
-        fn spill_entries(&self) -> Result<Vec<([u8; 4], BlockValue)>, ()> {
-            Ok(self.spill.iter().map(|(a, v)| (*a, *v)).collect())
+        fn spill_entries(&self) -> Result<Vec<(u64, BlockValue)>, ()> {
+            Ok(self.spill.iter().map(|(k, v)| (*k, *v)).collect())
         }
     }
 
@@ -432,5 +513,65 @@ mod tests {
             }
         }
         assert!(spilled_seen, "the pool is crowded enough to spill");
+    }
+
+    #[test]
+    fn net_keys_mask_the_host_bits_and_keep_the_length() {
+        let a = [10, 1, 2, 3];
+        assert_eq!(net_of(net_key(&a, 24)), Some(([10, 1, 2, 0], 24)));
+        assert_eq!(net_of(net_key(&a, 8)), Some(([10, 0, 0, 0], 8)));
+        assert_eq!(net_of(net_key(&a, 0)), Some(([0; 4], 0)));
+        assert_eq!(net_of(net_key(&a, 31)), Some(([10, 1, 2, 2], 31)));
+        // The same network at two lengths: two keys, two homes.
+        let (k8, k16) = (net_key(&[10, 0, 0, 0], 8), net_key(&[10, 0, 0, 0], 16));
+        assert_ne!(k8, k16);
+        assert_ne!(home_of::<Nets>(k8), home_of::<Nets>(k16));
+        // A host key's home is the host table's hash of its address.
+        assert_eq!(home_of::<Hosts>(key_of(&a)), home(&a));
+        assert!(home_of::<Nets>(k8) < NET_SLOTS);
+    }
+
+    /// The CIDR table with random adds and removes of prefixes of a few
+    /// lengths inside one /8 (many keys differ only in their length),
+    /// checked against a plain map.
+    #[test]
+    fn net_table_random_operations_match_a_map() {
+        let mut t = Mem::sized(NET_SLOTS);
+        let mut model: BTreeMap<u64, BlockValue> = BTreeMap::new();
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut keys = Vec::new();
+        for _ in 0..3000 {
+            let r = next();
+            let a = [10, (r >> 8) as u8, (r >> 16) as u8, (r >> 24) as u8];
+            keys.push(net_key(&a, [8, 16, 20, 24, 31][(r % 5) as usize]));
+        }
+        for step in 0..30_000u64 {
+            let k = keys[(next() % keys.len() as u64) as usize];
+            if next() % 3 == 0 {
+                assert_eq!(
+                    remove_key::<Nets, _>(&mut t, k),
+                    Ok(model.remove(&k).is_some())
+                );
+            } else {
+                insert_key::<Nets, _>(&mut t, k, v(step)).unwrap();
+                model.insert(k, v(step));
+            }
+            if step % 500 == 0 {
+                for k in &keys {
+                    assert_eq!(
+                        t.lookup_key::<Nets>(*k),
+                        model.get(k).copied(),
+                        "step {step}"
+                    );
+                }
+            }
+        }
+        assert_eq!(t.used() + t.spill.len(), model.len());
     }
 }

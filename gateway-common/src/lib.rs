@@ -13,6 +13,7 @@ pub mod cidr;
 pub mod hint;
 pub mod host;
 pub mod maps;
+pub mod nets;
 pub mod packet;
 pub mod reuseport;
 pub mod verdict;

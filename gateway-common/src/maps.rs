@@ -7,7 +7,7 @@
 
 /// Layout version of the pinned maps; pinned under `<pin_dir>/v<SCHEMA>/`.
 /// Bump whenever a key or value layout below changes.
-pub const SCHEMA_VERSION: u32 = 4;
+pub const SCHEMA_VERSION: u32 = 5;
 
 /// Name of the XDP program inside the object.
 pub const XDP_PROGRAM: &str = "gateway_xdp";
@@ -33,9 +33,12 @@ pub mod names {
     /// The /32 blocks that found no room in `BLOCK_HOST_V4` (an array
     /// since schema 4, see `crate::host`).
     pub const BLOCK_HOST_V4_SPILL: &str = "BLOCK_HOST_V4_SPILL";
+    /// A copy of the IPv4 CIDR blocks of `BLOCK_V4` the program searches
+    /// per prefix length, since schema 5 (see `crate::nets`).
+    pub const BLOCK_NET_V4: &str = "BLOCK_NET_V4";
 
     /// Every map the XDP program pins, in a stable order.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         ALLOW_V4,
         ALLOW_V6,
         BLOCK_V4,
@@ -51,6 +54,7 @@ pub mod names {
         BLOCK_HINT,
         SYN_TRUSTED,
         BLOCK_HOST_V4_SPILL,
+        BLOCK_NET_V4,
     ];
 }
 

@@ -36,6 +36,10 @@ pub static BLOCK_HOST_V4: Array<HostSlot> = Array::with_max_entries(host::SLOTS,
 #[map]
 pub static BLOCK_HOST_V4_SPILL: HashMap<[u8; 4], BlockValue> =
     HashMap::with_max_entries(capacity::BLOCK_HOST_V4_SPILL, 0);
+/// IPv4 CIDR blocks (below /32), a copy of `BLOCK_V4` searched per prefix
+/// length (`gateway_common::nets`), written by userspace through a mapping.
+#[map]
+pub static BLOCK_NET_V4: Array<HostSlot> = Array::with_max_entries(host::NET_SLOTS, BPF_F_MMAPABLE);
 /// Exact IPv6 blocks (/128): one hash lookup instead of a trie walk.
 #[map]
 pub static BLOCK_HOST_V6: HashMap<[u8; 16], BlockValue> =

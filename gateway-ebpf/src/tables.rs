@@ -5,7 +5,8 @@ use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key, programs::
 use gateway_common::{
     bucket::{self, Taken},
     hint,
-    host::{self, Probe},
+    host::{self, Nets, Probe},
+    nets,
     packet::{Bytes, Source},
     verdict::Tables,
     BlockValue, Limits, SourceKey, PORT_PROTECTED, TRUST_TTL_NS,
@@ -72,6 +73,36 @@ pub fn host_v4(a: &[u8; 4]) -> Option<*mut BlockValue> {
         Probe::Absent(_) => None,
         Probe::Spill => BLOCK_HOST_V4_SPILL.get_ptr_mut(a),
     }
+}
+
+/// What `BLOCK_NET_V4` holds for `a`: the value of the longest prefix of
+/// it there, searched one prefix length at a time, longest first; `None`
+/// when the descriptor (or a search that saw a full window) sends the
+/// program to the trie instead.
+#[inline(always)]
+fn net_v4(a: &[u8; 4]) -> Option<Option<*mut BlockValue>> {
+    let d = *BLOCK_HINT.get(hint::NETS_V4_INDEX)?;
+    if d & nets::TABLE == 0 {
+        return None;
+    }
+    let n = nets::count(d);
+    for i in 0..nets::MAX_LENGTHS {
+        if i >= n {
+            break;
+        }
+        let found = host::probe_key::<Nets, _>(host::net_key(a, nets::length(d, i)), |s| {
+            let p = BLOCK_NET_V4.get_ptr_mut(s)?;
+            // SAFETY: a pointer to a slot of the array map.
+            Some((unsafe { core::ptr::read_volatile(&(*p).key) }, p))
+        });
+        match found {
+            // SAFETY: as above.
+            Probe::Found(p) => return Some(Some(unsafe { &mut (*p).value })),
+            Probe::Absent(_) => {}
+            Probe::Spill => return None,
+        }
+    }
+    Some(None)
 }
 
 /// Whether the host table and the trie can hold an entry for the source in
@@ -156,7 +187,12 @@ impl Tables for Maps {
         match src {
             Source::V4(a) => {
                 let (host, net) = maybe_blocked(hint::V4_BASE, hint::slot_v4(a));
-                (host && hit(host_v4(a))) || (net && hit(lpm_ptr(BLOCK_V4.get(Key::new(32, *a)))))
+                (host && hit(host_v4(a)))
+                    || (net
+                        && hit(match net_v4(a) {
+                            Some(v) => v,
+                            None => lpm_ptr(BLOCK_V4.get(Key::new(32, *a))),
+                        }))
             }
             Source::V6(a) => {
                 let (host, net) = maybe_blocked(hint::V6_BASE, hint::slot_v6(a));

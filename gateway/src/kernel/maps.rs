@@ -14,11 +14,12 @@ use gateway_common::{
     bucket,
     cidr::Cidr,
     hint::{self, Hint, List},
-    host, names, v4_mapped, BlockValue, Counter, Limits, Reason, SourceBucket, SourceKey,
+    host::{self, Nets},
+    names, nets, v4_mapped, BlockValue, Counter, Limits, Reason, SourceBucket, SourceKey,
     PORT_PROTECTED,
 };
 
-use super::host::HostTable;
+use super::host::{HostTable, NetTable};
 
 /// Every map of the XDP program.
 pub struct KernelMaps {
@@ -28,6 +29,9 @@ pub struct KernelMaps {
     block_v6: LpmTrie<MapData, [u8; 16], BlockValue>,
     /// `BLOCK_HOST_V4` and its spill map (see `gateway_common::host`).
     host_v4: HostTable,
+    /// `BLOCK_NET_V4`: the IPv4 CIDRs of `block_v4` by prefix length (see
+    /// `gateway_common::nets`); its descriptor is a word of `hint`.
+    net_v4: NetTable,
     host_v6: HashMap<MapData, [u8; 16], BlockValue>,
     syn_buckets: HashMap<MapData, SourceKey, SourceBucket>,
     limits: Array<MapData, Limits>,
@@ -87,6 +91,7 @@ impl KernelMaps {
             block_v4: typed(get(names::BLOCK_V4)?, names::BLOCK_V4)?,
             block_v6: typed(get(names::BLOCK_V6)?, names::BLOCK_V6)?,
             host_v4: HostTable::new(get(names::BLOCK_HOST_V4)?, get(names::BLOCK_HOST_V4_SPILL)?)?,
+            net_v4: NetTable::new(get(names::BLOCK_NET_V4)?)?,
             host_v6: typed(get(names::BLOCK_HOST_V6)?, names::BLOCK_HOST_V6)?,
             syn_buckets: typed(get(names::SYN_BUCKETS)?, names::SYN_BUCKETS)?,
             limits: typed(get(names::LIMITS)?, names::LIMITS)?,
@@ -169,10 +174,146 @@ impl KernelMaps {
                     .with_context(|| format!("adding {cidr} to the kernel blocklist"));
             }
             Cidr::V6 { addr, len: 128 } => self.host_v6.insert(addr, v, 0),
-            Cidr::V4 { addr, len } => self.block_v4.insert(&Key::new(len.into(), addr), v, 0),
+            Cidr::V4 { addr, len } => {
+                self.block_v4
+                    .insert(&Key::new(len.into(), addr), v, 0)
+                    .with_context(|| {
+                        format!("adding {cidr} to the kernel blocklist (is the map full?)")
+                    })?;
+                return self
+                    .net_insert(&addr, len, v)
+                    .with_context(|| format!("adding {cidr} to {}", names::BLOCK_NET_V4));
+            }
             Cidr::V6 { addr, len } => self.block_v6.insert(&Key::new(len.into(), addr), v, 0),
         };
         r.with_context(|| format!("adding {cidr} to the kernel blocklist (is the map full?)"))
+    }
+
+    /// The descriptor of `BLOCK_NET_V4` (`gateway_common::nets`).
+    fn nets_descriptor(&self) -> Result<u64> {
+        self.hint
+            .get(&hint::NETS_V4_INDEX, 0)
+            .context("reading the BLOCK_NET_V4 descriptor")
+    }
+
+    fn set_nets_descriptor(&mut self, d: u64) -> Result<()> {
+        self.hint
+            .set(hint::NETS_V4_INDEX, d, 0)
+            .context("writing the BLOCK_NET_V4 descriptor")
+    }
+
+    /// Copies an IPv4 CIDR block, already in the trie, into `BLOCK_NET_V4`
+    /// while the program searches the table: into a table slot, then (for
+    /// a new prefix length) into the descriptor. An entry the table cannot
+    /// take (a fifth length, a full window) sends the program to the trie
+    /// until `nets_rebuild`. Called with the write lock held.
+    fn net_insert(&mut self, addr: &[u8; 4], len: u8, v: BlockValue) -> Result<()> {
+        let Some(lengths) = nets::lengths(self.nets_descriptor()?) else {
+            return Ok(());
+        };
+        let mut lengths: Vec<u8> = lengths.collect();
+        let new_length = !lengths.contains(&len);
+        if new_length {
+            lengths.push(len);
+        }
+        let Some(d) = nets::describe(&lengths) else {
+            return self.nets_to_trie();
+        };
+        // The trie holds the entry's own hit count (see `block_entries`).
+        let v = BlockValue { hits: 0, ..v };
+        host::insert_key::<Nets, _>(&mut self.net_v4, host::net_key(addr, len.into()), v)?;
+        if self.net_v4.take_overflow() {
+            return self.nets_to_trie();
+        }
+        if new_length {
+            self.set_nets_descriptor(d)?;
+        }
+        Ok(())
+    }
+
+    /// Sends the program to the trie and empties the table, whose hit
+    /// counts go to the trie's values first: while the descriptor says
+    /// "trie", the table is empty. Called with the write lock held.
+    fn nets_to_trie(&mut self) -> Result<()> {
+        self.set_nets_descriptor(0)?;
+        // A program that read the old descriptor finishes its search within
+        // microseconds (XDP runs to completion under RCU).
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let counted: Vec<(u64, BlockValue)> =
+            self.net_v4.used().filter(|(_, v)| v.hits > 0).collect();
+        for (key, t) in counted {
+            let Some((addr, len)) = host::net_of(key) else {
+                continue;
+            };
+            let k = Key::new(len.into(), addr);
+            match self.block_v4.get(&k, 0) {
+                Ok(mut v) => {
+                    v.hits += t.hits;
+                    self.block_v4.insert(&k, v, 0).context("writing BLOCK_V4")?;
+                }
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("reading BLOCK_V4"),
+            }
+        }
+        self.net_v4.clear_all();
+        Ok(())
+    }
+
+    /// Brings `BLOCK_NET_V4` back in line with the trie when the prefix
+    /// lengths of `block` (the whole blocklist as the caller knows it) are
+    /// not those the descriptor lists: the program goes to the trie, the
+    /// table is rebuilt from the trie (the truth, whatever another process
+    /// added meanwhile), and the program comes back to the table if the
+    /// trie's IPv4 CIDRs fit it. Does nothing in the common case.
+    fn nets_rebuild(&mut self, block: &[&Cidr]) -> Result<()> {
+        let mut want: Vec<u8> = block
+            .iter()
+            .filter_map(|c| match c {
+                Cidr::V4 { len, .. } if *len < 32 => Some(*len),
+                _ => None,
+            })
+            .collect();
+        want.sort_unstable();
+        want.dedup();
+        let _lock = self.write_lock()?;
+        let d = self.nets_descriptor()?;
+        match nets::describe(&want) {
+            Some(w) if w == d => return Ok(()),
+            // Too many lengths: the trie it is, as it may be already.
+            None if d == 0 => return Ok(()),
+            _ => {}
+        }
+        if d != 0 {
+            self.nets_to_trie()?;
+        }
+        let mut trie: Vec<([u8; 4], u8, BlockValue)> = Vec::new();
+        for kv in self.block_v4.iter() {
+            let (k, v) = kv.context("reading BLOCK_V4")?;
+            trie.push((k.data(), k.prefix_len() as u8, v));
+        }
+        let mut lengths: Vec<u8> = trie.iter().map(|(_, len, _)| *len).collect();
+        lengths.sort_unstable();
+        lengths.dedup();
+        let Some(d) = nets::describe(&lengths) else {
+            return Ok(());
+        };
+        for (addr, len, v) in &trie {
+            let v = BlockValue { hits: 0, ..*v };
+            host::insert_key::<Nets, _>(&mut self.net_v4, host::net_key(addr, (*len).into()), v)?;
+        }
+        if self.net_v4.take_overflow() {
+            // Too crowded for the table: the trie, with the table empty.
+            self.net_v4.clear_all();
+            return Ok(());
+        }
+        self.set_nets_descriptor(d)
+    }
+
+    /// The prefix lengths the program searches in `BLOCK_NET_V4`, longest
+    /// first; `None` while it walks the trie (tests).
+    #[cfg(test)]
+    pub(crate) fn net_lengths(&self) -> Result<Option<Vec<u8>>> {
+        Ok(nets::lengths(self.nets_descriptor()?).map(Iterator::collect))
     }
 
     /// Sets every bit of `need` in the kernel's hint (never clears one).
@@ -200,6 +341,8 @@ impl KernelMaps {
         block: impl IntoIterator<Item = &'a Cidr>,
         allow: impl IntoIterator<Item = &'b Cidr>,
     ) -> Result<()> {
+        let block: Vec<&Cidr> = block.into_iter().collect();
+        self.nets_rebuild(&block)?;
         let want = Hint::of(block, allow);
         let mut cleared = false;
         for (i, w) in want.words.iter().enumerate() {
@@ -262,7 +405,14 @@ impl KernelMaps {
                     .with_context(|| format!("removing {cidr} from the kernel blocklist"));
             }
             Cidr::V6 { addr, len: 128 } => self.host_v6.remove(&addr),
-            Cidr::V4 { addr, len } => self.block_v4.remove(&Key::new(len.into(), addr)),
+            Cidr::V4 { addr, len } => {
+                let _lock = self.write_lock()?;
+                if nets::lengths(self.nets_descriptor()?).is_some() {
+                    host::remove_key::<Nets, _>(&mut self.net_v4, host::net_key(&addr, len.into()))
+                        .with_context(|| format!("removing {cidr} from {}", names::BLOCK_NET_V4))?;
+                }
+                self.block_v4.remove(&Key::new(len.into(), addr))
+            }
             Cidr::V6 { addr, len } => self.block_v6.remove(&Key::new(len.into(), addr)),
         };
         not_found_is_false(r).with_context(|| format!("removing {cidr} from the kernel blocklist"))
@@ -279,7 +429,10 @@ impl KernelMaps {
             out.push((Cidr::V6 { addr, len: 128 }, v));
         }
         for kv in self.block_v4.iter() {
-            let (k, v) = kv?;
+            let (k, mut v) = kv?;
+            // The program counts a hit where it found the entry.
+            let key = host::net_key(&k.data(), k.prefix_len());
+            v.hits += self.net_v4.get(key).map_or(0, |t| t.hits);
             out.push((
                 Cidr::V4 {
                     addr: k.data(),
