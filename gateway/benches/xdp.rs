@@ -135,6 +135,29 @@ fn main() -> Result<()> {
         ns,
         target: Some(120.0),
     });
+    // The same CIDR hit once more prefix lengths are in use than the
+    // program searches in the table: the LPM trie.
+    for c in [
+        "100.64.0.0/12",
+        "100.80.0.0/20",
+        "100.96.0.0/28",
+        "100.112.0.0/30",
+    ] {
+        let c: Cidr = c.parse().map_err(|e| anyhow::anyhow!("{c}: {e:?}"))?;
+        h.maps.block_insert(&c, BlockValue::permanent())?;
+    }
+    let cidr = cases
+        .iter()
+        .find(|c| c.0.starts_with("block hit: IPv4 CIDR"))
+        .expect("the CIDR case");
+    let ns = measure(&mut h, "cidr via trie", &cidr.2, Some(1))?;
+    rows.push(Row {
+        path: "block hit: IPv4 CIDR (LPM trie: 5 prefix lengths in use)",
+        verdict: "DROP",
+        empty_ns: f64::NAN,
+        ns,
+        target: None,
+    });
     report(&rows, load)
 }
 
@@ -168,7 +191,7 @@ fn cases() -> Vec<Case> {
             Some(60.0),
         ),
         (
-            "block hit: IPv4 CIDR (LPM)",
+            "block hit: IPv4 CIDR (prefix table)",
             "DROP",
             Frame::v4(cidr_hit, dst).tcp(PORT, TCP_SYN).build(),
             Some(60.0),
