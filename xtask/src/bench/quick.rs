@@ -27,11 +27,12 @@ pub fn run() -> Result<()> {
         for row in table.lines().filter(|l| {
             l.starts_with("| pass: IPv4")
                 || l.starts_with("| block hit: IPv4 exact")
+                || l.starts_with("| block hit: IPv4 CIDR (prefix table)")
                 || l.starts_with("| SYN path: IPv4 SYN over")
         }) {
             let cells: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
             if cells.len() >= 4 {
-                lines.push(format!("xdp {:<38} {:>7} ns/packet", cells[0], cells[3]));
+                lines.push(format!("xdp {:<40} {:>7} ns/packet", cells[0], cells[3]));
             }
         }
     } else {
