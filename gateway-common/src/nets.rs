@@ -1,48 +1,60 @@
 //! IPv4 CIDR blocks without the trie walk: `BLOCK_NET_V4`, an open-addressed
 //! table (`crate::host` with the [`Nets`](crate::host::Nets) shape) keyed by
-//! prefix length and masked address, searched once per prefix length in
-//! use, longest first.
+//! prefix length and masked address, searched once per prefix length,
+//! longest first.
 //!
 //! `BLOCK_V4` (the LPM trie) stays the source of truth: userspace writes it
-//! first and keeps the table a copy. A walk of a trie holding 10,000 /24s
-//! costs ~90 ns per lookup on the benchmark VM; a table search at the home
-//! slot costs a bounds check and a load. Blocklists in the field use few
-//! prefix lengths, so the program searches at most [`MAX_LENGTHS`] of them;
-//! beyond that, or when an entry finds no room in its window, userspace
-//! sends the program back to the trie.
+//! first and keeps in the table a copy of the entries of the
+//! [`MAX_LENGTHS`] longest prefix lengths in use. A walk of a trie holding
+//! 10,000 /24s costs ~90 ns per lookup on the benchmark VM; a table search
+//! at the home slot costs a bounds check and a load.
 //!
 //! Which of the two the program reads is the *descriptor*, one word of
-//! `BLOCK_HINT` at [`crate::hint::NETS_V4_INDEX`]: bit 63 ([`TABLE`]) says the
-//! table holds every IPv4 CIDR of the trie, bits 0-7 how many prefix
-//! lengths are in use, and bytes 1 to 4 those lengths, longest first. The
-//! search stops at the first length that has an entry for the source: the
-//! longest matching entry decides, as in the trie.
+//! `BLOCK_HINT` at [`crate::hint::NETS_V4_INDEX`]: bit 63 ([`TABLE`]) says
+//! the table is in use, bits 0-7 how many prefix lengths it holds, bytes 1
+//! to 4 those lengths, longest first, and bit 62 ([`TRIE_AFTER`]) that
+//! shorter lengths are in use too, held by the trie alone. The program
+//! searches the table's lengths in order and stops at the first entry it
+//! finds; if none has one and [`TRIE_AFTER`] is set, it walks the trie,
+//! whose longest match is then of a shorter length. Either way the longest
+//! matching entry decides, as in the trie alone. A descriptor of 0 (no
+//! [`TABLE`]) sends every search to the trie: before userspace has built
+//! the table, and after an entry found no room in its window or a new
+//! length displaced one of the table's, until the next rebuild.
 //!
 //! Userspace keeps the descriptor honest with its order of writes: an entry
-//! of a new length goes into the table before its length goes into the
-//! descriptor; a change the table cannot take clears [`TABLE`] before
+//! of a new table length goes into the table before its length goes into
+//! the descriptor; a change the table cannot take clears [`TABLE`] before
 //! anything else; and the table is rebuilt only while [`TABLE`] is clear.
 
-/// The table holds every IPv4 CIDR block of `BLOCK_V4`.
+/// The table is in use.
 pub const TABLE: u64 = 1 << 63;
-/// Prefix lengths the program searches at most.
+/// Prefix lengths shorter than the table's are in use: a search that finds
+/// nothing in the table walks the trie.
+pub const TRIE_AFTER: u64 = 1 << 62;
+/// Prefix lengths the table holds at most.
 pub const MAX_LENGTHS: usize = 4;
 
-/// The descriptor for a table in use with `lengths` (at most
-/// [`MAX_LENGTHS`], each below 32, no repeats); `None` when there are too
-/// many lengths for the program to search.
+/// The descriptor for the prefix lengths in use, `lengths` (each below
+/// 32, no repeats, any order): the table holds the [`MAX_LENGTHS`] longest,
+/// the trie alone the rest. `None` for a length of 32 or more, or a repeat.
 pub fn describe(lengths: &[u8]) -> Option<u64> {
-    if lengths.len() > MAX_LENGTHS || lengths.iter().any(|l| *l >= 32) {
+    if lengths.iter().any(|l| *l >= 32) {
         return None;
     }
-    let mut sorted = [0u8; MAX_LENGTHS];
-    sorted[..lengths.len()].copy_from_slice(lengths);
-    sorted[..lengths.len()].sort_unstable_by(|a, b| b.cmp(a));
-    if sorted[..lengths.len()].windows(2).any(|w| w[0] == w[1]) {
+    let mut sorted = [0u8; 32];
+    let sorted = &mut sorted[..lengths.len()];
+    sorted.copy_from_slice(lengths);
+    sorted.sort_unstable_by(|a, b| b.cmp(a));
+    if sorted.windows(2).any(|w| w[0] == w[1]) {
         return None;
     }
-    let mut d = TABLE | lengths.len() as u64;
-    for (i, l) in sorted[..lengths.len()].iter().enumerate() {
+    let n = sorted.len().min(MAX_LENGTHS);
+    let mut d = TABLE | n as u64;
+    if sorted.len() > MAX_LENGTHS {
+        d |= TRIE_AFTER;
+    }
+    for (i, l) in sorted[..n].iter().enumerate() {
         d |= (*l as u64) << (8 * (i + 1));
     }
     Some(d)
@@ -88,8 +100,11 @@ mod tests {
     }
 
     #[test]
-    fn too_many_or_bad_lengths_mean_the_trie() {
-        assert_eq!(describe(&[8, 12, 16, 20, 24]), None);
+    fn the_table_keeps_the_longest_lengths_and_the_trie_the_rest() {
+        let d = describe(&[8, 12, 16, 20, 24]).unwrap();
+        assert_eq!(lengths(d).unwrap().collect::<Vec<_>>(), [24, 20, 16, 12]);
+        assert_ne!(d & TRIE_AFTER, 0);
+        assert_eq!(describe(&[8, 12, 16, 20]).unwrap() & TRIE_AFTER, 0);
         assert_eq!(describe(&[32]), None, "hosts live in their own table");
         assert_eq!(describe(&[24, 24]), None);
     }

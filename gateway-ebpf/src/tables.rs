@@ -77,8 +77,9 @@ pub fn host_v4(a: &[u8; 4]) -> Option<*mut BlockValue> {
 
 /// What `BLOCK_NET_V4` holds for `a`: the value of the longest prefix of
 /// it there, searched one prefix length at a time, longest first; `None`
-/// when the descriptor (or a search that saw a full window) sends the
-/// program to the trie instead.
+/// when the trie must answer: the descriptor says so, the table has no
+/// entry but shorter lengths live in the trie, or a search saw a full
+/// window.
 #[inline(always)]
 fn net_v4(a: &[u8; 4]) -> Option<Option<*mut BlockValue>> {
     let d = *BLOCK_HINT.get(hint::NETS_V4_INDEX)?;
@@ -101,6 +102,10 @@ fn net_v4(a: &[u8; 4]) -> Option<Option<*mut BlockValue>> {
             Probe::Absent(_) => {}
             Probe::Spill => return None,
         }
+    }
+    if d & nets::TRIE_AFTER != 0 {
+        // Shorter prefixes live in the trie alone.
+        return None;
     }
     Some(None)
 }

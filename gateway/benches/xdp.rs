@@ -135,29 +135,64 @@ fn main() -> Result<()> {
         ns,
         target: Some(120.0),
     });
-    // The same CIDR hit once more prefix lengths are in use than the
-    // program searches in the table: the LPM trie.
-    for c in [
+    // Five IPv4 prefix lengths in use, one more than the table holds. Right
+    // after the adds the program walks the trie for every search (a new
+    // length displaced one of the table's); once the lists are rebuilt, as
+    // the daemon does after applying its policy, the table holds the four
+    // longest and the trie alone the /12.
+    let extra: Vec<Cidr> = [
         "100.64.0.0/12",
         "100.80.0.0/20",
         "100.96.0.0/28",
         "100.112.0.0/30",
-    ] {
-        let c: Cidr = c.parse().map_err(|e| anyhow::anyhow!("{c}: {e:?}"))?;
-        h.maps.block_insert(&c, BlockValue::permanent())?;
+    ]
+    .iter()
+    .map(|c| c.parse().map_err(|e| anyhow::anyhow!("{c}: {e:?}")))
+    .collect::<Result<_>>()?;
+    for c in &extra {
+        h.maps.block_insert(c, BlockValue::permanent())?;
     }
-    let cidr = cases
+    let cidr = &cases
         .iter()
         .find(|c| c.0.starts_with("block hit: IPv4 CIDR"))
-        .expect("the CIDR case");
-    let ns = measure(&mut h, "cidr via trie", &cidr.2, Some(1))?;
-    rows.push(Row {
-        path: "block hit: IPv4 CIDR (LPM trie: 5 prefix lengths in use)",
-        verdict: "DROP",
-        empty_ns: f64::NAN,
-        ns,
-        target: None,
-    });
+        .expect("the CIDR case")
+        .2;
+    let in12 = Frame::v4([100, 65, 1, 1], [192, 0, 2, 1])
+        .tcp(PORT, TCP_SYN)
+        .build();
+    let mut extra_row = |h: &mut Harness, path: &'static str, frame: &[u8]| -> Result<()> {
+        let ns = measure(h, path, frame, Some(1))?;
+        rows.push(Row {
+            path,
+            verdict: "DROP",
+            empty_ns: f64::NAN,
+            ns,
+            target: None,
+        });
+        Ok(())
+    };
+    extra_row(
+        &mut h,
+        "block hit: IPv4 /24, 5 prefix lengths, before the rebuild (LPM trie)",
+        cidr,
+    )?;
+    let block: Vec<Cidr> = h
+        .maps
+        .block_entries()?
+        .into_iter()
+        .map(|(c, _)| c)
+        .collect();
+    h.maps.hint_rebuild(&block, [])?;
+    extra_row(
+        &mut h,
+        "block hit: IPv4 /24, 5 prefix lengths (prefix table)",
+        cidr,
+    )?;
+    extra_row(
+        &mut h,
+        "block hit: IPv4 /12, 5 prefix lengths (4 table misses, then the trie)",
+        &in12,
+    )?;
     report(&rows, load)
 }
 

@@ -204,21 +204,27 @@ impl KernelMaps {
 
     /// Copies an IPv4 CIDR block, already in the trie, into `BLOCK_NET_V4`
     /// while the program searches the table: into a table slot, then (for
-    /// a new prefix length) into the descriptor. An entry the table cannot
-    /// take (a fifth length, a full window) sends the program to the trie
-    /// until `nets_rebuild`. Called with the write lock held.
+    /// a new table length) into the descriptor. A block shorter than the
+    /// table's lengths, when they are all taken, stays in the trie alone
+    /// (the descriptor says so). An entry the table cannot take (a length
+    /// that belongs among the table's, a full window) sends the program to
+    /// the trie until `nets_rebuild`. Called with the write lock held.
     fn net_insert(&mut self, addr: &[u8; 4], len: u8, v: BlockValue) -> Result<()> {
-        let Some(lengths) = nets::lengths(self.nets_descriptor()?) else {
+        let d = self.nets_descriptor()?;
+        let Some(table) = nets::lengths(d) else {
             return Ok(());
         };
-        let mut lengths: Vec<u8> = lengths.collect();
-        let new_length = !lengths.contains(&len);
-        if new_length {
-            lengths.push(len);
-        }
-        let Some(d) = nets::describe(&lengths) else {
+        let mut table: Vec<u8> = table.collect();
+        let new_length = !table.contains(&len);
+        if new_length && table.len() >= nets::MAX_LENGTHS {
+            if table.last().is_some_and(|shortest| len < *shortest) {
+                return match d & nets::TRIE_AFTER {
+                    0 => self.set_nets_descriptor(d | nets::TRIE_AFTER),
+                    _ => Ok(()),
+                };
+            }
             return self.nets_to_trie();
-        };
+        }
         // The trie holds the entry's own hit count (see `block_entries`).
         let v = BlockValue { hits: 0, ..v };
         host::insert_key::<Nets, _>(&mut self.net_v4, host::net_key(addr, len.into()), v)?;
@@ -226,6 +232,8 @@ impl KernelMaps {
             return self.nets_to_trie();
         }
         if new_length {
+            table.push(len);
+            let d = nets::describe(&table).context("a prefix length of 32 or more")?;
             self.set_nets_descriptor(d)?;
         }
         Ok(())
@@ -260,11 +268,12 @@ impl KernelMaps {
     }
 
     /// Brings `BLOCK_NET_V4` back in line with the trie when the prefix
-    /// lengths of `block` (the whole blocklist as the caller knows it) are
-    /// not those the descriptor lists: the program goes to the trie, the
+    /// lengths of `block` (the whole blocklist as the caller knows it) do
+    /// not give the descriptor in place: the program goes to the trie, the
     /// table is rebuilt from the trie (the truth, whatever another process
-    /// added meanwhile), and the program comes back to the table if the
-    /// trie's IPv4 CIDRs fit it. Does nothing in the common case.
+    /// added meanwhile) with the entries of its longest lengths, and the
+    /// program comes back to the table unless an entry found no room.
+    /// Does nothing in the common case.
     fn nets_rebuild(&mut self, block: &[&Cidr]) -> Result<()> {
         let mut want: Vec<u8> = block
             .iter()
@@ -277,11 +286,8 @@ impl KernelMaps {
         want.dedup();
         let _lock = self.write_lock()?;
         let d = self.nets_descriptor()?;
-        match nets::describe(&want) {
-            Some(w) if w == d => return Ok(()),
-            // Too many lengths: the trie it is, as it may be already.
-            None if d == 0 => return Ok(()),
-            _ => {}
+        if nets::describe(&want) == Some(d) {
+            return Ok(());
         }
         if d != 0 {
             self.nets_to_trie()?;
@@ -294,10 +300,9 @@ impl KernelMaps {
         let mut lengths: Vec<u8> = trie.iter().map(|(_, len, _)| *len).collect();
         lengths.sort_unstable();
         lengths.dedup();
-        let Some(d) = nets::describe(&lengths) else {
-            return Ok(());
-        };
-        for (addr, len, v) in &trie {
+        let d = nets::describe(&lengths).context("BLOCK_V4 holds a prefix of 32 bits or more")?;
+        let table: Vec<u8> = nets::lengths(d).into_iter().flatten().collect();
+        for (addr, len, v) in trie.iter().filter(|(_, len, _)| table.contains(len)) {
             let v = BlockValue { hits: 0, ..*v };
             host::insert_key::<Nets, _>(&mut self.net_v4, host::net_key(addr, (*len).into()), v)?;
         }
@@ -310,10 +315,12 @@ impl KernelMaps {
     }
 
     /// The prefix lengths the program searches in `BLOCK_NET_V4`, longest
-    /// first; `None` while it walks the trie (tests).
+    /// first, and whether shorter ones live in the trie alone; `None`
+    /// while it walks the trie for every search (tests).
     #[cfg(test)]
-    pub(crate) fn net_lengths(&self) -> Result<Option<Vec<u8>>> {
-        Ok(nets::lengths(self.nets_descriptor()?).map(Iterator::collect))
+    pub(crate) fn net_lengths(&self) -> Result<Option<(Vec<u8>, bool)>> {
+        let d = self.nets_descriptor()?;
+        Ok(nets::lengths(d).map(|l| (l.collect(), d & nets::TRIE_AFTER != 0)))
     }
 
     /// Sets every bit of `need` in the kernel's hint (never clears one).

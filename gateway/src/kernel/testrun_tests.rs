@@ -204,20 +204,24 @@ fn host_table_agrees_with_the_program_at_scale() {
 
 /// IPv4 CIDR blocks in `BLOCK_NET_V4`, searched per prefix length: the
 /// longest entry decides (an expired /16 inside a live /8 lets its sources
-/// through, as the trie would); a fifth prefix length sends the program to
-/// the trie and a rebuild brings it back; thousands of prefixes agree with
-/// a model in both modes and after removals; hits counted in the table
-/// survive a rebuild.
+/// through, as the trie would); a fifth prefix length longer than the
+/// table's shortest sends the program to the trie until a rebuild, one
+/// shorter stays in the trie alone behind the table's four; thousands of
+/// prefixes agree with a model in every mode and after removals; hits
+/// counted in the table survive a rebuild.
 #[test]
 fn cidr_table_searches_lengths_longest_first_and_falls_back_to_the_trie() {
     use std::collections::BTreeSet;
 
     let mut h = harness!(limits());
-    assert_eq!(h.maps.net_lengths().unwrap(), Some(vec![]));
+    assert_eq!(h.maps.net_lengths().unwrap(), Some((vec![], false)));
     block(&mut h, "10.0.0.0/8", 0);
     block(&mut h, "10.1.0.0/16", 1); // expired long ago
     block(&mut h, "10.1.2.0/24", 0);
-    assert_eq!(h.maps.net_lengths().unwrap(), Some(vec![24, 16, 8]));
+    assert_eq!(
+        h.maps.net_lengths().unwrap(),
+        Some((vec![24, 16, 8], false))
+    );
     let ack = |a: [u8; 4]| Frame::v4(a, DST).tcp(PORT, TCP_ACK).build();
     expect(&mut h, &ack([10, 9, 9, 9]), XDP_DROP, Reason::Blocklist);
     expect(&mut h, &ack([10, 1, 9, 9]), XDP_PASS, Reason::Pass);
@@ -246,7 +250,8 @@ fn cidr_table_searches_lengths_longest_first_and_falls_back_to_the_trie() {
         .map(|n| (cidr(*n), BlockValue::permanent()))
         .collect();
     h.maps.block_insert_many(&entries).unwrap();
-    // Seven lengths now: the trie until the rebuild drops the 10/8 family.
+    // A fifth length longer than the table's shortest (8) belongs in the
+    // table: the trie for every search until the rebuild.
     assert_eq!(h.maps.net_lengths().unwrap(), None);
     // Sources inside each prefix, and strangers.
     let mut sources: Vec<[u8; 4]> = nets
@@ -275,7 +280,10 @@ fn cidr_table_searches_lengths_longest_first_and_falls_back_to_the_trie() {
     }
     let listed: Vec<Cidr> = nets.iter().map(|n| cidr(*n)).collect();
     h.maps.hint_rebuild(&listed, []).unwrap();
-    assert_eq!(h.maps.net_lengths().unwrap(), Some(vec![28, 26, 20, 12]));
+    assert_eq!(
+        h.maps.net_lengths().unwrap(),
+        Some((vec![28, 26, 20, 12], false))
+    );
     agree(&mut h, &nets, "through the table");
 
     // Removals while the program searches the table.
@@ -284,7 +292,10 @@ fn cidr_table_searches_lengths_longest_first_and_falls_back_to_the_trie() {
         assert!(h.maps.block_remove(&cidr(*n)).unwrap());
         nets.remove(n);
     }
-    assert_eq!(h.maps.net_lengths().unwrap(), Some(vec![28, 26, 20, 12]));
+    assert_eq!(
+        h.maps.net_lengths().unwrap(),
+        Some((vec![28, 26, 20, 12], false))
+    );
     agree(&mut h, &nets, "after removals");
 
     // A fifth length added on its own: the trie at once, the table again
@@ -303,7 +314,23 @@ fn cidr_table_searches_lengths_longest_first_and_falls_back_to_the_trie() {
     assert!(h.maps.block_remove(&host31).unwrap());
     let listed: Vec<Cidr> = nets.iter().map(|n| cidr(*n)).collect();
     h.maps.hint_rebuild(&listed, []).unwrap();
-    assert_eq!(h.maps.net_lengths().unwrap(), Some(vec![28, 26, 20, 12]));
+    assert_eq!(
+        h.maps.net_lengths().unwrap(),
+        Some((vec![28, 26, 20, 12], false))
+    );
+
+    // A length shorter than the table's four lives in the trie alone: the
+    // program searches the table, then the trie.
+    block(&mut h, "10.0.0.0/8", 0);
+    assert_eq!(
+        h.maps.net_lengths().unwrap(),
+        Some((vec![28, 26, 20, 12], true))
+    );
+    expect(&mut h, &ack([10, 9, 9, 9]), XDP_DROP, Reason::Blocklist);
+    expect(&mut h, &ack(inside), XDP_DROP, Reason::Blocklist);
+    agree(&mut h, &nets, "with a /8 in the trie alone");
+    assert!(h.maps.block_remove(&"10.0.0.0/8".parse().unwrap()).unwrap());
+    expect(&mut h, &ack([10, 9, 9, 9]), XDP_PASS, Reason::Pass);
 
     // Hits counted in the table are the entry's, before and after a
     // rebuild moves them into the trie.
@@ -316,13 +343,22 @@ fn cidr_table_searches_lengths_longest_first_and_falls_back_to_the_trie() {
     expect(&mut h, &ack(inside), XDP_DROP, Reason::Blocklist);
     expect(&mut h, &ack(inside), XDP_DROP, Reason::Blocklist);
     assert_eq!(hits(&h), Some(before + 2));
-    block(&mut h, "192.0.2.0/30", 0); // a fifth length
+    // A fifth length, longer than the table's shortest: the trie, then a
+    // rebuild keeps the four longest in the table and /12 in the trie.
+    block(&mut h, "192.0.2.0/30", 0);
+    assert_eq!(h.maps.net_lengths().unwrap(), None);
+    assert_eq!(hits(&h), Some(before + 2));
     let mut listed = listed;
     listed.push("192.0.2.0/30".parse().unwrap());
     h.maps.hint_rebuild(&listed, []).unwrap();
-    assert_eq!(h.maps.net_lengths().unwrap(), None);
+    assert_eq!(
+        h.maps.net_lengths().unwrap(),
+        Some((vec![30, 28, 26, 20], true))
+    );
     assert_eq!(hits(&h), Some(before + 2));
-    agree(&mut h, &nets, "after the fallback");
+    expect(&mut h, &ack(inside), XDP_DROP, Reason::Blocklist);
+    assert_eq!(hits(&h), Some(before + 3));
+    agree(&mut h, &nets, "with /12 in the trie alone");
 }
 
 #[test]
