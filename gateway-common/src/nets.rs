@@ -19,8 +19,10 @@
 //! whose longest match is then of a shorter length. Either way the longest
 //! matching entry decides, as in the trie alone. A descriptor of 0 (no
 //! [`TABLE`]) sends every search to the trie: before userspace has built
-//! the table, and after an entry found no room in its window or a new
-//! length displaced one of the table's, until the next rebuild.
+//! the table, and when an entry found no room in its window or a new
+//! length displaced one of the table's, until userspace has rebuilt the
+//! table (at the end of the insert that displaced a length; after a full
+//! window, the table stays out of use until a rebuild finds room).
 //!
 //! Userspace keeps the descriptor honest with its order of writes: an entry
 //! of a new table length goes into the table before its length goes into

@@ -146,8 +146,15 @@ impl KernelMaps {
         let need = Hint::of(entries.iter().map(|(c, _)| c), None);
         self.hint_or(&need)?;
         let _lock = self.write_lock()?;
+        let table_before = self.nets_descriptor()? != 0;
         for (c, v) in entries {
             self.block_insert_entry(c, *v)?;
+        }
+        if table_before && self.nets_descriptor()? == 0 {
+            // An entry the CIDR table could not take: rebuild it now rather
+            // than leave every search to the trie until the next rebuild of
+            // the lists.
+            self.nets_refill()?;
         }
         self.hint_or(&need)
     }
@@ -241,12 +248,16 @@ impl KernelMaps {
 
     /// Sends the program to the trie and empties the table, whose hit
     /// counts go to the trie's values first: while the descriptor says
-    /// "trie", the table is empty. Called with the write lock held.
+    /// "trie", the table is empty (or, after a process died filling it,
+    /// holds entries no search reads until the next rebuild empties it).
+    /// Called with the write lock held.
     fn nets_to_trie(&mut self) -> Result<()> {
-        self.set_nets_descriptor(0)?;
-        // A program that read the old descriptor finishes its search within
-        // microseconds (XDP runs to completion under RCU).
-        std::thread::sleep(std::time::Duration::from_millis(2));
+        if self.nets_descriptor()? != 0 {
+            self.set_nets_descriptor(0)?;
+            // A program that read the old descriptor finishes its search
+            // within microseconds (XDP runs to completion under RCU).
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
         let counted: Vec<(u64, BlockValue)> =
             self.net_v4.used().filter(|(_, v)| v.hits > 0).collect();
         for (key, t) in counted {
@@ -285,13 +296,15 @@ impl KernelMaps {
         want.sort_unstable();
         want.dedup();
         let _lock = self.write_lock()?;
-        let d = self.nets_descriptor()?;
-        if nets::describe(&want) == Some(d) {
+        if nets::describe(&want) == Some(self.nets_descriptor()?) {
             return Ok(());
         }
-        if d != 0 {
-            self.nets_to_trie()?;
-        }
+        self.nets_refill()
+    }
+
+    /// The rebuild of `nets_rebuild`, with the write lock held.
+    fn nets_refill(&mut self) -> Result<()> {
+        self.nets_to_trie()?;
         let mut trie: Vec<([u8; 4], u8, BlockValue)> = Vec::new();
         for kv in self.block_v4.iter() {
             let (k, v) = kv.context("reading BLOCK_V4")?;

@@ -205,10 +205,10 @@ fn host_table_agrees_with_the_program_at_scale() {
 /// IPv4 CIDR blocks in `BLOCK_NET_V4`, searched per prefix length: the
 /// longest entry decides (an expired /16 inside a live /8 lets its sources
 /// through, as the trie would); a fifth prefix length longer than the
-/// table's shortest sends the program to the trie until a rebuild, one
-/// shorter stays in the trie alone behind the table's four; thousands of
-/// prefixes agree with a model in every mode and after removals; hits
-/// counted in the table survive a rebuild.
+/// table's shortest rebuilds the table with the four longest, one shorter
+/// stays in the trie alone behind them; thousands of prefixes agree with a
+/// model in every mode (table, table then trie, trie alone) and after
+/// removals; hits counted in the table survive a rebuild.
 #[test]
 fn cidr_table_searches_lengths_longest_first_and_falls_back_to_the_trie() {
     use std::collections::BTreeSet;
@@ -250,9 +250,13 @@ fn cidr_table_searches_lengths_longest_first_and_falls_back_to_the_trie() {
         .map(|n| (cidr(*n), BlockValue::permanent()))
         .collect();
     h.maps.block_insert_many(&entries).unwrap();
-    // A fifth length longer than the table's shortest (8) belongs in the
-    // table: the trie for every search until the rebuild.
-    assert_eq!(h.maps.net_lengths().unwrap(), None);
+    // Seven lengths in use: a new length that belongs among the table's
+    // four sent the program to the trie, and the insert rebuilt the table
+    // at once with the four longest; 8, 12 and 16 live in the trie alone.
+    assert_eq!(
+        h.maps.net_lengths().unwrap(),
+        Some((vec![28, 26, 24, 20], true))
+    );
     // Sources inside each prefix, and strangers.
     let mut sources: Vec<[u8; 4]> = nets
         .iter()
@@ -273,6 +277,11 @@ fn cidr_table_searches_lengths_longest_first_and_falls_back_to_the_trie() {
             assert_eq!(h.run(&ack(*a)).unwrap(), want, "{a:?} {when}");
         }
     };
+    agree(&mut h, &nets, "through the table, then the trie");
+    // The trie alone, as before the first rebuild.
+    h.maps
+        .hint_set(gateway_common::hint::NETS_V4_INDEX, 0)
+        .unwrap();
     agree(&mut h, &nets, "through the trie");
 
     for c in ["10.0.0.0/8", "10.1.0.0/16", "10.1.2.0/24"] {
@@ -309,8 +318,13 @@ fn cidr_table_searches_lengths_longest_first_and_falls_back_to_the_trie() {
     h.maps
         .block_insert(&host31, BlockValue::permanent())
         .unwrap();
-    assert_eq!(h.maps.net_lengths().unwrap(), None);
+    // 31 displaced 12 from the table: rebuilt at once.
+    assert_eq!(
+        h.maps.net_lengths().unwrap(),
+        Some((vec![31, 28, 26, 20], true))
+    );
     expect(&mut h, &ack(inside), XDP_DROP, Reason::Blocklist);
+    agree(&mut h, &nets, "with a /31 in the table and /12 in the trie");
     assert!(h.maps.block_remove(&host31).unwrap());
     let listed: Vec<Cidr> = nets.iter().map(|n| cidr(*n)).collect();
     h.maps.hint_rebuild(&listed, []).unwrap();
@@ -343,14 +357,10 @@ fn cidr_table_searches_lengths_longest_first_and_falls_back_to_the_trie() {
     expect(&mut h, &ack(inside), XDP_DROP, Reason::Blocklist);
     expect(&mut h, &ack(inside), XDP_DROP, Reason::Blocklist);
     assert_eq!(hits(&h), Some(before + 2));
-    // A fifth length, longer than the table's shortest: the trie, then a
-    // rebuild keeps the four longest in the table and /12 in the trie.
+    // A fifth length, longer than the table's shortest: the table is
+    // rebuilt with the four longest and /12 goes to the trie alone; the
+    // entry's hits move with it.
     block(&mut h, "192.0.2.0/30", 0);
-    assert_eq!(h.maps.net_lengths().unwrap(), None);
-    assert_eq!(hits(&h), Some(before + 2));
-    let mut listed = listed;
-    listed.push("192.0.2.0/30".parse().unwrap());
-    h.maps.hint_rebuild(&listed, []).unwrap();
     assert_eq!(
         h.maps.net_lengths().unwrap(),
         Some((vec![30, 28, 26, 20], true))
