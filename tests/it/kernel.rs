@@ -316,6 +316,13 @@ fn restart_restores_runtime_blocks_from_state() {
         cidrs.iter().any(|c| c == "192.0.2.0/24") && cidrs.iter().any(|c| c == "198.51.100.1/32"),
         "{cidrs:?}"
     );
+    // The restored /24 is searched in the CIDR table, not the trie.
+    let stats = gw.cli(&["stats", "--json"]).json();
+    assert_eq!(
+        stats["maps"]["cidr_table"],
+        serde_json::json!({"lengths": [24], "trie_after": false}),
+        "{stats}"
+    );
     let row = gw
         .block_entry("198.51.100.1/32")
         .expect("the timed block is listed");

@@ -163,6 +163,16 @@ struct MapsRow {
     syn_buckets: usize,
     top_sources: usize,
     syn_trusted: usize,
+    /// How the program searches IPv4 CIDR blocks; `None`: the trie alone.
+    cidr_table: Option<CidrTable>,
+}
+
+#[derive(Serialize)]
+struct CidrTable {
+    /// Prefix lengths searched in `BLOCK_NET_V4`, longest first.
+    lengths: Vec<u8>,
+    /// Shorter lengths are in use too, searched in the LPM trie after.
+    trie_after: bool,
 }
 
 pub fn stats(cfg: &Config, json: bool, io: &mut Io) -> Result<()> {
@@ -194,6 +204,10 @@ pub fn stats(cfg: &Config, json: bool, io: &mut Io) -> Result<()> {
             syn_buckets: o.syn_buckets,
             top_sources: o.top_sources,
             syn_trusted: o.syn_trusted,
+            cidr_table: maps.cidr_table()?.map(|(lengths, trie_after)| CidrTable {
+                lengths,
+                trie_after,
+            }),
         },
     };
     if json {
@@ -242,6 +256,20 @@ pub fn stats(cfg: &Config, json: bool, io: &mut Io) -> Result<()> {
         "maps: allow {}, block {} CIDR + {} host, syn buckets {}, top sources {}, trusted sources {}",
         o.allow, o.block_cidr, o.block_host, o.syn_buckets, o.top_sources, o.syn_trusted
     )?;
+    let search = match &v.maps.cidr_table {
+        None => "the LPM trie (the table is not in use)".to_string(),
+        Some(t) if t.lengths.is_empty() => "nothing to search".to_string(),
+        Some(t) => {
+            let lengths: Vec<String> = t.lengths.iter().map(|l| format!("/{l}")).collect();
+            let after = if t.trie_after {
+                ", then the LPM trie for shorter prefixes"
+            } else {
+                ""
+            };
+            format!("table for {}{after}", lengths.join(" "))
+        }
+    };
+    writeln!(io.out, "IPv4 CIDR search: {search}")?;
     Ok(())
 }
 

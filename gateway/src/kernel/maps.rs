@@ -327,11 +327,11 @@ impl KernelMaps {
         self.set_nets_descriptor(d)
     }
 
-    /// The prefix lengths the program searches in `BLOCK_NET_V4`, longest
-    /// first, and whether shorter ones live in the trie alone; `None`
-    /// while it walks the trie for every search (tests).
-    #[cfg(test)]
-    pub(crate) fn net_lengths(&self) -> Result<Option<(Vec<u8>, bool)>> {
+    /// How the program searches IPv4 CIDR blocks: the prefix lengths it
+    /// searches in `BLOCK_NET_V4`, longest first, and whether shorter ones
+    /// live in the trie alone; `None` while it walks the trie for every
+    /// search.
+    pub fn cidr_table(&self) -> Result<Option<(Vec<u8>, bool)>> {
         let d = self.nets_descriptor()?;
         Ok(nets::lengths(d).map(|l| (l.collect(), d & nets::TRIE_AFTER != 0)))
     }

@@ -214,14 +214,11 @@ fn cidr_table_searches_lengths_longest_first_and_falls_back_to_the_trie() {
     use std::collections::BTreeSet;
 
     let mut h = harness!(limits());
-    assert_eq!(h.maps.net_lengths().unwrap(), Some((vec![], false)));
+    assert_eq!(h.maps.cidr_table().unwrap(), Some((vec![], false)));
     block(&mut h, "10.0.0.0/8", 0);
     block(&mut h, "10.1.0.0/16", 1); // expired long ago
     block(&mut h, "10.1.2.0/24", 0);
-    assert_eq!(
-        h.maps.net_lengths().unwrap(),
-        Some((vec![24, 16, 8], false))
-    );
+    assert_eq!(h.maps.cidr_table().unwrap(), Some((vec![24, 16, 8], false)));
     let ack = |a: [u8; 4]| Frame::v4(a, DST).tcp(PORT, TCP_ACK).build();
     expect(&mut h, &ack([10, 9, 9, 9]), XDP_DROP, Reason::Blocklist);
     expect(&mut h, &ack([10, 1, 9, 9]), XDP_PASS, Reason::Pass);
@@ -254,7 +251,7 @@ fn cidr_table_searches_lengths_longest_first_and_falls_back_to_the_trie() {
     // four sent the program to the trie, and the insert rebuilt the table
     // at once with the four longest; 8, 12 and 16 live in the trie alone.
     assert_eq!(
-        h.maps.net_lengths().unwrap(),
+        h.maps.cidr_table().unwrap(),
         Some((vec![28, 26, 24, 20], true))
     );
     // Sources inside each prefix, and strangers.
@@ -290,7 +287,7 @@ fn cidr_table_searches_lengths_longest_first_and_falls_back_to_the_trie() {
     let listed: Vec<Cidr> = nets.iter().map(|n| cidr(*n)).collect();
     h.maps.hint_rebuild(&listed, []).unwrap();
     assert_eq!(
-        h.maps.net_lengths().unwrap(),
+        h.maps.cidr_table().unwrap(),
         Some((vec![28, 26, 20, 12], false))
     );
     agree(&mut h, &nets, "through the table");
@@ -302,7 +299,7 @@ fn cidr_table_searches_lengths_longest_first_and_falls_back_to_the_trie() {
         nets.remove(n);
     }
     assert_eq!(
-        h.maps.net_lengths().unwrap(),
+        h.maps.cidr_table().unwrap(),
         Some((vec![28, 26, 20, 12], false))
     );
     agree(&mut h, &nets, "after removals");
@@ -320,7 +317,7 @@ fn cidr_table_searches_lengths_longest_first_and_falls_back_to_the_trie() {
         .unwrap();
     // 31 displaced 12 from the table: rebuilt at once.
     assert_eq!(
-        h.maps.net_lengths().unwrap(),
+        h.maps.cidr_table().unwrap(),
         Some((vec![31, 28, 26, 20], true))
     );
     expect(&mut h, &ack(inside), XDP_DROP, Reason::Blocklist);
@@ -329,7 +326,7 @@ fn cidr_table_searches_lengths_longest_first_and_falls_back_to_the_trie() {
     let listed: Vec<Cidr> = nets.iter().map(|n| cidr(*n)).collect();
     h.maps.hint_rebuild(&listed, []).unwrap();
     assert_eq!(
-        h.maps.net_lengths().unwrap(),
+        h.maps.cidr_table().unwrap(),
         Some((vec![28, 26, 20, 12], false))
     );
 
@@ -337,7 +334,7 @@ fn cidr_table_searches_lengths_longest_first_and_falls_back_to_the_trie() {
     // program searches the table, then the trie.
     block(&mut h, "10.0.0.0/8", 0);
     assert_eq!(
-        h.maps.net_lengths().unwrap(),
+        h.maps.cidr_table().unwrap(),
         Some((vec![28, 26, 20, 12], true))
     );
     expect(&mut h, &ack([10, 9, 9, 9]), XDP_DROP, Reason::Blocklist);
@@ -362,7 +359,7 @@ fn cidr_table_searches_lengths_longest_first_and_falls_back_to_the_trie() {
     // entry's hits move with it.
     block(&mut h, "192.0.2.0/30", 0);
     assert_eq!(
-        h.maps.net_lengths().unwrap(),
+        h.maps.cidr_table().unwrap(),
         Some((vec![30, 28, 26, 20], true))
     );
     assert_eq!(hits(&h), Some(before + 2));
