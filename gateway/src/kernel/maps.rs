@@ -215,7 +215,8 @@ impl KernelMaps {
     /// table's lengths, when they are all taken, stays in the trie alone
     /// (the descriptor says so). An entry the table cannot take (a length
     /// that belongs among the table's, a full window) sends the program to
-    /// the trie until `nets_rebuild`. Called with the write lock held.
+    /// the trie; `block_insert_many` then rebuilds the table before it
+    /// returns. Called with the write lock held.
     fn net_insert(&mut self, addr: &[u8; 4], len: u8, v: BlockValue) -> Result<()> {
         let d = self.nets_descriptor()?;
         let Some(table) = nets::lengths(d) else {
