@@ -1,6 +1,9 @@
 //! The IPv4 host blocklist (`BLOCK_HOST_V4`, schema 4): an open-addressed
 //! table with linear probing kept in a `BPF_MAP_TYPE_ARRAY`, plus a small
 //! hash map (`BLOCK_HOST_V4_SPILL`) for the entries that find no room.
+//! `BLOCK_NET_V4` (schema 5, `crate::nets`) is a table of the same kind
+//! for IPv4 CIDRs, keyed by prefix length and masked address and with no
+//! spill map; [`Shape`] gives each its size, the rest is shared.
 //!
 //! Why not the kernel's hash map: the verifier inlines an array lookup into
 //! a bounds check and an add, so a probe costs a load, where a hash-map
