@@ -1,11 +1,15 @@
 //! `gateway_common`'s `Bytes` and `Tables` over the XDP context and the BPF
 //! maps. The kernel only reads policy maps; it writes buckets and counters.
 
-use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key, programs::XdpContext};
+use aya_ebpf::{
+    helpers::bpf_ktime_get_coarse_ns,
+    maps::{lpm_trie::Key, Array},
+    programs::XdpContext,
+};
 use gateway_common::{
     bucket::{self, Taken},
     hint,
-    host::{self, Nets, Probe},
+    host::{self, HostSlot, Nets, Probe},
     nets,
     packet::{Bytes, Source},
     verdict::Tables,
@@ -56,19 +60,23 @@ fn hit(v: Option<*mut BlockValue>) -> bool {
     true
 }
 
+/// The key of `slot` of a table (volatile: read before the value) and a
+/// pointer to the slot.
+#[inline(always)]
+fn slot(table: &Array<HostSlot>, s: u32) -> Option<(u64, *mut HostSlot)> {
+    let p = table.get_ptr_mut(s)?;
+    // SAFETY: a pointer to a slot of the array map.
+    Some((unsafe { core::ptr::read_volatile(&(*p).key) }, p))
+}
+
 /// The value of an IPv4 /32 block of `a`: a search of the open-addressed
 /// table, then the spill map if the search saw a full window. Keys are read
 /// with volatile loads before their values; userspace writes a value before
 /// its key, so a key found here comes with its own value.
 #[inline(always)]
 pub fn host_v4(a: &[u8; 4]) -> Option<*mut BlockValue> {
-    let found = host::probe(a, |s| {
-        let p = BLOCK_HOST_V4.get_ptr_mut(s)?;
-        // SAFETY: a pointer to a slot of the array map.
-        Some((unsafe { core::ptr::read_volatile(&(*p).key) }, p))
-    });
-    match found {
-        // SAFETY: as above.
+    match host::probe(a, |s| slot(&BLOCK_HOST_V4, s)) {
+        // SAFETY: as in `slot`.
         Probe::Found(p) => Some(unsafe { &mut (*p).value }),
         Probe::Absent(_) => None,
         Probe::Spill => BLOCK_HOST_V4_SPILL.get_ptr_mut(a),
@@ -91,13 +99,9 @@ fn net_v4(a: &[u8; 4]) -> Option<Option<*mut BlockValue>> {
         if i >= n {
             break;
         }
-        let found = host::probe_key::<Nets, _>(host::net_key(a, nets::length(d, i)), |s| {
-            let p = BLOCK_NET_V4.get_ptr_mut(s)?;
-            // SAFETY: a pointer to a slot of the array map.
-            Some((unsafe { core::ptr::read_volatile(&(*p).key) }, p))
-        });
-        match found {
-            // SAFETY: as above.
+        let key = host::net_key(a, nets::length(d, i));
+        match host::probe_key::<Nets, _>(key, |s| slot(&BLOCK_NET_V4, s)) {
+            // SAFETY: as in `slot`.
             Probe::Found(p) => return Some(Some(unsafe { &mut (*p).value })),
             Probe::Absent(_) => {}
             Probe::Spill => return None,
