@@ -81,15 +81,14 @@ impl HostTable {
     #[cfg(test)]
     pub fn lookup(&self, a: &[u8; 4]) -> Result<Option<BlockValue>> {
         let key = host::key_of(a);
-        Ok(match host::probe(a, |s| Some((self.key(s), s))) {
-            Probe::Found(s) => Some(self.value(s)),
-            Probe::Absent(_) => None,
-            Probe::Spill => self
-                .spill_entries()?
-                .into_iter()
-                .find(|(k, _)| *k == key)
-                .map(|(_, v)| v),
-        })
+        if let Some(v) = self.get(key) {
+            return Ok(Some(v));
+        }
+        Ok(self
+            .spill_entries()?
+            .into_iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v))
     }
 
     /// Entries in the spill map (tests).
@@ -102,14 +101,6 @@ impl HostTable {
 impl NetTable {
     pub fn new(table: Map) -> Result<NetTable> {
         Table::map(table, None, names::BLOCK_NET_V4)
-    }
-
-    /// The value stored under `key`, if the table holds it.
-    pub fn get(&self, key: u64) -> Option<BlockValue> {
-        match host::probe_key::<Nets, _>(key, |s| Some((self.key(s), s))) {
-            Probe::Found(s) => Some(self.value(s)),
-            _ => None,
-        }
     }
 
     /// Whether an insert since the last call found no room.
@@ -173,6 +164,14 @@ impl<S: Shape> Table<S> {
     }
 
     const LEN: usize = S::SLOTS as usize * size_of::<HostSlot>();
+
+    /// The value the table (not its spill map) holds under `key`.
+    pub fn get(&self, key: u64) -> Option<BlockValue> {
+        match host::probe_key::<S, _>(key, |s| Some((self.key(s), s))) {
+            Probe::Found(s) => Some(self.value(s)),
+            _ => None,
+        }
+    }
 
     /// Every used slot's key and value.
     pub fn used(&self) -> impl Iterator<Item = (u64, BlockValue)> + '_ {
