@@ -1,4 +1,6 @@
-//! XDP fast-path cost: ns/packet of every verdict path, measured in the
+//! XDP fast-path cost: ns/packet of every verdict path (blocklist hits of
+//! each kind, allowlisted, SYN admitted and refused, near misses, the
+//! other transports and malformed frames), measured in the
 //! kernel with BPF_PROG_TEST_RUN over many repeats, with 100,000 blocklist
 //! entries loaded; and the time to load those entries through the same
 //! diff-apply path the daemon uses.
@@ -65,6 +67,19 @@ fn entries() -> BTreeMap<Cidr, BlockValue> {
     m
 }
 
+/// The allowlist: 1,000 IPv4 hosts inside the blocked /24s of
+/// 80.39.0.0/20 (every fourth address), so their sources are blocked and
+/// allowed at once. One /16, so the sources of the other rows never share
+/// an allowlist hint slot with them.
+fn allow() -> BTreeSet<Cidr> {
+    (0..1_000u32)
+        .map(|i| Cidr::V4 {
+            addr: (0x5027_0000u32 + i * 4).to_be_bytes(),
+            len: 32,
+        })
+        .collect()
+}
+
 struct Row {
     path: &'static str,
     verdict: &'static str,
@@ -101,7 +116,7 @@ fn main() -> Result<()> {
     assert_eq!(block.len(), 100_000);
     let want = policy::Desired {
         block,
-        allow: BTreeSet::new(),
+        allow: allow(),
         limits: limits_open,
         ports: vec![PORT],
     };
@@ -134,6 +149,15 @@ fn main() -> Result<()> {
         empty_ns: f64::NAN,
         ns,
         target: Some(120.0),
+    });
+    let syn6 = Frame::v6(V6_CLEAN, V6_DST).tcp(PORT, TCP_SYN).build();
+    let ns = measure(&mut h, "syn6 drop", &syn6, Some(1))?;
+    rows.push(Row {
+        path: "SYN path: IPv6 SYN over the limit",
+        verdict: "DROP",
+        empty_ns: f64::NAN,
+        ns,
+        target: None,
     });
     // Five IPv4 prefix lengths in use, one more than the table holds: the
     // table keeps the four longest, the trie alone the /12.
@@ -183,14 +207,26 @@ fn main() -> Result<()> {
 
 type Case = (&'static str, &'static str, Vec<u8>, Option<f64>);
 
+/// An IPv6 source no entry is near: its hint slot (its /32 folded to 16
+/// bits, 0xef00) holds no entry of `entries()`.
+const V6_CLEAN: [u8; 16] = [0x24, 0, 0xcb, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+/// An IPv6 source in no entry whose hint slot is shared with the /48s of
+/// `entries()`: 2001:db8::/32 folds to 0x2db9, as 2a02:7bb::/32 does.
+const V6_NEAR: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const V6_DST: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+
 fn cases() -> Vec<Case> {
     let host_hit = [45, 0, 0, 7];
+    let host_near = [45, 0, 0, 8]; // between listed hosts, in their /16
     let cidr_hit = [80, 0, 9, 200];
+    let allowed = [80, 39, 1, 4]; // in 80.39.1.0/24 (blocked), allowlisted
     let clean = [198, 51, 100, 7];
     let dst = [192, 0, 2, 1];
     let mut v6_host = [0x2a, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
     v6_host[15] = 9;
-    let v6_clean = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    // In 2a02:9::/48, one of the 5,000 IPv6 /48 blocks.
+    let v6_net = [0x2a, 0x02, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
+    let (v6_clean, v6_dst) = (V6_CLEAN, V6_DST);
     vec![
         (
             "floor: ARP frame (no IP parsing)",
@@ -225,19 +261,86 @@ fn cases() -> Vec<Case> {
         (
             "pass: IPv6 TCP ACK, clean source",
             "PASS",
-            Frame::v6(v6_clean, v6_host).tcp(PORT, TCP_ACK).build(),
+            Frame::v6(v6_clean, v6_dst).tcp(PORT, TCP_ACK).build(),
             None,
         ),
         (
             "block hit: IPv6 exact (hash)",
             "DROP",
-            Frame::v6(v6_host, v6_clean).tcp(PORT, TCP_SYN).build(),
+            Frame::v6(v6_host, v6_dst).tcp(PORT, TCP_SYN).build(),
+            None,
+        ),
+        (
+            "block hit: IPv6 CIDR /48 (trie)",
+            "DROP",
+            Frame::v6(v6_net, v6_dst).tcp(PORT, TCP_SYN).build(),
             None,
         ),
         (
             "SYN path: IPv6 SYN admitted",
             "PASS",
-            Frame::v6(v6_clean, v6_host).tcp(PORT, TCP_SYN).build(),
+            Frame::v6(v6_clean, v6_dst).tcp(PORT, TCP_SYN).build(),
+            None,
+        ),
+        // The other paths of the verdict, so every one has a figure.
+        (
+            "near miss: IPv4 ACK, unlisted source beside listed hosts (host table miss)",
+            "PASS",
+            Frame::v4(host_near, dst).tcp(PORT, TCP_ACK).build(),
+            None,
+        ),
+        (
+            "near miss: IPv6 ACK, unlisted source in a hint slot of listed /48s (hash and trie miss)",
+            "PASS",
+            Frame::v6(V6_NEAR, v6_dst).tcp(PORT, TCP_ACK).build(),
+            None,
+        ),
+        (
+            "allowlist: IPv4 SYN from a blocked /24, allowlisted host",
+            "PASS",
+            Frame::v4(allowed, dst).tcp(PORT, TCP_SYN).build(),
+            None,
+        ),
+        (
+            "other: IPv4 SYN to an unprotected port",
+            "PASS",
+            Frame::v4(clean, dst).tcp(PORT + 1, TCP_SYN).build(),
+            None,
+        ),
+        (
+            "other: IPv4 UDP",
+            "PASS",
+            Frame::v4(clean, dst).udp(53).build(),
+            None,
+        ),
+        (
+            "other: IPv4 non-first fragment",
+            "PASS",
+            Frame::v4(clean, dst).frag(185, false).tcp(PORT, TCP_SYN).build(),
+            None,
+        ),
+        (
+            "other: IPv4 TCP ACK in 802.1ad + 802.1Q tags",
+            "PASS",
+            Frame::v4(clean, dst)
+                .vlans(&[0x88a8, 0x8100])
+                .tcp(PORT, TCP_ACK)
+                .build(),
+            None,
+        ),
+        (
+            "malformed: IPv4 TCP header length 8 bytes, protected port",
+            "DROP",
+            Frame::v4(clean, dst).tcp(PORT, TCP_SYN).tcp_doff(2).build(),
+            None,
+        ),
+        (
+            "malformed: IPv6 with 9 extension headers (evasive chain)",
+            "DROP",
+            Frame::v6(v6_clean, v6_dst)
+                .ext(&[60; 9])
+                .tcp(PORT, TCP_SYN)
+                .build(),
             None,
         ),
     ]
@@ -246,8 +349,9 @@ fn cases() -> Vec<Case> {
 fn report(rows: &[Row], load: std::time::Duration) -> Result<()> {
     let mut out = String::new();
     out.push_str(&format!(
-        "100,000 blocklist entries (80k IPv4 hosts, 10k IPv4 /24, 5k IPv6 hosts, 5k IPv6 /48), \
-         best of {} x {} runs per path.\n\n",
+        "100,000 blocklist entries (80k IPv4 hosts, 10k IPv4 /24, 5k IPv6 hosts, 5k IPv6 /48) \
+         and 1,000 allowlisted IPv4 hosts inside blocked /24s, best of {} x {} runs per path. \
+         Rows below the IPv4 SYN over the limit run with a SYN budget that is always spent.\n\n",
         rounds(),
         repeat()
     ));

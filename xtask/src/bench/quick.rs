@@ -25,7 +25,7 @@ pub fn run() -> Result<()> {
         )?;
         let table = std::fs::read_to_string(root().join("target/bench/xdp.md"))?;
         for row in table.lines().filter(|l| {
-            l.starts_with("| pass: IPv4")
+            l.starts_with("| pass: IPv4 TCP ACK, clean")
                 || l.starts_with("| block hit: IPv4 exact")
                 || l.starts_with("| block hit: IPv4 CIDR (prefix table)")
                 || l.starts_with("| SYN path: IPv4 SYN over")
