@@ -11,7 +11,10 @@ use http_body_util::Full;
 use super::ctx::RequestCtx;
 use crate::{
     error::ProxyError,
-    upstream::{Backend, Incoming},
+    upstream::{
+        h1::{field, HeadFields},
+        Backend, Incoming,
+    },
 };
 
 /// Headers that describe one connection, not the message (RFC 9110 7.6.1),
@@ -64,7 +67,8 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 /// Copies `from` without hop-by-hop headers (including those the
 /// `Connection` header names).
-pub fn end_to_end(from: &HeaderMap) -> HeaderMap {
+#[cfg(test)]
+fn end_to_end(from: &HeaderMap) -> HeaderMap {
     let listed = connection_listed(from);
     let mut out = HeaderMap::with_capacity(from.len());
     for (name, value) in from {
@@ -73,6 +77,118 @@ pub fn end_to_end(from: &HeaderMap) -> HeaderMap {
         }
     }
     out
+}
+
+/// Request headers the gateway sets itself upstream; the client's values
+/// of them are not forwarded. (`expect`: the body is read in full, so
+/// upstream has nothing to wait for.)
+const REPLACED: [HeaderName; 5] = [
+    header::CONTENT_LENGTH,
+    header::EXPECT,
+    X_REQUEST_ID,
+    X_FORWARDED_FOR,
+    X_FORWARDED_PROTO,
+];
+
+/// The upstream request's headers: the client's end-to-end headers except
+/// those in [`REPLACED`], then the gateway's own. Written straight into the
+/// request head for HTTP/1.1 backends (no second header map is built per
+/// request), or as a `HeaderMap` for hyper's client.
+pub struct Forward<'a> {
+    client: &'a HeaderMap,
+    /// Header names the client's `Connection` header lists (usually none).
+    listed: Vec<HeaderName>,
+    request_id: &'a str,
+    ip: std::net::IpAddr,
+    tls: bool,
+    body_len: usize,
+}
+
+impl<'a> Forward<'a> {
+    pub fn new(
+        client: &'a HeaderMap,
+        request_id: &'a str,
+        ip: std::net::IpAddr,
+        tls: bool,
+        body_len: usize,
+    ) -> Forward<'a> {
+        Forward {
+            client,
+            listed: connection_listed(client),
+            request_id,
+            ip,
+            tls,
+            body_len,
+        }
+    }
+
+    fn keeps(&self, name: &HeaderName) -> bool {
+        !DROPPED.contains(name) && !REPLACED.contains(name) && !self.listed.contains(name)
+    }
+
+    fn proto(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// The same headers as a map.
+    pub fn header_map(&self) -> HeaderMap {
+        let mut out = HeaderMap::with_capacity(self.client.len() + REPLACED.len());
+        for (name, value) in self.client {
+            if self.keeps(name) {
+                out.append(name.clone(), value.clone());
+            }
+        }
+        out.insert(header::CONTENT_LENGTH, HeaderValue::from(self.body_len));
+        out.insert(
+            X_REQUEST_ID,
+            HeaderValue::from_str(self.request_id).expect("validated request id"),
+        );
+        out.insert(X_FORWARDED_FOR, ip_header(self.ip));
+        out.insert(X_FORWARDED_PROTO, HeaderValue::from_static(self.proto()));
+        out
+    }
+}
+
+impl HeadFields for Forward<'_> {
+    fn fields_len(&self) -> usize {
+        self.client.fields_len() + self.request_id.len() + 128
+    }
+
+    fn write_fields(&self, w: &mut Vec<u8>) {
+        for (name, value) in self.client {
+            if self.keeps(name) {
+                field(w, name.as_str().as_bytes(), value.as_bytes());
+            }
+        }
+        let mut digits = [0u8; 20];
+        field(
+            w,
+            b"content-length",
+            decimal(self.body_len as u64, &mut digits),
+        );
+        field(w, b"x-request-id", self.request_id.as_bytes());
+        let mut ip = [0u8; 45];
+        let n = ip_text(self.ip, &mut ip);
+        field(w, b"x-forwarded-for", &ip[..n]);
+        field(w, b"x-forwarded-proto", self.proto().as_bytes());
+    }
+}
+
+/// `n` in decimal, in the tail of `buf`.
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
 }
 
 /// Sends the request to `backend`; returns the upstream response head once
@@ -89,27 +205,19 @@ pub async fn send(
     first_byte: Duration,
     deadline: Instant,
 ) -> Result<Response<Incoming>, ProxyError> {
-    let mut headers = end_to_end(client_headers);
-    headers.remove(header::CONTENT_LENGTH);
-    // The body is already read in full: upstream has nothing to wait for.
-    headers.remove(header::EXPECT);
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-    headers.insert(
-        X_REQUEST_ID,
-        HeaderValue::from_str(&ctx.request_id).expect("validated request id"),
-    );
-    headers.insert(X_FORWARDED_FOR, ip_header(ctx.client.ip()));
-    headers.insert(
-        X_FORWARDED_PROTO,
-        HeaderValue::from_static(if tls { "https" } else { "http" }),
-    );
-
     let dispatched = Instant::now();
     if ctx.dispatched.is_none() {
         // Time spent on failed attempts is upstream's, not the gateway's.
         ctx.overhead += dispatched - ctx.start;
         ctx.dispatched = Some(dispatched);
     }
+    let headers = Forward::new(
+        client_headers,
+        &ctx.request_id,
+        ctx.client.ip(),
+        tls,
+        body.len(),
+    );
     let wait = first_byte.min(deadline.saturating_duration_since(dispatched));
     let timed_out = || {
         ProxyError::UpstreamTimeout(format!(
@@ -139,7 +247,7 @@ pub async fn send(
     let mut req = Request::new(Full::new(body));
     *req.method_mut() = ctx.method.clone();
     *req.uri_mut() = backend.uri(path_and_query);
-    *req.headers_mut() = headers;
+    *req.headers_mut() = headers.header_map();
     match tokio::time::timeout(wait, backend.client().request(req)).await {
         Err(_) => Err(timed_out()),
         Ok(Ok(resp)) => Ok(resp.map(Incoming::Hyper)),
@@ -185,13 +293,18 @@ pub fn client_headers(h: &mut HeaderMap, request_id: &str, body_edited: bool) {
     );
 }
 
-/// An address as a header value, formatted on the stack (no `fmt`
-/// machinery and no heap string on the request path).
+/// An address as a header value.
 fn ip_header(ip: std::net::IpAddr) -> HeaderValue {
+    let mut buf = [0u8; 45];
+    let len = ip_text(ip, &mut buf);
+    HeaderValue::from_bytes(&buf[..len]).expect("an address is a valid header value")
+}
+
+/// An address's text form, written on the stack (no `fmt` machinery and no
+/// heap string on the request path); its length.
+fn ip_text(ip: std::net::IpAddr, buf: &mut [u8; 45]) -> usize {
     use std::io::Write as _;
-    let mut buf = [0u8; 45]; // the longest IPv6 text form
-    let mut w = &mut buf[..];
-    let len = match ip.to_canonical() {
+    match ip.to_canonical() {
         std::net::IpAddr::V4(a) => {
             let mut n = 0;
             for (i, o) in a.octets().iter().enumerate() {
@@ -209,11 +322,12 @@ fn ip_header(ip: std::net::IpAddr) -> HeaderValue {
             n
         }
         std::net::IpAddr::V6(a) => {
+            // 45 bytes: the longest IPv6 text form.
+            let mut w = &mut buf[..];
             let _ = write!(w, "{a}");
             45 - w.len()
         }
-    };
-    HeaderValue::from_bytes(&buf[..len]).expect("an address is a valid header value")
+    }
 }
 
 #[cfg(test)]
@@ -234,6 +348,77 @@ mod tests {
             ),
         ] {
             assert_eq!(ip_header(ip.parse().unwrap()), want);
+        }
+    }
+
+    /// The head fields written for an HTTP/1.1 backend, parsed back.
+    fn written(f: &Forward<'_>) -> HeaderMap {
+        let mut w = b"POST / HTTP/1.1\r\n".to_vec();
+        assert!(f.fields_len() > 0);
+        f.write_fields(&mut w);
+        w.extend_from_slice(b"\r\n");
+        let mut slots = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut slots);
+        assert!(req.parse(&w).expect("a valid head").is_complete());
+        let mut out = HeaderMap::new();
+        for h in req.headers.iter() {
+            out.append(
+                HeaderName::from_bytes(h.name.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(h.value).unwrap(),
+            );
+        }
+        out
+    }
+
+    #[test]
+    fn upstream_headers_written_and_mapped_agree() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("x-private"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer sk"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("999"));
+        h.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("client-chosen"));
+        h.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.append("x-custom", HeaderValue::from_static("a"));
+        h.append("x-custom", HeaderValue::from_static("b"));
+        for (ip, tls, len) in [
+            ("203.0.113.9", false, 0usize),
+            ("2001:db8::7", true, 1_234_567),
+        ] {
+            let f = Forward::new(&h, "req-1", ip.parse().unwrap(), tls, len);
+            let map = f.header_map();
+            assert_eq!(written(&f), map);
+            let want = [
+                ("content-type", "application/json"),
+                ("x-custom", "a"),
+                ("x-custom", "b"),
+                ("content-length", &len.to_string()),
+                ("x-request-id", "req-1"),
+                ("x-forwarded-for", ip),
+                ("x-forwarded-proto", if tls { "https" } else { "http" }),
+            ];
+            let mut got: Vec<(&str, &str)> = map
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.to_str().unwrap()))
+                .collect();
+            let mut want = want.to_vec();
+            got.sort();
+            want.sort();
+            assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn decimals() {
+        let mut b = [0u8; 20];
+        for n in [0, 7, 10, 4096, u64::MAX] {
+            assert_eq!(decimal(n, &mut b), n.to_string().as_bytes());
         }
     }
 

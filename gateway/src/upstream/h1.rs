@@ -202,7 +202,7 @@ impl Client {
         &self,
         method: &Method,
         path_and_query: &str,
-        headers: &HeaderMap,
+        headers: &(impl HeadFields + ?Sized),
         body: Bytes,
     ) -> Result<Response<Body>, Error> {
         let mut wire = encode_head(method, path_and_query, &self.authority, headers, &body);
@@ -284,18 +284,47 @@ impl Client {
     }
 }
 
+/// The header fields of a request head, written as they go on the wire:
+/// `name: value\r\n` each (the host field excluded: the client writes it).
+pub trait HeadFields {
+    /// Bytes `write_fields` is expected to write, to size the buffer.
+    fn fields_len(&self) -> usize;
+    fn write_fields(&self, w: &mut Vec<u8>);
+}
+
+impl HeadFields for HeaderMap {
+    fn fields_len(&self) -> usize {
+        self.iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum()
+    }
+
+    fn write_fields(&self, w: &mut Vec<u8>) {
+        for (n, v) in self {
+            field(w, n.as_str().as_bytes(), v.as_bytes());
+        }
+    }
+}
+
+/// One `name: value\r\n` line.
+#[inline]
+pub fn field(w: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    w.extend_from_slice(name);
+    w.extend_from_slice(b": ");
+    w.extend_from_slice(value);
+    w.extend_from_slice(b"\r\n");
+}
+
 /// The request line and headers (the caller sets `content-length`).
 fn encode_head(
     method: &Method,
     path_and_query: &str,
     authority: &str,
-    headers: &HeaderMap,
+    headers: &(impl HeadFields + ?Sized),
     body: &[u8],
 ) -> Vec<u8> {
-    let mut len = method.as_str().len() + path_and_query.len() + authority.len() + 32;
-    for (n, v) in headers {
-        len += n.as_str().len() + v.len() + 4;
-    }
+    let mut len =
+        method.as_str().len() + path_and_query.len() + authority.len() + 32 + headers.fields_len();
     if body.len() <= COALESCE_BODY {
         len += body.len();
     }
@@ -306,12 +335,7 @@ fn encode_head(
     w.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     w.extend_from_slice(authority.as_bytes());
     w.extend_from_slice(b"\r\n");
-    for (n, v) in headers {
-        w.extend_from_slice(n.as_str().as_bytes());
-        w.extend_from_slice(b": ");
-        w.extend_from_slice(v.as_bytes());
-        w.extend_from_slice(b"\r\n");
-    }
+    headers.write_fields(&mut w);
     w.extend_from_slice(b"\r\n");
     w
 }
