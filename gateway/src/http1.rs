@@ -60,17 +60,28 @@ pub fn connection_has(h: &HeaderMap, token: &[u8]) -> bool {
 pub fn content_length(h: &HeaderMap) -> Result<Option<u64>, &'static str> {
     let mut len = None;
     for t in tokens(h, header::CONTENT_LENGTH) {
-        let n = std::str::from_utf8(t)
-            .ok()
-            .filter(|s| s.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|s| s.parse::<u64>().ok())
-            .ok_or("bad content-length")?;
+        let n = digits(t).ok_or("bad content-length")?;
         if len.is_some_and(|l| l != n) {
             return Err("conflicting content-length values");
         }
         len = Some(n);
     }
     Ok(len)
+}
+
+/// A non-empty run of ASCII digits as a number; `None` for anything else,
+/// or for a number above `u64::MAX`.
+fn digits(t: &[u8]) -> Option<u64> {
+    if t.is_empty() {
+        return None;
+    }
+    t.iter().try_fold(0u64, |n, &b| {
+        if b.is_ascii_digit() {
+            n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+        } else {
+            None
+        }
+    })
 }
 
 /// Where each header's name and value lie in a head's bytes, so the values
@@ -238,5 +249,51 @@ impl Chunked {
         } else {
             ChunkState::Data
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderValue;
+
+    use super::*;
+
+    fn lengths(values: &[&'static str]) -> Result<Option<u64>, &'static str> {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(
+                header::CONTENT_LENGTH,
+                HeaderValue::from_bytes(v.as_bytes()).unwrap(),
+            );
+        }
+        content_length(&h)
+    }
+
+    #[test]
+    fn content_lengths() {
+        assert_eq!(lengths(&[]), Ok(None));
+        assert_eq!(lengths(&["0"]), Ok(Some(0)));
+        assert_eq!(lengths(&["42"]), Ok(Some(42)));
+        assert_eq!(lengths(&["42, 42", "42"]), Ok(Some(42)));
+        assert_eq!(
+            lengths(&["18446744073709551615"]),
+            Ok(Some(u64::MAX)),
+            "the largest u64"
+        );
+        for bad in [
+            "18446744073709551616",
+            "+1",
+            "-1",
+            "1 2",
+            "0x10",
+            "1.0",
+            "٣",
+        ] {
+            assert_eq!(lengths(&[bad]), Err("bad content-length"), "{bad:?}");
+        }
+        assert_eq!(
+            lengths(&["1", "2"]),
+            Err("conflicting content-length values")
+        );
     }
 }

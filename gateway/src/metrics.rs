@@ -10,14 +10,16 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use prometheus::{
-    Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 /// Label used where a request never reached a model or key.
 pub const NONE: &str = "-";
 
 pub struct Metrics {
+    /// Tells this registry's series apart in the per-thread series cache.
+    id: u64,
     registry: Registry,
     pub requests: IntCounterVec,
     pub duration: HistogramVec,
@@ -41,11 +43,159 @@ pub struct Metrics {
     pub xdp_attached: prometheus::IntGauge,
 }
 
+/// The series a finished request writes, for one (model, key, status
+/// code): the request counter at once, the others when first written, so
+/// a series appears in `/metrics` only once it has something to show.
+struct Cached {
+    metrics: u64,
+    model: Box<str>,
+    key: Box<str>,
+    code: Box<str>,
+    requests: IntCounter,
+    duration: std::cell::OnceCell<Histogram>,
+    ttft: std::cell::OnceCell<Histogram>,
+    tpot: std::cell::OnceCell<Histogram>,
+    prompt_tokens: std::cell::OnceCell<IntCounter>,
+    completion_tokens: std::cell::OnceCell<IntCounter>,
+}
+
+/// The series of one finished request (see [`Metrics::with_request_series`]).
+pub struct RequestSeries<'a> {
+    m: &'a Metrics,
+    c: &'a Cached,
+}
+
+impl RequestSeries<'_> {
+    pub fn requests(&self) -> &IntCounter {
+        &self.c.requests
+    }
+
+    pub fn duration(&self) -> &Histogram {
+        let (m, c) = (self.m, self.c);
+        c.duration
+            .get_or_init(|| m.duration.with_label_values(&[&c.model]))
+    }
+
+    pub fn ttft(&self) -> &Histogram {
+        let (m, c) = (self.m, self.c);
+        c.ttft.get_or_init(|| m.ttft.with_label_values(&[&c.model]))
+    }
+
+    pub fn tpot(&self) -> &Histogram {
+        let (m, c) = (self.m, self.c);
+        c.tpot.get_or_init(|| m.tpot.with_label_values(&[&c.model]))
+    }
+
+    pub fn prompt_tokens(&self) -> &IntCounter {
+        let (m, c) = (self.m, self.c);
+        c.prompt_tokens
+            .get_or_init(|| m.tokens.with_label_values(&[&c.model, &c.key, "prompt"]))
+    }
+
+    pub fn completion_tokens(&self) -> &IntCounter {
+        let (m, c) = (self.m, self.c);
+        c.completion_tokens.get_or_init(|| {
+            m.tokens
+                .with_label_values(&[&c.model, &c.key, "completion"])
+        })
+    }
+}
+
+/// The hash of a cache entry's labels, used as its own map key.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, _: &[u8]) {
+        unreachable!("only u64 keys")
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type SeriesCache = std::collections::HashMap<
+    u64,
+    smallvec::SmallVec<[Cached; 1]>,
+    std::hash::BuildHasherDefault<Prehashed>,
+>;
+
+/// Entries a thread's series cache holds before it starts over. The label
+/// values are config names, so real configs stay far below it.
+const SERIES_CACHE_MAX: usize = 4096;
+
+/// FNV-1a of a registry id and label values: the cache's labels are config
+/// names (no client picks them), so a fast hash with no secret will do.
+fn label_hash(id: u64, labels: [&str; 3]) -> u64 {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h = 0xcbf2_9ce4_8422_2325 ^ id;
+    for l in labels {
+        for &b in l.as_bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(PRIME);
+        }
+        // A byte no label value holds ends each value: ("ab", "c") and
+        // ("a", "bc") hash apart.
+        h = (h ^ 0xff).wrapping_mul(PRIME);
+    }
+    h
+}
+
+thread_local! {
+    static SERIES: std::cell::RefCell<SeriesCache> = Default::default();
+}
+
 fn buckets(v: &[f64]) -> Vec<f64> {
     v.to_vec()
 }
 
 impl Metrics {
+    /// Runs `f` with the series of a finished request. They are resolved
+    /// through each vector's label hash once per worker thread and label
+    /// set, then kept: a request's five label lookups cost one hash of its
+    /// labels here.
+    pub fn with_request_series<R>(
+        &self,
+        model: &str,
+        key: &str,
+        code: &str,
+        f: impl FnOnce(RequestSeries<'_>) -> R,
+    ) -> R {
+        let hash = label_hash(self.id, [model, key, code]);
+        SERIES.with_borrow_mut(|cache| {
+            let same = |c: &Cached| {
+                c.metrics == self.id && &*c.model == model && &*c.key == key && &*c.code == code
+            };
+            let found = cache.get(&hash).and_then(|b| b.iter().position(same));
+            let i = match found {
+                Some(i) => i,
+                None => {
+                    if cache.len() >= SERIES_CACHE_MAX {
+                        cache.clear();
+                    }
+                    let bucket = cache.entry(hash).or_default();
+                    bucket.push(Cached {
+                        metrics: self.id,
+                        model: model.into(),
+                        key: key.into(),
+                        code: code.into(),
+                        requests: self.requests.with_label_values(&[model, key, code]),
+                        duration: Default::default(),
+                        ttft: Default::default(),
+                        tpot: Default::default(),
+                        prompt_tokens: Default::default(),
+                        completion_tokens: Default::default(),
+                    });
+                    bucket.len() - 1
+                }
+            };
+            let c = &cache[&hash][i];
+            f(RequestSeries { m: self, c })
+        })
+    }
+
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
@@ -184,7 +334,9 @@ impl Metrics {
         registry
             .register(Box::new(xdp_attached.clone()))
             .expect("unique metric");
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Metrics {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             xdp_packets,
             xdp_map_entries,
             xdp_attached,
@@ -306,4 +458,46 @@ pub async fn serve(
         }
     });
     Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(m: &Metrics) -> String {
+        String::from_utf8(m.encode()).unwrap()
+    }
+
+    #[test]
+    fn request_series_are_per_registry_and_appear_when_written() {
+        let (a, b) = (Metrics::new(), Metrics::new());
+        for _ in 0..3 {
+            a.with_request_series("m", "k", "200", |s| s.requests().inc());
+        }
+        b.with_request_series("m", "k", "200", |s| {
+            s.requests().inc();
+            s.ttft().observe(0.25);
+        });
+        a.with_request_series("m", "k", "500", |s| s.requests().inc());
+        let (ta, tb) = (text(&a), text(&b));
+        assert!(
+            ta.contains(r#"gateway_http_requests_total{code="200",key="k",model="m"} 3"#),
+            "{ta}"
+        );
+        assert!(ta.contains(r#"gateway_http_requests_total{code="500",key="k",model="m"} 1"#));
+        assert!(
+            tb.contains(r#"gateway_http_requests_total{code="200",key="k",model="m"} 1"#),
+            "{tb}"
+        );
+        // Series are created on their first write only.
+        assert!(
+            !ta.contains("gateway_time_to_first_token_seconds_count"),
+            "{ta}"
+        );
+        assert!(
+            tb.contains(r#"gateway_time_to_first_token_seconds_count{model="m"} 1"#),
+            "{tb}"
+        );
+        assert!(!tb.contains("gateway_tokens_total"), "{tb}");
+    }
 }

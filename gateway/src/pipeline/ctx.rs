@@ -88,34 +88,31 @@ impl RequestCtx {
                 owned.as_str()
             }
         };
-        m.requests.with_label_values(&[model, key, code]).inc();
         let total = self.start.elapsed();
         let ttft = self.first_byte.map(|t| t - self.start);
-        if self.model.is_some() {
-            m.duration
-                .with_label_values(&[model])
-                .observe(total.as_secs_f64());
-            if let Some(t) = ttft {
-                m.ttft.with_label_values(&[model]).observe(t.as_secs_f64());
+        m.with_request_series(model, key, code, |series| {
+            series.requests().inc();
+            if self.model.is_some() {
+                series.duration().observe(total.as_secs_f64());
+                if let Some(t) = ttft {
+                    series.ttft().observe(t.as_secs_f64());
+                }
             }
-        }
+            if let Some(u) = self.usage {
+                series.prompt_tokens().inc_by(u.prompt);
+                series.completion_tokens().inc_by(u.completion);
+                if let (true, Some(first)) = (self.stream && u.completion > 1, self.first_byte) {
+                    let per =
+                        (total - (first - self.start)).as_secs_f64() / (u.completion - 1) as f64;
+                    series.tpot().observe(per);
+                }
+            }
+        });
         if self.dispatched.is_some() {
             m.overhead.observe(self.overhead.as_secs_f64());
         }
         if let Some(g) = &self.group {
             m.group_requests.with_label_values(&[model, g, code]).inc();
-        }
-        if let Some(u) = self.usage {
-            m.tokens
-                .with_label_values(&[model, key, "prompt"])
-                .inc_by(u.prompt);
-            m.tokens
-                .with_label_values(&[model, key, "completion"])
-                .inc_by(u.completion);
-            if let (true, Some(first)) = (self.stream && u.completion > 1, self.first_byte) {
-                let per = (total - (first - self.start)).as_secs_f64() / (u.completion - 1) as f64;
-                m.tpot.with_label_values(&[model]).observe(per);
-            }
         }
         tracing::info!(
             target: "access",

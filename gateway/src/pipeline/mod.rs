@@ -145,13 +145,11 @@ fn request_id(headers: &http::HeaderMap) -> String {
     });
     // 32 lowercase hex digits, written without the `fmt` machinery.
     let id = ((prefix as u128) << 64) | NEXT.fetch_add(1, Ordering::Relaxed) as u128;
-    let mut out = String::with_capacity(32);
-    for i in (0..32).rev() {
-        out.push(char::from(
-            b"0123456789abcdef"[((id >> (i * 4)) & 0xf) as usize],
-        ));
+    let mut hex = [0u8; 32];
+    for (i, d) in hex.iter_mut().rev().enumerate() {
+        *d = b"0123456789abcdef"[((id >> (i * 4)) & 0xf) as usize];
     }
-    out
+    std::str::from_utf8(&hex).expect("hex digits").to_owned()
 }
 
 /// Serves one request, whichever connection (the own HTTP/1.1 one, or
