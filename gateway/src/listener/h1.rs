@@ -192,7 +192,7 @@ async fn exchange(
     // Boxed, and dropped once it has answered: the pipeline's state is
     // large, and a connection streaming its answer, or idle between
     // requests, should not carry room for it.
-    let mut handler = Box::pin(crate::pipeline::handle(Arc::clone(shared), req, peer));
+    let mut handler = boxed(|| crate::pipeline::handle(Arc::clone(shared), req, peer));
     let resp = poll_fn(|cx| {
         if let Poll::Ready(r) = handler.as_mut().poll(cx) {
             return Poll::Ready(Some(r));
@@ -232,6 +232,16 @@ async fn exchange(
     } else {
         Next::Close(conn, unread)
     })
+}
+
+/// `Box::pin(make())`, with the future made in its heap slot: `Box::pin`
+/// makes it on the stack and copies all of it (3.6 KiB for the pipeline's,
+/// of which only the arguments are set before its first poll).
+fn boxed<F: std::future::Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
+    let mut slot = Box::<F>::new_uninit();
+    slot.write(make());
+    // SAFETY: written just above.
+    Box::into_pin(unsafe { slot.assume_init() })
 }
 
 fn refusal_code(status: StatusCode) -> &'static str {
