@@ -54,6 +54,9 @@ pub enum Which {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// Request-body inspection (what the gateway reads of each body before
+    /// routing it) against a full JSON parse, for bodies of 1 KiB to 4 MiB.
+    Body,
     /// Every balancing policy: selection cost (ns/pick) and requests/s
     /// through the gateway over the same two upstreams.
     Policies {
@@ -76,6 +79,23 @@ pub fn run(which: Which) -> Result<()> {
                 "xdp",
                 &format!(
                     "## XDP fast path (TestRun)\n\nCommand: `cargo xtask bench xdp` (as root). Machine: {}.\n\n{table}",
+                    record::machine()
+                ),
+            )
+        }
+        Which::Body => {
+            step("bench: request-body inspection (release build)");
+            util::cargo(&["bench", "-p", "gateway", "--bench", "body"])?;
+            let table = std::fs::read_to_string(util::root().join("target/bench/body.md"))?;
+            record::section(
+                "body",
+                &format!(
+                    "## Request bodies: inspection vs a full parse\n\nCommand: `cargo xtask bench body`. Machine: {}. \
+                     Chat-completion bodies of 2 KiB messages (prose with escaped quotes and newlines and some \
+                     non-ASCII text), best of 7 rounds of ~50 ms, one thread. `inspect` is what the gateway \
+                     runs on every request body before routing it: the UTF-8 check, the nesting-depth scan \
+                     and a validating serde pass that keeps only `model`, `stream`, `stream_options` and the \
+                     token caps.\n\n{table}",
                     record::machine()
                 ),
             )
