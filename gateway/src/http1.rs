@@ -69,6 +69,19 @@ pub fn content_length(h: &HeaderMap) -> Result<Option<u64>, &'static str> {
     Ok(len)
 }
 
+/// `n` in decimal, in the tail of `buf` (no `fmt` machinery).
+pub fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
 /// A non-empty run of ASCII digits as a number; `None` for anything else,
 /// or for a number above `u64::MAX`.
 fn digits(t: &[u8]) -> Option<u64> {
@@ -267,6 +280,15 @@ mod tests {
             );
         }
         content_length(&h)
+    }
+
+    #[test]
+    fn decimals_round_trip() {
+        let mut b = [0u8; 20];
+        for n in [0, 7, 10, 4096, u64::MAX] {
+            assert_eq!(decimal(n, &mut b), n.to_string().as_bytes());
+            assert_eq!(digits(decimal(n, &mut b)), Some(n));
+        }
     }
 
     #[test]

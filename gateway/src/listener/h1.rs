@@ -632,8 +632,7 @@ impl ResponseHead {
 
     fn length(&mut self, n: u64) {
         self.out.extend_from_slice(b"content-length: ");
-        self.out
-            .extend_from_slice(itoa_u64(n, &mut [0; 20]).as_bytes());
+        self.out.extend_from_slice(http1::decimal(n, &mut [0; 20]));
         self.out.extend_from_slice(b"\r\n");
     }
 
@@ -647,20 +646,6 @@ impl ResponseHead {
         });
         self.out
     }
-}
-
-/// `n` in decimal, written into `buf`.
-fn itoa_u64(mut n: u64, buf: &mut [u8; 20]) -> &str {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    std::str::from_utf8(&buf[i..]).expect("digits")
 }
 
 /// How a response body goes on the wire.

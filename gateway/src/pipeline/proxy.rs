@@ -168,26 +168,13 @@ impl HeadFields for Forward<'_> {
         field(
             w,
             b"content-length",
-            decimal(self.body_len as u64, &mut digits),
+            crate::http1::decimal(self.body_len as u64, &mut digits),
         );
         field(w, b"x-request-id", self.request_id.as_bytes());
         let mut ip = [0u8; 45];
         let n = ip_text(self.ip, &mut ip);
         field(w, b"x-forwarded-for", &ip[..n]);
         field(w, b"x-forwarded-proto", self.proto().as_bytes());
-    }
-}
-
-/// `n` in decimal, in the tail of `buf`.
-fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buf[i..];
-        }
     }
 }
 
@@ -411,14 +398,6 @@ mod tests {
             got.sort();
             want.sort();
             assert_eq!(got, want);
-        }
-    }
-
-    #[test]
-    fn decimals() {
-        let mut b = [0u8; 20];
-        for n in [0, 7, 10, 4096, u64::MAX] {
-            assert_eq!(decimal(n, &mut b), n.to_string().as_bytes());
         }
     }
 

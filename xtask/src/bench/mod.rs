@@ -66,40 +66,42 @@ pub enum Which {
     },
 }
 
+/// Runs the bench program `name` (`gateway/benches/<name>.rs`), which
+/// leaves its table in target/bench/<name>.md, and records the table in
+/// docs/benchmarks.md under `title`, after the command, the machine and
+/// `about`.
+fn bench_program(name: &str, what: &str, title: &str, root_note: &str, about: &str) -> Result<()> {
+    step(&format!("bench: {what} (release build)"));
+    util::cargo(&["bench", "-p", "gateway", "--bench", name])?;
+    let table = std::fs::read_to_string(util::root().join(format!("target/bench/{name}.md")))?;
+    record::section(
+        name,
+        &format!(
+            "## {title}\n\nCommand: `cargo xtask bench {name}`{root_note}. Machine: {}.{about}\n\n{table}",
+            record::machine()
+        ),
+    )
+}
+
 pub fn run(which: Which) -> Result<()> {
     match which {
         Which::Xdp => {
             if !is_root() {
                 bail!("the XDP benchmark loads a BPF program: run it as root");
             }
-            step("bench: xdp (release build)");
-            util::cargo(&["bench", "-p", "gateway", "--bench", "xdp"])?;
-            let table = std::fs::read_to_string(util::root().join("target/bench/xdp.md"))?;
-            record::section(
-                "xdp",
-                &format!(
-                    "## XDP fast path (TestRun)\n\nCommand: `cargo xtask bench xdp` (as root). Machine: {}.\n\n{table}",
-                    record::machine()
-                ),
-            )
+            bench_program("xdp", "xdp", "XDP fast path (TestRun)", " (as root)", "")
         }
-        Which::Body => {
-            step("bench: request-body inspection (release build)");
-            util::cargo(&["bench", "-p", "gateway", "--bench", "body"])?;
-            let table = std::fs::read_to_string(util::root().join("target/bench/body.md"))?;
-            record::section(
-                "body",
-                &format!(
-                    "## Request bodies: inspection vs a full parse\n\nCommand: `cargo xtask bench body`. Machine: {}. \
-                     Chat-completion bodies of 2 KiB messages (prose with escaped quotes and newlines and some \
-                     non-ASCII text), best of 7 rounds of ~50 ms, one thread. `inspect` is what the gateway \
-                     runs on every request body before routing it: the UTF-8 check, the nesting-depth scan \
-                     and a validating serde pass that keeps only `model`, `stream`, `stream_options` and the \
-                     token caps.\n\n{table}",
-                    record::machine()
-                ),
-            )
-        }
+        Which::Body => bench_program(
+            "body",
+            "request-body inspection",
+            "Request bodies: inspection vs a full parse",
+            "",
+            " Chat-completion bodies of 2 KiB messages (prose with escaped quotes and newlines and \
+             some non-ASCII text), best of 7 rounds of ~50 ms, one thread. `inspect` is what the \
+             gateway runs on every request body before routing it: the UTF-8 check, the \
+             nesting-depth scan and a validating serde pass that keeps only `model`, `stream`, \
+             `stream_options` and the token caps.",
+        ),
         Which::L7 { seconds } => l7::run(seconds),
         Which::Policies { seconds } => policies::run(seconds),
         Which::Quick => quick::run(),
@@ -108,15 +110,12 @@ pub fn run(which: Which) -> Result<()> {
             if !is_root() {
                 bail!("the veth benchmark creates namespaces and attaches XDP: run it as root");
             }
-            step("bench: veth flood, XDP vs nftables (release build)");
-            util::cargo(&["bench", "-p", "gateway", "--bench", "veth"])?;
-            let table = std::fs::read_to_string(util::root().join("target/bench/veth.md"))?;
-            record::section(
+            bench_program(
                 "veth",
-                &format!(
-                    "## Kernel: a flood on a veth, XDP vs nftables\n\nCommand: `cargo xtask bench veth` (as root). Machine: {}.\n\n{table}",
-                    record::machine()
-                ),
+                "veth flood, XDP vs nftables",
+                "Kernel: a flood on a veth, XDP vs nftables",
+                " (as root)",
+                "",
             )
         }
         Which::Streams {
