@@ -283,30 +283,34 @@ mod tests {
     #[test]
     fn depth_scan_matches_a_simple_model() {
         fn model(body: &[u8], max: usize) -> bool {
-            let (mut depth, mut in_str, mut esc) = (0usize, false, false);
-            for &c in body {
-                if in_str {
-                    match (esc, c) {
-                        (true, _) => esc = false,
-                        (false, b'\\') => esc = true,
-                        (false, b'"') => in_str = false,
-                        _ => {}
+            // What lies outside strings, then the running depth over it.
+            let (mut in_str, mut esc) = (false, false);
+            let outside: Vec<u8> = body
+                .iter()
+                .copied()
+                .filter(|&c| {
+                    let was_in = in_str;
+                    if !in_str {
+                        in_str = c == b'"';
+                    } else if esc {
+                        esc = false;
+                    } else if c == b'\\' {
+                        esc = true;
+                    } else if c == b'"' {
+                        in_str = false;
                     }
-                    continue;
+                    !was_in && c != b'"'
+                })
+                .collect();
+            let mut depth = 0usize;
+            outside.iter().any(|&c| {
+                if c == b'[' || c == b'{' {
+                    depth += 1;
+                } else if c == b']' || c == b'}' {
+                    depth = depth.saturating_sub(1);
                 }
-                match c {
-                    b'"' => in_str = true,
-                    b'[' | b'{' => {
-                        depth += 1;
-                        if depth > max {
-                            return true;
-                        }
-                    }
-                    b']' | b'}' => depth = depth.saturating_sub(1),
-                    _ => {}
-                }
-            }
-            false
+                depth > max
+            })
         }
         let mut x = 0x9E37_79B9_7F4A_7C15u64;
         let alphabet = b"[]{}\"\\abc \x80\xff";
