@@ -134,21 +134,35 @@ impl<'a> Forward<'a> {
         }
     }
 
-    /// The same headers as a map.
-    pub fn header_map(&self) -> HeaderMap {
-        let mut out = HeaderMap::with_capacity(self.client.len() + REPLACED.len());
+    /// Each forwarded header, in order: the client's kept ones, then the
+    /// gateway's own. The one list both forms below are made from.
+    fn each(&self, mut f: impl FnMut(&HeaderName, &[u8])) {
         for (name, value) in self.client {
             if self.keeps(name) {
-                out.append(name.clone(), value.clone());
+                f(name, value.as_bytes());
             }
         }
-        out.insert(header::CONTENT_LENGTH, HeaderValue::from(self.body_len));
-        out.insert(
-            X_REQUEST_ID,
-            HeaderValue::from_str(self.request_id).expect("validated request id"),
+        let mut digits = [0u8; 20];
+        f(
+            &header::CONTENT_LENGTH,
+            crate::http1::decimal(self.body_len as u64, &mut digits),
         );
-        out.insert(X_FORWARDED_FOR, ip_header(self.ip));
-        out.insert(X_FORWARDED_PROTO, HeaderValue::from_static(self.proto()));
+        f(&X_REQUEST_ID, self.request_id.as_bytes());
+        let mut ip = [0u8; 45];
+        let n = ip_text(self.ip, &mut ip);
+        f(&X_FORWARDED_FOR, &ip[..n]);
+        f(&X_FORWARDED_PROTO, self.proto().as_bytes());
+    }
+
+    /// The same headers as a map (hyper's client: h2c and https backends).
+    pub fn header_map(&self) -> HeaderMap {
+        let mut out = HeaderMap::with_capacity(self.client.len() + REPLACED.len());
+        self.each(|name, value| {
+            out.append(
+                name.clone(),
+                HeaderValue::from_bytes(value).expect("a valid header value"),
+            );
+        });
         out
     }
 }
@@ -159,22 +173,7 @@ impl HeadFields for Forward<'_> {
     }
 
     fn write_fields(&self, w: &mut Vec<u8>) {
-        for (name, value) in self.client {
-            if self.keeps(name) {
-                field(w, name.as_str().as_bytes(), value.as_bytes());
-            }
-        }
-        let mut digits = [0u8; 20];
-        field(
-            w,
-            b"content-length",
-            crate::http1::decimal(self.body_len as u64, &mut digits),
-        );
-        field(w, b"x-request-id", self.request_id.as_bytes());
-        let mut ip = [0u8; 45];
-        let n = ip_text(self.ip, &mut ip);
-        field(w, b"x-forwarded-for", &ip[..n]);
-        field(w, b"x-forwarded-proto", self.proto().as_bytes());
+        self.each(|name, value| field(w, name.as_str().as_bytes(), value));
     }
 }
 
@@ -281,6 +280,7 @@ pub fn client_headers(h: &mut HeaderMap, request_id: &str, body_edited: bool) {
 }
 
 /// An address as a header value.
+#[cfg(test)]
 fn ip_header(ip: std::net::IpAddr) -> HeaderValue {
     let mut buf = [0u8; 45];
     let len = ip_text(ip, &mut buf);

@@ -220,16 +220,6 @@ fn push_token(v: &mut Vec<u8>, i: u32) {
 }
 
 /// Decimal digits without going through `fmt` machinery.
-fn push_u64(v: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    v.extend_from_slice(&digits[at..]);
+fn push_u64(v: &mut Vec<u8>, n: u64) {
+    v.extend_from_slice(gateway::http1::decimal(n, &mut [0; 20]));
 }
