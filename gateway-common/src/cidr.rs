@@ -63,6 +63,25 @@ impl Cidr {
         }
     }
 
+    /// The prefix of `ip` that is `v4_len` bits long for an IPv4 address
+    /// and `v6_len` for an IPv6 one (each capped at the address's length),
+    /// with the bits past it cleared: the network a source belongs to when
+    /// sources are counted per prefix.
+    pub fn enclosing(ip: IpAddr, v4_len: u8, v6_len: u8) -> Cidr {
+        let mut c = Cidr::host(ip);
+        match &mut c {
+            Cidr::V4 { addr, len } => {
+                *len = v4_len.min(32);
+                check_host_bits(addr, *len);
+            }
+            Cidr::V6 { addr, len } => {
+                *len = v6_len.min(128);
+                check_host_bits(addr, *len);
+            }
+        }
+        c
+    }
+
     /// Prefix length in bits.
     pub const fn prefix_len(&self) -> u8 {
         match self {
@@ -220,6 +239,18 @@ mod tests {
             p("2001:db8::1/64"),
             Err(CidrError::HostBits { .. })
         ));
+    }
+
+    #[test]
+    fn enclosing_clears_the_bits_past_each_familys_length() {
+        let v4: IpAddr = "198.51.100.77".parse().unwrap();
+        let v6: IpAddr = "2001:db8:1:2:aaaa:bbbb:cccc:dddd".parse().unwrap();
+        assert_eq!(Cidr::enclosing(v4, 32, 64), p("198.51.100.77").unwrap());
+        assert_eq!(Cidr::enclosing(v4, 24, 64), p("198.51.100.0/24").unwrap());
+        assert_eq!(Cidr::enclosing(v6, 32, 64), p("2001:db8:1:2::/64").unwrap());
+        assert_eq!(Cidr::enclosing(v6, 32, 56), p("2001:db8:1::/56").unwrap());
+        assert_eq!(Cidr::enclosing(v6, 32, 200), Cidr::host(v6), "capped");
+        assert_eq!(Cidr::enclosing(v4, 0, 0), p("0.0.0.0/0").unwrap());
     }
 
     #[test]

@@ -81,6 +81,7 @@ impl Daemon {
                 Err(e) => return Err(vec![format!("loading the blocklist: {e:#}")]),
             }
         }
+        self.shared.abuse.configure(&new);
         let old = self.shared.routes.load_full();
         self.shared
             .routes
@@ -149,12 +150,13 @@ impl Daemon {
 }
 
 impl Daemon {
-    /// Enforces a ban from the abuse tracker: a kernel blocklist entry that
-    /// lapses by itself (or a userspace ban at accept without XDP),
-    /// persisted with its cause so it survives a restart. Allowlisted
-    /// sources are never banned.
+    /// Enforces a ban from the abuse tracker on the source's prefix (see
+    /// `pipeline::abuse`): a kernel blocklist entry that lapses by itself
+    /// (or a userspace ban at accept without XDP), persisted with its cause
+    /// so it survives a restart. An allowlisted address is never banned, and
+    /// allowlisted hosts inside a banned prefix still pass.
     pub fn ban(&self, b: Ban) {
-        use gateway_common::{cidr::Cidr, BlockValue};
+        use gateway_common::BlockValue;
 
         use crate::kernel::{
             clock,
@@ -164,7 +166,7 @@ impl Daemon {
         let cfg = self.config.lock().unwrap_or_else(|p| p.into_inner());
         let mut state = match State::load(&cfg.server.state_dir) {
             Ok(s) => s,
-            Err(e) => return tracing::error!("cannot ban {}: {e:#}", b.ip),
+            Err(e) => return tracing::error!("cannot ban {}: {e:#}", b.source),
         };
         if cfg
             .xdp
@@ -175,7 +177,7 @@ impl Daemon {
         {
             return tracing::info!(ip = %b.ip, cause = b.cause.name(), "not banning an allowlisted source");
         }
-        let cidr = Cidr::host(b.ip);
+        let cidr = b.source;
         let now = clock::unix_ms();
         state.upsert_block(BlockEntry {
             cidr,
@@ -185,7 +187,7 @@ impl Daemon {
             added_unix_ms: now,
         });
         if let Err(e) = state.save(&cfg.server.state_dir) {
-            tracing::error!("persisting the ban of {}: {e:#}", b.ip);
+            tracing::error!("persisting the ban of {cidr}: {e:#}");
         }
         match self
             .kernel
@@ -196,17 +198,17 @@ impl Daemon {
             Some(k) => {
                 let v = BlockValue::until(clock::monotonic_ns() + b.duration.as_nanos() as u64);
                 if let Err(e) = k.block(&cidr, v) {
-                    return tracing::error!("banning {} in the kernel: {e:#}", b.ip);
+                    return tracing::error!("banning {cidr} in the kernel: {e:#}");
                 }
             }
-            None => self.shared.guard.ban(b.ip, b.duration),
+            None => self.shared.guard.ban(cidr, b.duration),
         }
         self.shared
             .metrics
             .bans
             .with_label_values(&[b.cause.name()])
             .inc();
-        tracing::warn!(ip = %b.ip, cause = b.cause.name(), ban = ?b.duration, "source banned");
+        tracing::warn!(source = %cidr, ip = %b.ip, cause = b.cause.name(), ban = ?b.duration, "source banned");
     }
 }
 

@@ -441,6 +441,67 @@ fn repeated_bad_keys_get_the_source_banned_in_the_kernel() {
     }
 }
 
+/// An IPv6 client holds a whole /64 (`xdp.ipv6_prefix`), so its failures
+/// add up per /64 and the ban covers it: the next address of the prefix is
+/// refused too, while an allowlisted host inside it still passes.
+#[test]
+fn an_ipv6_client_is_banned_by_its_prefix() {
+    require_root!();
+    let t = Topology::new().expect("creating the test topology");
+    let gw_addr = SocketAddr::new(t.server_v6(), PORT);
+    let (bad, neighbour, allowed) = (t.client_v6(2), t.client_v6(4), t.client_v6(3));
+    let body = serving_config(
+        &t,
+        gw_addr,
+        &format!("allow = [\"{allowed}/128\"]"),
+        &format!(
+            "[abuse]\nauth_failures = {{ max = 3, window = \"1m\", ban = \"1m\" }}\n\
+             [[keys]]\nname = \"team-a\"\nsha256 = \"{}\"\n",
+            gateway_tests::l7::sha256_hex("sk-good")
+        ),
+    );
+    let gw = Daemon::start(Some(&t.server.path()), &body).expect("starting the gateway");
+    let req = |key: &str| {
+        format!("GET /v1/models HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n")
+    };
+    // Neighbour discovery for each address first: the first SYN to a
+    // fresh IPv6 neighbour can outlast the short connect timeout.
+    for src in [bad, neighbour, allowed] {
+        let start = Instant::now();
+        while !t.connect(src, gw_addr, Duration::from_millis(300)) {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "{src} cannot reach the gateway"
+            );
+        }
+    }
+    // Two failures from one address and one from another of the same /64.
+    for src in [bad, bad, neighbour] {
+        assert_eq!(t.http(src, gw_addr, req("sk-wrong"), CONNECT), Some(401));
+    }
+    let start = Instant::now();
+    while t.connect(neighbour, gw_addr, Duration::from_millis(300)) {
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{neighbour} is still allowed to connect after 3 bad keys from its /64"
+        );
+    }
+    assert!(
+        !t.connect(bad, gw_addr, Duration::from_millis(300)),
+        "{bad} is in the banned /64"
+    );
+    assert_eq!(
+        t.http(allowed, gw_addr, req("sk-good"), CONNECT),
+        Some(200),
+        "an allowlisted host inside the banned /64 still passes"
+    );
+    let prefix = gateway_common::cidr::Cidr::enclosing(bad, 32, 64);
+    let row = gw
+        .block_entry(&prefix.to_string())
+        .unwrap_or_else(|| panic!("{prefix} is listed: {:?}", gw.block_cidrs()));
+    assert_eq!(row["cause"], "auth_failures", "{row}");
+}
+
 #[test]
 fn accepted_sources_connect_through_a_spent_global_syn_budget() {
     require_root!();

@@ -134,7 +134,7 @@ impl Topology {
             &server_if,
             "nodad",
         ])?;
-        for host in [2, 3] {
+        for host in [2, 3, 4] {
             client.ip(&[
                 "addr",
                 "add",
@@ -171,7 +171,7 @@ impl Topology {
         format!("fd99:0:0:{}::1", self.n).parse().unwrap()
     }
 
-    /// Client source address `host` (2 or 3) of the given family.
+    /// Client source address `host` (2, 3 or 4) of the given family.
     pub fn client_v4(&self, host: u8) -> IpAddr {
         format!("10.99.{}.{host}", self.n).parse().unwrap()
     }

@@ -67,10 +67,9 @@ impl Guard {
     }
 
     /// Adds a ban (while there is no kernel program to hold it).
-    pub fn ban(&self, ip: IpAddr, duration: Duration) {
+    pub fn ban(&self, source: Cidr, duration: Duration) {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        g.block
-            .push((Cidr::host(ip), Some(Instant::now() + duration)));
+        g.block.push((source, Some(Instant::now() + duration)));
     }
 
     /// Whether a new connection from `ip` may proceed.
@@ -156,9 +155,15 @@ mod tests {
             (g.check(src), g.check(src), g.check(src)),
             (Ok(()), Ok(()), Err(Refused::RateLimited))
         );
-        g.ban(ip("198.51.100.2"), Duration::from_secs(60));
+        g.ban("198.51.100.2".parse().unwrap(), Duration::from_secs(60));
         assert_eq!(g.check(ip("198.51.100.2")), Err(Refused::Blocked));
-        g.ban(ip("198.51.100.3"), Duration::ZERO);
+        g.ban(
+            "2001:db8:0:5::/64".parse().unwrap(),
+            Duration::from_secs(60),
+        );
+        assert_eq!(g.check(ip("2001:db8:0:5::77")), Err(Refused::Blocked));
+        assert_eq!(g.check(ip("2001:db8:0:6::77")), Ok(()));
+        g.ban("198.51.100.3".parse().unwrap(), Duration::ZERO);
         assert_eq!(g.check(ip("198.51.100.3")), Ok(()), "a lapsed ban is gone");
     }
 }

@@ -76,7 +76,7 @@ impl Shared {
             tls: cfg.server.tls.is_some(),
             ready: ArcSwap::from_pointee(Readiness::default()),
             per_ip: crate::listener::limit::PerIp::new(cfg.server.max_connections_per_ip),
-            abuse: abuse::Tracker::new(&cfg.abuse, bans),
+            abuse: abuse::Tracker::new(cfg, bans),
             guard: Default::default(),
             balancer: std::sync::OnceLock::new(),
             trust: std::sync::OnceLock::new(),
