@@ -11,6 +11,7 @@ use crate::{
     admin::{Handler, Reply, Request},
     config::Config,
     kernel::runtime::Kernel,
+    listener::ConnLimits,
     pipeline::abuse::Ban,
     pipeline::{routes::Routes, Shared},
 };
@@ -56,10 +57,24 @@ impl Daemon {
                 cfg.server.tls.as_ref().map(|t| (&t.cert, &t.key))
                     != new.server.tls.as_ref().map(|t| (&t.cert, &t.key)),
             ),
+            (
+                "server.state_dir",
+                cfg.server.state_dir != new.server.state_dir,
+            ),
+            (
+                "server.admin_socket",
+                cfg.server.admin_socket != new.server.admin_socket,
+            ),
             ("metrics.listen", cfg.metrics.listen != new.metrics.listen),
             (
                 "xdp.interfaces",
                 cfg.xdp.interfaces != new.xdp.interfaces || cfg.xdp.enabled != new.xdp.enabled,
+            ),
+            ("xdp.mode", cfg.xdp.mode != new.xdp.mode),
+            ("xdp.pin_dir", cfg.xdp.pin_dir != new.xdp.pin_dir),
+            (
+                "xdp.keep_attached",
+                cfg.xdp.keep_attached != new.xdp.keep_attached,
             ),
         ] {
             if changed {
@@ -82,6 +97,12 @@ impl Daemon {
             }
         }
         self.shared.abuse.configure(&new);
+        self.shared
+            .conn_limits
+            .store(Arc::new(ConnLimits::new(&new.server)));
+        self.shared
+            .per_ip
+            .set_max(new.server.max_connections_per_ip);
         let old = self.shared.routes.load_full();
         self.shared
             .routes

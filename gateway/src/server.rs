@@ -77,13 +77,7 @@ impl Gateway {
         if let Some(b) = balancer {
             let _ = shared.balancer.set(b);
         }
-        let workers = Workers::start(
-            sockets,
-            tls,
-            crate::listener::ConnLimits::new(&cfg.server),
-            Arc::clone(&shared),
-            DEFAULT_DRAIN,
-        )?;
+        let workers = Workers::start(sockets, tls, Arc::clone(&shared), DEFAULT_DRAIN)?;
         for a in &addrs {
             tracing::info!(addr = %a, tls = cfg.server.tls.is_some(), workers = n, "listening");
         }

@@ -443,3 +443,87 @@ async fn max_connections_per_ip_closes_the_extra_ones() {
     assert_eq!(statuses.3, Some(200), "another address is unaffected");
     drop(gw);
 }
+
+/// A reload applies the connection limits (to connections accepted after
+/// it) and says which changed settings wait for a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_connection_limits_and_names_what_waits_for_a_restart() {
+    let up = MockLlm::start(MockOptions::default()).await.unwrap();
+    let port = free_port();
+    let body = config(port, &up.url(), &up.url(), (1, 1))
+        .replace("[server]\n", "[server]\nmax_connections_per_ip = 1\n");
+    let gw = tokio::task::spawn_blocking(move || Daemon::start(None, &body))
+        .await
+        .unwrap()
+        .expect("daemon");
+    let dst: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // Connections held open from 127.0.0.7; how each first answered, and
+    // how long a silent one took to be closed.
+    let probe = move |n: usize| {
+        use std::io::{Read as _, Write as _};
+        let mut held = Vec::new();
+        let mut answers = Vec::new();
+        for _ in 0..n {
+            let mut s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.bind(&std::net::SocketAddr::from(([127, 0, 0, 7], 0)).into())
+                .unwrap();
+            s.connect(&dst.into()).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+                .unwrap();
+            let mut buf = [0u8; 12];
+            let got = s.read(&mut buf).unwrap_or(0);
+            answers.push(std::str::from_utf8(&buf[..got]).unwrap_or("").to_owned());
+            held.push(s);
+        }
+        drop(held);
+        let mut silent = std::net::TcpStream::connect(dst).unwrap();
+        silent
+            .set_read_timeout(Some(Duration::from_millis(2500)))
+            .unwrap();
+        let start = std::time::Instant::now();
+        let closed = matches!(silent.read(&mut [0u8; 1]), Ok(0));
+        (answers, closed.then(|| start.elapsed()))
+    };
+    let (answers, closed) = tokio::task::spawn_blocking(move || probe(2)).await.unwrap();
+    assert!(answers[0].starts_with("HTTP/1.1 200"), "{answers:?}");
+    assert_eq!(
+        answers[1], "",
+        "one connection per address before the reload"
+    );
+    assert_eq!(closed, None, "the 10 s header read timeout applies");
+
+    let text = std::fs::read_to_string(&gw.config).unwrap();
+    let changed = text
+        .replace(
+            "max_connections_per_ip = 1\n",
+            "max_connections_per_ip = 3\nheader_read_timeout = \"1s\"\n",
+        )
+        .replace("state_dir = \"", "state_dir = \"/nonexistent");
+    std::fs::write(&gw.config, changed).unwrap();
+    let g = Arc::new(gw);
+    let g2 = Arc::clone(&g);
+    let r = tokio::task::spawn_blocking(move || g2.cli(&["reload"]))
+        .await
+        .unwrap();
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout
+            .contains("server.state_dir changed: takes effect at the next restart"),
+        "{}",
+        r.stdout
+    );
+
+    let (answers, closed) = tokio::task::spawn_blocking(move || probe(3)).await.unwrap();
+    assert!(
+        answers.iter().all(|a| a.starts_with("HTTP/1.1 200")),
+        "three connections per address after the reload: {answers:?}"
+    );
+    let closed = closed.expect("a silent connection is closed after the new 1 s timeout");
+    assert!(
+        closed >= Duration::from_millis(800) && closed < Duration::from_secs(3),
+        "closed after {closed:?}"
+    );
+    std::fs::write(&g.config, text).unwrap();
+}

@@ -4,12 +4,16 @@
 use std::{
     collections::HashMap,
     net::IpAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc, Mutex,
+    },
 };
 
 /// Open connections per client address.
 pub struct PerIp {
-    max: u32,
+    /// The limit; 0 = unlimited.
+    max: AtomicU32,
     open: Mutex<HashMap<IpAddr, u32>>,
 }
 
@@ -22,7 +26,7 @@ pub struct Slot {
 impl PerIp {
     pub fn new(max: u32) -> Arc<PerIp> {
         Arc::new(PerIp {
-            max,
+            max: AtomicU32::new(max),
             open: Mutex::new(HashMap::new()),
         })
     }
@@ -32,7 +36,8 @@ impl PerIp {
     pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let n = open.entry(ip).or_insert(0);
-        if self.max != 0 && *n >= self.max {
+        let max = self.max.load(Ordering::Relaxed);
+        if max != 0 && *n >= max {
             return None;
         }
         *n += 1;
@@ -40,6 +45,12 @@ impl PerIp {
             owner: Arc::clone(self),
             ip,
         })
+    }
+
+    /// A new limit (a reload): connections already open stay; a source
+    /// over the new limit gets no more until it is under it.
+    pub fn set_max(&self, max: u32) {
+        self.max.store(max, Ordering::Relaxed);
     }
 
     /// Connections open from `ip`.

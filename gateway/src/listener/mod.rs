@@ -38,13 +38,12 @@ use crate::{http1, pipeline::Shared};
 pub struct Listeners {
     pub(crate) sockets: Vec<TcpListener>,
     pub(crate) tls: Option<TlsAcceptor>,
-    pub(crate) limits: ConnLimits,
     pub(crate) worker: usize,
 }
 
 /// What a client connection may cost: how long it may take to send a
 /// request head (and its first byte), and how large that head may be.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnLimits {
     pub header_read_timeout: Duration,
     pub max_header_bytes: u32,
@@ -120,7 +119,8 @@ impl Listeners {
                         t.record(peer.ip());
                     }
                     let conn = Conn { peer, slot, gauge: conn_gauge.clone(), worker: self.worker };
-                    spawn_connection(stream, conn, Arc::clone(&shared), self.tls.clone(), self.limits, drain_rx.clone());
+                    let limits = **shared.conn_limits.load();
+                    spawn_connection(stream, conn, Arc::clone(&shared), self.tls.clone(), limits, drain_rx.clone());
                 }
                 _ = shutdown.changed() => break,
             }

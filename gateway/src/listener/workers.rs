@@ -100,7 +100,6 @@ impl Workers {
     pub fn start(
         sockets: Vec<Vec<StdListener>>,
         tls: Option<tokio_rustls::TlsAcceptor>,
-        limits: super::ConnLimits,
         shared: Arc<Shared>,
         drain: Duration,
     ) -> Result<Workers> {
@@ -139,7 +138,6 @@ impl Workers {
                         let l = Listeners {
                             sockets,
                             tls,
-                            limits,
                             worker: id,
                         };
                         // Ends with the runtime when the worker returns.

@@ -55,6 +55,9 @@ pub struct Shared {
     pub per_ip: Arc<crate::listener::limit::PerIp>,
     /// Abuse counters feeding kernel bans.
     pub abuse: abuse::Tracker,
+    /// What a client connection may cost; read at accept, so a reload
+    /// applies to the connections accepted after it.
+    pub conn_limits: ArcSwap<crate::listener::ConnLimits>,
     /// Blocklist, bans and connection rate enforced at accept when there
     /// is no XDP program to do it.
     pub guard: crate::listener::guard::Guard,
@@ -77,6 +80,7 @@ impl Shared {
             ready: ArcSwap::from_pointee(Readiness::default()),
             per_ip: crate::listener::limit::PerIp::new(cfg.server.max_connections_per_ip),
             abuse: abuse::Tracker::new(cfg, bans),
+            conn_limits: ArcSwap::from_pointee(crate::listener::ConnLimits::new(&cfg.server)),
             guard: Default::default(),
             balancer: std::sync::OnceLock::new(),
             trust: std::sync::OnceLock::new(),
