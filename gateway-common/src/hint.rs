@@ -22,7 +22,8 @@
 //!
 //! Layout of the `BLOCK_HINT` array of u64 words: 2,048 blocklist words for
 //! IPv4, 2,048 for IPv6, 1,024 allowlist words for IPv4, 1,024 for IPv6,
-//! then the ready word and the descriptor of `BLOCK_NET_V4` (`crate::nets`).
+//! then the ready word and the descriptors of `BLOCK_NET_V4` and
+//! `BLOCK_NET_V6` (`crate::nets`).
 //! Blocklist slot `s` of a family lives in word
 //! `base + s / 32`: the host bit is `s % 32`, the CIDR bit `32 + s % 32`.
 //! Allowlist slot `s` is bit `s % 64` of word `base + s / 64`.
@@ -47,8 +48,10 @@ pub const READY_INDEX: u32 = ALLOW_V6_BASE + ALLOW_FAMILY_WORDS;
 /// The descriptor of `BLOCK_NET_V4` (`crate::nets`): which prefix lengths
 /// the program searches there, or 0 for the trie.
 pub const NETS_V4_INDEX: u32 = READY_INDEX + 1;
+/// The descriptor of `BLOCK_NET_V6` (`crate::nets`), since schema 6.
+pub const NETS_V6_INDEX: u32 = NETS_V4_INDEX + 1;
 /// Entries of the `BLOCK_HINT` array.
-pub const ENTRIES: u32 = NETS_V4_INDEX + 1;
+pub const ENTRIES: u32 = NETS_V6_INDEX + 1;
 /// The value of the ready word once the hints are built ("gwhint", v2).
 pub const READY: u64 = 0x6777_6869_6e74_0002;
 

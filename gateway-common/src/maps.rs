@@ -7,7 +7,7 @@
 
 /// Layout version of the pinned maps; pinned under `<pin_dir>/v<SCHEMA>/`.
 /// Bump whenever a key or value layout below changes.
-pub const SCHEMA_VERSION: u32 = 5;
+pub const SCHEMA_VERSION: u32 = 6;
 
 /// Name of the XDP program inside the object.
 pub const XDP_PROGRAM: &str = "gateway_xdp";
@@ -36,9 +36,12 @@ pub mod names {
     /// A copy of the IPv4 CIDR blocks of `BLOCK_V4` the program searches
     /// per prefix length, since schema 5 (see `crate::nets`).
     pub const BLOCK_NET_V4: &str = "BLOCK_NET_V4";
+    /// A copy of the IPv6 CIDR blocks of `BLOCK_V6` the program looks up
+    /// per prefix length, since schema 6 (see `crate::nets`).
+    pub const BLOCK_NET_V6: &str = "BLOCK_NET_V6";
 
     /// Every map the XDP program pins, in a stable order.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         ALLOW_V4,
         ALLOW_V6,
         BLOCK_V4,
@@ -55,6 +58,7 @@ pub mod names {
         SYN_TRUSTED,
         BLOCK_HOST_V4_SPILL,
         BLOCK_NET_V4,
+        BLOCK_NET_V6,
     ];
 }
 
@@ -69,6 +73,9 @@ pub mod capacity {
     /// `BLOCK_HOST_V4` entries, so this is ample.
     pub const BLOCK_HOST_V4_SPILL: u32 = 16_384;
     pub const BLOCK_HOST_V6: u32 = 131_072;
+    /// IPv6 CIDR blocks of the prefix lengths `BLOCK_NET_V6` holds; past
+    /// this the program walks the trie for them (see `crate::nets`).
+    pub const BLOCK_NET_V6: u32 = 131_072;
     pub const SYN_BUCKETS: u32 = 262_144;
     pub const TOP_SOURCES: u32 = 8_192;
     pub const SYN_TRUSTED: u32 = 65_536;
@@ -327,6 +334,7 @@ mod pod {
     unsafe impl aya::Pod for Limits {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for crate::host::HostSlot {}
+    unsafe impl aya::Pod for crate::nets::NetKeyV6 {}
 }
 
 const _: () = assert!(core::mem::size_of::<BlockValue>() == 16);

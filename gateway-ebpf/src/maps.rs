@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray},
 };
 use gateway_common::{
-    capacity, host, host::HostSlot, BlockValue, Bucket, Counter, Limits, Reason, SourceBucket,
-    SourceKey,
+    capacity, host, host::HostSlot, nets::NetKeyV6, BlockValue, Bucket, Counter, Limits, Reason,
+    SourceBucket, SourceKey,
 };
 
 #[map]
@@ -40,6 +40,11 @@ pub static BLOCK_HOST_V4_SPILL: HashMap<[u8; 4], BlockValue> =
 /// length (`gateway_common::nets`), written by userspace through a mapping.
 #[map]
 pub static BLOCK_NET_V4: Array<HostSlot> = Array::with_max_entries(host::NET_SLOTS, BPF_F_MMAPABLE);
+/// IPv6 CIDR blocks (below /128), a copy of `BLOCK_V6` looked up per
+/// prefix length (`gateway_common::nets`).
+#[map]
+pub static BLOCK_NET_V6: HashMap<NetKeyV6, BlockValue> =
+    HashMap::with_max_entries(capacity::BLOCK_NET_V6, 0);
 /// Exact IPv6 blocks (/128): one hash lookup instead of a trie walk.
 #[map]
 pub static BLOCK_HOST_V6: HashMap<[u8; 16], BlockValue> =

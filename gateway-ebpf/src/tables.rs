@@ -10,7 +10,7 @@ use gateway_common::{
     bucket::{self, Taken},
     hint,
     host::{self, HostSlot, Nets, Probe},
-    nets,
+    nets::{self, NetKeyV6},
     packet::{Bytes, Source},
     verdict::Tables,
     BlockValue, Limits, SourceKey, PORT_PROTECTED, TRUST_TTL_NS,
@@ -114,6 +114,31 @@ fn net_v4(a: &[u8; 4]) -> Option<Option<*mut BlockValue>> {
     Some(None)
 }
 
+/// What `BLOCK_NET_V6` holds for `a`, as `net_v4` for IPv4: one hash
+/// lookup per prefix length of the descriptor, longest first; `None` when
+/// the trie must answer.
+#[inline(always)]
+fn net_v6(a: &[u8; 16]) -> Option<Option<*mut BlockValue>> {
+    let d = *BLOCK_HINT.get(hint::NETS_V6_INDEX)?;
+    if d & nets::TABLE == 0 {
+        return None;
+    }
+    let n = nets::count(d);
+    for i in 0..nets::MAX_LENGTHS {
+        if i >= n {
+            break;
+        }
+        let key = NetKeyV6::new(a, nets::length_v6(d, i));
+        if let Some(v) = BLOCK_NET_V6.get_ptr_mut(&key) {
+            return Some(Some(v));
+        }
+    }
+    if d & nets::TRIE_AFTER != 0 {
+        return None;
+    }
+    Some(None)
+}
+
 /// Whether the host table and the trie can hold an entry for the source in
 /// `slot`: both "yes" until userspace has built the hint.
 #[inline(always)]
@@ -206,7 +231,11 @@ impl Tables for Maps {
             Source::V6(a) => {
                 let (host, net) = maybe_blocked(hint::V6_BASE, hint::slot_v6(a));
                 (host && hit(BLOCK_HOST_V6.get_ptr_mut(a)))
-                    || (net && hit(lpm_ptr(BLOCK_V6.get(Key::new(128, *a)))))
+                    || (net
+                        && hit(match net_v6(a) {
+                            Some(v) => v,
+                            None => lpm_ptr(BLOCK_V6.get(Key::new(128, *a))),
+                        }))
             }
         }
     }

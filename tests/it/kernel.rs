@@ -301,6 +301,7 @@ fn restart_restores_runtime_blocks_from_state() {
         .ok();
     gw.cli(&["block", "add", "198.51.100.1", "--ttl", "1h"])
         .ok();
+    gw.cli(&["block", "add", "2001:db8:7:8::/64"]).ok();
     let written = std::fs::read_to_string(&gw.config).unwrap();
     let state =
         std::fs::read_to_string(gw.config.parent().unwrap().join("state/xdp-state.json")).unwrap();
@@ -316,12 +317,24 @@ fn restart_restores_runtime_blocks_from_state() {
         cidrs.iter().any(|c| c == "192.0.2.0/24") && cidrs.iter().any(|c| c == "198.51.100.1/32"),
         "{cidrs:?}"
     );
-    // The restored /24 is searched in the CIDR table, not the trie.
+    // The restored /24 and /64 are searched in the CIDR tables, not the
+    // tries.
     let stats = gw.cli(&["stats", "--json"]).json();
     assert_eq!(
         stats["maps"]["cidr_table"],
         serde_json::json!({"lengths": [24], "trie_after": false}),
         "{stats}"
+    );
+    assert_eq!(
+        stats["maps"]["cidr_table_v6"],
+        serde_json::json!({"lengths": [64], "trie_after": false}),
+        "{stats}"
+    );
+    assert!(
+        gw.cli(&["stats"])
+            .ok()
+            .contains("IPv6 CIDR search: table for /64"),
+        "the text form names the IPv6 table"
     );
     let row = gw
         .block_entry("198.51.100.1/32")

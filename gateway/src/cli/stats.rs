@@ -165,11 +165,14 @@ struct MapsRow {
     syn_trusted: usize,
     /// How the program searches IPv4 CIDR blocks; `None`: the trie alone.
     cidr_table: Option<CidrTable>,
+    /// The same for IPv6 CIDR blocks.
+    cidr_table_v6: Option<CidrTable>,
 }
 
 #[derive(Serialize)]
 struct CidrTable {
-    /// Prefix lengths searched in `BLOCK_NET_V4`, longest first.
+    /// Prefix lengths searched in `BLOCK_NET_V4` (`BLOCK_NET_V6`), longest
+    /// first.
     lengths: Vec<u8>,
     /// Shorter lengths are in use too, searched in the LPM trie after.
     trie_after: bool,
@@ -204,10 +207,8 @@ pub fn stats(cfg: &Config, json: bool, io: &mut Io) -> Result<()> {
             syn_buckets: o.syn_buckets,
             top_sources: o.top_sources,
             syn_trusted: o.syn_trusted,
-            cidr_table: maps.cidr_table()?.map(|(lengths, trie_after)| CidrTable {
-                lengths,
-                trie_after,
-            }),
+            cidr_table: maps.cidr_table()?.map(CidrTable::from),
+            cidr_table_v6: maps.cidr_table_v6()?.map(CidrTable::from),
         },
     };
     if json {
@@ -256,7 +257,27 @@ pub fn stats(cfg: &Config, json: bool, io: &mut Io) -> Result<()> {
         "maps: allow {}, block {} CIDR + {} host, syn buckets {}, top sources {}, trusted sources {}",
         o.allow, o.block_cidr, o.block_host, o.syn_buckets, o.top_sources, o.syn_trusted
     )?;
-    let search = match &v.maps.cidr_table {
+    for (family, t) in [
+        ("IPv4", &v.maps.cidr_table),
+        ("IPv6", &v.maps.cidr_table_v6),
+    ] {
+        writeln!(io.out, "{family} CIDR search: {}", describe_search(t))?;
+    }
+    Ok(())
+}
+
+impl From<(Vec<u8>, bool)> for CidrTable {
+    fn from((lengths, trie_after): (Vec<u8>, bool)) -> CidrTable {
+        CidrTable {
+            lengths,
+            trie_after,
+        }
+    }
+}
+
+/// How the program searches one family's CIDR blocks, in words.
+fn describe_search(t: &Option<CidrTable>) -> String {
+    match t {
         None => "the LPM trie (the table is not in use)".to_string(),
         Some(t) if t.lengths.is_empty() => "nothing to search".to_string(),
         Some(t) => {
@@ -268,9 +289,7 @@ pub fn stats(cfg: &Config, json: bool, io: &mut Io) -> Result<()> {
             };
             format!("table for {}{after}", lengths.join(" "))
         }
-    };
-    writeln!(io.out, "IPv4 CIDR search: {search}")?;
-    Ok(())
+    }
 }
 
 /// One line of `gateway top`.

@@ -14,12 +14,14 @@ use gateway_common::{
     bucket,
     cidr::Cidr,
     hint::{self, Hint, List},
-    host::{self, Nets},
-    names, nets, v4_mapped, BlockValue, Counter, Limits, Reason, SourceBucket, SourceKey,
+    host, names, nets, v4_mapped, BlockValue, Counter, Limits, Reason, SourceBucket, SourceKey,
     PORT_PROTECTED,
 };
 
-use super::host::{HostTable, NetTable};
+use super::{
+    host::{HostTable, NetTable},
+    nets::{descriptor, CidrStore as _, Side, V6Table},
+};
 
 /// Every map of the XDP program.
 pub struct KernelMaps {
@@ -32,6 +34,8 @@ pub struct KernelMaps {
     /// `BLOCK_NET_V4`: the IPv4 CIDRs of `block_v4` by prefix length (see
     /// `gateway_common::nets`); its descriptor is a word of `hint`.
     net_v4: NetTable,
+    /// `BLOCK_NET_V6`: the same for the IPv6 CIDRs of `block_v6`.
+    net_v6: V6Table,
     host_v6: HashMap<MapData, [u8; 16], BlockValue>,
     syn_buckets: HashMap<MapData, SourceKey, SourceBucket>,
     limits: Array<MapData, Limits>,
@@ -92,6 +96,7 @@ impl KernelMaps {
             block_v6: typed(get(names::BLOCK_V6)?, names::BLOCK_V6)?,
             host_v4: HostTable::new(get(names::BLOCK_HOST_V4)?, get(names::BLOCK_HOST_V4_SPILL)?)?,
             net_v4: NetTable::new(get(names::BLOCK_NET_V4)?)?,
+            net_v6: V6Table(typed(get(names::BLOCK_NET_V6)?, names::BLOCK_NET_V6)?),
             host_v6: typed(get(names::BLOCK_HOST_V6)?, names::BLOCK_HOST_V6)?,
             syn_buckets: typed(get(names::SYN_BUCKETS)?, names::SYN_BUCKETS)?,
             limits: typed(get(names::LIMITS)?, names::LIMITS)?,
@@ -146,15 +151,18 @@ impl KernelMaps {
         let need = Hint::of(entries.iter().map(|(c, _)| c), None);
         self.hint_or(&need)?;
         let _lock = self.write_lock()?;
-        let table_before = self.nets_descriptor()? != 0;
+        let tables_before = self.descriptors()?;
         for (c, v) in entries {
             self.block_insert_entry(c, *v)?;
         }
-        if table_before && self.nets_descriptor()? == 0 {
-            // An entry the CIDR table could not take: rebuild it now rather
-            // than leave every search to the trie until the next rebuild of
-            // the lists.
-            self.nets_refill()?;
+        // An entry a CIDR table could not take: rebuild it now rather than
+        // leave every search to the trie until the next rebuild of the lists.
+        let tables_after = self.descriptors()?;
+        if tables_before.0 != 0 && tables_after.0 == 0 {
+            self.nets_v4().refill()?;
+        }
+        if tables_before.1 != 0 && tables_after.1 == 0 {
+            self.nets_v6().refill()?;
         }
         self.hint_or(&need)
     }
@@ -188,144 +196,70 @@ impl KernelMaps {
                         format!("adding {cidr} to the kernel blocklist (is the map full?)")
                     })?;
                 return self
-                    .net_insert(&addr, len, v)
+                    .nets_v4()
+                    .insert(&addr, len, v)
                     .with_context(|| format!("adding {cidr} to {}", names::BLOCK_NET_V4));
             }
-            Cidr::V6 { addr, len } => self.block_v6.insert(&Key::new(len.into(), addr), v, 0),
+            Cidr::V6 { addr, len } => {
+                self.block_v6
+                    .insert(&Key::new(len.into(), addr), v, 0)
+                    .with_context(|| {
+                        format!("adding {cidr} to the kernel blocklist (is the map full?)")
+                    })?;
+                return self
+                    .nets_v6()
+                    .insert(&addr, len, v)
+                    .with_context(|| format!("adding {cidr} to {}", names::BLOCK_NET_V6));
+            }
         };
         r.with_context(|| format!("adding {cidr} to the kernel blocklist (is the map full?)"))
     }
 
-    /// The descriptor of `BLOCK_NET_V4` (`gateway_common::nets`).
-    fn nets_descriptor(&self) -> Result<u64> {
-        self.hint
-            .get(&hint::NETS_V4_INDEX, 0)
-            .context("reading the BLOCK_NET_V4 descriptor")
+    /// The IPv4 CIDR table with its trie and descriptor.
+    fn nets_v4(&mut self) -> Side<'_, [u8; 4], NetTable> {
+        Side {
+            trie: &mut self.block_v4,
+            table: &mut self.net_v4,
+            hint: &mut self.hint,
+            index: hint::NETS_V4_INDEX,
+            limit: nets::V4_LIMIT,
+        }
     }
 
-    fn set_nets_descriptor(&mut self, d: u64) -> Result<()> {
-        self.hint
-            .set(hint::NETS_V4_INDEX, d, 0)
-            .context("writing the BLOCK_NET_V4 descriptor")
+    /// The IPv6 CIDR table with its trie and descriptor.
+    fn nets_v6(&mut self) -> Side<'_, [u8; 16], V6Table> {
+        Side {
+            trie: &mut self.block_v6,
+            table: &mut self.net_v6,
+            hint: &mut self.hint,
+            index: hint::NETS_V6_INDEX,
+            limit: nets::V6_LIMIT,
+        }
     }
 
-    /// Copies an IPv4 CIDR block, already in the trie, into `BLOCK_NET_V4`
-    /// while the program searches the table: into a table slot, then (for
-    /// a new table length) into the descriptor. A block shorter than the
-    /// table's lengths, when they are all taken, stays in the trie alone
-    /// (the descriptor says so). An entry the table cannot take (a length
-    /// that belongs among the table's, a full window) sends the program to
-    /// the trie; `block_insert_many` then rebuilds the table before it
-    /// returns. Called with the write lock held.
-    fn net_insert(&mut self, addr: &[u8; 4], len: u8, v: BlockValue) -> Result<()> {
-        let d = self.nets_descriptor()?;
-        let Some(table) = nets::lengths(d) else {
-            return Ok(());
-        };
-        let mut table: Vec<u8> = table.collect();
-        let new_length = !table.contains(&len);
-        if new_length && table.len() >= nets::MAX_LENGTHS {
-            if table.last().is_some_and(|shortest| len < *shortest) {
-                return match d & nets::TRIE_AFTER {
-                    0 => self.set_nets_descriptor(d | nets::TRIE_AFTER),
-                    _ => Ok(()),
-                };
-            }
-            return self.nets_to_trie();
-        }
-        // The trie holds the entry's own hit count (see `block_entries`).
-        let v = BlockValue { hits: 0, ..v };
-        host::insert_key::<Nets, _>(&mut self.net_v4, host::net_key(addr, len.into()), v)?;
-        if self.net_v4.take_overflow() {
-            return self.nets_to_trie();
-        }
-        if new_length {
-            table.push(len);
-            let d = nets::describe(&table).context("a prefix length of 32 or more")?;
-            self.set_nets_descriptor(d)?;
-        }
-        Ok(())
+    /// The IPv4 and IPv6 CIDR table descriptors.
+    fn descriptors(&self) -> Result<(u64, u64)> {
+        Ok((
+            descriptor(&self.hint, hint::NETS_V4_INDEX)?,
+            descriptor(&self.hint, hint::NETS_V6_INDEX)?,
+        ))
     }
 
-    /// Sends the program to the trie and empties the table, whose hit
-    /// counts go to the trie's values first: while the descriptor says
-    /// "trie", the table is empty (or, after a process died filling it,
-    /// holds entries no search reads until the next rebuild empties it).
-    /// Called with the write lock held.
-    fn nets_to_trie(&mut self) -> Result<()> {
-        if self.nets_descriptor()? != 0 {
-            self.set_nets_descriptor(0)?;
-            // A program that read the old descriptor finishes its search
-            // within microseconds (XDP runs to completion under RCU).
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        }
-        let counted: Vec<(u64, BlockValue)> =
-            self.net_v4.used().filter(|(_, v)| v.hits > 0).collect();
-        for (key, t) in counted {
-            let Some((addr, len)) = host::net_of(key) else {
-                continue;
-            };
-            let k = Key::new(len.into(), addr);
-            match self.block_v4.get(&k, 0) {
-                Ok(mut v) => {
-                    v.hits += t.hits;
-                    self.block_v4.insert(&k, v, 0).context("writing BLOCK_V4")?;
-                }
-                Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(e).context("reading BLOCK_V4"),
-            }
-        }
-        self.net_v4.clear_all();
-        Ok(())
-    }
-
-    /// Brings `BLOCK_NET_V4` back in line with the trie when the prefix
-    /// lengths of `block` (the whole blocklist as the caller knows it) do
-    /// not give the descriptor in place: the program goes to the trie, the
-    /// table is rebuilt from the trie (the truth, whatever another process
-    /// added meanwhile) with the entries of its longest lengths, and the
-    /// program comes back to the table unless an entry found no room.
-    /// Does nothing in the common case.
+    /// Brings both CIDR tables back in line with their tries when the
+    /// prefix lengths of `block` (the whole blocklist as the caller knows
+    /// it) do not give the descriptors in place (`nets::Side::rebuild`).
     fn nets_rebuild(&mut self, block: &[&Cidr]) -> Result<()> {
-        let mut want: Vec<u8> = block
-            .iter()
-            .filter_map(|c| match c {
-                Cidr::V4 { len, .. } if *len < 32 => Some(*len),
-                _ => None,
-            })
-            .collect();
-        want.sort_unstable();
-        want.dedup();
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
+        for c in block {
+            match **c {
+                Cidr::V4 { len, .. } if len < nets::V4_LIMIT => v4.push(len),
+                Cidr::V6 { len, .. } if len < nets::V6_LIMIT => v6.push(len),
+                _ => {}
+            }
+        }
         let _lock = self.write_lock()?;
-        if nets::describe(&want) == Some(self.nets_descriptor()?) {
-            return Ok(());
-        }
-        self.nets_refill()
-    }
-
-    /// The rebuild of `nets_rebuild`, with the write lock held.
-    fn nets_refill(&mut self) -> Result<()> {
-        self.nets_to_trie()?;
-        let mut trie: Vec<([u8; 4], u8, BlockValue)> = Vec::new();
-        for kv in self.block_v4.iter() {
-            let (k, v) = kv.context("reading BLOCK_V4")?;
-            trie.push((k.data(), k.prefix_len() as u8, v));
-        }
-        let mut lengths: Vec<u8> = trie.iter().map(|(_, len, _)| *len).collect();
-        lengths.sort_unstable();
-        lengths.dedup();
-        let d = nets::describe(&lengths).context("BLOCK_V4 holds a prefix of 32 bits or more")?;
-        let table: Vec<u8> = nets::lengths(d).into_iter().flatten().collect();
-        for (addr, len, v) in trie.iter().filter(|(_, len, _)| table.contains(len)) {
-            let v = BlockValue { hits: 0, ..*v };
-            host::insert_key::<Nets, _>(&mut self.net_v4, host::net_key(addr, (*len).into()), v)?;
-        }
-        if self.net_v4.take_overflow() {
-            // Too crowded for the table: the trie, with the table empty.
-            self.net_v4.clear_all();
-            return Ok(());
-        }
-        self.set_nets_descriptor(d)
+        self.nets_v4().rebuild(v4)?;
+        self.nets_v6().rebuild(v6)
     }
 
     /// How the program searches IPv4 CIDR blocks: the prefix lengths it
@@ -333,8 +267,12 @@ impl KernelMaps {
     /// live in the trie alone; `None` while it walks the trie for every
     /// search.
     pub fn cidr_table(&self) -> Result<Option<(Vec<u8>, bool)>> {
-        let d = self.nets_descriptor()?;
-        Ok(nets::lengths(d).map(|l| (l.collect(), d & nets::TRIE_AFTER != 0)))
+        Ok(table_lengths(self.descriptors()?.0))
+    }
+
+    /// The same for IPv6 CIDR blocks and `BLOCK_NET_V6`.
+    pub fn cidr_table_v6(&self) -> Result<Option<(Vec<u8>, bool)>> {
+        Ok(table_lengths(self.descriptors()?.1))
     }
 
     /// Sets every bit of `need` in the kernel's hint (never clears one).
@@ -409,6 +347,13 @@ impl KernelMaps {
         Ok((h, ready))
     }
 
+    /// The hits the program counted on the `BLOCK_NET_V6` copy of a block
+    /// (tests that it searched there).
+    #[cfg(test)]
+    pub(crate) fn net_v6_hits(&self, addr: &[u8; 16], len: u8) -> u64 {
+        self.net_v6.hits(addr, len)
+    }
+
     /// Overwrites one word of the hint (tests of the kernel's use of it).
     #[cfg(test)]
     pub(crate) fn hint_set(&mut self, i: u32, w: u64) -> Result<()> {
@@ -428,13 +373,18 @@ impl KernelMaps {
             Cidr::V6 { addr, len: 128 } => self.host_v6.remove(&addr),
             Cidr::V4 { addr, len } => {
                 let _lock = self.write_lock()?;
-                if nets::lengths(self.nets_descriptor()?).is_some() {
-                    host::remove_key::<Nets, _>(&mut self.net_v4, host::net_key(&addr, len.into()))
-                        .with_context(|| format!("removing {cidr} from {}", names::BLOCK_NET_V4))?;
-                }
+                self.nets_v4()
+                    .remove(&addr, len)
+                    .with_context(|| format!("removing {cidr} from {}", names::BLOCK_NET_V4))?;
                 self.block_v4.remove(&Key::new(len.into(), addr))
             }
-            Cidr::V6 { addr, len } => self.block_v6.remove(&Key::new(len.into(), addr)),
+            Cidr::V6 { addr, len } => {
+                let _lock = self.write_lock()?;
+                self.nets_v6()
+                    .remove(&addr, len)
+                    .with_context(|| format!("removing {cidr} from {}", names::BLOCK_NET_V6))?;
+                self.block_v6.remove(&Key::new(len.into(), addr))
+            }
         };
         not_found_is_false(r).with_context(|| format!("removing {cidr} from the kernel blocklist"))
     }
@@ -452,8 +402,7 @@ impl KernelMaps {
         for kv in self.block_v4.iter() {
             let (k, mut v) = kv?;
             // The program counts a hit where it found the entry.
-            let key = host::net_key(&k.data(), k.prefix_len());
-            v.hits += self.net_v4.get(key).map_or(0, |t| t.hits);
+            v.hits += self.net_v4.hits(&k.data(), k.prefix_len() as u8);
             out.push((
                 Cidr::V4 {
                     addr: k.data(),
@@ -463,7 +412,8 @@ impl KernelMaps {
             ));
         }
         for kv in self.block_v6.iter() {
-            let (k, v) = kv?;
+            let (k, mut v) = kv?;
+            v.hits += self.net_v6.hits(&k.data(), k.prefix_len() as u8);
             out.push((
                 Cidr::V6 {
                     addr: k.data(),
@@ -659,6 +609,12 @@ impl KernelMaps {
         let next = earliest_expiry(live.iter().map(|(_, v)| v));
         Ok((expired.into_iter().map(|(c, _)| c).collect(), next))
     }
+}
+
+/// A descriptor's table lengths, longest first, and whether shorter ones
+/// live in the trie alone; `None` for the trie.
+fn table_lengths(d: u64) -> Option<(Vec<u8>, bool)> {
+    nets::lengths(d).map(|l| (l.collect(), d & nets::TRIE_AFTER != 0))
 }
 
 /// The earliest expiry among `values` (permanent entries have none).

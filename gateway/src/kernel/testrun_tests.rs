@@ -368,6 +368,182 @@ fn cidr_table_searches_lengths_longest_first_and_falls_back_to_the_trie() {
     agree(&mut h, &nets, "with /12 in the trie alone");
 }
 
+/// IPv6 CIDR blocks in `BLOCK_NET_V6`, looked up per prefix length, as
+/// the IPv4 table above: the longest entry decides, a fifth length goes to
+/// the trie alone (shorter) or rebuilds the table (longer), thousands of
+/// prefixes agree with a model through the table, the trie and after
+/// removals, and hits counted in the table survive a rebuild.
+#[test]
+fn ipv6_cidr_table_searches_lengths_longest_first_and_falls_back_to_the_trie() {
+    use std::collections::BTreeSet;
+
+    let mut h = harness!(limits());
+    let dst6: [u8; 16] = "2001:db8:ffff::1"
+        .parse::<std::net::Ipv6Addr>()
+        .unwrap()
+        .octets();
+    let ack = |a: [u8; 16]| Frame::v6(a, dst6).tcp(PORT, TCP_ACK).build();
+    let v6 = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap().octets();
+    assert_eq!(h.maps.cidr_table_v6().unwrap(), Some((vec![], false)));
+    block(&mut h, "2001:db8::/32", 0);
+    block(&mut h, "2001:db8:1::/48", 1); // expired long ago
+    block(&mut h, "2001:db8:1:2::/64", 0);
+    assert_eq!(
+        h.maps.cidr_table_v6().unwrap(),
+        Some((vec![64, 48, 32], false))
+    );
+    expect(
+        &mut h,
+        &ack(v6("2001:db8:9::9")),
+        XDP_DROP,
+        Reason::Blocklist,
+    );
+    expect(&mut h, &ack(v6("2001:db8:1:9::9")), XDP_PASS, Reason::Pass);
+    expect(
+        &mut h,
+        &ack(v6("2001:db8:1:2::9")),
+        XDP_DROP,
+        Reason::Blocklist,
+    );
+    expect(&mut h, &ack(v6("2001:db9:1:2::9")), XDP_PASS, Reason::Pass);
+    assert_eq!(
+        h.maps.net_v6_hits(&v6("2001:db8:1:2::"), 64),
+        1,
+        "the program found the /64 in BLOCK_NET_V6"
+    );
+
+    // Thousands of prefixes of four lengths, none inside 2001:db8::/32.
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mask = |len: u8| {
+        if len == 0 {
+            0
+        } else {
+            u128::MAX << (128 - len)
+        }
+    };
+    let mut nets: BTreeSet<(u128, u8)> = BTreeSet::new();
+    while nets.len() < 3_000 {
+        let len = [40u8, 56, 60, 96][(next() % 4) as usize];
+        // Few /32s, so the hint sends most strangers to the lookups too.
+        let a = ((0x2a00_0000u128 | (next() % 64) as u128) << 96)
+            | ((next() as u128) << 32)
+            | (next() as u128 >> 32);
+        nets.insert((a & mask(len), len));
+    }
+    let cidr = |(addr, len): (u128, u8)| Cidr::V6 {
+        addr: addr.to_be_bytes(),
+        len,
+    };
+    let entries: Vec<(Cidr, BlockValue)> = nets
+        .iter()
+        .map(|n| (cidr(*n), BlockValue::permanent()))
+        .collect();
+    h.maps.block_insert_many(&entries).unwrap();
+    // Seven lengths: the four longest in the table, 48, 40 and 32 behind.
+    assert_eq!(
+        h.maps.cidr_table_v6().unwrap(),
+        Some((vec![96, 64, 60, 56], true))
+    );
+    let mut sources: Vec<u128> = nets
+        .iter()
+        .map(|(a, len)| a | ((((next() as u128) << 64) | next() as u128) & !mask(*len)))
+        .collect();
+    sources.extend(
+        (0..2_000)
+            .map(|_| ((0x2a00_0000u128 | (next() % 64) as u128) << 96) | ((next() as u128) << 32)),
+    );
+    let agree = |h: &mut Harness, nets: &BTreeSet<(u128, u8)>, when: &str| {
+        for a in &sources {
+            let covered = nets.iter().any(|(n, len)| a & mask(*len) == *n);
+            let want = if covered { XDP_DROP } else { XDP_PASS };
+            assert_eq!(
+                h.run(&ack(a.to_be_bytes())).unwrap(),
+                want,
+                "{} {when}",
+                std::net::Ipv6Addr::from(*a)
+            );
+        }
+    };
+    agree(&mut h, &nets, "through the table, then the trie");
+    h.maps
+        .hint_set(gateway_common::hint::NETS_V6_INDEX, 0)
+        .unwrap();
+    agree(&mut h, &nets, "through the trie");
+
+    for c in ["2001:db8::/32", "2001:db8:1::/48", "2001:db8:1:2::/64"] {
+        assert!(h.maps.block_remove(&c.parse().unwrap()).unwrap(), "{c}");
+    }
+    let listed: Vec<Cidr> = nets.iter().map(|n| cidr(*n)).collect();
+    h.maps.hint_rebuild(&listed, []).unwrap();
+    assert_eq!(
+        h.maps.cidr_table_v6().unwrap(),
+        Some((vec![96, 60, 56, 40], false))
+    );
+    agree(&mut h, &nets, "through the table");
+
+    let gone: Vec<(u128, u8)> = nets.iter().copied().step_by(3).collect();
+    for n in &gone {
+        assert!(h.maps.block_remove(&cidr(*n)).unwrap());
+        nets.remove(n);
+    }
+    agree(&mut h, &nets, "after removals");
+
+    // A shorter fifth length lives in the trie alone, behind the table.
+    block(&mut h, "2001:db8::/32", 0);
+    assert_eq!(
+        h.maps.cidr_table_v6().unwrap(),
+        Some((vec![96, 60, 56, 40], true))
+    );
+    expect(
+        &mut h,
+        &ack(v6("2001:db8:9::9")),
+        XDP_DROP,
+        Reason::Blocklist,
+    );
+    agree(&mut h, &nets, "with a /32 in the trie alone");
+    assert!(h
+        .maps
+        .block_remove(&"2001:db8::/32".parse().unwrap())
+        .unwrap());
+    expect(&mut h, &ack(v6("2001:db8:9::9")), XDP_PASS, Reason::Pass);
+
+    // Hits counted in the table are the entry's, before and after a
+    // longer fifth length rebuilds the table and sends /40 to the trie.
+    let (n0, l0) = *nets.iter().find(|(_, len)| *len == 40).unwrap();
+    let inside = (n0 | 1).to_be_bytes();
+    let hits = |h: &Harness| {
+        let all = h.maps.block_entries().unwrap();
+        all.iter()
+            .find(|(c, _)| *c == cidr((n0, l0)))
+            .map(|(_, v)| v.hits)
+    };
+    let before = hits(&h).unwrap();
+    expect(&mut h, &ack(inside), XDP_DROP, Reason::Blocklist);
+    expect(&mut h, &ack(inside), XDP_DROP, Reason::Blocklist);
+    assert_eq!(hits(&h), Some(before + 2));
+    block(&mut h, "2001:db8:1:2:3::/80", 0);
+    assert_eq!(
+        h.maps.cidr_table_v6().unwrap(),
+        Some((vec![96, 80, 60, 56], true))
+    );
+    assert_eq!(hits(&h), Some(before + 2));
+    expect(&mut h, &ack(inside), XDP_DROP, Reason::Blocklist);
+    assert_eq!(hits(&h), Some(before + 3));
+    expect(
+        &mut h,
+        &ack(v6("2001:db8:1:2:3::9")),
+        XDP_DROP,
+        Reason::Blocklist,
+    );
+    agree(&mut h, &nets, "with /40 in the trie alone");
+}
+
 #[test]
 fn allowlist_beats_blocklist() {
     let mut h = harness!(limits());
