@@ -102,8 +102,11 @@ pub fn lengths(d: u64) -> Option<impl Iterator<Item = u8>> {
 }
 
 /// The key of an IPv6 prefix in `BLOCK_NET_V6`: the address with the bits
-/// past `len` cleared, and the length.
-#[repr(C)]
+/// past `len` cleared, and the length. Aligned to 8 so the mask is applied
+/// a word at a time to the key's own copy of the address (indexing the
+/// source address byte by byte made LLVM keep it in single bytes, which
+/// the verifier refused).
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NetKeyV6 {
     pub addr: [u8; 16],
@@ -119,19 +122,21 @@ impl NetKeyV6 {
     #[inline(always)]
     pub fn new(a: &[u8; 16], len: u32) -> NetKeyV6 {
         let len = len & 0x7f;
-        let hi = u64::from_be_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]);
-        let lo = u64::from_be_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]);
-        let hi = hi & high_bits(len);
-        let lo = lo & high_bits(len.saturating_sub(64));
-        let (h, l) = (hi.to_be_bytes(), lo.to_be_bytes());
-        NetKeyV6 {
-            addr: [
-                h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7], l[0], l[1], l[2], l[3], l[4], l[5],
-                l[6], l[7],
-            ],
+        let mut k = NetKeyV6 {
+            addr: *a,
             len,
             _pad: 0,
+        };
+        // The words hold the address's bytes in network order, so the
+        // masks are byte-swapped (to_be) to clear the same bytes.
+        let w = &mut k.addr as *mut [u8; 16] as *mut [u64; 2];
+        // SAFETY: `addr` is the first field of an 8-aligned struct, so
+        // its 16 bytes are two aligned u64s; any bit pattern is valid.
+        unsafe {
+            (*w)[0] &= high_bits(len).to_be();
+            (*w)[1] &= high_bits(len.saturating_sub(64)).to_be();
         }
+        k
     }
 }
 

@@ -175,8 +175,11 @@ pub fn decide<B: Bytes + ?Sized, T: Tables>(pkt: &B, t: &T) -> Verdict {
             // The global budget is there for spoofed floods of ever-new
             // sources; a source that recently completed a handshake is not
             // one of them, so its SYNs pass once the budget is spent (asked
-            // only then, like the allowlist).
+            // only then). Allowlisted sources do not take from it at all:
+            // busy ones (a load balancer in front) would spend what the
+            // strangers share.
             if limits.global_rate != 0
+                && !t.allowed(&src)
                 && !t.take_global(limits, now_ns)
                 && !t.trusted(&key_of(&src), now_ns)
             {
@@ -308,6 +311,28 @@ mod tests {
             v.ranked(),
             None,
             "allowlisted traffic is never a top dropped source"
+        );
+    }
+
+    #[test]
+    fn allowlisted_sources_leave_the_global_budget_to_the_others() {
+        let mut t = Fake::new();
+        t.limits = Limits::new(0, 0, 3, 32, 64); // 3 SYNs/s from everyone
+        t.allow.push("198.51.100.0/24".parse().unwrap());
+        for _ in 0..10 {
+            assert_eq!(reason(&t, &syn(A), 0), Reason::SynPass);
+        }
+        let stranger = [203, 0, 113, 1];
+        let got: Vec<Reason> = (0..4).map(|_| reason(&t, &syn(stranger), 0)).collect();
+        assert_eq!(
+            got,
+            [
+                Reason::SynPass,
+                Reason::SynPass,
+                Reason::SynPass,
+                Reason::SynGlobal
+            ],
+            "the whole budget is the strangers'"
         );
     }
 

@@ -83,60 +83,90 @@ pub fn host_v4(a: &[u8; 4]) -> Option<*mut BlockValue> {
     }
 }
 
-/// What `BLOCK_NET_V4` holds for `a`: the value of the longest prefix of
-/// it there, searched one prefix length at a time, longest first; `None`
-/// when the trie must answer: the descriptor says so, the table has no
-/// entry but shorter lengths live in the trie, or a search saw a full
-/// window.
+/// Whether a block is in force at `now` (not past its expiry).
 #[inline(always)]
-fn net_v4(a: &[u8; 4]) -> Option<Option<*mut BlockValue>> {
-    let d = *BLOCK_HINT.get(hint::NETS_V4_INDEX)?;
-    if d & nets::TABLE == 0 {
-        return None;
-    }
-    let n = nets::count(d);
-    for i in 0..nets::MAX_LENGTHS {
-        if i >= n {
-            break;
-        }
-        let key = host::net_key(a, nets::length(d, i));
-        match host::probe_key::<Nets, _>(key, |s| slot(&BLOCK_NET_V4, s)) {
-            // SAFETY: as in `slot`.
-            Probe::Found(p) => return Some(Some(unsafe { &mut (*p).value })),
-            Probe::Absent(_) => {}
-            Probe::Spill => return None,
-        }
-    }
-    if d & nets::TRIE_AFTER != 0 {
-        // Shorter prefixes live in the trie alone.
-        return None;
-    }
-    Some(None)
+fn in_force(v: *mut BlockValue, now: u64) -> bool {
+    // SAFETY: a pointer into the map value returned by the lookup; read
+    // once, after the key that led here (see `host_v4`).
+    let expires_ns = unsafe { core::ptr::read_volatile(&(*v).expires_ns) };
+    expires_ns == 0 || now < expires_ns
 }
 
-/// What `BLOCK_NET_V6` holds for `a`, as `net_v4` for IPv4: one hash
-/// lookup per prefix length of the descriptor, longest first; `None` when
-/// the trie must answer.
-#[inline(always)]
-fn net_v6(a: &[u8; 16]) -> Option<Option<*mut BlockValue>> {
-    let d = *BLOCK_HINT.get(hint::NETS_V6_INDEX)?;
+/// The CIDR block covering `a`: `BLOCK_NET_V4` searched one prefix length
+/// at a time, longest first, then, where the table does not answer, the
+/// trie, for prefixes up to the length it must still search (all of them
+/// when the table is not in use or a search saw a full window; after a
+/// table miss, those shorter than the table's, which it holds alone; a
+/// trie lookup's key length bounds its match). A lapsed entry does not end
+/// the search: a shorter entry in force still blocks the source (a timed
+/// ban inside a permanent block). The trie alone cannot do that: while the
+/// table is out of use, its longest match decides.
+///
+/// A BPF function of its own: inlined, the extra register pressure made
+/// LLVM spill a pointer as a byte in the parser, which the verifier
+/// refuses ("invalid size of register spill").
+#[inline(never)]
+fn net_v4(a: &[u8; 4], now: u64) -> Option<*mut BlockValue> {
+    let trie = |max: u32| lpm_ptr(BLOCK_V4.get(Key::new(max, *a)));
+    let Some(&d) = BLOCK_HINT.get(hint::NETS_V4_INDEX) else {
+        return trie(32);
+    };
     if d & nets::TABLE == 0 {
-        return None;
+        return trie(32);
     }
     let n = nets::count(d);
+    let mut len = 32;
     for i in 0..nets::MAX_LENGTHS {
         if i >= n {
             break;
         }
-        let key = NetKeyV6::new(a, nets::length_v6(d, i));
-        if let Some(v) = BLOCK_NET_V6.get_ptr_mut(&key) {
-            return Some(Some(v));
+        len = nets::length(d, i);
+        match host::probe_key::<Nets, _>(host::net_key(a, len), |s| slot(&BLOCK_NET_V4, s)) {
+            Probe::Found(p) => {
+                // SAFETY: as in `slot`.
+                let v = unsafe { &mut (*p).value } as *mut BlockValue;
+                if in_force(v, now) {
+                    return Some(v);
+                }
+            }
+            Probe::Absent(_) => {}
+            Probe::Spill => return trie(len),
         }
     }
-    if d & nets::TRIE_AFTER != 0 {
-        return None;
+    if d & nets::TRIE_AFTER != 0 && len > 0 {
+        // Shorter prefixes live in the trie alone.
+        return trie(len - 1);
     }
-    Some(None)
+    None
+}
+
+/// `net_v4` for IPv6: one hash lookup of `BLOCK_NET_V6` per prefix length.
+#[inline(never)]
+fn net_v6(a: &[u8; 16], now: u64) -> Option<*mut BlockValue> {
+    let trie = |max: u32| lpm_ptr(BLOCK_V6.get(Key::new(max, *a)));
+    let Some(&d) = BLOCK_HINT.get(hint::NETS_V6_INDEX) else {
+        return trie(128);
+    };
+    if d & nets::TABLE == 0 {
+        return trie(128);
+    }
+    let n = nets::count(d);
+    let mut len = 128;
+    for i in 0..nets::MAX_LENGTHS {
+        if i >= n {
+            break;
+        }
+        len = nets::length_v6(d, i);
+        if let Some(v) = BLOCK_NET_V6.get_ptr_mut(&NetKeyV6::new(a, len)) {
+            if in_force(v, now) {
+                return Some(v);
+            }
+        }
+    }
+    if d & nets::TRIE_AFTER != 0 && len > 0 {
+        return trie(len - 1);
+    }
+    None
 }
 
 /// Whether the host table and the trie can hold an entry for the source in
@@ -221,21 +251,11 @@ impl Tables for Maps {
         match src {
             Source::V4(a) => {
                 let (host, net) = maybe_blocked(hint::V4_BASE, hint::slot_v4(a));
-                (host && hit(host_v4(a)))
-                    || (net
-                        && hit(match net_v4(a) {
-                            Some(v) => v,
-                            None => lpm_ptr(BLOCK_V4.get(Key::new(32, *a))),
-                        }))
+                (host && hit(host_v4(a))) || (net && hit(net_v4(a, now())))
             }
             Source::V6(a) => {
                 let (host, net) = maybe_blocked(hint::V6_BASE, hint::slot_v6(a));
-                (host && hit(BLOCK_HOST_V6.get_ptr_mut(a)))
-                    || (net
-                        && hit(match net_v6(a) {
-                            Some(v) => v,
-                            None => lpm_ptr(BLOCK_V6.get(Key::new(128, *a))),
-                        }))
+                (host && hit(BLOCK_HOST_V6.get_ptr_mut(a))) || (net && hit(net_v6(a, now())))
             }
         }
     }

@@ -271,7 +271,7 @@ fn cases() -> Vec<Case> {
             None,
         ),
         (
-            "block hit: IPv6 CIDR /48 (trie)",
+            "block hit: IPv6 CIDR /48 (prefix table)",
             "DROP",
             Frame::v6(v6_net, v6_dst).tcp(PORT, TCP_SYN).build(),
             None,
@@ -290,7 +290,7 @@ fn cases() -> Vec<Case> {
             None,
         ),
         (
-            "near miss: IPv6 ACK, unlisted source in a hint slot of listed /48s (hash and trie miss)",
+            "near miss: IPv6 ACK, unlisted source in a hint slot of listed /48s (prefix table miss)",
             "PASS",
             Frame::v6(V6_NEAR, v6_dst).tcp(PORT, TCP_ACK).build(),
             None,

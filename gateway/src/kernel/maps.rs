@@ -149,8 +149,10 @@ impl KernelMaps {
             return Ok(());
         }
         let need = Hint::of(entries.iter().map(|(c, _)| c), None);
-        self.hint_or(&need)?;
+        // Under the lock, so two writers' read-modify-writes of a hint word
+        // cannot undo each other's bits.
         let _lock = self.write_lock()?;
+        self.hint_or(&need)?;
         let tables_before = self.descriptors()?;
         for (c, v) in entries {
             self.block_insert_entry(c, *v)?;
@@ -248,6 +250,7 @@ impl KernelMaps {
     /// Brings both CIDR tables back in line with their tries when the
     /// prefix lengths of `block` (the whole blocklist as the caller knows
     /// it) do not give the descriptors in place (`nets::Side::rebuild`).
+    /// Called with the write lock held.
     fn nets_rebuild(&mut self, block: &[&Cidr]) -> Result<()> {
         let (mut v4, mut v6) = (Vec::new(), Vec::new());
         for c in block {
@@ -257,7 +260,6 @@ impl KernelMaps {
                 _ => {}
             }
         }
-        let _lock = self.write_lock()?;
         self.nets_v4().rebuild(v4)?;
         self.nets_v6().rebuild(v6)
     }
@@ -301,6 +303,7 @@ impl KernelMaps {
         allow: impl IntoIterator<Item = &'b Cidr>,
     ) -> Result<()> {
         let block: Vec<&Cidr> = block.into_iter().collect();
+        let _lock = self.write_lock()?;
         self.nets_rebuild(&block)?;
         let want = Hint::of(block, allow);
         let mut cleared = false;
@@ -429,6 +432,7 @@ impl KernelMaps {
     pub fn allow_insert(&mut self, cidr: &Cidr) -> Result<()> {
         let mut need = Hint::default();
         need.add(List::Allow, cidr);
+        let _lock = self.write_lock()?;
         self.hint_or(&need)?;
         self.allow_insert_entry(cidr)?;
         self.hint_or(&need)
