@@ -47,40 +47,19 @@ impl Daemon {
                 })
                 .collect::<Vec<_>>()
         })?;
-        let mut notes = Vec::new();
+        // Serialised with bans and CLI commands (other processes: the state
+        // directory's lock), which write the state file the kernel policy
+        // below is read from.
+        let _serial = self.state_writes.lock().unwrap_or_else(|p| p.into_inner());
         let mut cfg = self.config.lock().unwrap_or_else(|p| p.into_inner());
-        for (what, changed) in [
-            ("server.listen", cfg.server.listen != new.server.listen),
-            ("server.workers", cfg.server.workers != new.server.workers),
-            (
-                "server.tls",
-                cfg.server.tls.as_ref().map(|t| (&t.cert, &t.key))
-                    != new.server.tls.as_ref().map(|t| (&t.cert, &t.key)),
-            ),
-            (
-                "server.state_dir",
-                cfg.server.state_dir != new.server.state_dir,
-            ),
-            (
-                "server.admin_socket",
-                cfg.server.admin_socket != new.server.admin_socket,
-            ),
-            ("metrics.listen", cfg.metrics.listen != new.metrics.listen),
-            (
-                "xdp.interfaces",
-                cfg.xdp.interfaces != new.xdp.interfaces || cfg.xdp.enabled != new.xdp.enabled,
-            ),
-            ("xdp.mode", cfg.xdp.mode != new.xdp.mode),
-            ("xdp.pin_dir", cfg.xdp.pin_dir != new.xdp.pin_dir),
-            (
-                "xdp.keep_attached",
-                cfg.xdp.keep_attached != new.xdp.keep_attached,
-            ),
-        ] {
-            if changed {
-                notes.push(format!("{what} changed: takes effect at the next restart"));
-            }
-        }
+        let _lock = crate::kernel::state::lock(&cfg.server.state_dir)
+            .map_err(|e| vec![format!("{e:#}")])?;
+        let mut new = new;
+        let mut notes: Vec<String> = new
+            .keep_restart_only(&cfg)
+            .into_iter()
+            .map(|what| format!("{what} changed: takes effect at the next restart"))
+            .collect();
         if let Some(k) = self
             .kernel
             .lock()
@@ -90,11 +69,8 @@ impl Daemon {
             if let Err(e) = k.reapply(&new) {
                 return Err(vec![format!("applying the kernel policy failed: {e:#}")]);
             }
-        } else if self.degraded.is_some() {
-            match crate::kernel::policy::load(&new) {
-                Ok(want) => self.shared.guard.enforce(&want),
-                Err(e) => return Err(vec![format!("loading the blocklist: {e:#}")]),
-            }
+        } else if let Err(e) = self.enforce_at_accept(&new) {
+            return Err(vec![format!("loading the blocklist: {e:#}")]);
         }
         self.shared.abuse.configure(&new);
         self.shared
@@ -104,9 +80,9 @@ impl Daemon {
             .per_ip
             .set_max(new.server.max_connections_per_ip);
         let old = self.shared.routes.load_full();
-        self.shared
-            .routes
-            .store(Arc::new(Routes::reload(&new, Some(&old))));
+        let routes = Arc::new(Routes::reload(&new, Some(&old)));
+        self.shared.metrics.forget_removed(&old, &routes);
+        self.shared.routes.store(routes);
         notes.push(format!(
             "applied: {} models, {} keys",
             new.models.len(),
@@ -171,6 +147,20 @@ impl Daemon {
 }
 
 impl Daemon {
+    /// Without a kernel program, the policy is enforced at accept: the
+    /// blocklist (bans included) and allowlist always, the SYN limits only
+    /// when XDP should be there and is not (degraded); with XDP disabled in
+    /// the config they are the operator's choice to go without.
+    pub fn enforce_at_accept(&self, cfg: &Config) -> anyhow::Result<()> {
+        let mut want = crate::kernel::policy::load(cfg)?;
+        if self.degraded.is_none() {
+            let l = want.limits;
+            want.limits = gateway_common::Limits::new(0, 0, 0, l.ipv4_prefix, l.ipv6_prefix);
+        }
+        self.shared.guard.enforce(&want);
+        Ok(())
+    }
+
     /// Enforces a ban from the abuse tracker on the source's prefix (see
     /// `pipeline::abuse`): a kernel blocklist entry that lapses by itself
     /// (or a userspace ban at accept without XDP), persisted with its cause
@@ -185,6 +175,10 @@ impl Daemon {
         };
         let _serial = self.state_writes.lock().unwrap_or_else(|p| p.into_inner());
         let cfg = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        let _lock = match crate::kernel::state::lock(&cfg.server.state_dir) {
+            Ok(l) => l,
+            Err(e) => return tracing::error!("cannot ban {}: {e:#}", b.source),
+        };
         let mut state = match State::load(&cfg.server.state_dir) {
             Ok(s) => s,
             Err(e) => return tracing::error!("cannot ban {}: {e:#}", b.source),
@@ -199,6 +193,16 @@ impl Daemon {
             return tracing::info!(ip = %b.ip, cause = b.cause.name(), "not banning an allowlisted source");
         }
         let cidr = b.source;
+        // Already blocked for good (config or a permanent runtime entry):
+        // a timed ban would shorten it.
+        let permanent = cfg.xdp.block.contains(&cidr)
+            || state
+                .block
+                .iter()
+                .any(|e| e.cidr == cidr && e.expires_unix_ms.is_none());
+        if permanent {
+            return tracing::info!(source = %cidr, cause = b.cause.name(), "not banning a source blocked permanently");
+        }
         let now = clock::unix_ms();
         state.upsert_block(BlockEntry {
             cidr,

@@ -196,6 +196,38 @@ impl Metrics {
         })
     }
 
+    /// Stops exporting the gauges of backends and models a reload removed
+    /// (`before` -> `after`): a gauge keeps its last value, so a removed
+    /// backend would otherwise report itself unhealthy, or busy, forever.
+    /// Counters stay: they are totals, and a rate over them falls to 0.
+    pub fn forget_removed(
+        &self,
+        before: &crate::pipeline::routes::Routes,
+        after: &crate::pipeline::routes::Routes,
+    ) {
+        let kept: std::collections::HashSet<(&str, &str)> = after
+            .models
+            .iter()
+            .flat_map(|m| {
+                m.backends
+                    .iter()
+                    .map(|b| (m.name.as_str(), b.label.as_str()))
+            })
+            .collect();
+        for m in &before.models {
+            for b in &m.backends {
+                let labels = [m.name.as_str(), b.label.as_str()];
+                if !kept.contains(&(labels[0], labels[1])) {
+                    let _ = self.backend_in_flight.remove_label_values(&labels);
+                    let _ = self.backend_healthy.remove_label_values(&labels);
+                }
+            }
+            if !after.models.iter().any(|n| n.name == m.name) {
+                let _ = self.queue_waiting.remove_label_values(&[m.name.as_str()]);
+            }
+        }
+    }
+
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
@@ -466,6 +498,39 @@ mod tests {
 
     fn text(m: &Metrics) -> String {
         String::from_utf8(m.encode()).unwrap()
+    }
+
+    #[test]
+    fn a_reload_stops_the_gauges_of_removed_backends_and_models() {
+        use crate::{config::Config, pipeline::routes::Routes};
+        let cfg =
+            |models: &str| Routes::new(&Config::parse(models).unwrap_or_else(|p| panic!("{p:?}")));
+        let before = cfg(
+            "[[models]]\nname = \"a\"\n[[models.backends]]\nurl = \"http://10.0.0.1:8000\"\n\
+             [[models.backends]]\nurl = \"http://10.0.0.2:8000\"\n\
+             [[models]]\nname = \"b\"\n[[models.backends]]\nurl = \"http://10.0.0.3:8000\"\n",
+        );
+        let after =
+            cfg("[[models]]\nname = \"a\"\n[[models.backends]]\nurl = \"http://10.0.0.1:8000\"\n");
+        let m = Metrics::new();
+        for model in &before.models {
+            m.queue_waiting.with_label_values(&[&model.name]).set(1);
+            for b in &model.backends {
+                m.backend_healthy
+                    .with_label_values(&[&model.name, &b.label])
+                    .set(0);
+            }
+        }
+        m.forget_removed(&before, &after);
+        let t = text(&m);
+        let healthy: Vec<&str> = t
+            .lines()
+            .filter(|l| l.starts_with("gateway_backend_healthy{"))
+            .collect();
+        assert_eq!(healthy.len(), 1, "{t}");
+        assert!(healthy[0].contains("10.0.0.1"), "{t}");
+        assert!(t.contains(r#"gateway_queue_waiting{model="a"} 1"#), "{t}");
+        assert!(!t.contains(r#"gateway_queue_waiting{model="b"}"#), "{t}");
     }
 
     #[test]

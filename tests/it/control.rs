@@ -527,3 +527,65 @@ async fn a_reload_applies_connection_limits_and_names_what_waits_for_a_restart()
     );
     std::fs::write(&g.config, text).unwrap();
 }
+
+/// With `xdp.enabled = false` there is no kernel program, and bans are
+/// enforced at accept: also after a restart (they are persisted), while the
+/// SYN limits, which the operator chose to go without, are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_xdp_bans_hold_at_accept_across_a_restart() {
+    let up = MockLlm::start(MockOptions::default()).await.unwrap();
+    let port = free_port();
+    let body = config(port, &up.url(), &up.url(), (1, 1)).replace(
+        "[metrics]",
+        "[abuse]\nauth_failures = { max = 2, window = \"1m\", ban = \"10m\" }\n[metrics]",
+    );
+    let mut gw = tokio::task::spawn_blocking(move || Daemon::start(None, &body))
+        .await
+        .unwrap()
+        .expect("daemon");
+    let dst: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let get = move |src: &str, key: &str| {
+        let req = format!(
+            "GET /v1/models HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"
+        );
+        gateway_tests::netns::http_status(src.parse().unwrap(), dst, &req, Duration::from_secs(1))
+    };
+    let statuses = tokio::task::spawn_blocking(move || {
+        let bad = [get("127.0.0.21", "sk-wrong"), get("127.0.0.21", "sk-wrong")];
+        // The ban is applied by the daemon right after the second failure.
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while get("127.0.0.21", KEY_A).is_some() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (bad, get("127.0.0.21", KEY_A))
+    })
+    .await
+    .unwrap();
+    assert_eq!(statuses, ([Some(401), Some(401)], None), "banned at accept");
+
+    let gw = tokio::task::spawn_blocking(move || {
+        gw.stop_process();
+        gw.respawn().expect("restarting");
+        gw
+    })
+    .await
+    .unwrap();
+    let after = tokio::task::spawn_blocking(move || {
+        (
+            get("127.0.0.21", KEY_A),
+            // Many connections from one source: no SYN limit at accept.
+            (0..50)
+                .map(|_| get("127.0.0.22", KEY_A))
+                .filter(|s| *s == Some(200))
+                .count(),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        after,
+        (None, 50),
+        "the ban survived the restart; others pass"
+    );
+    drop(gw);
+}

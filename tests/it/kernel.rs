@@ -149,6 +149,65 @@ fn cidr_block_and_expiry_in_the_kernel() {
     );
 }
 
+/// A timed `block add` of a CIDR the config blocks for good leaves it
+/// permanent in the kernel (permanent wins), with a warning.
+#[test]
+fn a_timed_block_never_shortens_a_permanent_one() {
+    require_root!();
+    let t = Topology::new().expect("creating the test topology");
+    let body = format!("{}block = [\"192.0.2.0/24\"]\n", config(&t, 1000, 1000));
+    let gw = Daemon::start(Some(&t.server.path()), &body).expect("starting the gateway");
+    let r = gw.cli(&["block", "add", "192.0.2.0/24", "--ttl", "1s"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("blocked permanently by the config"),
+        "{}",
+        r.stderr
+    );
+    let row = gw.block_entry("192.0.2.0/24").expect("listed");
+    assert!(row["expires_in_secs"].is_null(), "still permanent: {row}");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        gw.block_entry("192.0.2.0/24").is_some(),
+        "the config's block outlived the ttl"
+    );
+}
+
+/// CLI commands from many processes at once: none loses another's entry
+/// (the daemon runs them one at a time; without one answering, they
+/// serialise on the state directory's lock).
+#[test]
+fn concurrent_cli_changes_are_all_kept() {
+    require_root!();
+    let t = Topology::new().expect("creating the test topology");
+    let gw = start(&t, 1000, 1000);
+    let cidrs: Vec<String> = (1..=12).map(|i| format!("198.18.{i}.0/24")).collect();
+    std::thread::scope(|s| {
+        for c in &cidrs {
+            let gw = &gw;
+            s.spawn(move || gw.cli(&["block", "add", c]).ok());
+        }
+    });
+    let listed = gw.block_cidrs();
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(gw.config.parent().unwrap().join("state/xdp-state.json")).unwrap(),
+    )
+    .unwrap();
+    let persisted: Vec<&str> = state["block"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["cidr"].as_str())
+        .collect();
+    for c in &cidrs {
+        assert!(listed.contains(c), "{c} not in the kernel: {listed:?}");
+        assert!(
+            persisted.contains(&c.as_str()),
+            "{c} not persisted: {persisted:?}"
+        );
+    }
+}
+
 #[test]
 fn syn_flood_is_cut_to_the_rate_and_counters_match() {
     require_root!();

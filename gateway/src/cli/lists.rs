@@ -17,7 +17,7 @@ use crate::{
         clock,
         maps::KernelMaps,
         runtime::open_running,
-        state::{BlockEntry, State},
+        state::{self, BlockEntry, State},
     },
 };
 
@@ -43,6 +43,7 @@ pub fn block(cfg: &Config, cmd: BlockCmd, io: &mut Io) -> Result<()> {
     match cmd {
         BlockCmd::Add { cidr, ttl, comment } => {
             let mut maps = open_running(cfg)?;
+            let _lock = state::lock(&cfg.server.state_dir)?;
             let state = State::load(&cfg.server.state_dir)?;
             let now = clock::unix_ms();
             let entry = BlockEntry {
@@ -52,11 +53,25 @@ pub fn block(cfg: &Config, cmd: BlockCmd, io: &mut Io) -> Result<()> {
                 comment,
                 added_unix_ms: now,
             };
-            let value =
-                BlockValue::until(ttl.map_or(0, |t| clock::monotonic_ns() + t.as_nanos() as u64));
             let mut changed = state.clone();
             changed.upsert_block(entry);
-            persist_then_apply(cfg, state, changed, || maps.block_insert(&cidr, value))?;
+            let mut permanent_elsewhere = false;
+            persist_then_apply(cfg, state, changed, || {
+                // The kernel gets what the whole policy says for the entry,
+                // so a timed entry never shortens a permanent one of the
+                // config (xdp.block, block files): permanent wins.
+                let want = crate::kernel::policy::load(cfg)?;
+                let value = want.block.get(&cidr).copied().unwrap_or_else(|| {
+                    BlockValue::until(
+                        ttl.map_or(0, |t| clock::monotonic_ns() + t.as_nanos() as u64),
+                    )
+                });
+                permanent_elsewhere = ttl.is_some() && value.expires_ns == 0;
+                maps.block_insert(&cidr, value)
+            })?;
+            if permanent_elsewhere {
+                writeln!(io.err, "warning: {cidr} is blocked permanently by the config; it stays blocked after the ttl")?;
+            }
             if let Some(a) = maps.allow_entries()?.into_iter().find(|a| covers(a, &cidr)) {
                 writeln!(io.err, "warning: {cidr} is inside allowlisted {a}; the allowlist wins until it is removed")?;
             }
@@ -72,6 +87,7 @@ pub fn block(cfg: &Config, cmd: BlockCmd, io: &mut Io) -> Result<()> {
         }
         BlockCmd::Del { cidr } => {
             let mut maps = open_running(cfg)?;
+            let _lock = state::lock(&cfg.server.state_dir)?;
             let state = State::load(&cfg.server.state_dir)?;
             let in_maps = maps.block_entries()?.iter().any(|(c, _)| *c == cidr);
             let mut changed = state.clone();
@@ -171,6 +187,7 @@ pub fn allow(cfg: &Config, cmd: AllowCmd, io: &mut Io) -> Result<()> {
     match cmd {
         AllowCmd::Add { cidr } => {
             let mut maps = open_running(cfg)?;
+            let _lock = state::lock(&cfg.server.state_dir)?;
             let state = State::load(&cfg.server.state_dir)?;
             let mut changed = state.clone();
             if !changed.allow.contains(&cidr) {
@@ -182,6 +199,7 @@ pub fn allow(cfg: &Config, cmd: AllowCmd, io: &mut Io) -> Result<()> {
         }
         AllowCmd::Del { cidr } => {
             let mut maps = open_running(cfg)?;
+            let _lock = state::lock(&cfg.server.state_dir)?;
             let state = State::load(&cfg.server.state_dir)?;
             let in_maps = maps.allow_entries()?.contains(&cidr);
             let mut changed = state.clone();

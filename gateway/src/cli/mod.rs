@@ -224,6 +224,14 @@ pub fn dispatch(cli: Cli) -> Result<()> {
                 &cfg.server.admin_socket,
                 &crate::admin::Request::Cli { args },
             )? {
+                if !reply.ok {
+                    // The daemon could not run it at all (a CLI of another
+                    // version, say): say why rather than exit silently.
+                    for e in &reply.errors {
+                        eprintln!("error: {e}");
+                    }
+                    std::process::exit(1);
+                }
                 let code = reply.data["code"].as_i64().unwrap_or(1) as i32;
                 print!("{}", reply.data["stdout"].as_str().unwrap_or_default());
                 eprint!("{}", reply.data["stderr"].as_str().unwrap_or_default());

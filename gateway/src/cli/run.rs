@@ -99,10 +99,20 @@ async fn serve(cfg: Config, path: &Path) -> Result<()> {
         exported: Mutex::new(Vec::new()),
         state_writes: Mutex::new(()),
     });
+    if daemon
+        .kernel
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_none()
+    {
+        let cfg = daemon
+            .config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        daemon.enforce_at_accept(&cfg)?;
+    }
     if let Some(why) = degraded {
-        let want =
-            crate::kernel::policy::load(&daemon.config.lock().unwrap_or_else(|p| p.into_inner()))?;
-        daemon.shared.guard.enforce(&want);
         daemon
             .shared
             .ready

@@ -106,6 +106,7 @@ pub fn limits(cfg: &Config, cmd: LimitsCmd, io: &mut Io) -> Result<()> {
                 .into());
             }
             let mut maps = open_running(cfg)?;
+            let _lock = crate::kernel::state::lock(&cfg.server.state_dir)?;
             let state = State::load(&cfg.server.state_dir)?;
             let mut changed = state.clone();
             if s.reset {

@@ -133,6 +133,8 @@ pub struct XdpConfig {
     pub mode: AttachMode,
     /// Default: the ports of `server.listen`.
     pub protected_ports: Vec<u16>,
+    /// Whether `protected_ports` is that default (not set in the file).
+    pub protected_ports_default: bool,
     /// Default: 20 new connections per second per source.
     pub syn_rate: u64,
     /// Default: 40.
@@ -605,6 +607,7 @@ impl Validator {
                 AttachMode::Auto
             }
         };
+        let protected_ports_default = x.protected_ports.is_none();
         let protected_ports = match x.protected_ports {
             Some(p) => {
                 if p.contains(&0) {
@@ -643,6 +646,7 @@ impl Validator {
             interfaces,
             mode,
             protected_ports,
+            protected_ports_default,
             syn_rate,
             syn_burst,
             global_syn_rate,
@@ -1077,6 +1081,55 @@ pub fn check_limits(rate: u64, burst: u64, global: u64) -> Vec<Problem> {
         });
     }
     out
+}
+
+impl Config {
+    /// For a reload: the settings only a restart applies (sockets, files,
+    /// the XDP attachment) are set back to those of `running`, so the
+    /// daemon keeps working with what it started with, and their names
+    /// are returned where they changed. `protected_ports`, when left to
+    /// default to the listen ports, follows the listen ports kept.
+    pub fn keep_restart_only(&mut self, running: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        macro_rules! keep {
+            ($name:literal, $($field:ident).+) => {
+                if self.$($field).+ != running.$($field).+ {
+                    changed.push($name);
+                    self.$($field).+ = running.$($field).+.clone();
+                }
+            };
+        }
+        keep!("server.listen", server.listen);
+        keep!("server.workers", server.workers);
+        let tls = |c: &Config| {
+            c.server
+                .tls
+                .as_ref()
+                .map(|t| (t.cert.clone(), t.key.clone()))
+        };
+        if tls(self) != tls(running) {
+            changed.push("server.tls");
+            self.server.tls = running.server.tls.clone();
+        }
+        keep!("server.state_dir", server.state_dir);
+        keep!("server.admin_socket", server.admin_socket);
+        keep!("metrics.listen", metrics.listen);
+        keep!("xdp.enabled", xdp.enabled);
+        keep!("xdp.interfaces", xdp.interfaces);
+        keep!("xdp.mode", xdp.mode);
+        keep!("xdp.pin_dir", xdp.pin_dir);
+        keep!("xdp.keep_attached", xdp.keep_attached);
+        if self.xdp.protected_ports_default {
+            self.xdp.protected_ports = self
+                .server
+                .listen
+                .iter()
+                .map(|a| a.port())
+                .filter(|p| *p != 0)
+                .collect();
+        }
+        changed
+    }
 }
 
 fn parse_sha256(s: &str) -> Result<[u8; 32], String> {

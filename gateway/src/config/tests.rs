@@ -200,3 +200,51 @@ url = "http://a:1"
         );
     }
 }
+
+#[test]
+fn a_reload_keeps_the_settings_only_a_restart_applies() {
+    let running = Config::parse(
+        "[server]\nlisten = [\"0.0.0.0:8443\"]\nstate_dir = \"/var/lib/a\"\n\
+         [xdp]\ninterfaces = [\"eth0\"]\npin_dir = \"/sys/fs/bpf/a\"\nsyn_rate = 20\n",
+    )
+    .unwrap();
+    let mut new = Config::parse(
+        "[server]\nlisten = [\"0.0.0.0:443\"]\nstate_dir = \"/var/lib/b\"\nmax_body_bytes = 1024\n\
+         [xdp]\ninterfaces = [\"eth1\"]\npin_dir = \"/sys/fs/bpf/b\"\nsyn_rate = 30\nmode = \"skb\"\n",
+    )
+    .unwrap();
+    assert_eq!(new.xdp.protected_ports, vec![443]);
+    let changed = new.keep_restart_only(&running);
+    assert_eq!(
+        changed,
+        [
+            "server.listen",
+            "server.state_dir",
+            "xdp.interfaces",
+            "xdp.mode",
+            "xdp.pin_dir"
+        ]
+    );
+    // The running values stay; everything else is the new config's.
+    assert_eq!(new.server.listen, running.server.listen);
+    assert_eq!(new.server.state_dir, running.server.state_dir);
+    assert_eq!(new.xdp.pin_dir, running.xdp.pin_dir);
+    assert_eq!(new.xdp.mode, AttachMode::Auto);
+    assert_eq!((new.server.max_body_bytes, new.xdp.syn_rate), (1024, 30));
+    assert_eq!(
+        new.xdp.protected_ports,
+        vec![8443],
+        "defaulted protected ports follow the listen port kept"
+    );
+    // Ports set in the file are the file's.
+    let mut set = Config::parse(
+        "[server]\nlisten = [\"0.0.0.0:443\"]\n\
+         [xdp]\ninterfaces = [\"eth0\"]\nprotected_ports = [443]\n",
+    )
+    .unwrap();
+    set.keep_restart_only(&running);
+    assert_eq!(set.xdp.protected_ports, vec![443]);
+    // Nothing changed, nothing to say.
+    let mut same = running.clone();
+    assert!(same.keep_restart_only(&running).is_empty());
+}

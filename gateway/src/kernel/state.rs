@@ -17,6 +17,37 @@ use super::clock;
 
 pub const STATE_FILE: &str = "xdp-state.json";
 const STATE_VERSION: u32 = 1;
+/// Locked (flock) by every process that reads the state to change it:
+/// the CLI's commands and the daemon's bans and reloads, so neither loses
+/// the other's update.
+const LOCK_FILE: &str = ".xdp-state.lock";
+
+/// Holds the state directory's lock until dropped.
+pub struct StateLock {
+    _file: fs::File,
+}
+
+/// Waits for and takes the state directory's lock (creating the directory
+/// and the lock file if needed). Hold it from loading the state until the
+/// change is saved and applied to the maps.
+pub fn lock(state_dir: &Path) -> Result<StateLock> {
+    use std::os::fd::AsRawFd as _;
+    fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating the state directory {}", state_dir.display()))?;
+    let path = state_dir.join(LOCK_FILE);
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("locking {}", path.display()));
+    }
+    Ok(StateLock { _file: f })
+}
 
 /// One runtime blocklist entry.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -75,7 +75,7 @@ impl Guard {
     /// Whether a new connection from `ip` may proceed.
     pub fn check(&self, ip: IpAddr) -> Result<(), Refused> {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if g.block.is_empty() && g.limits.is_none() {
+        if g.block.is_empty() && g.limits.is_none_or(|l| l.syn_rate == 0) {
             return Ok(());
         }
         if g.allow.iter().any(|c| c.contains(ip)) {

@@ -149,7 +149,8 @@ impl Tracker {
             };
         }
         e.count += 1;
-        if e.count == rule.max {
+        // At or past `max`: a reload may have lowered it below a count.
+        if e.count >= rule.max {
             // Report once per window; a new window starts after the ban.
             w.remove(&(source, cause));
             let _ = self.bans.send(Ban {
