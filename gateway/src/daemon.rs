@@ -78,11 +78,14 @@ impl Daemon {
             .store(Arc::new(ConnLimits::new(&new.server)));
         self.shared
             .per_ip
-            .set_max(new.server.max_connections_per_ip);
+            .set(new.server.max_connections_per_ip, new.xdp.ipv6_prefix);
         let old = self.shared.routes.load_full();
         let routes = Arc::new(Routes::reload(&new, Some(&old)));
         self.shared.metrics.forget_removed(&old, &routes);
         self.shared.routes.store(routes);
+        if let Err(e) = self.apply_drained(&new.server.state_dir) {
+            notes.push(format!("drained backends not restored: {e:#}"));
+        }
         notes.push(format!(
             "applied: {} models, {} keys",
             new.models.len(),
@@ -123,26 +126,64 @@ impl Daemon {
         serde_json::Value::Array(rows)
     }
 
+    /// Drains (or undrains) every backend with this URL. Persisted first
+    /// (state_dir), so it survives restarts and reloads that rebuild the
+    /// backend; a failure to persist changes nothing.
     fn drain(&self, url: &str, on: bool) -> Reply {
+        use crate::kernel::state::{self, State};
         let routes = self.shared.routes.load();
         let want = url.trim_end_matches('/');
-        let mut hit = 0;
-        for b in routes
-            .models
-            .iter()
-            .flat_map(|m| &m.backends)
-            .filter(|b| b.label == want)
-        {
-            b.set_drained(on);
-            hit += 1;
-        }
-        if hit == 0 {
+        let matching = || {
+            routes
+                .models
+                .iter()
+                .flat_map(|m| &m.backends)
+                .filter(|b| b.label == want)
+        };
+        if matching().next().is_none() {
             return Reply::failed(vec![format!(
                 "no backend {url:?} (see `gateway backends list`)"
             )]);
         }
+        let _serial = self.state_writes.lock().unwrap_or_else(|p| p.into_inner());
+        let state_dir = self
+            .config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .server
+            .state_dir
+            .clone();
+        let persisted = state::lock(&state_dir).and_then(|_lock| {
+            let mut s = State::load(&state_dir)?;
+            s.drained.retain(|u| u != want);
+            if on {
+                s.drained.push(want.to_owned());
+            }
+            s.save(&state_dir)
+        });
+        if let Err(e) = persisted {
+            return Reply::failed(vec![format!("persisting the drain: {e:#}")]);
+        }
+        let mut hit = 0;
+        for b in matching() {
+            b.set_drained(on);
+            hit += 1;
+        }
         tracing::info!(backend = want, drained = on, "backend state changed");
         Reply::ok(serde_json::json!({ "backends": hit }))
+    }
+
+    /// Marks the backends drained in the state file as drained in the
+    /// routes in use (at start, and after a reload built new backends).
+    pub fn apply_drained(&self, state_dir: &std::path::Path) -> anyhow::Result<()> {
+        let s = crate::kernel::state::State::load(state_dir)?;
+        let routes = self.shared.routes.load();
+        for b in routes.models.iter().flat_map(|m| &m.backends) {
+            if s.drained.iter().any(|u| *u == b.label) {
+                b.set_drained(true);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -296,6 +337,15 @@ impl Daemon {
             crate::cli::Command::Stats(f) => Some(f.json),
             _ => None,
         };
+        let lists = matches!(
+            parsed.command,
+            crate::cli::Command::Block(_) | crate::cli::Command::Allow(_)
+        );
+        let no_kernel = self
+            .kernel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none();
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let _serial = self.state_writes.lock().unwrap_or_else(|p| p.into_inner());
         let cfg = self
@@ -310,13 +360,15 @@ impl Daemon {
                 out: &mut out,
                 err: &mut err,
             },
+            no_kernel,
         );
+        // Without a kernel program the lists are enforced at accept, from
+        // the state the command changed.
+        let result = match result {
+            Ok(()) if lists && no_kernel => self.enforce_at_accept(&cfg),
+            r => r,
+        };
         // Without a kernel program, stats still has the L7 half to show.
-        let no_kernel = self
-            .kernel
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_none();
         let result = if stats_json.is_some() && no_kernel {
             Ok(())
         } else {

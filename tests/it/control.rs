@@ -530,7 +530,8 @@ async fn a_reload_applies_connection_limits_and_names_what_waits_for_a_restart()
 
 /// With `xdp.enabled = false` there is no kernel program, and bans are
 /// enforced at accept: also after a restart (they are persisted), while the
-/// SYN limits, which the operator chose to go without, are not.
+/// SYN limits, which the operator chose to go without, are not. `gateway
+/// block` works the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_xdp_bans_hold_at_accept_across_a_restart() {
     let up = MockLlm::start(MockOptions::default()).await.unwrap();
@@ -587,5 +588,81 @@ async fn without_xdp_bans_hold_at_accept_across_a_restart() {
         (None, 50),
         "the ban survived the restart; others pass"
     );
-    drop(gw);
+
+    // The CLI's lists work without a kernel program too: at accept.
+    let g = Arc::new(gw);
+    let cli = |args: &'static [&'static str]| {
+        let g = Arc::clone(&g);
+        tokio::task::spawn_blocking(move || g.cli(args))
+    };
+    let r = cli(&["block", "add", "127.0.0.23"]).await.unwrap();
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let listed = cli(&["block", "list", "--json"]).await.unwrap().json();
+    let cidrs: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["cidr"].as_str())
+        .collect();
+    assert!(cidrs.contains(&"127.0.0.23/32"), "{listed}");
+    let blocked = tokio::task::spawn_blocking(move || get("127.0.0.23", KEY_A))
+        .await
+        .unwrap();
+    assert_eq!(blocked, None, "blocked at accept");
+    let r = cli(&["block", "del", "127.0.0.23"]).await.unwrap();
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let served = tokio::task::spawn_blocking(move || get("127.0.0.23", KEY_A))
+        .await
+        .unwrap();
+    assert_eq!(served, Some(200), "unblocked");
+}
+
+/// A drain is persisted: it holds across a reload that rebuilds the backend
+/// (new weight) and across a restart, until undrained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_survives_reloads_and_restarts() {
+    let (a, b) = (
+        MockLlm::start(MockOptions::default()).await.unwrap(),
+        MockLlm::start(MockOptions::default()).await.unwrap(),
+    );
+    let port = free_port();
+    let body = config(port, &a.url(), &b.url(), (1, 1));
+    let a_url = a.url();
+    let states = tokio::task::spawn_blocking(move || {
+        let mut gw = Daemon::start(None, &body).expect("daemon");
+        let states = |gw: &Daemon| -> Vec<String> {
+            let list = gw.cli(&["backends", "list", "--json"]).json();
+            list.as_array()
+                .unwrap()
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{} {}",
+                        r["url"].as_str().unwrap(),
+                        r["state"].as_str().unwrap()
+                    )
+                })
+                .collect()
+        };
+        let mut seen = Vec::new();
+        gw.cli(&["backends", "drain", &a_url]).ok();
+        let text = std::fs::read_to_string(&gw.config).unwrap();
+        std::fs::write(&gw.config, rewrite_weights(&text, (3, 1))).unwrap();
+        gw.cli(&["reload"]).ok();
+        seen.push(states(&gw));
+        gw.stop_process();
+        gw.respawn().expect("restarting");
+        seen.push(states(&gw));
+        gw.cli(&["backends", "undrain", &a_url]).ok();
+        gw.stop_process();
+        gw.respawn().expect("restarting");
+        seen.push(states(&gw));
+        seen
+    })
+    .await
+    .unwrap();
+    let (a_url, b_url) = (a.url(), b.url());
+    let drained = vec![format!("{a_url} drained"), format!("{b_url} active")];
+    let active = vec![format!("{a_url} active"), format!("{b_url} active")];
+    assert_eq!(states, [drained.clone(), drained, active]);
 }

@@ -4,6 +4,10 @@
 //! Every change is validated first and persisted before the map is touched;
 //! if the map update fails the previous state file is restored, so an error
 //! changes nothing.
+//!
+//! Without a kernel program (XDP disabled or unavailable), the daemon runs
+//! these commands against [`AtAccept`]: the change is persisted and the
+//! daemon then enforces the whole policy at accept again.
 
 use anyhow::{Context as _, Result};
 use gateway_common::{cidr::Cidr, BlockValue};
@@ -20,6 +24,77 @@ use crate::{
         state::{self, BlockEntry, State},
     },
 };
+
+/// Where the lists are enforced.
+pub trait Lists {
+    fn block_insert(&mut self, cidr: &Cidr, v: BlockValue) -> Result<()>;
+    fn block_remove(&mut self, cidr: &Cidr) -> Result<bool>;
+    fn block_entries(&self) -> Result<Vec<(Cidr, BlockValue)>>;
+    fn allow_insert(&mut self, cidr: &Cidr) -> Result<()>;
+    fn allow_remove(&mut self, cidr: &Cidr) -> Result<bool>;
+    fn allow_entries(&self) -> Result<Vec<Cidr>>;
+}
+
+impl Lists for KernelMaps {
+    fn block_insert(&mut self, cidr: &Cidr, v: BlockValue) -> Result<()> {
+        KernelMaps::block_insert(self, cidr, v)
+    }
+    fn block_remove(&mut self, cidr: &Cidr) -> Result<bool> {
+        KernelMaps::block_remove(self, cidr)
+    }
+    fn block_entries(&self) -> Result<Vec<(Cidr, BlockValue)>> {
+        KernelMaps::block_entries(self)
+    }
+    fn allow_insert(&mut self, cidr: &Cidr) -> Result<()> {
+        KernelMaps::allow_insert(self, cidr)
+    }
+    fn allow_remove(&mut self, cidr: &Cidr) -> Result<bool> {
+        KernelMaps::allow_remove(self, cidr)
+    }
+    fn allow_entries(&self) -> Result<Vec<Cidr>> {
+        KernelMaps::allow_entries(self)
+    }
+}
+
+/// The lists without a kernel program: the policy the config and the state
+/// file give. Changes live in the state file alone (the commands persist
+/// them); the daemon enforces them at accept after the command.
+pub struct AtAccept(pub Config);
+
+impl Lists for AtAccept {
+    fn block_insert(&mut self, _: &Cidr, _: BlockValue) -> Result<()> {
+        Ok(())
+    }
+    fn block_remove(&mut self, _: &Cidr) -> Result<bool> {
+        Ok(true)
+    }
+    fn block_entries(&self) -> Result<Vec<(Cidr, BlockValue)>> {
+        Ok(crate::kernel::policy::load(&self.0)?
+            .block
+            .into_iter()
+            .collect())
+    }
+    fn allow_insert(&mut self, _: &Cidr) -> Result<()> {
+        Ok(())
+    }
+    fn allow_remove(&mut self, _: &Cidr) -> Result<bool> {
+        Ok(true)
+    }
+    fn allow_entries(&self) -> Result<Vec<Cidr>> {
+        Ok(crate::kernel::policy::load(&self.0)?
+            .allow
+            .into_iter()
+            .collect())
+    }
+}
+
+/// The lists of the running program, or `at_accept`'s when there is none.
+fn open(cfg: &Config, at_accept: bool) -> Result<Box<dyn Lists>> {
+    if at_accept {
+        return Ok(Box::new(AtAccept(cfg.clone())));
+    }
+    Ok(Box::new(open_running(cfg)?))
+}
 
 /// Applies `change` to the state, persists it, then runs `apply` on the
 /// maps; restores the old state file if `apply` fails.
@@ -39,10 +114,10 @@ fn persist_then_apply(
     Ok(())
 }
 
-pub fn block(cfg: &Config, cmd: BlockCmd, io: &mut Io) -> Result<()> {
+pub fn block(cfg: &Config, cmd: BlockCmd, io: &mut Io, at_accept: bool) -> Result<()> {
     match cmd {
         BlockCmd::Add { cidr, ttl, comment } => {
-            let mut maps = open_running(cfg)?;
+            let mut maps = open(cfg, at_accept)?;
             let _lock = state::lock(&cfg.server.state_dir)?;
             let state = State::load(&cfg.server.state_dir)?;
             let now = clock::unix_ms();
@@ -86,7 +161,7 @@ pub fn block(cfg: &Config, cmd: BlockCmd, io: &mut Io) -> Result<()> {
             Ok(())
         }
         BlockCmd::Del { cidr } => {
-            let mut maps = open_running(cfg)?;
+            let mut maps = open(cfg, at_accept)?;
             let _lock = state::lock(&cfg.server.state_dir)?;
             let state = State::load(&cfg.server.state_dir)?;
             let in_maps = maps.block_entries()?.iter().any(|(c, _)| *c == cidr);
@@ -110,8 +185,8 @@ pub fn block(cfg: &Config, cmd: BlockCmd, io: &mut Io) -> Result<()> {
             Ok(())
         }
         BlockCmd::List(f) => {
-            let maps = open_running(cfg)?;
-            let rows = block_rows(cfg, &maps)?;
+            let maps = open(cfg, at_accept)?;
+            let rows = block_rows(cfg, maps.as_ref())?;
             if f.json {
                 writeln!(io.out, "{}", serde_json::to_string_pretty(&rows)?)?;
             } else {
@@ -150,7 +225,7 @@ pub struct BlockRow {
     pub comment: Option<String>,
 }
 
-fn block_rows(cfg: &Config, maps: &KernelMaps) -> Result<Vec<BlockRow>> {
+fn block_rows(cfg: &Config, maps: &dyn Lists) -> Result<Vec<BlockRow>> {
     let state = State::load(&cfg.server.state_dir)?;
     let now = clock::monotonic_ns();
     let mut entries = maps.block_entries()?;
@@ -183,10 +258,10 @@ fn from_config(cfg: &Config, cidr: &Cidr) -> bool {
             .contains(cidr)
 }
 
-pub fn allow(cfg: &Config, cmd: AllowCmd, io: &mut Io) -> Result<()> {
+pub fn allow(cfg: &Config, cmd: AllowCmd, io: &mut Io, at_accept: bool) -> Result<()> {
     match cmd {
         AllowCmd::Add { cidr } => {
-            let mut maps = open_running(cfg)?;
+            let mut maps = open(cfg, at_accept)?;
             let _lock = state::lock(&cfg.server.state_dir)?;
             let state = State::load(&cfg.server.state_dir)?;
             let mut changed = state.clone();
@@ -198,7 +273,7 @@ pub fn allow(cfg: &Config, cmd: AllowCmd, io: &mut Io) -> Result<()> {
             Ok(())
         }
         AllowCmd::Del { cidr } => {
-            let mut maps = open_running(cfg)?;
+            let mut maps = open(cfg, at_accept)?;
             let _lock = state::lock(&cfg.server.state_dir)?;
             let state = State::load(&cfg.server.state_dir)?;
             let in_maps = maps.allow_entries()?.contains(&cidr);
@@ -218,7 +293,7 @@ pub fn allow(cfg: &Config, cmd: AllowCmd, io: &mut Io) -> Result<()> {
             Ok(())
         }
         AllowCmd::List(f) => {
-            let maps = open_running(cfg)?;
+            let maps = open(cfg, at_accept)?;
             let state = State::load(&cfg.server.state_dir)?;
             let mut list = maps.allow_entries()?;
             list.sort();

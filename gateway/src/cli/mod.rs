@@ -248,6 +248,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
                     out: &mut out,
                     err: &mut err,
                 },
+                false,
             )
         }
         Command::Keys(KeysCmd::New { name }) => keys::new(&name),
@@ -265,10 +266,13 @@ pub fn dispatch(cli: Cli) -> Result<()> {
 
 /// Runs a kernel-policy command against the pinned maps (from the CLI with
 /// no daemon, or inside the daemon on behalf of the CLI).
-pub fn local(cfg: &Config, cmd: Command, io: &mut output::Io) -> Result<()> {
+/// Runs a kernel policy command. `at_accept`: there is no kernel program,
+/// and the daemon running the command enforces the lists at accept (see
+/// `lists::AtAccept`).
+pub fn local(cfg: &Config, cmd: Command, io: &mut output::Io, at_accept: bool) -> Result<()> {
     match cmd {
-        Command::Block(cmd) => lists::block(cfg, cmd, io),
-        Command::Allow(cmd) => lists::allow(cfg, cmd, io),
+        Command::Block(cmd) => lists::block(cfg, cmd, io, at_accept),
+        Command::Allow(cmd) => lists::allow(cfg, cmd, io, at_accept),
         Command::Limits(cmd) => stats::limits(cfg, cmd, io),
         Command::Stats(f) => stats::stats(cfg, f.json, io),
         Command::Top(a) => stats::top(cfg, a.n, a.json, io),

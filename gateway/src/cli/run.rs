@@ -112,6 +112,16 @@ async fn serve(cfg: Config, path: &Path) -> Result<()> {
             .clone();
         daemon.enforce_at_accept(&cfg)?;
     }
+    {
+        let state_dir = daemon
+            .config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .server
+            .state_dir
+            .clone();
+        daemon.apply_drained(&state_dir)?;
+    }
     if let Some(why) = degraded {
         daemon
             .shared

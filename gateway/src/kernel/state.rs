@@ -97,6 +97,9 @@ pub struct State {
     pub allow: Vec<Cidr>,
     #[serde(default, skip_serializing_if = "LimitOverrides::is_empty")]
     pub limits: LimitOverrides,
+    /// Backends drained with `gateway backends drain`, by URL.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drained: Vec<String>,
 }
 
 impl State {

@@ -78,7 +78,10 @@ impl Shared {
             metrics: Arc::new(Metrics::new()),
             tls: cfg.server.tls.is_some(),
             ready: ArcSwap::from_pointee(Readiness::default()),
-            per_ip: crate::listener::limit::PerIp::new(cfg.server.max_connections_per_ip),
+            per_ip: crate::listener::limit::PerIp::new(
+                cfg.server.max_connections_per_ip,
+                cfg.xdp.ipv6_prefix,
+            ),
             abuse: abuse::Tracker::new(cfg, bans),
             conn_limits: ArcSwap::from_pointee(crate::listener::ConnLimits::new(&cfg.server)),
             guard: Default::default(),
