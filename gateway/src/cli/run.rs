@@ -99,28 +99,21 @@ async fn serve(cfg: Config, path: &Path) -> Result<()> {
         exported: Mutex::new(Vec::new()),
         state_writes: Mutex::new(()),
     });
-    if daemon
-        .kernel
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .is_none()
     {
         let cfg = daemon
             .config
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        daemon.enforce_at_accept(&cfg)?;
-    }
-    {
-        let state_dir = daemon
-            .config
+        if daemon
+            .kernel
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .server
-            .state_dir
-            .clone();
-        daemon.apply_drained(&state_dir)?;
+            .is_none()
+        {
+            daemon.enforce_at_accept(&cfg)?;
+        }
+        daemon.apply_drained(&cfg.server.state_dir)?;
     }
     if let Some(why) = degraded {
         daemon
