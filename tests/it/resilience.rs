@@ -652,6 +652,67 @@ async fn hostile_requests_get_clear_errors_and_cost_nothing() {
     .await;
 }
 
+/// An HTTP/2 connection with no open stream is closed (GOAWAY) after the
+/// header read timeout, as an idle HTTP/1.1 keep-alive connection is; a
+/// stream that outlasts the timeout is not cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http2_connections_are_closed_and_long_streams_are_not() {
+    let up = MockLlm::start(MockOptions {
+        tokens: 20,
+        interval: Duration::from_millis(100),
+        ..MockOptions::default()
+    })
+    .await
+    .unwrap();
+    let models = model_toml("m", "", &[(up.url(), 1, None)]);
+    let gw = TestGateway::start("header_read_timeout = \"500ms\"", &models).await;
+    // A stream of ~2 s over h2c, four idle timeouts: the connection has a
+    // stream open all along.
+    let t = Instant::now();
+    let r = Client::h2c()
+        .post(&url(&gw), Some(KEY_A), &[], &chat("m", true))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.version, http::Version::HTTP_2);
+    assert!(
+        String::from_utf8_lossy(&r.body).ends_with("data: [DONE]\n\n"),
+        "the whole stream arrived"
+    );
+    assert!(
+        t.elapsed() > Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
+
+    // The client preface and an empty SETTINGS frame, then nothing.
+    let addr = gw.url.trim_start_matches("http://").to_owned();
+    let (got, took) = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .unwrap();
+        let t = Instant::now();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        (out, t.elapsed())
+    })
+    .await
+    .unwrap();
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(3),
+        "an idle h2 connection closed after {took:?}"
+    );
+    // Frames: 9-byte headers; a GOAWAY (type 7) came before the close.
+    let mut types = Vec::new();
+    let mut at = 0;
+    while at + 9 <= got.len() {
+        let len = u32::from_be_bytes([0, got[at], got[at + 1], got[at + 2]]) as usize;
+        types.push(got[at + 3]);
+        at += 9 + len;
+    }
+    assert!(types.contains(&7), "frame types sent: {types:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_slowloris_connections_neither_starve_clients_nor_grow_memory() {
     let up = mock("a").await;

@@ -262,8 +262,37 @@ async fn sniff(io: &mut BoxIo, buf: &mut BytesMut) -> io::Result<bool> {
     }
 }
 
+/// How many streams of an HTTP/2 connection are open, and since when none
+/// has been.
+struct H2Activity {
+    open: std::sync::atomic::AtomicUsize,
+    idle_since: std::sync::Mutex<tokio::time::Instant>,
+}
+
+/// One open stream; its end (the response body dropped) is counted.
+struct StreamOpen(Arc<H2Activity>);
+
+impl StreamOpen {
+    fn new(a: &Arc<H2Activity>) -> StreamOpen {
+        a.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        StreamOpen(Arc::clone(a))
+    }
+}
+
+impl Drop for StreamOpen {
+    fn drop(&mut self) {
+        *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
+        self.0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// An HTTP/2 connection, served by hyper, drained gracefully (GOAWAY, then
-/// open streams finish) when `drain` turns true.
+/// open streams finish) when `drain` turns true, or once it has had no
+/// open stream for `header_read_timeout`: the idle keep-alive limit of an
+/// HTTP/1.1 connection (hyper's server has none for HTTP/2, and its pings
+/// only find dead peers).
 async fn serve_h2(
     io: BoxIo,
     read: Bytes,
@@ -272,23 +301,71 @@ async fn serve_h2(
     limits: ConnLimits,
     mut drain: watch::Receiver<bool>,
 ) -> Result<(), crate::pipeline::stream::BoxError> {
+    use http_body_util::BodyExt as _;
     let shared = Arc::clone(shared);
-    let svc = hyper::service::service_fn(move |req| {
-        let shared = Arc::clone(&shared);
-        async move { Ok::<_, Infallible>(crate::pipeline::handle(shared, req, peer).await) }
+    let activity = Arc::new(H2Activity {
+        open: Default::default(),
+        idle_since: std::sync::Mutex::new(tokio::time::Instant::now()),
     });
+    let svc = {
+        let activity = Arc::clone(&activity);
+        hyper::service::service_fn(move |req| {
+            let shared = Arc::clone(&shared);
+            let open = StreamOpen::new(&activity);
+            async move {
+                let r = crate::pipeline::handle(shared, req, peer).await;
+                // The stream stays open until its response body is done.
+                Ok::<_, Infallible>(r.map(|b| {
+                    b.map_frame(move |f| {
+                        let _ = &open;
+                        f
+                    })
+                    .boxed_unsync()
+                }))
+            }
+        })
+    };
     let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     b.timer(TokioTimer::new())
         .max_header_list_size(limits.max_header_bytes)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let mut conn = pin!(b.serve_connection(TokioIo::new(Prefixed { read, io }), svc));
-    tokio::select! {
-        r = conn.as_mut() => return Ok(r?),
-        _ = drain.wait_for(|d| *d) => {}
-    }
+    let idle = limits.header_read_timeout;
+    let mut check = tokio::time::Instant::now() + idle;
+    let drained = loop {
+        tokio::select! {
+            r = conn.as_mut() => return Ok(r?),
+            _ = drain.wait_for(|d| *d) => break true,
+            _ = tokio::time::sleep_until(check) => {}
+        }
+        let open = activity.open.load(std::sync::atomic::Ordering::Relaxed);
+        let since = *activity
+            .idle_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if open == 0 && since.elapsed() >= idle {
+            break false;
+        }
+        // With streams open, look again once they could have been idle
+        // that long.
+        check = if open == 0 {
+            since
+        } else {
+            tokio::time::Instant::now()
+        } + idle;
+    };
     conn.as_mut().graceful_shutdown();
-    Ok(conn.await?)
+    if drained {
+        return Ok(conn.await?);
+    }
+    // Idle: GOAWAY, then hyper waits for the client to acknowledge a ping
+    // before it closes. A client that never does is cut after one more
+    // timeout; no stream was open.
+    match tokio::time::timeout(idle, conn.as_mut()).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Ok(()),
+    }
 }
 
 /// A connection whose first bytes were read already (to choose the
