@@ -216,19 +216,27 @@ impl Daemon {
         };
         let _serial = self.state_writes.lock().unwrap_or_else(|p| p.into_inner());
         let cfg = self.config.lock().unwrap_or_else(|p| p.into_inner());
-        let _lock = match crate::kernel::state::lock(&cfg.server.state_dir) {
-            Ok(l) => l,
-            Err(e) => return tracing::error!("cannot ban {}: {e:#}", b.source),
+        // A state that cannot be read or written (a full disk, a corrupt
+        // file) costs the ban its persistence, not its enforcement: the
+        // kernel entry lapses by itself.
+        let lock = crate::kernel::state::lock(&cfg.server.state_dir);
+        let mut state = match lock
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("{e:#}"))
+            .and_then(|_| State::load(&cfg.server.state_dir))
+        {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!("the ban of {} is not persisted: {e:#}", b.source);
+                None
+            }
         };
-        let mut state = match State::load(&cfg.server.state_dir) {
-            Ok(s) => s,
-            Err(e) => return tracing::error!("cannot ban {}: {e:#}", b.source),
-        };
+        let runtime = state.as_ref().map_or(&[][..], |s| &s.allow[..]);
         if cfg
             .xdp
             .allow
             .iter()
-            .chain(&state.allow)
+            .chain(runtime)
             .any(|c| c.contains(b.ip))
         {
             return tracing::info!(ip = %b.ip, cause = b.cause.name(), "not banning an allowlisted source");
@@ -237,23 +245,26 @@ impl Daemon {
         // Already blocked for good (config or a permanent runtime entry):
         // a timed ban would shorten it.
         let permanent = cfg.xdp.block.contains(&cidr)
-            || state
-                .block
-                .iter()
-                .any(|e| e.cidr == cidr && e.expires_unix_ms.is_none());
+            || state.as_ref().is_some_and(|s| {
+                s.block
+                    .iter()
+                    .any(|e| e.cidr == cidr && e.expires_unix_ms.is_none())
+            });
         if permanent {
             return tracing::info!(source = %cidr, cause = b.cause.name(), "not banning a source blocked permanently");
         }
-        let now = clock::unix_ms();
-        state.upsert_block(BlockEntry {
-            cidr,
-            expires_unix_ms: Some(now + b.duration.as_millis() as u64),
-            cause: b.cause.name().into(),
-            comment: Some("banned by the gateway for L7 abuse".into()),
-            added_unix_ms: now,
-        });
-        if let Err(e) = state.save(&cfg.server.state_dir) {
-            tracing::error!("persisting the ban of {cidr}: {e:#}");
+        if let Some(state) = &mut state {
+            let now = clock::unix_ms();
+            state.upsert_block(BlockEntry {
+                cidr,
+                expires_unix_ms: Some(now + b.duration.as_millis() as u64),
+                cause: b.cause.name().into(),
+                comment: Some("banned by the gateway for L7 abuse".into()),
+                added_unix_ms: now,
+            });
+            if let Err(e) = state.save(&cfg.server.state_dir) {
+                tracing::error!("persisting the ban of {cidr}: {e:#}");
+            }
         }
         match self
             .kernel
@@ -339,7 +350,9 @@ impl Daemon {
         };
         let lists = matches!(
             parsed.command,
-            crate::cli::Command::Block(_) | crate::cli::Command::Allow(_)
+            crate::cli::Command::Block(_)
+                | crate::cli::Command::Allow(_)
+                | crate::cli::Command::Limits(_)
         );
         let no_kernel = self
             .kernel
@@ -362,8 +375,8 @@ impl Daemon {
             },
             no_kernel,
         );
-        // Without a kernel program the lists are enforced at accept, from
-        // the state the command changed.
+        // Without a kernel program the lists and limits are enforced at
+        // accept, from the state the command changed.
         let result = match result {
             Ok(()) if lists && no_kernel => self.enforce_at_accept(&cfg),
             r => r,

@@ -316,8 +316,35 @@ async fn without_xdp_the_daemon_serves_degraded_and_enforces_at_accept() {
         statuses[5..].iter().all(|s| s.is_none()),
         "connections past the burst must be refused: {statuses:?}"
     );
-    // `gateway stats` still reports, with the L7 half and why XDP is off.
+    // `gateway limits` works at accept too: a larger burst for new sources.
     let g = Arc::new(gw);
+    let g2 = Arc::clone(&g);
+    let (set, shown) = tokio::task::spawn_blocking(move || {
+        (
+            g2.cli(&["limits", "set", "--syn-burst", "8"]),
+            g2.cli(&["limits", "show", "--json"]).json(),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(set.code, 0, "{}", set.stderr);
+    assert_eq!(shown["syn_burst"], 8, "{shown}");
+    let first8 = tokio::task::spawn_blocking(move || {
+        (0..8)
+            .map(|_| {
+                gateway_tests::netns::http_status(
+                    "127.0.0.4".parse().unwrap(),
+                    dst,
+                    req,
+                    Duration::from_secs(1),
+                )
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    assert_eq!(first8, [Some(200); 8], "burst 8 after the change");
+    // `gateway stats` still reports, with the L7 half and why XDP is off.
     let stats = tokio::task::spawn_blocking(move || g.cli(&["stats", "--json"]))
         .await
         .unwrap()
@@ -611,6 +638,12 @@ async fn without_xdp_bans_hold_at_accept_across_a_restart() {
     assert_eq!(blocked, None, "blocked at accept");
     let r = cli(&["block", "del", "127.0.0.23"]).await.unwrap();
     assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = cli(&["limits", "set", "--syn-rate", "5"]).await.unwrap();
+    assert!(
+        r.code != 0 && r.stderr.contains("xdp.enabled is false"),
+        "{}",
+        r.stderr
+    );
     let served = tokio::task::spawn_blocking(move || get("127.0.0.23", KEY_A))
         .await
         .unwrap();
@@ -665,4 +698,53 @@ async fn a_drain_survives_reloads_and_restarts() {
     let drained = vec![format!("{a_url} drained"), format!("{b_url} active")];
     let active = vec![format!("{a_url} active"), format!("{b_url} active")];
     assert_eq!(states, [drained.clone(), drained, active]);
+}
+
+/// A state file that cannot be read costs a ban its persistence, not its
+/// enforcement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ban_holds_when_the_state_file_is_unreadable() {
+    let up = MockLlm::start(MockOptions::default()).await.unwrap();
+    let port = free_port();
+    let body = config(port, &up.url(), &up.url(), (1, 1)).replace(
+        "[metrics]",
+        "[abuse]\nauth_failures = { max = 2, window = \"1m\", ban = \"10m\" }\n[metrics]",
+    );
+    let gw = tokio::task::spawn_blocking(move || Daemon::start(None, &body))
+        .await
+        .unwrap()
+        .expect("daemon");
+    let state = gw.config.parent().unwrap().join("state/xdp-state.json");
+    std::fs::create_dir_all(state.parent().unwrap()).unwrap();
+    std::fs::write(&state, "{ not json").unwrap();
+    let dst: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let get = move |key: &str| {
+        let req = format!(
+            "GET /v1/models HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"
+        );
+        gateway_tests::netns::http_status(
+            "127.0.0.31".parse().unwrap(),
+            dst,
+            &req,
+            Duration::from_secs(1),
+        )
+    };
+    let (bad, after) = tokio::task::spawn_blocking(move || {
+        let bad = [get("sk-wrong"), get("sk-wrong")];
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while get(KEY_A).is_some() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (bad, get(KEY_A))
+    })
+    .await
+    .unwrap();
+    assert_eq!((bad, after), ([Some(401), Some(401)], None));
+    let log = std::fs::read_to_string(&gw.log).unwrap();
+    assert!(log.contains("is not persisted"), "{log}");
+    assert_eq!(
+        std::fs::read_to_string(&state).unwrap(),
+        "{ not json",
+        "the unreadable file is left as it was"
+    );
 }

@@ -273,7 +273,7 @@ pub fn local(cfg: &Config, cmd: Command, io: &mut output::Io, at_accept: bool) -
     match cmd {
         Command::Block(cmd) => lists::block(cfg, cmd, io, at_accept),
         Command::Allow(cmd) => lists::allow(cfg, cmd, io, at_accept),
-        Command::Limits(cmd) => stats::limits(cfg, cmd, io),
+        Command::Limits(cmd) => stats::limits(cfg, cmd, io, at_accept),
         Command::Stats(f) => stats::stats(cfg, f.json, io),
         Command::Top(a) => stats::top(cfg, a.n, a.json, io),
         _ => Err(UsageError("not a kernel policy command".into()).into()),

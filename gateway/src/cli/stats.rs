@@ -39,15 +39,25 @@ fn view(l: &Limits, ports: Vec<u16>, overrides: LimitOverrides) -> LimitsView {
     }
 }
 
-pub fn limits(cfg: &Config, cmd: LimitsCmd, io: &mut Io) -> Result<()> {
+/// `gateway limits`. `at_accept`: there is no kernel program; the daemon
+/// running the command enforces the limits at accept (see `lists::AtAccept`).
+pub fn limits(cfg: &Config, cmd: LimitsCmd, io: &mut Io, at_accept: bool) -> Result<()> {
     match cmd {
         LimitsCmd::Show(f) => {
-            let maps = open_running(cfg)?;
             let state = State::load(&cfg.server.state_dir)?;
-            let l = maps
-                .limits()?
-                .unwrap_or_else(|| policy::effective_limits(&cfg.xdp, &state));
-            let v = view(&l, maps.ports()?, state.limits);
+            let (l, ports) = if at_accept {
+                (
+                    policy::effective_limits(&cfg.xdp, &state),
+                    cfg.xdp.protected_ports.clone(),
+                )
+            } else {
+                let maps = open_running(cfg)?;
+                let l = maps
+                    .limits()?
+                    .unwrap_or_else(|| policy::effective_limits(&cfg.xdp, &state));
+                (l, maps.ports()?)
+            };
+            let v = view(&l, ports, state.limits);
             if f.json {
                 writeln!(io.out, "{}", serde_json::to_string_pretty(&v)?)?;
             } else {
@@ -105,7 +115,16 @@ pub fn limits(cfg: &Config, cmd: LimitsCmd, io: &mut Io) -> Result<()> {
                 )
                 .into());
             }
-            let mut maps = open_running(cfg)?;
+            if at_accept && !cfg.xdp.enabled {
+                anyhow::bail!(
+                    "xdp.enabled is false: there are no SYN limits to set (enable [xdp] in the config)"
+                );
+            }
+            let mut maps = if at_accept {
+                None
+            } else {
+                Some(open_running(cfg)?)
+            };
             let _lock = crate::kernel::state::lock(&cfg.server.state_dir)?;
             let state = State::load(&cfg.server.state_dir)?;
             let mut changed = state.clone();
@@ -125,7 +144,7 @@ pub fn limits(cfg: &Config, cmd: LimitsCmd, io: &mut Io) -> Result<()> {
                 );
             }
             changed.save(&cfg.server.state_dir)?;
-            if let Err(e) = maps.set_limits(&l) {
+            if let Err(e) = maps.as_mut().map_or(Ok(()), |m| m.set_limits(&l)) {
                 state.save(&cfg.server.state_dir)?;
                 return Err(e);
             }
