@@ -202,12 +202,15 @@ impl Daemon {
         Ok(())
     }
 
-    /// Enforces a ban from the abuse tracker on the source's prefix (see
-    /// `pipeline::abuse`): a kernel blocklist entry that lapses by itself
-    /// (or a userspace ban at accept without XDP), persisted with its cause
-    /// so it survives a restart. An allowlisted address is never banned, and
-    /// allowlisted hosts inside a banned prefix still pass.
-    pub fn ban(&self, b: Ban) {
+    /// Enforces bans from the abuse tracker, each on its source's prefix
+    /// (see `pipeline::abuse`): kernel blocklist entries that lapse by
+    /// themselves (or userspace bans at accept without XDP), persisted with
+    /// their cause so they survive a restart. A batch costs one read and
+    /// one write of the state file and one pass over the kernel's hint, so
+    /// a storm of bans from many sources does not cost a state write each.
+    /// An allowlisted address is never banned, and allowlisted hosts inside
+    /// a banned prefix still pass.
+    pub fn ban(&self, bans: &[Ban]) {
         use gateway_common::BlockValue;
 
         use crate::kernel::{
@@ -217,8 +220,8 @@ impl Daemon {
         let _serial = self.state_writes.lock().unwrap_or_else(|p| p.into_inner());
         let cfg = self.config.lock().unwrap_or_else(|p| p.into_inner());
         // A state that cannot be read or written (a full disk, a corrupt
-        // file) costs the ban its persistence, not its enforcement: the
-        // kernel entry lapses by itself.
+        // file) costs the bans their persistence, not their enforcement:
+        // the kernel entries lapse by themselves.
         let lock = crate::kernel::state::lock(&cfg.server.state_dir);
         let mut state = match lock
             .as_ref()
@@ -227,43 +230,55 @@ impl Daemon {
         {
             Ok(s) => Some(s),
             Err(e) => {
-                tracing::error!("the ban of {} is not persisted: {e:#}", b.source);
+                tracing::error!("{} ban(s) not persisted: {e:#}", bans.len());
                 None
             }
         };
-        let runtime = state.as_ref().map_or(&[][..], |s| &s.allow[..]);
-        if cfg
-            .xdp
-            .allow
-            .iter()
-            .chain(runtime)
-            .any(|c| c.contains(b.ip))
-        {
-            return tracing::info!(ip = %b.ip, cause = b.cause.name(), "not banning an allowlisted source");
+        let now = clock::unix_ms();
+        let now_ns = clock::monotonic_ns();
+        let mut enforce = Vec::with_capacity(bans.len());
+        for b in bans {
+            let runtime = state.as_ref().map_or(&[][..], |s| &s.allow[..]);
+            if cfg
+                .xdp
+                .allow
+                .iter()
+                .chain(runtime)
+                .any(|c| c.contains(b.ip))
+            {
+                tracing::info!(ip = %b.ip, cause = b.cause.name(), "not banning an allowlisted source");
+                continue;
+            }
+            let cidr = b.source;
+            // Already blocked for good (config or a permanent runtime
+            // entry): a timed ban would shorten it.
+            let permanent = cfg.xdp.block.contains(&cidr)
+                || state.as_ref().is_some_and(|s| {
+                    s.block
+                        .iter()
+                        .any(|e| e.cidr == cidr && e.expires_unix_ms.is_none())
+                });
+            if permanent {
+                tracing::info!(source = %cidr, cause = b.cause.name(), "not banning a source blocked permanently");
+                continue;
+            }
+            if let Some(state) = &mut state {
+                state.upsert_block(BlockEntry {
+                    cidr,
+                    expires_unix_ms: Some(now + b.duration.as_millis() as u64),
+                    cause: b.cause.name().into(),
+                    comment: Some("banned by the gateway for L7 abuse".into()),
+                    added_unix_ms: now,
+                });
+            }
+            enforce.push((b, BlockValue::until(now_ns + b.duration.as_nanos() as u64)));
         }
-        let cidr = b.source;
-        // Already blocked for good (config or a permanent runtime entry):
-        // a timed ban would shorten it.
-        let permanent = cfg.xdp.block.contains(&cidr)
-            || state.as_ref().is_some_and(|s| {
-                s.block
-                    .iter()
-                    .any(|e| e.cidr == cidr && e.expires_unix_ms.is_none())
-            });
-        if permanent {
-            return tracing::info!(source = %cidr, cause = b.cause.name(), "not banning a source blocked permanently");
+        if enforce.is_empty() {
+            return;
         }
-        if let Some(state) = &mut state {
-            let now = clock::unix_ms();
-            state.upsert_block(BlockEntry {
-                cidr,
-                expires_unix_ms: Some(now + b.duration.as_millis() as u64),
-                cause: b.cause.name().into(),
-                comment: Some("banned by the gateway for L7 abuse".into()),
-                added_unix_ms: now,
-            });
+        if let Some(state) = &state {
             if let Err(e) = state.save(&cfg.server.state_dir) {
-                tracing::error!("persisting the ban of {cidr}: {e:#}");
+                tracing::error!("persisting {} ban(s): {e:#}", enforce.len());
             }
         }
         match self
@@ -273,19 +288,28 @@ impl Daemon {
             .as_mut()
         {
             Some(k) => {
-                let v = BlockValue::until(clock::monotonic_ns() + b.duration.as_nanos() as u64);
-                if let Err(e) = k.block(&cidr, v) {
-                    return tracing::error!("banning {cidr} in the kernel: {e:#}");
+                let entries: Vec<_> = enforce.iter().map(|(b, v)| (b.source, *v)).collect();
+                if let Err(e) = k.block_many(&entries) {
+                    return tracing::error!(
+                        "banning {} source(s) in the kernel: {e:#}",
+                        entries.len()
+                    );
                 }
             }
-            None => self.shared.guard.ban(cidr, b.duration),
+            None => {
+                for (b, _) in &enforce {
+                    self.shared.guard.ban(b.source, b.duration);
+                }
+            }
         }
-        self.shared
-            .metrics
-            .bans
-            .with_label_values(&[b.cause.name()])
-            .inc();
-        tracing::warn!(source = %cidr, ip = %b.ip, cause = b.cause.name(), ban = ?b.duration, "source banned");
+        for (b, _) in &enforce {
+            self.shared
+                .metrics
+                .bans
+                .with_label_values(&[b.cause.name()])
+                .inc();
+            tracing::warn!(source = %b.source, ip = %b.ip, cause = b.cause.name(), ban = ?b.duration, "source banned");
+        }
     }
 }
 

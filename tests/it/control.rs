@@ -741,10 +741,58 @@ async fn a_ban_holds_when_the_state_file_is_unreadable() {
     .unwrap();
     assert_eq!((bad, after), ([Some(401), Some(401)], None));
     let log = std::fs::read_to_string(&gw.log).unwrap();
-    assert!(log.contains("is not persisted"), "{log}");
+    assert!(log.contains("not persisted"), "{log}");
     assert_eq!(
         std::fs::read_to_string(&state).unwrap(),
         "{ not json",
         "the unreadable file is left as it was"
     );
+}
+
+/// A storm of bans from many sources at once: every one is enforced and
+/// persisted (they are applied in batches, one state write per batch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_bans_is_applied_in_full() {
+    const N: usize = 300;
+    let up = MockLlm::start(MockOptions::default()).await.unwrap();
+    let port = free_port();
+    let body = config(port, &up.url(), &up.url(), (1, 1)).replace(
+        "[metrics]",
+        "[abuse]\nauth_failures = { max = 1, window = \"1m\", ban = \"10m\" }\n[metrics]",
+    );
+    let gw = tokio::task::spawn_blocking(move || Daemon::start(None, &body))
+        .await
+        .unwrap()
+        .expect("daemon");
+    let dst: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let src = |i: usize| format!("127.2.{}.{}", i / 250, i % 250 + 1);
+    let get = move |src: String, key: &str| {
+        let req = format!(
+            "GET /v1/models HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"
+        );
+        gateway_tests::netns::http_status(src.parse().unwrap(), dst, &req, Duration::from_secs(1))
+    };
+    let g = Arc::new(gw);
+    let g2 = Arc::clone(&g);
+    let (refused, persisted) = tokio::task::spawn_blocking(move || {
+        for i in 0..N {
+            assert_eq!(get(src(i), "sk-wrong"), Some(401));
+        }
+        let state = g2.config.parent().unwrap().join("state/xdp-state.json");
+        let persisted = || -> usize {
+            std::fs::read_to_string(&state)
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .map_or(0, |v| v["block"].as_array().map_or(0, |a| a.len()))
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while persisted() < N && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let refused = (0..N).filter(|i| get(src(*i), KEY_A).is_none()).count();
+        (refused, persisted())
+    })
+    .await
+    .unwrap();
+    assert_eq!((refused, persisted), (N, N));
 }

@@ -16,6 +16,8 @@ use crate::{admin, config::Config, daemon::Daemon, kernel::runtime::Kernel, serv
 
 /// How often lapsed temporary blocks are swept from the maps.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Bans applied in one go at most (one state write, one hint pass).
+const MAX_BAN_BATCH: usize = 4096;
 
 pub fn run(cfg: Config, path: &Path) -> Result<()> {
     raise_fd_limit();
@@ -146,8 +148,17 @@ async fn serve(cfg: Config, path: &Path) -> Result<()> {
                 daemon.export_kernel_metrics(ticks.is_multiple_of(10));
             }
             Some(ban) = bans.recv() => {
+                // Whatever else is queued goes in the same batch: one state
+                // write for a storm of bans.
+                let mut batch = vec![ban];
+                while batch.len() < MAX_BAN_BATCH {
+                    match bans.try_recv() {
+                        Ok(b) => batch.push(b),
+                        Err(_) => break,
+                    }
+                }
                 let d = Arc::clone(&daemon);
-                let _ = tokio::task::spawn_blocking(move || d.ban(ban)).await;
+                let _ = tokio::task::spawn_blocking(move || d.ban(&batch)).await;
             }
             _ = hup.recv() => {
                 let d = Arc::clone(&daemon);

@@ -175,12 +175,22 @@ impl Kernel {
         cidr: &gateway_common::cidr::Cidr,
         v: gateway_common::BlockValue,
     ) -> Result<()> {
-        self.maps.block_insert(cidr, v)?;
-        if v.expires_ns != 0 {
-            self.next_expiry_ns = Some(
-                self.next_expiry_ns
-                    .map_or(v.expires_ns, |t| t.min(v.expires_ns)),
-            );
+        self.block_many(&[(*cidr, v)])
+    }
+
+    /// Adds many blocklist entries with one pass over the hint.
+    pub fn block_many(
+        &mut self,
+        entries: &[(gateway_common::cidr::Cidr, gateway_common::BlockValue)],
+    ) -> Result<()> {
+        self.maps.block_insert_many(entries)?;
+        let next = entries
+            .iter()
+            .map(|(_, v)| v.expires_ns)
+            .filter(|e| *e != 0)
+            .min();
+        if let Some(e) = next {
+            self.next_expiry_ns = Some(self.next_expiry_ns.map_or(e, |t| t.min(e)));
         }
         Ok(())
     }
