@@ -4,7 +4,8 @@
 //! prefix the kernel's SYN limits count by (an IPv6 client is its /64 by
 //! default: it holds all of one, and banning its /128 would be evaded by
 //! the next address). A source that reaches a rule's `max` within its
-//! `window` is reported once for a ban of that prefix; the daemon turns it
+//! `window` is reported once for a ban of that prefix (never broader than
+//! an IPv4 /24 or an IPv6 /48); the daemon turns it
 //! into a kernel blocklist entry that lapses by itself after `ban` (see
 //! `daemon::Daemon::ban`).
 
@@ -46,6 +47,12 @@ pub struct Ban {
     pub duration: Duration,
 }
 
+/// The broadest prefixes a ban covers, whatever the SYN limits aggregate
+/// (an `ipv4_prefix` of 8 shares a bucket among millions of clients; a
+/// ban of that /8 would refuse them all for one client's abuse).
+const MIN_BAN_V4: u8 = 24;
+const MIN_BAN_V6: u8 = 48;
+
 /// Sources tracked at most; past this, expired windows are pruned and, if
 /// still full, new sources are not tracked (memory stays bounded under a
 /// flood of fresh addresses, which the kernel's SYN limits handle).
@@ -69,8 +76,8 @@ impl Rules {
         Rules {
             auth: cfg.abuse.auth_failures.clone(),
             rate: cfg.abuse.rate_limited.clone(),
-            ipv4_prefix: cfg.xdp.ipv4_prefix,
-            ipv6_prefix: cfg.xdp.ipv6_prefix,
+            ipv4_prefix: cfg.xdp.ipv4_prefix.max(MIN_BAN_V4),
+            ipv6_prefix: cfg.xdp.ipv6_prefix.max(MIN_BAN_V6),
         }
     }
 
@@ -255,6 +262,25 @@ mod tests {
         }
         let ban = rx.try_recv().expect("three failures in one /24");
         assert_eq!(ban.source, "203.0.113.0/24".parse().unwrap());
+
+        // Never broader than a /24 or a /48, whatever the SYN buckets share.
+        let (t, mut rx) = tracker(&config(
+            "[xdp]\nenabled = false\nipv4_prefix = 8\nipv6_prefix = 16\n",
+        ));
+        for a in ["203.0.113.1", "203.0.113.2", "203.0.113.3"] {
+            t.record_at(ip(a), Cause::AuthFailures, now);
+        }
+        assert_eq!(
+            rx.try_recv().unwrap().source,
+            "203.0.113.0/24".parse().unwrap()
+        );
+        for a in ["2001:db8:1:2::1", "2001:db8:1:3::1", "2001:db8:1:4::1"] {
+            t.record_at(ip(a), Cause::AuthFailures, now);
+        }
+        assert_eq!(
+            rx.try_recv().unwrap().source,
+            "2001:db8:1::/48".parse().unwrap()
+        );
     }
 
     #[test]
