@@ -296,21 +296,23 @@ async fn without_xdp_the_daemon_serves_degraded_and_enforces_at_accept() {
         )
     });
     assert_eq!(blocked.await.unwrap(), None, "a blocked source was served");
+    // `n` connections in a row from `src`, and how each was answered.
+    let burst = move |src: &'static str, n: usize| {
+        tokio::task::spawn_blocking(move || {
+            (0..n)
+                .map(|_| {
+                    gateway_tests::netns::http_status(
+                        src.parse().unwrap(),
+                        dst,
+                        req,
+                        Duration::from_secs(1),
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+    };
     // And the per-source connection rate (burst 5) applies to new connections.
-    let statuses = tokio::task::spawn_blocking(move || {
-        (0..8)
-            .map(|_| {
-                gateway_tests::netns::http_status(
-                    "127.0.0.3".parse().unwrap(),
-                    dst,
-                    req,
-                    Duration::from_secs(1),
-                )
-            })
-            .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap();
+    let statuses = burst("127.0.0.3", 8).await.unwrap();
     assert_eq!(statuses[..5], [Some(200); 5], "{statuses:?}");
     assert!(
         statuses[5..].iter().all(|s| s.is_none()),
@@ -329,20 +331,7 @@ async fn without_xdp_the_daemon_serves_degraded_and_enforces_at_accept() {
     .unwrap();
     assert_eq!(set.code, 0, "{}", set.stderr);
     assert_eq!(shown["syn_burst"], 8, "{shown}");
-    let first8 = tokio::task::spawn_blocking(move || {
-        (0..8)
-            .map(|_| {
-                gateway_tests::netns::http_status(
-                    "127.0.0.4".parse().unwrap(),
-                    dst,
-                    req,
-                    Duration::from_secs(1),
-                )
-            })
-            .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap();
+    let first8 = burst("127.0.0.4", 8).await.unwrap();
     assert_eq!(first8, [Some(200); 8], "burst 8 after the change");
     // `gateway stats` still reports, with the L7 half and why XDP is off.
     let stats = tokio::task::spawn_blocking(move || g.cli(&["stats", "--json"]))
