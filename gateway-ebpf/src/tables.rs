@@ -48,15 +48,11 @@ pub struct Maps;
 #[inline(always)]
 fn hit(v: Option<*mut BlockValue>) -> bool {
     let Some(v) = v else { return false };
-    // SAFETY: a pointer into the map value returned by the lookup.
-    let v = unsafe { &mut *v };
-    // Read once, after the key that led here (see `host_v4`).
-    // SAFETY: an aligned u64 in the map value.
-    let expires_ns = unsafe { core::ptr::read_volatile(&v.expires_ns) };
-    if expires_ns != 0 && now() >= expires_ns {
+    if !in_force(v) {
         return false;
     }
-    add(&mut v.hits, 1);
+    // SAFETY: a pointer into the map value returned by the lookup.
+    add(unsafe { &mut (*v).hits }, 1);
     true
 }
 
@@ -83,13 +79,14 @@ pub fn host_v4(a: &[u8; 4]) -> Option<*mut BlockValue> {
     }
 }
 
-/// Whether a block is in force at `now` (not past its expiry).
+/// Whether a block is in force (not past its expiry). The clock is read
+/// only for an entry that carries an expiry.
 #[inline(always)]
-fn in_force(v: *mut BlockValue, now: u64) -> bool {
+fn in_force(v: *mut BlockValue) -> bool {
     // SAFETY: a pointer into the map value returned by the lookup; read
     // once, after the key that led here (see `host_v4`).
     let expires_ns = unsafe { core::ptr::read_volatile(&(*v).expires_ns) };
-    expires_ns == 0 || now < expires_ns
+    expires_ns == 0 || now() < expires_ns
 }
 
 /// The CIDR block covering `a`: `BLOCK_NET_V4` searched one prefix length
@@ -106,7 +103,7 @@ fn in_force(v: *mut BlockValue, now: u64) -> bool {
 /// LLVM spill a pointer as a byte in the parser, which the verifier
 /// refuses ("invalid size of register spill").
 #[inline(never)]
-fn net_v4(a: &[u8; 4], now: u64) -> Option<*mut BlockValue> {
+fn net_v4(a: &[u8; 4]) -> Option<*mut BlockValue> {
     let trie = |max: u32| lpm_ptr(BLOCK_V4.get(Key::new(max, *a)));
     let Some(&d) = BLOCK_HINT.get(hint::NETS_V4_INDEX) else {
         return trie(32);
@@ -125,7 +122,7 @@ fn net_v4(a: &[u8; 4], now: u64) -> Option<*mut BlockValue> {
             Probe::Found(p) => {
                 // SAFETY: as in `slot`.
                 let v = unsafe { &mut (*p).value } as *mut BlockValue;
-                if in_force(v, now) {
+                if in_force(v) {
                     return Some(v);
                 }
             }
@@ -142,7 +139,7 @@ fn net_v4(a: &[u8; 4], now: u64) -> Option<*mut BlockValue> {
 
 /// `net_v4` for IPv6: one hash lookup of `BLOCK_NET_V6` per prefix length.
 #[inline(never)]
-fn net_v6(a: &[u8; 16], now: u64) -> Option<*mut BlockValue> {
+fn net_v6(a: &[u8; 16]) -> Option<*mut BlockValue> {
     let trie = |max: u32| lpm_ptr(BLOCK_V6.get(Key::new(max, *a)));
     let Some(&d) = BLOCK_HINT.get(hint::NETS_V6_INDEX) else {
         return trie(128);
@@ -158,7 +155,7 @@ fn net_v6(a: &[u8; 16], now: u64) -> Option<*mut BlockValue> {
         }
         len = nets::length_v6(d, i);
         if let Some(v) = BLOCK_NET_V6.get_ptr_mut(&NetKeyV6::new(a, len)) {
-            if in_force(v, now) {
+            if in_force(v) {
                 return Some(v);
             }
         }
@@ -251,11 +248,11 @@ impl Tables for Maps {
         match src {
             Source::V4(a) => {
                 let (host, net) = maybe_blocked(hint::V4_BASE, hint::slot_v4(a));
-                (host && hit(host_v4(a))) || (net && hit(net_v4(a, now())))
+                (host && hit(host_v4(a))) || (net && hit(net_v4(a)))
             }
             Source::V6(a) => {
                 let (host, net) = maybe_blocked(hint::V6_BASE, hint::slot_v6(a));
-                (host && hit(BLOCK_HOST_V6.get_ptr_mut(a))) || (net && hit(net_v6(a, now())))
+                (host && hit(BLOCK_HOST_V6.get_ptr_mut(a))) || (net && hit(net_v6(a)))
             }
         }
     }
