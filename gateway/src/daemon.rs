@@ -372,12 +372,15 @@ impl Daemon {
             crate::cli::Command::Stats(f) => Some(f.json),
             _ => None,
         };
-        let lists = matches!(
-            parsed.command,
-            crate::cli::Command::Block(_)
-                | crate::cli::Command::Allow(_)
-                | crate::cli::Command::Limits(_)
-        );
+        let lists = {
+            use crate::cli::{AllowCmd, BlockCmd, Command, LimitsCmd};
+            matches!(
+                parsed.command,
+                Command::Block(BlockCmd::Add { .. } | BlockCmd::Del { .. })
+                    | Command::Allow(AllowCmd::Add { .. } | AllowCmd::Del { .. })
+                    | Command::Limits(LimitsCmd::Set(_))
+            )
+        };
         let no_kernel = self
             .kernel
             .lock()
@@ -400,7 +403,7 @@ impl Daemon {
             no_kernel,
         );
         // Without a kernel program the lists and limits are enforced at
-        // accept, from the state the command changed.
+        // accept, from the state a changing command wrote.
         let result = match result {
             Ok(()) if lists && no_kernel => self.enforce_at_accept(&cfg),
             r => r,
