@@ -141,12 +141,21 @@ async fn latency_policy_avoids_a_slow_backend_and_returns_to_it() {
     let (_, slow) = spread(&gw, 200, &[]).await;
     assert!(slow < 30, "the slow backend got {slow} of 200");
     b.set_latency(Duration::ZERO);
-    // Its exploration share measures it again; then it shares evenly.
+    // Its exploration share measures it again; then it shares evenly. How
+    // soon depends on both latencies' averages, which a loaded machine
+    // blurs: a window of 200 must see it back within 2,000 requests.
     spread(&gw, 300, &[]).await;
-    let (_, recovered) = spread(&gw, 200, &[]).await;
+    let mut windows = Vec::new();
+    for _ in 0..10 {
+        let (_, recovered) = spread(&gw, 200, &[]).await;
+        windows.push(recovered);
+        if recovered > 60 {
+            break;
+        }
+    }
     assert!(
-        recovered > 60,
-        "the recovered backend got {recovered} of 200"
+        windows.last().is_some_and(|r| *r > 60),
+        "the recovered backend's share of each 200: {windows:?}"
     );
 }
 
