@@ -82,6 +82,25 @@ impl Cidr {
         c
     }
 
+    /// An IPv4-mapped IPv6 prefix (`::ffff:198.51.100.0/120`) as the IPv4
+    /// prefix it stands for (`198.51.100.0/24`); anything else unchanged.
+    /// IPv4 packets carry IPv4 addresses, so the kernel would never match
+    /// the mapped form: an operator who writes it means the IPv4 one.
+    pub fn unmapped(self) -> Cidr {
+        match self {
+            Cidr::V6 { addr, len } if len >= 96 => {
+                match Ipv6Addr::from(addr).to_ipv4_mapped() {
+                    Some(v4) => Cidr::V4 {
+                        addr: v4.octets(),
+                        len: len - 96,
+                    },
+                    None => self,
+                }
+            }
+            _ => self,
+        }
+    }
+
     /// Prefix length in bits.
     pub const fn prefix_len(&self) -> u8 {
         match self {
@@ -173,7 +192,7 @@ impl FromStr for Cidr {
                 return Err(CidrError::HostBits { suggestion: cidr });
             }
         }
-        Ok(cidr)
+        Ok(cidr.unmapped())
     }
 }
 
@@ -251,6 +270,25 @@ mod tests {
         assert_eq!(Cidr::enclosing(v6, 32, 56), p("2001:db8:1::/56").unwrap());
         assert_eq!(Cidr::enclosing(v6, 32, 200), Cidr::host(v6), "capped");
         assert_eq!(Cidr::enclosing(v4, 0, 0), p("0.0.0.0/0").unwrap());
+    }
+
+    #[test]
+    fn ipv4_mapped_prefixes_parse_as_ipv4() {
+        assert_eq!(p("::ffff:198.51.100.7"), p("198.51.100.7"));
+        assert_eq!(p("::ffff:198.51.100.0/120"), p("198.51.100.0/24"));
+        assert_eq!(p("::ffff:0:0/96"), p("0.0.0.0/0"));
+        // Shorter than the mapped range, or outside it: IPv6 as written.
+        assert!(matches!(p("::fffe:0:0/95"), Ok(Cidr::V6 { len: 95, .. })));
+        assert!(matches!(p("::198.51.100.7"), Ok(Cidr::V6 { len: 128, .. })));
+        assert!(matches!(
+            p("64:ff9b::198.51.100.7"),
+            Ok(Cidr::V6 { len: 128, .. })
+        ));
+        // Host bits are still checked on the written form.
+        assert!(matches!(
+            p("::ffff:198.51.100.7/120"),
+            Err(CidrError::HostBits { .. })
+        ));
     }
 
     #[test]
