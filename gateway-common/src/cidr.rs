@@ -88,15 +88,13 @@ impl Cidr {
     /// the mapped form: an operator who writes it means the IPv4 one.
     pub fn unmapped(self) -> Cidr {
         match self {
-            Cidr::V6 { addr, len } if len >= 96 => {
-                match Ipv6Addr::from(addr).to_ipv4_mapped() {
-                    Some(v4) => Cidr::V4 {
-                        addr: v4.octets(),
-                        len: len - 96,
-                    },
-                    None => self,
-                }
-            }
+            Cidr::V6 { addr, len } if len >= 96 => match Ipv6Addr::from(addr).to_ipv4_mapped() {
+                Some(v4) => Cidr::V4 {
+                    addr: v4.octets(),
+                    len: len - 96,
+                },
+                None => self,
+            },
             _ => self,
         }
     }

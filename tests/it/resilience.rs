@@ -419,6 +419,47 @@ async fn requests_per_minute_refuses_with_headers_and_refills() {
     );
 }
 
+/// The key's limits come before the body (DESIGN: auth, key limits, then
+/// the model): requests that fail on their body spend the key's requests
+/// too, so a key cannot send failing requests without limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_requests_spend_the_keys_requests_per_minute() {
+    let up = mock("a").await;
+    let models =
+        model_toml("m", "", &[(up.url(), 1, None)]) + &limited_key("requests_per_minute = 3");
+    let gw = TestGateway::start("", &models).await;
+    let c = Client::http1();
+    let bad = [
+        Bytes::from_static(b"{not json"),
+        Bytes::from(chat("no-such-model", false).to_string()),
+        Bytes::from_static(b"{\"messages\":[]}"),
+    ];
+    for (body, status) in bad.into_iter().zip([400, 404, 400]) {
+        let r = collect(c.post_raw(&url(&gw), Some(KEY_LIMITED), &[], body).await).await;
+        assert_eq!(r.status, status);
+    }
+    let r = c
+        .post(&url(&gw), Some(KEY_LIMITED), &[], &chat("m", false))
+        .await;
+    assert_eq!(
+        r.status, 429,
+        "the three failures spent the minute's requests"
+    );
+    assert_eq!(r.headers["x-ratelimit-remaining-requests"], "0");
+    // Over the limit, a bad body is refused for the limit, before it is read.
+    let r = collect(
+        c.post_raw(
+            &url(&gw),
+            Some(KEY_LIMITED),
+            &[],
+            Bytes::from_static(b"{not json"),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(r.status, 429);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_per_minute_reserves_then_settles_with_real_usage() {
     let up = mock("a").await;

@@ -122,12 +122,24 @@ impl KeyState {
         })
     }
 
-    /// Admits a request of an estimated `tokens`, or says why not.
+    /// Admits a request of an estimated `tokens`, or says why not: both
+    /// phases at once ([`KeyState::admit_request`], then
+    /// [`KeyState::admit_tokens`]).
     pub fn admit(
         self: &Arc<Self>,
         limits: &Limits,
         tokens: u64,
     ) -> Result<(Permit, RateHeaders), Refusal> {
+        let mut permit = self.admit_request(limits)?;
+        let headers = self.admit_tokens(&mut permit, limits, tokens)?;
+        Ok((permit, headers))
+    }
+
+    /// The first phase, before the body is read: a slot in flight and one
+    /// of the minute's requests. A request refused later (invalid JSON,
+    /// an unknown or forbidden model, too large a body) has still spent
+    /// its request, so a key cannot send failing requests without limit.
+    pub fn admit_request(self: &Arc<Self>, limits: &Limits) -> Result<Permit, Refusal> {
         if let Some(max) = limits.max_concurrent {
             let was = self.in_flight.fetch_add(1, Ordering::AcqRel);
             if was >= max {
@@ -142,54 +154,79 @@ impl KeyState {
         let permit = Permit {
             state: Arc::clone(self),
             counted: limits.max_concurrent.is_some(),
+            took_request: false,
             reserved: 0,
             tpm: limits.tokens_per_minute,
         };
-        if limits.requests_per_minute.is_none() && limits.tokens_per_minute.is_none() {
-            return Ok((permit, RateHeaders::default()));
+        let Some(rpm) = limits.requests_per_minute else {
+            return Ok(permit);
+        };
+        let mut g = self.refilled(limits);
+        let wait = wait_for(&g.requests, rpm as f64, 1.0);
+        if !wait.is_zero() {
+            let headers = headers(limits, &g);
+            drop(g);
+            return Err(Refusal {
+                kind: Kind::Requests,
+                retry_after: wait,
+                headers,
+            });
         }
+        g.requests.level -= 1.0;
+        drop(g);
+        let mut permit = permit;
+        permit.took_request = true;
+        Ok(permit)
+    }
+
+    /// The second phase, once the body is known: reserves its estimated
+    /// `tokens` and returns the `x-ratelimit-*` headers. A refusal here
+    /// gives the request of the first phase back: the client is told to
+    /// wait for tokens, and its retry is the same request.
+    pub fn admit_tokens(
+        &self,
+        permit: &mut Permit,
+        limits: &Limits,
+        tokens: u64,
+    ) -> Result<RateHeaders, Refusal> {
+        if limits.requests_per_minute.is_none() && limits.tokens_per_minute.is_none() {
+            return Ok(RateHeaders::default());
+        }
+        let mut g = self.refilled(limits);
+        if let Some(tpm) = limits.tokens_per_minute {
+            // A request larger than the whole minute's allowance waits
+            // for a full bucket rather than forever.
+            let need = tokens.min(tpm) as f64;
+            let wait = wait_for(&g.tokens, tpm as f64, need);
+            if !wait.is_zero() {
+                if std::mem::take(&mut permit.took_request) {
+                    g.requests.level += 1.0;
+                }
+                return Err(Refusal {
+                    kind: Kind::Tokens,
+                    retry_after: wait,
+                    headers: headers(limits, &g),
+                });
+            }
+            g.tokens.level -= need;
+            permit.reserved = need as u64;
+        }
+        Ok(headers(limits, &g))
+    }
+
+    /// The buckets, refilled up to now.
+    fn refilled(&self, limits: &Limits) -> std::sync::MutexGuard<'_, Buckets> {
         let mut g = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let elapsed = now - g.last;
         g.last = now;
-        let mut refused: Option<(Kind, Duration)> = None;
         if let Some(rpm) = limits.requests_per_minute {
             refill(&mut g.requests, rpm as f64, elapsed);
-            let wait = wait_for(&g.requests, rpm as f64, 1.0);
-            if !wait.is_zero() {
-                refused = Some((Kind::Requests, wait));
-            }
         }
-        // A request larger than the whole minute's allowance waits for a
-        // full bucket rather than forever.
-        let need = limits.tokens_per_minute.map(|tpm| tokens.min(tpm) as f64);
-        if let (Some(tpm), Some(need)) = (limits.tokens_per_minute, need) {
+        if let Some(tpm) = limits.tokens_per_minute {
             refill(&mut g.tokens, tpm as f64, elapsed);
-            let wait = wait_for(&g.tokens, tpm as f64, need);
-            if !wait.is_zero() && refused.is_none_or(|(_, w)| wait > w) {
-                refused = Some((Kind::Tokens, wait));
-            }
         }
-        if let Some((kind, retry_after)) = refused {
-            let headers = headers(limits, &g);
-            drop(g);
-            drop(permit);
-            return Err(Refusal {
-                kind,
-                retry_after,
-                headers,
-            });
-        }
-        if limits.requests_per_minute.is_some() {
-            g.requests.level -= 1.0;
-        }
-        let mut permit = permit;
-        if let Some(need) = need {
-            g.tokens.level -= need;
-            permit.reserved = need as u64;
-        }
-        let headers = headers(limits, &g);
-        Ok((permit, headers))
+        g
     }
 
     fn settle(&self, reserved: u64, used: u64, tpm: u64) {
@@ -249,6 +286,8 @@ pub fn format_reset(d: Duration) -> String {
 pub struct Permit {
     state: Arc<KeyState>,
     counted: bool,
+    /// Took one of the minute's requests (given back if the tokens refuse).
+    took_request: bool,
     reserved: u64,
     tpm: Option<u64>,
 }
@@ -370,6 +409,40 @@ mod tests {
         drop(a);
         assert!(s.admit(&l, 1).is_ok());
         assert_eq!(s.in_flight(), 1, "the permit of the last admit was dropped");
+    }
+
+    #[test]
+    fn a_request_refused_for_tokens_gives_its_request_back() {
+        let l = Limits {
+            requests_per_minute: Some(2),
+            tokens_per_minute: Some(100),
+            ..Default::default()
+        };
+        let s = KeyState::new(&l);
+        let mut first = s.admit_request(&l).unwrap();
+        s.admit_tokens(&mut first, &l, 80).unwrap();
+        let mut p = s.admit_request(&l).unwrap();
+        assert_eq!(
+            s.admit_request(&l).unwrap_err().kind,
+            Kind::Requests,
+            "both requests of the minute are spent"
+        );
+        let r = s.admit_tokens(&mut p, &l, 80).unwrap_err();
+        assert_eq!(r.kind, Kind::Tokens, "80 tokens is more than the 20 left");
+        assert_eq!(header(&r.headers, "x-ratelimit-remaining-requests"), "1");
+        assert!(s.admit_request(&l).is_ok(), "the refused one came back");
+    }
+
+    #[test]
+    fn a_request_that_fails_after_admission_has_spent_its_request() {
+        let l = Limits {
+            requests_per_minute: Some(1),
+            ..Default::default()
+        };
+        let s = KeyState::new(&l);
+        // Say its body was invalid JSON: the permit is dropped unused.
+        drop(s.admit_request(&l).unwrap());
+        assert_eq!(s.admit_request(&l).unwrap_err().kind, Kind::Requests);
     }
 
     #[test]

@@ -292,6 +292,11 @@ where
         _ => return Err(ProxyError::NotFound(path.to_owned())),
     }
 
+    // The key's limits come before the body is read (DESIGN: auth, key
+    // limits, then the model): a request that fails later has still spent
+    // its share of requests_per_minute and holds a max_concurrent slot.
+    admit_request(shared, key, ctx)?;
+
     let path_and_query = req
         .uri()
         .path_and_query()
@@ -316,7 +321,7 @@ where
     ctx.model = Some(model.name.clone());
 
     let completes = ctx.path != "/v1/embeddings";
-    let rate_headers = admit_key(shared, key, &body, &info, completes, ctx)?;
+    let rate_headers = admit_tokens(shared, key, &body, &info, completes, ctx)?;
 
     // Ask upstream for stream usage when the client did not; remove it again.
     let strip_usage = info.stream && info.include_usage != Some(true);
@@ -374,9 +379,27 @@ where
     Ok(Served::Proxied { head, body })
 }
 
-/// Applies the key's limits (429 when over), reserving the request's
-/// estimated tokens; returns the `x-ratelimit-*` headers for the response.
-fn admit_key(
+/// The first phase of the key's limits: a slot in flight and one of the
+/// minute's requests ([`limits::KeyState::admit_request`]).
+fn admit_request(
+    shared: &Shared,
+    key: &routes::Key,
+    ctx: &mut RequestCtx,
+) -> Result<(), ProxyError> {
+    if !key.limits.any() {
+        return Ok(());
+    }
+    let permit = key
+        .state
+        .admit_request(&key.limits)
+        .map_err(|r| refused(shared, key, r))?;
+    ctx.permit = Some(permit);
+    Ok(())
+}
+
+/// The second phase: the body's estimated tokens
+/// ([`limits::KeyState::admit_tokens`]), and the `x-ratelimit-*` headers.
+fn admit_tokens(
     shared: &Shared,
     key: &routes::Key,
     body: &[u8],
@@ -384,27 +407,26 @@ fn admit_key(
     completes: bool,
     ctx: &mut RequestCtx,
 ) -> Result<limits::RateHeaders, ProxyError> {
-    if !key.limits.any() {
+    let Some(permit) = ctx.permit.as_mut() else {
         return Ok(limits::RateHeaders::default());
-    }
+    };
     let estimate = limits::estimate(body.len(), info.max_tokens, completes);
-    match key.state.admit(&key.limits, estimate) {
-        Ok((permit, headers)) => {
-            ctx.permit = Some(permit);
-            Ok(headers)
-        }
-        Err(r) => {
-            shared
-                .metrics
-                .rate_limited
-                .with_label_values(&[&key.name, r.kind.name()])
-                .inc();
-            Err(ProxyError::RateLimited {
-                kind: r.kind,
-                retry_after: r.retry_after,
-                headers: r.headers,
-            })
-        }
+    key.state
+        .admit_tokens(permit, &key.limits, estimate)
+        .map_err(|r| refused(shared, key, r))
+}
+
+/// A key's limit refused the request: counted, and answered with 429.
+fn refused(shared: &Shared, key: &routes::Key, r: limits::Refusal) -> ProxyError {
+    shared
+        .metrics
+        .rate_limited
+        .with_label_values(&[&key.name, r.kind.name()])
+        .inc();
+    ProxyError::RateLimited {
+        kind: r.kind,
+        retry_after: r.retry_after,
+        headers: r.headers,
     }
 }
 
