@@ -490,7 +490,7 @@ impl Validator {
                 .and_then(|a| a.rate_limited.as_ref())
                 .map(|r| self.abuse_rule("abuse.rate_limited", r)),
         };
-        let keys = f
+        let keys: Vec<KeyConfig> = f
             .keys
             .into_iter()
             .enumerate()
@@ -503,6 +503,7 @@ impl Validator {
             .map(|(i, m)| self.model(i, m))
             .collect();
         self.unique_model_names(&models);
+        self.keys_are_distinct_and_name_models(&keys, &models);
         Config {
             server,
             metrics,
@@ -726,10 +727,21 @@ impl Validator {
                 );
             }
         }
+        let models = match k.models {
+            None => Vec::new(),
+            Some(m) if m.is_empty() => {
+                self.problem(
+                    format!("{at}.models"),
+                    "an empty list would allow no model (omit it to allow every model)",
+                );
+                Vec::new()
+            }
+            Some(m) => m,
+        };
         KeyConfig {
             name,
             sha256,
-            models: k.models,
+            models,
             requests_per_minute: k.requests_per_minute,
             tokens_per_minute: k.tokens_per_minute,
             max_concurrent: k.max_concurrent,
@@ -1037,6 +1049,41 @@ impl Validator {
             max_connections: b.max_connections,
             group: b.group,
         })
+    }
+
+    /// Two keys with one name would share a metric label and their limits'
+    /// state across reloads; two with one digest, one of them never
+    /// matches. A `models` entry without `*` must name a model or alias: a
+    /// typo there would refuse the key's requests with 403.
+    fn keys_are_distinct_and_name_models(&mut self, keys: &[KeyConfig], models: &[ModelConfig]) {
+        let mut names = HashSet::new();
+        let mut digests = HashSet::new();
+        for (i, k) in keys.iter().enumerate() {
+            if !k.name.is_empty() && !names.insert(k.name.as_str()) {
+                self.problem(
+                    format!("keys[{i}].name"),
+                    format!("{:?} is the name of an earlier key", k.name),
+                );
+            }
+            if k.sha256 != [0; 32] && !digests.insert(k.sha256) {
+                self.problem(
+                    format!("keys[{i}].sha256"),
+                    "the same digest as an earlier key (each key needs its own)",
+                );
+            }
+            for (j, g) in k.models.iter().enumerate() {
+                let known = g.contains('*')
+                    || models
+                        .iter()
+                        .any(|m| m.name == *g || m.aliases.iter().any(|a| a == g));
+                if !known && !models.is_empty() {
+                    self.problem(
+                        format!("keys[{i}].models[{j}]"),
+                        format!("{g:?} is not a model name or alias (use `*` for a pattern)"),
+                    );
+                }
+            }
+        }
     }
 
     fn unique_model_names(&mut self, models: &[ModelConfig]) {

@@ -84,8 +84,8 @@ pub struct AbuseRule {
 pub struct Key {
     pub name: Option<String>,
     pub sha256: Option<String>,
-    #[serde(default)]
-    pub models: Vec<String>,
+    /// `None` (omitted) allows every model; an empty list is an error.
+    pub models: Option<Vec<String>>,
     pub requests_per_minute: Option<u64>,
     pub tokens_per_minute: Option<u64>,
     pub max_concurrent: Option<u32>,

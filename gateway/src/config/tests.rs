@@ -94,6 +94,46 @@ fn key_digest_must_be_hex() {
 }
 
 #[test]
+fn keys_are_distinct_and_name_real_models() {
+    let d = |c: char| c.to_string().repeat(64);
+    let p = problems(&format!(
+        r#"
+[[keys]]
+name = "a"
+sha256 = "{a}"
+models = []
+[[keys]]
+name = "a"
+sha256 = "{b}"
+models = ["m", "alias-of-m", "qwen-*", "lama"]
+[[keys]]
+name = "c"
+sha256 = "{a}"
+[[models]]
+name = "m"
+aliases = ["alias-of-m"]
+[[models.backends]]
+url = "http://10.0.1.2:8000"
+"#,
+        a = d('a'),
+        b = d('b'),
+    ));
+    let want = [
+        "keys[0].models: an empty list would allow no model",
+        "keys[1].name: \"a\" is the name of an earlier key",
+        "keys[1].models[3]: \"lama\" is not a model name or alias",
+        "keys[2].sha256: the same digest as an earlier key",
+    ];
+    for w in want {
+        assert!(
+            p.iter().any(|l| l.starts_with(w)),
+            "missing {w:?} in {p:#?}"
+        );
+    }
+    assert_eq!(p.len(), want.len(), "unexpected extra problems: {p:#?}");
+}
+
+#[test]
 fn balancing_and_groups() {
     let c = Config::parse(
         r#"

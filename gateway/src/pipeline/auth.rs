@@ -7,14 +7,15 @@ use sha2::{Digest, Sha256};
 use super::routes::Key;
 use crate::error::ProxyError;
 
-/// The presented key, if any.
+/// The presented key, if any: a Bearer token, else `x-api-key` (an
+/// `Authorization` of another scheme, say Basic for a proxy in front,
+/// leaves `x-api-key` to carry the key).
 fn presented(headers: &HeaderMap) -> Option<&[u8]> {
     if let Some(v) = headers.get(http::header::AUTHORIZATION) {
         let v = v.as_bytes();
         if v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ") {
             return Some(v[7..].trim_ascii());
         }
-        return None;
     }
     headers.get("x-api-key").map(|v| v.as_bytes().trim_ascii())
 }
@@ -50,4 +51,55 @@ pub fn digest_hex(key: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(n, v)| {
+                (
+                    http::HeaderName::from_static(n),
+                    http::HeaderValue::from_static(v),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_key_is_a_bearer_token_or_x_api_key() {
+        let cases: [(&[(&str, &str)], Option<&[u8]>); 6] = [
+            (&[("authorization", "Bearer sk-a")], Some(b"sk-a")),
+            (&[("authorization", "bearer  sk-a ")], Some(b"sk-a")),
+            (&[("x-api-key", "sk-b")], Some(b"sk-b")),
+            // The Bearer token wins over x-api-key.
+            (
+                &[("authorization", "Bearer sk-a"), ("x-api-key", "sk-b")],
+                Some(b"sk-a"),
+            ),
+            // Another scheme (a proxy's Basic credentials) leaves x-api-key.
+            (
+                &[("authorization", "Basic dTpw"), ("x-api-key", "sk-b")],
+                Some(b"sk-b"),
+            ),
+            (&[("authorization", "Basic dTpw")], None),
+        ];
+        for (pairs, want) in cases {
+            assert_eq!(presented(&headers(pairs)), want, "{pairs:?}");
+        }
+    }
+
+    #[test]
+    fn only_a_configured_digest_authenticates() {
+        let key = |name: &str, secret: &str| Key::for_test(name, Sha256::digest(secret).into());
+        let keys = [key("a", "sk-a"), key("b", "sk-b")];
+        let found = authenticate(&headers(&[("x-api-key", "sk-b")]), &keys).unwrap();
+        assert_eq!(&*found.name, "b");
+        assert!(authenticate(&headers(&[("x-api-key", "sk-c")]), &keys).is_err());
+        assert!(authenticate(&headers(&[("x-api-key", "")]), &keys).is_err());
+        assert!(authenticate(&headers(&[]), &keys).is_err());
+    }
 }

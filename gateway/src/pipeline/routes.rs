@@ -42,6 +42,18 @@ impl Key {
         }
     }
 
+    /// A key without limits that may use every model.
+    #[cfg(test)]
+    pub fn for_test(name: &str, digest: [u8; 32]) -> Key {
+        Key {
+            name: name.into(),
+            digest,
+            globs: Vec::new(),
+            limits: Limits::default(),
+            state: KeyState::new(&Limits::default()),
+        }
+    }
+
     /// Whether the key may use `model` (matched by canonical name or alias).
     pub fn allows(&self, model: &Model, asked: &str) -> bool {
         self.globs.is_empty()
@@ -55,6 +67,8 @@ impl Key {
 /// A model and the pool that serves it.
 pub struct Model {
     pub name: String,
+    /// Other names clients may ask for, in config order.
+    pub aliases: Vec<String>,
     pub upstream_model: Option<String>,
     pub timeouts: Timeouts,
     pub retries: u32,
@@ -140,6 +154,7 @@ impl Model {
         };
         Model {
             name: m.name.clone(),
+            aliases: m.aliases.clone(),
             upstream_model: m.upstream_model.clone(),
             timeouts: m.timeouts.clone(),
             retries: m.retries,
@@ -250,13 +265,10 @@ impl Routes {
     pub fn visible_models(&self, key: &Key) -> Vec<&str> {
         let mut out = Vec::new();
         for m in &self.models {
-            let names = std::iter::once(m.name.as_str()).chain(
-                self.by_name
-                    .iter()
-                    .filter(|(n, v)| Arc::ptr_eq(v, m) && **n != m.name)
-                    .map(|(n, _)| n.as_str()),
-            );
-            for n in names {
+            for n in std::iter::once(&m.name)
+                .chain(&m.aliases)
+                .map(String::as_str)
+            {
                 if key.allows(m, n) && !out.contains(&n) {
                     out.push(n);
                 }
