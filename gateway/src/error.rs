@@ -31,6 +31,8 @@ pub enum ProxyError {
     BodyTooLarge { limit: u64 },
     #[error("could not read the request body")]
     BodyRead,
+    #[error("the request body stalled: nothing arrived for {}s", .0.as_secs())]
+    BodyTimeout(std::time::Duration),
     #[error("request body is not valid JSON: {0}")]
     InvalidJson(String),
     #[error("request body must be a JSON object with a \"model\" string")]
@@ -86,6 +88,11 @@ impl ProxyError {
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 "invalid_body",
+            ),
+            BodyTimeout(_) => (
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                "request_timeout",
             ),
             InvalidJson(_) => (
                 StatusCode::BAD_REQUEST,

@@ -979,3 +979,154 @@ async fn every_timeout_answers_or_ends_the_stream_and_frees_the_slot() {
         );
     }
 }
+
+/// A request body that stalls gets 408 after `body_read_timeout`, and while
+/// it stalls it holds the key's `max_concurrent` slot (taken before the
+/// body is read). A client that stops reading its response is cut after
+/// `send_timeout`, and the upstream request is cancelled with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_bodies_and_unread_responses_are_cut_and_free_their_slots() {
+    let up = mock("a").await;
+    let models = model_toml("m", "", &[(up.url(), 1, None)]) + &limited_key("max_concurrent = 1");
+    let gw = TestGateway::start(
+        "body_read_timeout = \"600ms\"\nsend_timeout = \"600ms\"",
+        &models,
+    )
+    .await;
+    let addr = gw.url.trim_start_matches("http://").to_owned();
+    let a = addr.clone();
+    let stalled = tokio::task::spawn_blocking(move || {
+        let t = Instant::now();
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {KEY_LIMITED}\r\n\
+             Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"model\":"
+        );
+        (
+            raw(&a, head.as_bytes(), Duration::from_secs(5)),
+            t.elapsed(),
+        )
+    });
+    // The stalled body holds the key's only slot.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let r = Client::http1()
+            .post(&url(&gw), Some(KEY_LIMITED), &[], &chat("m", false))
+            .await;
+        if r.status == 429 {
+            assert_eq!(r.json()["error"]["type"], "concurrency");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never refused: {}", r.status);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (answer, took) = stalled.await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    assert!(
+        took >= Duration::from_millis(550) && took < Duration::from_secs(4),
+        "408 at the body read timeout: {took:?}"
+    );
+    let r = Client::http1()
+        .post(&url(&gw), Some(KEY_LIMITED), &[], &chat("m", false))
+        .await;
+    assert_eq!(r.status, 200, "the slot came back with the 408");
+
+    // A long stream the client never reads: a small receive buffer, and
+    // nothing read from it.
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.set_recv_buffer_size(4096).unwrap();
+    let dst: SocketAddr = addr.parse().unwrap();
+    s.connect(&dst.into()).unwrap();
+    let mut s: std::net::TcpStream = s.into();
+    let body = chat("m", true).to_string();
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {KEY_A}\r\n\
+         Content-Type: application/json\r\nx-mock-tokens: 200000\r\nx-mock-interval-ms: 0\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    eventually(Duration::from_secs(3), "the stream is under way", || {
+        up.stats().snapshot().in_flight == 1
+    })
+    .await;
+    let t = Instant::now();
+    eventually(
+        Duration::from_secs(10),
+        "the unread stream is cut and its upstream request cancelled",
+        || up.stats().snapshot().in_flight == 0,
+    )
+    .await;
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "cut after the send timeout: {:?}",
+        t.elapsed()
+    );
+    // The client sees a response that ends without its end.
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let got = String::from_utf8_lossy(&got);
+    assert!(
+        got.starts_with("HTTP/1.1 200"),
+        "{}",
+        &got[..got.len().min(200)]
+    );
+    assert!(!got.contains("[DONE]"), "the stream was cut, not finished");
+    let m = gw.metrics().await;
+    let in_flight: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("gateway_backend_in_flight{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(in_flight, 0.0, "{m}");
+}
+
+/// A client that stops reading for longer than the model's idle timeout,
+/// then reads on, gets its whole stream: the backend sent on, so the stall
+/// was the client's, not a stall of the backend's to cut the stream for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_pausing_longer_than_idle_is_no_upstream_stall() {
+    let up = mock("a").await;
+    let models = model_toml(
+        "m",
+        "timeouts = { idle = \"300ms\" }",
+        &[(up.url(), 1, None)],
+    );
+    let gw = TestGateway::start("send_timeout = \"20s\"", &models).await;
+    let dst: SocketAddr = gw.url.trim_start_matches("http://").parse().unwrap();
+    let got = tokio::task::spawn_blocking(move || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_recv_buffer_size(4096).unwrap();
+        s.connect(&dst.into()).unwrap();
+        let mut s: std::net::TcpStream = s.into();
+        let body = chat("m", true).to_string();
+        let req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {KEY_A}\r\n\
+             Content-Type: application/json\r\nx-mock-tokens: 60000\r\nx-mock-interval-ms: 0\r\n\
+             Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        // Read a little, pause three idle timeouts long, then read it all.
+        let mut first = [0u8; 1024];
+        s.read_exact(&mut first).unwrap();
+        std::thread::sleep(Duration::from_millis(1000));
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        String::from_utf8_lossy(&rest).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(
+        !got.contains("upstream_stream_error"),
+        "cut as an upstream stall"
+    );
+    assert!(got.contains("[DONE]"), "the whole stream arrived");
+    let m = gw.metrics().await;
+    assert!(
+        !m.contains("idle_timeout"),
+        "no upstream error counted: {m}"
+    );
+}

@@ -23,6 +23,12 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:8443";
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9090";
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for the next piece of a request body (nginx's
+/// `client_body_timeout`).
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for a client to take the next piece of its response
+/// (nginx's `send_timeout`).
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 256;
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/gateway";
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/gateway/admin.sock";
@@ -80,6 +86,12 @@ pub struct ServerConfig {
     pub max_body_bytes: u64,
     /// Default: 10s.
     pub header_read_timeout: Duration,
+    /// Longest wait between two reads of a request body (408 after it).
+    /// Default: 30s.
+    pub body_read_timeout: Duration,
+    /// Longest wait for the client to take more of its response (HTTP/1.1;
+    /// the connection closes after it). Default: 60s.
+    pub send_timeout: Duration,
     /// Default: 256.
     pub max_connections_per_ip: u32,
     /// Request line plus headers, in bytes (HTTP/1.1; the header list for
@@ -451,6 +463,16 @@ impl Validator {
         }
     }
 
+    /// `duration`, for a timeout: 0 is an error (it would fail everything).
+    fn timeout(&mut self, path: &str, s: Option<&str>, default: Duration) -> Duration {
+        let d = self.duration(path, s, default);
+        if d.is_zero() {
+            self.problem(path, "must be longer than 0");
+            return default;
+        }
+        d
+    }
+
     /// `v` or its default, reporting a value below `min`.
     fn at_least(&mut self, path: &str, v: Option<u32>, default: u32, min: u32) -> u32 {
         match v {
@@ -536,18 +558,38 @@ impl Validator {
         if max_body_bytes == 0 {
             self.problem("server.max_body_bytes", "must be greater than 0");
         }
+        let workers = s.workers.unwrap_or(0);
+        if workers > gateway_common::reuseport::MAX_WORKERS {
+            self.problem(
+                "server.workers",
+                format!(
+                    "{workers} is more than {} (0 = one per CPU)",
+                    gateway_common::reuseport::MAX_WORKERS
+                ),
+            );
+        }
         ServerConfig {
             listen,
-            workers: s.workers.unwrap_or(0),
+            workers,
             tls: s.tls.map(|t| TlsConfig {
                 cert: t.cert.into(),
                 key: t.key.into(),
             }),
             max_body_bytes,
-            header_read_timeout: self.duration(
+            header_read_timeout: self.timeout(
                 "server.header_read_timeout",
                 s.header_read_timeout.as_deref(),
                 DEFAULT_HEADER_READ_TIMEOUT,
+            ),
+            body_read_timeout: self.timeout(
+                "server.body_read_timeout",
+                s.body_read_timeout.as_deref(),
+                DEFAULT_BODY_READ_TIMEOUT,
+            ),
+            send_timeout: self.timeout(
+                "server.send_timeout",
+                s.send_timeout.as_deref(),
+                DEFAULT_SEND_TIMEOUT,
             ),
             max_connections_per_ip: s
                 .max_connections_per_ip
@@ -679,12 +721,12 @@ impl Validator {
         }
         AbuseRule {
             max: r.max,
-            window: self.duration(
+            window: self.timeout(
                 &format!("{path}.window"),
                 Some(&r.window),
                 Duration::from_secs(60),
             ),
-            ban: self.duration(
+            ban: self.timeout(
                 &format!("{path}.ban"),
                 Some(&r.ban),
                 Duration::from_secs(900),
@@ -756,22 +798,22 @@ impl Validator {
         });
         let t = m.timeouts.unwrap_or_default();
         let timeouts = Timeouts {
-            connect: self.duration(
+            connect: self.timeout(
                 &format!("{at}.timeouts.connect"),
                 t.connect.as_deref(),
                 DEFAULT_CONNECT_TIMEOUT,
             ),
-            first_byte: self.duration(
+            first_byte: self.timeout(
                 &format!("{at}.timeouts.first_byte"),
                 t.first_byte.as_deref(),
                 DEFAULT_FIRST_BYTE_TIMEOUT,
             ),
-            idle: self.duration(
+            idle: self.timeout(
                 &format!("{at}.timeouts.idle"),
                 t.idle.as_deref(),
                 DEFAULT_IDLE_TIMEOUT,
             ),
-            total: self.duration(
+            total: self.timeout(
                 &format!("{at}.timeouts.total"),
                 t.total.as_deref(),
                 DEFAULT_TOTAL_TIMEOUT,
@@ -999,7 +1041,7 @@ impl Validator {
         HealthCheck {
             path,
             interval,
-            timeout: self.duration(
+            timeout: self.timeout(
                 &format!("{at}.timeout"),
                 h.timeout.as_deref(),
                 DEFAULT_HEALTH_TIMEOUT,

@@ -25,6 +25,8 @@ pub struct Server {
     pub tls: Option<Tls>,
     pub max_body_bytes: Option<u64>,
     pub header_read_timeout: Option<String>,
+    pub body_read_timeout: Option<String>,
+    pub send_timeout: Option<String>,
     pub max_connections_per_ip: Option<u32>,
     pub max_header_bytes: Option<u32>,
     pub max_headers: Option<u32>,

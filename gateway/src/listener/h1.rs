@@ -31,7 +31,7 @@ use std::{
     future::{poll_fn, Future as _},
     io,
     net::SocketAddr,
-    pin::Pin,
+    pin::{pin, Pin},
     sync::Arc,
     task::{ready, Context, Poll},
     time::Duration,
@@ -158,8 +158,7 @@ async fn exchange(
                 header::CONTENT_TYPE,
                 http::HeaderValue::from_static("application/json"),
             );
-            let limit = limits.max_header_bytes as usize;
-            write_response(&mut conn, resp, false, Version::HTTP_11, false, limit).await?;
+            write_response(&mut conn, resp, false, Version::HTTP_11, false, limits).await?;
             return Ok(Next::Close(conn, true));
         }
     };
@@ -226,7 +225,7 @@ async fn exchange(
     let unread = !conn.body_done;
     keep_alive &= conn.body_done && !*drain.borrow();
     let keep_alive =
-        write_response(&mut conn, resp, head_only, version, keep_alive, watch_limit).await?;
+        write_response(&mut conn, resp, head_only, version, keep_alive, limits).await?;
     Ok(if keep_alive {
         Next::KeepAlive(conn)
     } else {
@@ -686,8 +685,10 @@ async fn write_response(
     head_only: bool,
     version: Version,
     mut keep_alive: bool,
-    watch_limit: usize,
+    limits: &ConnLimits,
 ) -> io::Result<bool> {
+    let watch_limit = limits.max_header_bytes as usize;
+    let within = limits.send_timeout;
     let (parts, mut body) = resp.into_parts();
     let status = parts.status;
     let declared = http1::content_length(&parts.headers).ok().flatten();
@@ -738,8 +739,7 @@ async fn write_response(
     let mut out = head.finish();
     if framing == OutFraming::None {
         drop(body);
-        conn.io.write_all(&out).await?;
-        conn.io.flush().await?;
+        send(&mut conn.io, &out, within).await?;
         return Ok(keep_alive);
     }
     loop {
@@ -755,8 +755,7 @@ async fn write_response(
         .await;
         match step {
             Step::Flush => {
-                conn.io.write_all(&out).await?;
-                conn.io.flush().await?;
+                send(&mut conn.io, &out, within).await?;
                 // Nothing is held while the stream waits for its next piece.
                 out = Vec::new();
             }
@@ -774,15 +773,13 @@ async fn write_response(
                     OutFraming::Length(n) if n > 0 => keep_alive = false,
                     _ => {}
                 }
-                conn.io.write_all(&out).await?;
-                conn.io.flush().await?;
+                send(&mut conn.io, &out, within).await?;
                 return Ok(keep_alive);
             }
             Step::Frame(Some(Err(e))) => {
                 // Sent so far, then a close without the end of the body,
                 // so the client sees the response cut short.
-                conn.io.write_all(&out).await?;
-                conn.io.flush().await?;
+                send(&mut conn.io, &out, within).await?;
                 tracing::debug!("response body failed: {e}");
                 return Ok(false);
             }
@@ -808,16 +805,45 @@ async fn write_response(
                 if data.len() <= COALESCE {
                     out.extend_from_slice(&data);
                 } else {
-                    conn.io.write_all(&out).await?;
+                    send(&mut conn.io, &out, within).await?;
                     out.clear();
-                    conn.io.write_all(&data).await?;
+                    send(&mut conn.io, &data, within).await?;
                 }
                 if framing == OutFraming::Chunked {
                     out.extend_from_slice(b"\r\n");
                 }
+                // A body that keeps coming (a fast backend, or one the
+                // client fell behind) is written as it goes, not gathered.
+                if out.len() >= COALESCE {
+                    send(&mut conn.io, &out, within).await?;
+                    out.clear();
+                }
             }
         }
     }
+}
+
+/// Writes `bytes` to the client and flushes, failing when the client takes
+/// none of it for `within` (nginx's `send_timeout`): a client that stops
+/// reading would otherwise hold its backend slot, key permit and upstream
+/// connection for as long as TCP keeps the connection. The timer is armed
+/// only when the socket is full: most writes complete at once.
+async fn send(io: &mut BoxIo, bytes: &[u8], within: Duration) -> io::Result<()> {
+    let mut write = pin!(async {
+        io.write_all(bytes).await?;
+        io.flush().await
+    });
+    if let Poll::Ready(r) = poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+        return r;
+    }
+    tokio::time::timeout(within, write)
+        .await
+        .unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took none of its response within the send timeout",
+            ))
+        })
 }
 
 /// `n` in lowercase hex, written into `buf`.

@@ -46,6 +46,8 @@ pub struct Listeners {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnLimits {
     pub header_read_timeout: Duration,
+    /// How long an HTTP/1.1 client may leave its response unread.
+    pub send_timeout: Duration,
     pub max_header_bytes: u32,
     pub max_headers: u32,
 }
@@ -54,6 +56,7 @@ impl ConnLimits {
     pub fn new(s: &crate::config::ServerConfig) -> ConnLimits {
         ConnLimits {
             header_read_timeout: s.header_read_timeout,
+            send_timeout: s.send_timeout,
             max_header_bytes: s.max_header_bytes,
             max_headers: s.max_headers,
         }

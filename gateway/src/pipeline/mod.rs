@@ -308,7 +308,13 @@ where
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let body = request::read_body(body, content_length, routes.max_body_bytes).await?;
+    let body = request::read_body(
+        body,
+        content_length,
+        routes.max_body_bytes,
+        routes.body_read_timeout,
+    )
+    .await?;
     let info = request::inspect(&body)?;
     ctx.stream = info.stream;
 

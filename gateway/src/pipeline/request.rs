@@ -11,11 +11,13 @@ use serde::Deserialize;
 use crate::error::ProxyError;
 
 /// Reads the whole body, refusing more than `limit` bytes (413) before
-/// reading it when Content-Length already says so.
+/// reading it when Content-Length already says so, and a body that sends
+/// nothing for `stall` (408; nginx's `client_body_timeout`).
 pub async fn read_body<B>(
     body: B,
     content_length: Option<u64>,
     limit: u64,
+    stall: std::time::Duration,
 ) -> Result<Bytes, ProxyError>
 where
     B: http_body::Body<Data = Bytes>,
@@ -24,14 +26,38 @@ where
     if content_length.is_some_and(|n| n > limit) {
         return Err(ProxyError::BodyTooLarge { limit });
     }
-    let limited = http_body_util::Limited::new(body, limit as usize);
-    match limited.collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(ProxyError::BodyTooLarge { limit })
+    let mut body = std::pin::pin!(body);
+    // One buffer, sized by Content-Length when it is given: a body sent a
+    // byte at a time costs its bytes, not a list entry per piece.
+    let mut first: Option<Bytes> = None;
+    let mut joined = BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout(stall, body.frame()).await {
+            Err(_) => return Err(ProxyError::BodyTimeout(stall)),
+            Ok(None) => break,
+            Ok(Some(Err(_))) => return Err(ProxyError::BodyRead),
+            Ok(Some(Ok(f))) => f,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        let had = first.as_ref().map_or(0, Bytes::len) + joined.len();
+        if (had + data.len()) as u64 > limit {
+            return Err(ProxyError::BodyTooLarge { limit });
         }
-        Err(_) => Err(ProxyError::BodyRead),
+        // The common case, a body in one piece, is kept without a copy.
+        match first.take() {
+            None if joined.is_empty() => first = Some(data),
+            None => joined.extend_from_slice(&data),
+            Some(f) => {
+                let want = content_length.map_or(0, |n| n as usize);
+                joined.reserve(want.max(f.len() + data.len()));
+                joined.extend_from_slice(&f);
+                joined.extend_from_slice(&data);
+            }
+        }
     }
+    Ok(first.unwrap_or_else(|| joined.freeze()))
 }
 
 #[derive(Deserialize)]

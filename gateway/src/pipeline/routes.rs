@@ -215,6 +215,8 @@ pub struct Routes {
     /// Models in config order (for /v1/models).
     pub models: Vec<Arc<Model>>,
     pub max_body_bytes: u64,
+    /// `server.body_read_timeout`.
+    pub body_read_timeout: Duration,
 }
 
 impl Routes {
@@ -254,6 +256,7 @@ impl Routes {
             by_name,
             models,
             max_body_bytes: cfg.server.max_body_bytes,
+            body_read_timeout: cfg.server.body_read_timeout,
         }
     }
 

@@ -11,7 +11,7 @@ use std::{
     future::Future as _,
     pin::Pin,
     sync::Arc,
-    task::{ready, Context, Poll},
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
@@ -223,16 +223,22 @@ impl Body for ProxyBody {
             return Poll::Ready(None);
         }
         loop {
-            let timed_out = if this.total.as_mut().poll(cx).is_ready() {
-                Some("total_timeout")
-            } else if this.idle.as_mut().poll(cx).is_ready() {
-                Some("idle_timeout")
+            // The upstream is asked before the idle timer: a client that
+            // stopped reading for a while leaves data waiting upstream,
+            // which is no stall of the backend's. Idle is a wait on
+            // upstream that found nothing for that long.
+            let polled = if this.total.as_mut().poll(cx).is_ready() {
+                Err("total_timeout")
             } else {
-                None
+                match this.inner.as_mut().poll_frame(cx) {
+                    Poll::Ready(f) => Ok(f),
+                    Poll::Pending if this.idle.as_mut().poll(cx).is_ready() => Err("idle_timeout"),
+                    Poll::Pending => return Poll::Pending,
+                }
             };
-            let failure = match timed_out {
-                Some(kind) => Some(kind),
-                None => match ready!(this.inner.as_mut().poll_frame(cx)) {
+            let failure = match polled {
+                Err(kind) => Some(kind),
+                Ok(polled) => match polled {
                     Some(Ok(frame)) => {
                         let frame = match frame.into_data() {
                             Ok(data) => data,

@@ -25,6 +25,7 @@ fn shared() -> Arc<Shared> {
 fn limits() -> ConnLimits {
     ConnLimits {
         header_read_timeout: Duration::from_secs(2),
+        send_timeout: Duration::from_secs(2),
         max_header_bytes: 8192,
         max_headers: 20,
     }
