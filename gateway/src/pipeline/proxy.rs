@@ -79,15 +79,23 @@ fn end_to_end(from: &HeaderMap) -> HeaderMap {
     out
 }
 
-/// Request headers the gateway sets itself upstream; the client's values
-/// of them are not forwarded. (`expect`: the body is read in full, so
-/// upstream has nothing to wait for.)
-const REPLACED: [HeaderName; 5] = [
+/// Request headers the gateway sets itself upstream, or drops; the
+/// client's values of them are not forwarded. `expect`: the body is read
+/// in full, so upstream has nothing to wait for. `accept-encoding`: the
+/// gateway reads `usage` from the response and edits SSE streams, so it
+/// asks for the body as it is (`identity`). The forwarding headers other
+/// than the two the gateway writes would carry whatever the client claims.
+const REPLACED: [HeaderName; 10] = [
     header::CONTENT_LENGTH,
     header::EXPECT,
+    header::ACCEPT_ENCODING,
     X_REQUEST_ID,
     X_FORWARDED_FOR,
     X_FORWARDED_PROTO,
+    header::FORWARDED,
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-forwarded-port"),
 ];
 
 /// The upstream request's headers: the client's end-to-end headers except
@@ -152,6 +160,7 @@ impl<'a> Forward<'a> {
         let n = ip_text(self.ip, &mut ip);
         f(&X_FORWARDED_FOR, &ip[..n]);
         f(&X_FORWARDED_PROTO, self.proto().as_bytes());
+        f(&header::ACCEPT_ENCODING, b"identity");
     }
 
     /// The same headers as a map (hyper's client: h2c and https backends).
@@ -368,6 +377,16 @@ mod tests {
         h.insert(X_REQUEST_ID, HeaderValue::from_static("client-chosen"));
         h.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
         h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        // Claims about the client the gateway does not pass on.
+        for (n, v) in [
+            ("forwarded", "for=6.6.6.6"),
+            ("x-real-ip", "6.6.6.6"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-port", "1"),
+            ("accept-encoding", "gzip, br"),
+        ] {
+            h.insert(n, HeaderValue::from_static(v));
+        }
         h.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
@@ -389,6 +408,7 @@ mod tests {
                 ("x-request-id", "req-1"),
                 ("x-forwarded-for", ip),
                 ("x-forwarded-proto", if tls { "https" } else { "http" }),
+                ("accept-encoding", "identity"),
             ];
             let mut got: Vec<(&str, &str)> = map
                 .iter()

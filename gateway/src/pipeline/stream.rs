@@ -123,6 +123,10 @@ impl ProxyBody {
     }
 }
 
+/// Most of one SSE event held back to find its end (for its `usage`);
+/// past this the bytes are forwarded as they are.
+const MAX_SSE_EVENT: usize = 1 << 20;
+
 /// Index just past the first complete event (its blank line), if any.
 fn event_end(buf: &[u8]) -> Option<usize> {
     let lf = memchr::memmem::find(buf, b"\n\n").map(|i| i + 2);
@@ -176,6 +180,15 @@ impl Mode {
                     if *strip_usage {
                         out.extend_from_slice(&ev);
                     }
+                }
+                if pending.len() > MAX_SSE_EVENT {
+                    // No event end in sight (a backend that frames events
+                    // otherwise, or one huge event): pass it on unread
+                    // rather than hold the stream back in memory.
+                    if *strip_usage {
+                        out.extend_from_slice(pending);
+                    }
+                    pending.clear();
                 }
                 if *strip_usage {
                     out.freeze()
@@ -382,6 +395,29 @@ mod tests {
         let out = m.feed(Bytes::from(tail), &mut c);
         assert_eq!(&out[..], b"data: [DONE]\r\n\r\n");
         assert_eq!(c.usage.map(|u| u.completion), Some(4));
+    }
+
+    #[test]
+    fn a_stream_without_event_ends_is_not_held_back() {
+        let mut c = ctx();
+        let mut m = Mode::Sse {
+            pending: BytesMut::new(),
+            strip_usage: true,
+        };
+        // CR-only line ends: no event end the gateway recognises.
+        let piece = Bytes::from(b"data: {\"choices\":[]}\r\r".repeat(1024));
+        let mut held = 0;
+        let mut sent = 0;
+        for _ in 0..(2 * MAX_SSE_EVENT / piece.len()) {
+            sent += m.feed(piece.clone(), &mut c).len();
+            held = match &m {
+                Mode::Sse { pending, .. } => pending.len(),
+                Mode::Json { .. } => unreachable!(),
+            };
+            assert!(held <= MAX_SSE_EVENT + piece.len(), "{held}");
+        }
+        assert!(sent > 0, "forwarded once the cap was reached");
+        assert_eq!(sent + held, 2 * MAX_SSE_EVENT / piece.len() * piece.len());
     }
 
     #[test]

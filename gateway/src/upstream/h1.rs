@@ -350,7 +350,7 @@ async fn read_head(
     loop {
         if let Some((head_len, parsed)) = parse_head(&buf)? {
             let head = buf.split_to(head_len).freeze();
-            let resp = parsed.into_response(&head)?;
+            let mut resp = parsed.into_response(&head)?;
             let status = resp.status();
             if status.is_informational() {
                 if status == StatusCode::SWITCHING_PROTOCOLS {
@@ -359,6 +359,11 @@ async fn read_head(
                 continue;
             }
             let (framing, keep_alive) = framing(&resp, no_body)?;
+            if !matches!(framing, Framing::Length(_)) {
+                // A Content-Length beside Transfer-Encoding does not frame
+                // this body; passed on, it would frame the client's.
+                resp.headers_mut().remove(header::CONTENT_LENGTH);
+            }
             let body = Body {
                 conn: Some(stream),
                 pool,

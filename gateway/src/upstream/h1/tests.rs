@@ -465,6 +465,19 @@ async fn unframed_and_closing_responses_do_not_reuse_the_connection() {
     assert_eq!(b.accepted.load(Ordering::SeqCst), 3);
 }
 
+/// A length beside `Transfer-Encoding` frames nothing: it is not passed on,
+/// where it would frame the client's response (cut at the bogus length).
+#[tokio::test]
+async fn a_length_beside_transfer_encoding_is_removed() {
+    let b = backend(vec![closing(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n6\r\nsix ok\r\n0\r\n\r\n",
+    )])
+    .await;
+    let (r, body) = post(&client(&b), b"{}").await.unwrap();
+    assert_eq!(body.concat(), b"six ok");
+    assert!(!r.headers().contains_key(header::CONTENT_LENGTH), "{r:?}");
+}
+
 #[tokio::test]
 async fn broken_responses_are_errors() {
     let b = backend(vec![
