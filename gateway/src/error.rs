@@ -27,6 +27,8 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
 pub enum ProxyError {
     #[error("invalid API key: pass it as `Authorization: Bearer <key>` or `x-api-key`")]
     Unauthorized,
+    #[error("missing API key: pass it as `Authorization: Bearer <key>` or `x-api-key`")]
+    MissingKey,
     #[error("request body is larger than {limit} bytes")]
     BodyTooLarge { limit: u64 },
     #[error("could not read the request body")]
@@ -74,7 +76,7 @@ impl ProxyError {
     pub fn class(&self) -> (StatusCode, &'static str, &'static str) {
         use ProxyError::*;
         match self {
-            Unauthorized => (
+            Unauthorized | MissingKey => (
                 StatusCode::UNAUTHORIZED,
                 "invalid_request_error",
                 "invalid_api_key",
@@ -238,6 +240,8 @@ mod tests {
         assert_eq!(v["error"]["type"], "server_error");
         assert!(v["error"]["param"].is_null());
         let r = ProxyError::Unauthorized.response();
+        assert_eq!(r.status(), 401);
+        let r = ProxyError::MissingKey.response();
         assert_eq!(r.status(), 401);
         let r = ProxyError::UpstreamConnect("10.0.0.1:80: connection refused".into()).response();
         let body = String::from_utf8_lossy(r.body());

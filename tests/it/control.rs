@@ -567,6 +567,15 @@ async fn without_xdp_bans_hold_at_accept_across_a_restart() {
         );
         gateway_tests::netns::http_status(src.parse().unwrap(), dst, &req, Duration::from_secs(1))
     };
+    let keyless = tokio::task::spawn_blocking(move || {
+        // No key at all (a probe, a browser's preflight) is no wrong key.
+        let none: Vec<_> = (0..3).map(|_| get("127.0.0.24", "")).collect();
+        std::thread::sleep(Duration::from_millis(300));
+        (none, get("127.0.0.24", KEY_A))
+    })
+    .await
+    .unwrap();
+    assert_eq!(keyless, (vec![Some(401); 3], Some(200)), "not banned");
     let statuses = tokio::task::spawn_blocking(move || {
         let bad = [get("127.0.0.21", "sk-wrong"), get("127.0.0.21", "sk-wrong")];
         // The ban is applied by the daemon right after the second failure.

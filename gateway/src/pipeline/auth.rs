@@ -32,7 +32,7 @@ fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 /// The key the request authenticates as.
 pub fn authenticate<'a>(headers: &HeaderMap, keys: &'a [Key]) -> Result<&'a Key, ProxyError> {
     let Some(k) = presented(headers).filter(|k| !k.is_empty()) else {
-        return Err(ProxyError::Unauthorized);
+        return Err(ProxyError::MissingKey);
     };
     let digest: [u8; 32] = Sha256::digest(k).into();
     // Visit every key so timing does not reveal which one matched.

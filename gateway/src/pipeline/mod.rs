@@ -173,10 +173,10 @@ where
     let rid = request_id(req.headers());
     let path = req.uri().path().to_owned();
     match (req.method(), path.as_str()) {
-        (&Method::GET, "/healthz") => {
+        (&Method::GET | &Method::HEAD, "/healthz") => {
             return json_response(StatusCode::OK, br#"{"status":"ok"}"#.to_vec(), &rid)
         }
-        (&Method::GET, "/readyz") => {
+        (&Method::GET | &Method::HEAD, "/readyz") => {
             let r = shared.ready.load();
             let body = serde_json::json!({ "status": "ready", "degraded": r.degraded });
             return json_response(StatusCode::OK, body.to_string().into_bytes(), &rid);
@@ -206,6 +206,9 @@ where
                 _ => "rejected",
             });
             match e {
+                // A wrong key counts towards a ban; no key at all does not
+                // (a browser's preflight, a probe, a health check behind a
+                // shared address).
                 ProxyError::Unauthorized => {
                     shared.abuse.record(client.ip(), abuse::Cause::AuthFailures)
                 }
