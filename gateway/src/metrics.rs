@@ -268,7 +268,7 @@ impl Metrics {
         );
         let ttft = histogram(
             "gateway_time_to_first_token_seconds",
-            "Time from request arrival to the first response body byte from upstream.",
+            "Time from request arrival to the first response body byte from upstream, for streamed responses.",
             &["model"],
             &[
                 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,

@@ -579,8 +579,8 @@ async fn metrics_reflect_traffic() {
             "gateway_time_to_first_token_seconds_count",
             "model=\"m\""
         ),
-        Some(4.0),
-        "{m}"
+        Some(3.0),
+        "the three streams; the embeddings answer is no stream: {m}"
     );
     assert_eq!(
         metric(
@@ -670,4 +670,49 @@ async fn workers_take_new_connections_by_load() {
         to_idle >= 5,
         "the idle worker should take the new connections, got {to_idle} of 6"
     );
+}
+
+/// A client that leaves before its answer starts (its SDK timed out while
+/// the backend thought) is still logged and counted: 499, as nginx does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_abandoned_before_its_answer_is_counted_as_499() {
+    use std::io::Write as _;
+    let up = mock("a").await;
+    let g = TestGateway::start("", &model_toml("m", "", &[(up.url(), 1, None)])).await;
+    let addr = g.url.trim_start_matches("http://").to_owned();
+    tokio::task::spawn_blocking(move || {
+        let body = chat("m", false).to_string();
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            s,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {KEY_A}\r\n\
+             x-mock-latency-ms: 3000\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        // Gone before the answer.
+    })
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let m = g.metrics().await;
+        let abandoned = metric(
+            &m,
+            "gateway_http_requests_total",
+            "code=\"499\",key=\"team-a\",model=\"m\"",
+        );
+        if abandoned == Some(1.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no 499 counted: {m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eventually(
+        Duration::from_secs(3),
+        "the upstream request is cancelled",
+        || up.stats().snapshot().in_flight == 0,
+    )
+    .await;
 }

@@ -738,6 +738,9 @@ async fn write_response(
     }
     let mut out = head.finish();
     if framing == OutFraming::None {
+        // Polled once, so a body that has nothing to send (a 204, an
+        // answer to HEAD) ends as complete rather than as abandoned.
+        let _ = poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await;
         drop(body);
         send(&mut conn.io, &out, within).await?;
         return Ok(keep_alive);

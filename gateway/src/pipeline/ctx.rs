@@ -94,7 +94,9 @@ impl RequestCtx {
             series.requests().inc();
             if self.model.is_some() {
                 series.duration().observe(total.as_secs_f64());
-                if let Some(t) = ttft {
+                // A stream's first byte is its first token; a JSON
+                // answer's is the whole generation, which `duration` has.
+                if let (true, Some(t)) = (self.stream, ttft) {
                     series.ttft().observe(t.as_secs_f64());
                 }
             }

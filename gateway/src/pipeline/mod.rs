@@ -183,12 +183,16 @@ where
         }
         _ => {}
     }
-    let mut ctx = RequestCtx::new(rid, client, req.method().clone(), path);
+    let mut pending = Unanswered {
+        ctx: Some(RequestCtx::new(rid, client, req.method().clone(), path)),
+        shared: &shared,
+    };
     let routes = shared.routes.load_full();
     let served = match screen(&req) {
-        Ok(()) => serve(&shared, &routes, req, &mut ctx).await,
+        Ok(()) => serve(&shared, &routes, req, pending.ctx()).await,
         Err(e) => Err(e),
     };
+    let mut ctx = pending.answered();
     match served {
         Ok(Served::Done(resp)) => {
             ctx.status = resp.status().as_u16();
@@ -228,6 +232,35 @@ where
                 HeaderValue::from_str(&ctx.request_id).expect("validated"),
             );
             r
+        }
+    }
+}
+
+/// A request's context until it is answered. A client that leaves before
+/// that (its SDK timed out while the request waited for a backend, or for
+/// the response head) drops the handler with it; the request is then
+/// still logged and counted, as 499 `client_closed` (nginx's code).
+struct Unanswered<'a> {
+    ctx: Option<RequestCtx>,
+    shared: &'a Shared,
+}
+
+impl Unanswered<'_> {
+    fn ctx(&mut self) -> &mut RequestCtx {
+        self.ctx.as_mut().expect("not answered yet")
+    }
+
+    fn answered(mut self) -> RequestCtx {
+        self.ctx.take().expect("answered once")
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if let Some(mut ctx) = self.ctx.take() {
+            ctx.status = 499;
+            ctx.outcome = Some("client_closed");
+            ctx.finish(&self.shared.metrics);
         }
     }
 }

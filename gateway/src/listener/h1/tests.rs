@@ -232,6 +232,13 @@ async fn head_answers_carry_no_body() {
         (r.status, r.body.as_slice()),
         (200, br#"{"status":"ok"}"#.as_slice())
     );
+    // A load balancer's HEAD health check.
+    p.write("HEAD /healthz HTTP/1.1\r\n\r\nHEAD /readyz HTTP/1.1\r\n\r\n")
+        .await;
+    for _ in 0..2 {
+        let r = p.next(true).await;
+        assert_eq!((r.status, r.body.len()), (200, 0), "{r:?}");
+    }
 }
 
 #[tokio::test]
