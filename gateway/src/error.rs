@@ -205,6 +205,14 @@ impl ProxyError {
         if status == StatusCode::UNAUTHORIZED {
             h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if let ProxyError::MethodNotAllowed(path) = self {
+            let allow = if path == "/v1/models" {
+                "GET, HEAD"
+            } else {
+                "POST"
+            };
+            h.insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
         r
     }
 }
@@ -243,6 +251,11 @@ mod tests {
         assert_eq!(r.status(), 401);
         let r = ProxyError::MissingKey.response();
         assert_eq!(r.status(), 401);
+        let r = ProxyError::MethodNotAllowed("/v1/embeddings".into()).response();
+        assert_eq!(
+            (r.status().as_u16(), &r.headers()[header::ALLOW]),
+            (405, &HeaderValue::from_static("POST"))
+        );
         let r = ProxyError::UpstreamConnect("10.0.0.1:80: connection refused".into()).response();
         let body = String::from_utf8_lossy(r.body());
         assert!(

@@ -158,6 +158,20 @@ async fn exchange(
                 header::CONTENT_TYPE,
                 http::HeaderValue::from_static("application/json"),
             );
+            // A fresh id: the head that might have carried one was refused.
+            let id = crate::pipeline::request_id(&http::HeaderMap::new());
+            if let Ok(v) = http::HeaderValue::from_str(&id) {
+                resp.headers_mut()
+                    .insert(crate::pipeline::proxy::X_REQUEST_ID, v);
+            }
+            tracing::info!(
+                target: "access",
+                request_id = %id,
+                client = %peer.ip(),
+                status = status.as_u16(),
+                outcome = "rejected",
+                "{why}"
+            );
             write_response(&mut conn, resp, false, Version::HTTP_11, false, limits).await?;
             return Ok(Next::Close(conn, true));
         }

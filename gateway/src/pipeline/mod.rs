@@ -120,7 +120,7 @@ fn json_response(status: StatusCode, body: Vec<u8>, request_id: &str) -> Respons
 
 /// The client's request id if it is sane, else a new one: a random
 /// per-process prefix and a counter, unique without a syscall per request.
-fn request_id(headers: &http::HeaderMap) -> String {
+pub(crate) fn request_id(headers: &http::HeaderMap) -> String {
     use std::sync::{
         atomic::{AtomicU64, Ordering},
         OnceLock,
@@ -308,7 +308,7 @@ where
     ctx.key = Some(Arc::clone(&key.name));
     let path = ctx.path.as_str();
     match (req.method(), path) {
-        (&Method::GET, "/v1/models") => {
+        (&Method::GET | &Method::HEAD, "/v1/models") => {
             let data: Vec<serde_json::Value> = routes
                 .visible_models(key)
                 .into_iter()

@@ -348,6 +348,10 @@ async fn hostile_heads_are_refused_and_closed() {
         assert_eq!(r.status, want, "{req:?}: {r:?}");
         let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         assert!(v["error"]["message"].is_string(), "{v}");
+        assert!(
+            r.header("x-request-id").is_some_and(|id| id.len() == 32),
+            "a refused head has an id to quote too: {r:?}"
+        );
         p.closes_after(&r).await;
     }
 }
