@@ -26,11 +26,84 @@ pub enum Refused {
 /// past this, as the kernel's LRU map would evict them).
 const MAX_BUCKETS: usize = 262_144;
 
+/// Prefixes searched by the lengths in use: a lookup costs one hash probe
+/// per distinct length, not a scan of every entry (block files hold tens
+/// of thousands).
+struct Prefixes<V> {
+    entries: HashMap<Cidr, V>,
+    /// Lengths in use, per family, longest first.
+    v4: Vec<u8>,
+    v6: Vec<u8>,
+}
+
+impl<V> Default for Prefixes<V> {
+    fn default() -> Self {
+        Prefixes {
+            entries: HashMap::new(),
+            v4: Vec::new(),
+            v6: Vec::new(),
+        }
+    }
+}
+
+impl<V> Prefixes<V> {
+    fn from_iter(it: impl IntoIterator<Item = (Cidr, V)>) -> Self {
+        let mut p = Prefixes::default();
+        for (c, v) in it {
+            p.insert(c, v);
+        }
+        p
+    }
+
+    fn insert(&mut self, c: Cidr, v: V) -> Option<V> {
+        let lengths = match c {
+            Cidr::V4 { .. } => &mut self.v4,
+            Cidr::V6 { .. } => &mut self.v6,
+        };
+        if let Err(i) = lengths.binary_search_by(|l| c.prefix_len().cmp(l)) {
+            lengths.insert(i, c.prefix_len());
+        }
+        self.entries.insert(c, v)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Every entry covering `ip`, longest first.
+    fn covering(&self, ip: IpAddr) -> impl Iterator<Item = (Cidr, &V)> {
+        let lengths = match ip {
+            IpAddr::V4(_) => &self.v4,
+            IpAddr::V6(_) => &self.v6,
+        };
+        lengths.iter().filter_map(move |&len| {
+            let c = Cidr::enclosing(ip, len, len);
+            self.entries.get(&c).map(|v| (c, v))
+        })
+    }
+
+    fn retain(&mut self, keep: impl FnMut(&Cidr, &mut V) -> bool) {
+        self.entries.retain(keep);
+        let (entries, v4, v6) = (&self.entries, &mut self.v4, &mut self.v6);
+        for (lengths, v6_family) in [(v4, false), (v6, true)] {
+            lengths.retain(|&l| {
+                entries
+                    .keys()
+                    .any(|c| c.prefix_len() == l && matches!(c, Cidr::V6 { .. }) == v6_family)
+            });
+        }
+    }
+}
+
+/// Bans between two sweeps of lapsed entries.
+const SWEEP_EVERY: usize = 1024;
+
 #[derive(Default)]
 struct Inner {
     /// Blocklist entries with their end (`None` = permanent).
-    block: Vec<(Cidr, Option<Instant>)>,
-    allow: Vec<Cidr>,
+    block: Prefixes<Option<Instant>>,
+    allow: Prefixes<()>,
+    bans_since_sweep: usize,
     limits: Option<Limits>,
     buckets: HashMap<SourceKey, Bucket>,
     epoch: Option<Instant>,
@@ -48,28 +121,40 @@ impl Guard {
     pub fn enforce(&self, want: &crate::kernel::policy::Desired) {
         let now_ns = crate::kernel::clock::monotonic_ns();
         let now = Instant::now();
-        let block = want
-            .block
-            .iter()
-            .map(|(c, v)| {
-                (
-                    *c,
-                    (v.expires_ns != 0)
-                        .then(|| now + Duration::from_nanos(v.expires_ns.saturating_sub(now_ns))),
-                )
-            })
-            .collect();
+        let block = Prefixes::from_iter(want.block.iter().map(|(c, v)| {
+            (
+                *c,
+                (v.expires_ns != 0)
+                    .then(|| now + Duration::from_nanos(v.expires_ns.saturating_sub(now_ns))),
+            )
+        }));
+        let allow = Prefixes::from_iter(want.allow.iter().map(|c| (*c, ())));
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         g.block = block;
-        g.allow = want.allow.iter().copied().collect();
+        g.allow = allow;
         g.limits = Some(want.limits);
         g.epoch.get_or_insert_with(Instant::now);
     }
 
     /// Adds a ban (while there is no kernel program to hold it).
     pub fn ban(&self, source: Cidr, duration: Duration) {
+        let now = Instant::now();
+        let until = now + duration;
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        g.block.push((source, Some(Instant::now() + duration)));
+        // A permanent entry, or one that ends later, stays as it is.
+        let keep = match g.block.entries.get(&source) {
+            Some(None) => true,
+            Some(Some(old)) => *old >= until,
+            None => false,
+        };
+        if !keep {
+            g.block.insert(source, Some(until));
+        }
+        g.bans_since_sweep += 1;
+        if g.bans_since_sweep >= SWEEP_EVERY {
+            g.bans_since_sweep = 0;
+            g.block.retain(|_, until| until.is_none_or(|u| u > now));
+        }
     }
 
     /// Whether a new connection from `ip` may proceed.
@@ -78,13 +163,20 @@ impl Guard {
         if g.block.is_empty() && g.limits.is_none_or(|l| l.syn_rate == 0) {
             return Ok(());
         }
-        if g.allow.iter().any(|c| c.contains(ip)) {
+        if g.allow.covering(ip).next().is_some() {
             return Ok(());
         }
         let now = Instant::now();
-        g.block.retain(|(_, until)| until.is_none_or(|u| u > now));
-        if g.block.iter().any(|(c, _)| c.contains(ip)) {
-            return Err(Refused::Blocked);
+        let mut lapsed = None;
+        for (c, until) in g.block.covering(ip) {
+            match until {
+                Some(u) if *u <= now => lapsed = Some(c),
+                _ => return Err(Refused::Blocked),
+            }
+        }
+        if let Some(c) = lapsed {
+            // Its length stays listed until the next sweep: one probe more.
+            g.block.entries.remove(&c);
         }
         let Some(limits) = g.limits else {
             return Ok(());
@@ -129,10 +221,13 @@ impl Guard {
 mod tests {
     use super::*;
 
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
     #[test]
     fn blocklist_allowlist_and_rate_at_accept() {
         let g = Guard::default();
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert_eq!(
             g.check(ip("203.0.113.9")),
             Ok(()),
@@ -165,5 +260,49 @@ mod tests {
         assert_eq!(g.check(ip("2001:db8:0:6::77")), Ok(()));
         g.ban("198.51.100.3".parse().unwrap(), Duration::ZERO);
         assert_eq!(g.check(ip("198.51.100.3")), Ok(()), "a lapsed ban is gone");
+    }
+
+    #[test]
+    fn large_lists_are_searched_by_prefix_length() {
+        let g = Guard::default();
+        let mut block: std::collections::BTreeMap<Cidr, gateway_common::BlockValue> = (0
+            ..50_000u32)
+            .map(|i| {
+                let a = std::net::Ipv4Addr::from(0x0a00_0000 + i * 3);
+                (
+                    Cidr::host(a.into()),
+                    gateway_common::BlockValue::permanent(),
+                )
+            })
+            .collect();
+        block.insert(
+            "198.51.0.0/16".parse().unwrap(),
+            gateway_common::BlockValue::permanent(),
+        );
+        block.insert(
+            "2001:db8::/32".parse().unwrap(),
+            gateway_common::BlockValue::permanent(),
+        );
+        g.enforce(&crate::kernel::policy::Desired {
+            block,
+            allow: ["198.51.7.0/24".parse().unwrap()].into(),
+            limits: Limits::new(0, 0, 0, 32, 64),
+            ports: vec![],
+        });
+        assert_eq!(g.check(ip("10.0.0.3")), Err(Refused::Blocked));
+        assert_eq!(g.check(ip("10.0.0.4")), Ok(()));
+        assert_eq!(g.check(ip("198.51.200.1")), Err(Refused::Blocked));
+        assert_eq!(g.check(ip("198.51.7.1")), Ok(()), "allowlisted /24");
+        assert_eq!(g.check(ip("2001:db8:1::1")), Err(Refused::Blocked));
+        assert_eq!(g.check(ip("2001:db9::1")), Ok(()));
+        // A ban inside a permanent block lapses; the block still holds.
+        g.ban("198.51.100.0/24".parse().unwrap(), Duration::ZERO);
+        assert_eq!(g.check(ip("198.51.100.1")), Err(Refused::Blocked));
+        // A ban never shortens a permanent entry, nor a longer ban.
+        g.ban("10.0.0.3".parse().unwrap(), Duration::ZERO);
+        assert_eq!(g.check(ip("10.0.0.3")), Err(Refused::Blocked));
+        g.ban("192.0.2.1".parse().unwrap(), Duration::from_secs(60));
+        g.ban("192.0.2.1".parse().unwrap(), Duration::ZERO);
+        assert_eq!(g.check(ip("192.0.2.1")), Err(Refused::Blocked));
     }
 }
