@@ -69,9 +69,11 @@ mod tests {
             .collect()
     }
 
+    type Case = (&'static [(&'static str, &'static str)], Option<&'static [u8]>);
+
     #[test]
     fn a_key_is_a_bearer_token_or_x_api_key() {
-        let cases: [(&[(&str, &str)], Option<&[u8]>); 6] = [
+        let cases: [Case; 6] = [
             (&[("authorization", "Bearer sk-a")], Some(b"sk-a")),
             (&[("authorization", "bearer  sk-a ")], Some(b"sk-a")),
             (&[("x-api-key", "sk-b")], Some(b"sk-b")),
