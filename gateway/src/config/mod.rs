@@ -407,8 +407,16 @@ impl Config {
 
     /// Parses and validates config text.
     pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
-        let file: raw::File = toml::from_str(text).map_err(|e| vec![toml_problem(text, &e)])?;
-        let mut v = Validator::default();
+        let (file, form) = raw::File::read(text);
+        let mut v = Validator {
+            // With a section unread, checks across sections would report
+            // what is only missing.
+            partial: !form.is_empty(),
+            problems: form
+                .into_iter()
+                .map(|(path, message)| Problem { path, message })
+                .collect(),
+        };
         let config = v.file(file);
         if v.problems.is_empty() {
             Ok(config)
@@ -425,23 +433,11 @@ impl Config {
     }
 }
 
-fn toml_problem(text: &str, e: &toml::de::Error) -> Problem {
-    let at = e
-        .span()
-        .map(|s| {
-            let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
-            format!("line {line}: ")
-        })
-        .unwrap_or_default();
-    Problem {
-        path: String::new(),
-        message: format!("{at}{}", e.message()),
-    }
-}
-
 #[derive(Default)]
 struct Validator {
     problems: Vec<Problem>,
+    /// Some of the file could not be read (its problems are listed).
+    partial: bool,
 }
 
 impl Validator {
@@ -1118,7 +1114,7 @@ impl Validator {
                     || models
                         .iter()
                         .any(|m| m.name == *g || m.aliases.iter().any(|a| a == g));
-                if !known && !models.is_empty() {
+                if !known && !models.is_empty() && !self.partial {
                     self.problem(
                         format!("keys[{i}].models[{j}]"),
                         format!("{g:?} is not a model name or alias (use `*` for a pattern)"),

@@ -2,7 +2,7 @@
 //! optional so validation (in `mod.rs`) can name each missing or bad value
 //! with its path. Unknown keys are rejected here.
 
-use serde::Deserialize;
+use serde::{de::DeserializeOwned, Deserialize};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -15,6 +15,166 @@ pub struct File {
     pub keys: Vec<Key>,
     #[serde(default)]
     pub models: Vec<Model>,
+}
+
+/// A problem with the file's form: its TOML path (empty for a syntax
+/// error) and what is wrong, with the line it is on.
+pub type FormProblem = (String, String);
+
+impl File {
+    /// Reads `text` section by section (each `[[keys]]` and `[[models]]`
+    /// entry on its own), so that one unknown key or wrong type does not
+    /// hide the problems after it. Each problem names its TOML path and
+    /// line. Only a syntax error stops the reading at once.
+    pub fn read(text: &str) -> (File, Vec<FormProblem>) {
+        let mut problems = Vec::new();
+        let mut file = File::default();
+        let doc = match toml_edit::ImDocument::parse(text) {
+            Ok(d) => d,
+            Err(e) => {
+                let at = e.span().map(|s| line_of(text, s.start));
+                problems.push((String::new(), with_line(e.message(), at)));
+                return (file, problems);
+            }
+        };
+        let table: toml::Table = match toml::from_str(text) {
+            Ok(t) => t,
+            Err(e) => {
+                let at = e.span().map(|s| line_of(text, s.start));
+                problems.push((String::new(), with_line(e.message(), at)));
+                return (file, problems);
+            }
+        };
+        let mut cx = Reader {
+            text,
+            doc: &doc,
+            problems: &mut problems,
+        };
+        for (name, value) in table {
+            match name.as_str() {
+                "server" => file.server = cx.section(value, &[key("server")]),
+                "metrics" => file.metrics = cx.section(value, &[key("metrics")]),
+                "xdp" => file.xdp = cx.section(value, &[key("xdp")]),
+                "abuse" => file.abuse = cx.section(value, &[key("abuse")]),
+                "keys" => file.keys = cx.entries(value, "keys"),
+                "models" => file.models = cx.entries(value, "models"),
+                other => cx.problem(
+                    &[key(other)],
+                    "unknown section (expected server, metrics, xdp, abuse, keys or models)".into(),
+                ),
+            }
+        }
+        (file, problems)
+    }
+}
+
+/// One step of a TOML path.
+#[derive(Clone)]
+enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+fn key(k: &str) -> Seg {
+    Seg::Key(k.to_owned())
+}
+
+/// `models[1].backends[0].url`, as validation names paths too.
+fn display(path: &[Seg]) -> String {
+    let mut out = String::new();
+    for seg in path {
+        match seg {
+            Seg::Key(k) => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(k);
+            }
+            Seg::Index(i) => out.push_str(&format!("[{i}]")),
+        }
+    }
+    out
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// The message on one line, after the line it is about.
+fn with_line(message: &str, line: Option<usize>) -> String {
+    let message = message.trim_end().replace('\n', "; ");
+    match line {
+        Some(l) => format!("line {l}: {message}"),
+        None => message,
+    }
+}
+
+struct Reader<'a> {
+    text: &'a str,
+    doc: &'a toml_edit::ImDocument<&'a str>,
+    problems: &'a mut Vec<FormProblem>,
+}
+
+impl Reader<'_> {
+    /// One table, or `None` with its problem recorded.
+    fn section<T: DeserializeOwned>(&mut self, v: toml::Value, at: &[Seg]) -> Option<T> {
+        match serde_path_to_error::deserialize::<_, T>(v) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                let mut path = at.to_vec();
+                for seg in e.path().iter() {
+                    match seg {
+                        serde_path_to_error::Segment::Map { key } => {
+                            path.push(Seg::Key(key.clone()))
+                        }
+                        serde_path_to_error::Segment::Seq { index } => {
+                            path.push(Seg::Index(*index))
+                        }
+                        _ => {}
+                    }
+                }
+                let message = e.into_inner().message().to_owned();
+                self.problem(&path, message);
+                None
+            }
+        }
+    }
+
+    /// An array of tables (`[[keys]]`, `[[models]]`), entry by entry.
+    fn entries<T: DeserializeOwned>(&mut self, v: toml::Value, name: &str) -> Vec<T> {
+        let toml::Value::Array(items) = v else {
+            self.problem(
+                &[key(name)],
+                format!("must be a list of tables ([[{name}]])"),
+            );
+            return Vec::new();
+        };
+        items
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, item)| self.section(item, &[key(name), Seg::Index(i)]))
+            .collect()
+    }
+
+    fn problem(&mut self, path: &[Seg], message: String) {
+        let line = self.start_of(path).map(|start| line_of(self.text, start));
+        self.problems
+            .push((display(path), with_line(&message, line)));
+    }
+
+    /// Where the item at `path`, or else the nearest enclosing one, starts.
+    fn start_of(&self, path: &[Seg]) -> Option<usize> {
+        (1..=path.len()).rev().find_map(|depth| {
+            let mut item = self.doc.as_item();
+            for seg in &path[..depth] {
+                item = match seg {
+                    Seg::Key(k) => item.get(k.as_str())?,
+                    Seg::Index(i) => item.get(*i)?,
+                };
+            }
+            item.span().map(|s| s.start)
+        })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]

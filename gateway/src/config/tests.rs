@@ -77,7 +77,58 @@ weight = 0
 fn unknown_keys_are_errors() {
     let p = problems("[xdp]\ninterfaces = [\"lo\"]\nsyn_rat = 3\n");
     assert_eq!(p.len(), 1);
-    assert!(p[0].contains("line 3") && p[0].contains("syn_rat"), "{p:?}");
+    assert!(
+        p[0].starts_with("xdp.syn_rat: line 3: unknown field `syn_rat`"),
+        "{p:?}"
+    );
+}
+
+/// Mistakes in the file's form (unknown keys, wrong types, missing keys of
+/// a rule) are each reported with their path and line: one does not hide
+/// the others, nor the value problems of the sections that could be read.
+#[test]
+fn every_mistake_of_form_is_reported_with_its_path_and_line() {
+    let p = problems(
+        r#"[server]
+listen = "0.0.0.0:8443"
+[metrics]
+listen = "nope"
+[abuse]
+auth_failures = { max = 3, window = "1m" }
+[[keys]]
+name = "a"
+sha256 = "00"
+[[keys]]
+name = "b"
+rpm = 5
+[[models]]
+name = "m"
+[[models.backends]]
+url = "http://10.0.0.1:8000"
+wieght = 2
+[extra]
+"#,
+    );
+    let want = [
+        "server.listen: line 2: invalid type: string",
+        "metrics.listen: \"nope\" is not an IP:port address",
+        "abuse.auth_failures: line 6: missing field `ban`",
+        "keys[0].sha256:",
+        "keys[1].rpm: line 12: unknown field `rpm`",
+        "models[0].backends[0].wieght: line 17: unknown field `wieght`",
+        "extra: line 18: unknown section",
+    ];
+    for w in want {
+        assert!(
+            p.iter().any(|l| l.starts_with(w)),
+            "missing {w:?} in {p:#?}"
+        );
+    }
+    assert_eq!(p.len(), want.len(), "unexpected extra problems: {p:#?}");
+    // A syntax error stops the reading, with its line.
+    let p = problems("[server]\nlisten = [\n");
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(p[0].starts_with(": line "), "{p:?}");
 }
 
 #[test]

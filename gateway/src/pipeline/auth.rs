@@ -69,7 +69,10 @@ mod tests {
             .collect()
     }
 
-    type Case = (&'static [(&'static str, &'static str)], Option<&'static [u8]>);
+    type Case = (
+        &'static [(&'static str, &'static str)],
+        Option<&'static [u8]>,
+    );
 
     #[test]
     fn a_key_is_a_bearer_token_or_x_api_key() {
