@@ -50,7 +50,9 @@ impl Gateway {
             .tls
             .as_ref()
             .map(crate::listener::tls::acceptor)
-            .transpose()?;
+            .transpose()
+            // The files the config names: fixing them is the operator's.
+            .map_err(|e| crate::error::UsageError(format!("{e:#}")))?;
         let n = workers::count(cfg.server.workers);
         let sockets = workers::bind(&cfg.server.listen, n)?;
         let addrs: Vec<SocketAddr> = sockets[0]

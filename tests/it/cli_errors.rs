@@ -75,6 +75,35 @@ fn config_errors_exit_2_with_toml_paths() {
     let r = cli_with(&dir.0.join("missing.toml"), &["check"]);
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("missing.toml"), "{}", r.stderr);
+    // What `gateway run` would refuse on this host: `check` says so first.
+    let cfg = write_config(
+        &dir,
+        "[server]\ntls = { cert = \"/nonexistent/cert.pem\", key = \"/nonexistent/key.pem\" }\n\
+         [xdp]\ninterfaces = [\"nosuch0\"]\n",
+    );
+    let r = cli_with(&cfg, &["check"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("server.tls.cert: cannot open /nonexistent/cert.pem")
+            && r.stderr.contains("interface \"nosuch0\" does not exist")
+            && r.stderr.contains("2 problems on this host"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn a_tls_file_that_does_not_load_is_a_config_error_of_run() {
+    let r = Daemon::start(
+        None,
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nstate_dir = \"@STATE_DIR@\"\n\
+         tls = { cert = \"/nonexistent/cert.pem\", key = \"/nonexistent/key.pem\" }\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    let err = format!("{:#}", r.err().expect("must fail"));
+    assert!(err.contains("exit status: 2"), "{err}");
+    assert!(err.contains("server.tls.cert: cannot open"), "{err}");
 }
 
 #[test]

@@ -282,6 +282,31 @@ pub fn local(cfg: &Config, cmd: Command, io: &mut output::Io, at_accept: bool) -
 
 fn check(path: &std::path::Path) -> Result<()> {
     let cfg = Config::load(path)?;
+    // What `gateway run` would refuse beyond the file itself: TLS files
+    // that do not load, interfaces this host does not have.
+    let mut refused = Vec::new();
+    if let Some(tls) = &cfg.server.tls {
+        if let Err(e) = crate::listener::tls::acceptor(tls) {
+            refused.push(format!("{e:#}"));
+        }
+    }
+    if cfg.xdp.enabled {
+        if let Err(e) = crate::kernel::loader::check_interfaces(&cfg.xdp.interfaces) {
+            refused.push(format!("{e:#}"));
+        }
+    }
+    if !refused.is_empty() {
+        for r in &refused {
+            eprintln!("  {r}");
+        }
+        return Err(UsageError(format!(
+            "{}: {} problem{} on this host",
+            path.display(),
+            refused.len(),
+            if refused.len() == 1 { "" } else { "s" }
+        ))
+        .into());
+    }
     let (_, warnings) = crate::kernel::policy::load_block_files(&cfg.xdp);
     for w in &warnings {
         println!("warning: {w}");
