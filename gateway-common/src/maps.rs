@@ -91,7 +91,9 @@ pub mod capacity {
 pub enum Reason {
     /// IP traffic that matched no rule.
     Pass = 0,
-    /// Source is allowlisted: passed before any other check.
+    /// Source is allowlisted, and that saved it from a drop (a block or a
+    /// spent SYN budget): the allowlist is consulted only on the way to a
+    /// drop, so an allowlisted source's ordinary packets count as `Pass`.
     Allowlist = 1,
     /// Not IPv4/IPv6 (ARP, LLDP, ...): never touched.
     NotIp = 2,

@@ -141,9 +141,12 @@ impl Daemon {
                 .filter(|b| b.label == want)
         };
         if matching().next().is_none() {
-            return Reply::failed(vec![format!(
+            let mut r = Reply::failed(vec![format!(
                 "no backend {url:?} (see `gateway backends list`)"
             )]);
+            // The operator's mistake (exit 2), not the daemon's.
+            r.data = serde_json::json!({ "usage": true });
+            return r;
         }
         let _serial = self.state_writes.lock().unwrap_or_else(|p| p.into_inner());
         let state_dir = self

@@ -638,7 +638,13 @@ async fn without_xdp_bans_hold_at_accept_across_a_restart() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     let r = cli(&["limits", "set", "--syn-rate", "5"]).await.unwrap();
     assert!(
-        r.code != 0 && r.stderr.contains("xdp.enabled is false"),
+        r.code == 2 && r.stderr.contains("xdp.enabled is false"),
+        "{}",
+        r.stderr
+    );
+    let r = cli(&["top"]).await.unwrap();
+    assert!(
+        r.code == 1 && r.stderr.contains("runs without an XDP program"),
         "{}",
         r.stderr
     );

@@ -93,7 +93,12 @@ pub fn drain(cfg: &Config, url: &str, on: bool) -> Result<()> {
         },
     )?;
     if !r.ok {
-        return Err(UsageError(r.errors.join("; ")).into());
+        let why = r.errors.join("; ");
+        return Err(if r.data["usage"] == true {
+            UsageError(why).into()
+        } else {
+            anyhow::anyhow!(why)
+        });
     }
     println!("{} {url}", if on { "drained" } else { "undrained" });
     Ok(())

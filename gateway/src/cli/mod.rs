@@ -126,15 +126,18 @@ pub enum BlockCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum AllowCmd {
+    /// Never drop, rate-limit or ban an address or CIDR (IPv4 or IPv6).
     Add {
         #[arg(value_parser = parse_cidr)]
         cidr: Cidr,
     },
+    /// Remove an allowlist entry.
     #[command(alias = "rm")]
     Del {
         #[arg(value_parser = parse_cidr)]
         cidr: Cidr,
     },
+    /// List the allowlist.
     #[command(alias = "ls")]
     List(JsonFlag),
 }
@@ -168,6 +171,7 @@ pub struct TopArgs {
     /// How many sources to show.
     #[arg(short = 'n', long, default_value_t = 20)]
     pub n: usize,
+    /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
@@ -275,6 +279,10 @@ pub fn local(cfg: &Config, cmd: Command, io: &mut output::Io, at_accept: bool) -
         Command::Allow(cmd) => lists::allow(cfg, cmd, io, at_accept),
         Command::Limits(cmd) => stats::limits(cfg, cmd, io, at_accept),
         Command::Stats(f) => stats::stats(cfg, f.json, io),
+        Command::Top(_) if at_accept => anyhow::bail!(
+            "the daemon runs without an XDP program (xdp.enabled is false, or it could not \
+             attach: see `gateway stats`), so there are no kernel drop counts to rank"
+        ),
         Command::Top(a) => stats::top(cfg, a.n, a.json, io),
         _ => Err(UsageError("not a kernel policy command".into()).into()),
     }

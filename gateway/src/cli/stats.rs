@@ -116,9 +116,11 @@ pub fn limits(cfg: &Config, cmd: LimitsCmd, io: &mut Io, at_accept: bool) -> Res
                 .into());
             }
             if at_accept && !cfg.xdp.enabled {
-                anyhow::bail!(
+                return Err(UsageError(
                     "xdp.enabled is false: there are no SYN limits to set (enable [xdp] in the config)"
-                );
+                        .into(),
+                )
+                .into());
             }
             let mut maps = if at_accept {
                 None

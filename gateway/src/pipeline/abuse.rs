@@ -1,5 +1,6 @@
 //! What L7 learns about abusive clients: auth failures and limit hits per
-//! source, counted in a sliding window per cause. A source is the client's
+//! source, counted per cause in a fixed window that starts at the first
+//! event (so up to about twice `max` can straddle two windows unbanned). A source is the client's
 //! address masked with `xdp.ipv4_prefix` / `xdp.ipv6_prefix`, the same
 //! prefix the kernel's SYN limits count by (an IPv6 client is its /64 by
 //! default: it holds all of one, and banning its /128 would be evaded by
