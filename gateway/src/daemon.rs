@@ -344,17 +344,8 @@ impl Daemon {
             }
         }
         if occupancy {
-            if let Ok(o) = k.maps.occupancy() {
-                for (map, n) in [
-                    ("allow", o.allow),
-                    ("block_cidr", o.block_cidr),
-                    ("block_host", o.block_host),
-                    ("syn_buckets", o.syn_buckets),
-                    ("top_sources", o.top_sources),
-                    ("syn_trusted", o.syn_trusted),
-                ] {
-                    m.xdp_map_entries.with_label_values(&[map]).set(n as i64);
-                }
+            for (map, n) in k.maps.entries_per_map() {
+                m.xdp_map_entries.with_label_values(&[map]).set(n as i64);
             }
         }
     }

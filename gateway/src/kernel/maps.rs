@@ -585,14 +585,39 @@ impl KernelMaps {
     }
 
     pub fn occupancy(&self) -> Result<Occupancy> {
+        let per_map = self.entries_per_map();
+        let n = |names: &[&str]| -> usize {
+            per_map
+                .iter()
+                .filter(|(m, _)| names.contains(m))
+                .map(|(_, n)| n)
+                .sum()
+        };
         Ok(Occupancy {
-            allow: self.allow_v4.keys().count() + self.allow_v6.keys().count(),
-            block_cidr: self.block_v4.keys().count() + self.block_v6.keys().count(),
-            block_host: self.host_v4.count() + self.host_v6.keys().count(),
-            syn_buckets: self.syn_buckets.keys().count(),
-            top_sources: self.top.keys().count(),
-            syn_trusted: self.trusted.keys().count(),
+            allow: n(&[names::ALLOW_V4, names::ALLOW_V6]),
+            block_cidr: n(&[names::BLOCK_V4, names::BLOCK_V6]),
+            block_host: n(&[names::BLOCK_HOST_V4, names::BLOCK_HOST_V6]),
+            syn_buckets: n(&[names::SYN_BUCKETS]),
+            top_sources: n(&[names::TOP_SOURCES]),
+            syn_trusted: n(&[names::SYN_TRUSTED]),
         })
+    }
+
+    /// Entries of each map userspace fills or reads, by its contract name
+    /// (`gateway_xdp_map_entries{map}`). `BLOCK_HOST_V4` counts its spill
+    /// map too; the CIDR tables, copies of the tries, are not listed.
+    pub fn entries_per_map(&self) -> Vec<(&'static str, usize)> {
+        vec![
+            (names::ALLOW_V4, self.allow_v4.keys().count()),
+            (names::ALLOW_V6, self.allow_v6.keys().count()),
+            (names::BLOCK_V4, self.block_v4.keys().count()),
+            (names::BLOCK_V6, self.block_v6.keys().count()),
+            (names::BLOCK_HOST_V4, self.host_v4.count()),
+            (names::BLOCK_HOST_V6, self.host_v6.keys().count()),
+            (names::SYN_BUCKETS, self.syn_buckets.keys().count()),
+            (names::TOP_SOURCES, self.top.keys().count()),
+            (names::SYN_TRUSTED, self.trusted.keys().count()),
+        ]
     }
 
     /// Removes blocklist entries whose kernel expiry has passed (the kernel
