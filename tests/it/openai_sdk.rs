@@ -20,7 +20,10 @@ fn python() -> Option<PathBuf> {
             py.display()
         );
     }
-    eprintln!("SKIPPED openai_sdk: no .venv with the openai SDK; run `cargo xtask setup`");
+    gateway::kernel::testrun::skipped(
+        "openai_sdk",
+        "no .venv with the openai SDK; run `cargo xtask setup`",
+    );
     None
 }
 

@@ -77,6 +77,27 @@ pub fn kernel_tests_enabled(test: &str) -> bool {
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("{test}: kernel tests are mandatory under CI=true but this process is not root");
     }
-    eprintln!("SKIPPED {test}: kernel tests need root (CAP_BPF + CAP_NET_ADMIN); run `cargo xtask test` as root");
+    skipped(
+        test,
+        "kernel tests need root (CAP_BPF + CAP_NET_ADMIN); run `cargo xtask test` as root",
+    );
     false
+}
+
+/// Says that `test` was skipped, and why. The test harness hides what a
+/// passing test prints, so the reason also goes to the file named by
+/// `GATEWAY_TEST_SKIPS`, which `cargo xtask test` sets and sums up after
+/// the run: a skip is never silent.
+pub fn skipped(test: &str, why: &str) {
+    eprintln!("SKIPPED {test}: {why}");
+    if let Some(path) = std::env::var_os("GATEWAY_TEST_SKIPS") {
+        use std::io::Write as _;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{test}: {why}");
+        }
+    }
 }
