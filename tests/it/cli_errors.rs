@@ -141,8 +141,9 @@ fn block_file_bad_lines_are_reported_and_good_lines_load() {
         Daemon::start(Some(&t.server.path()), &body).expect("a bad line must not stop the start");
     let cidrs = gw.block_cidrs();
     assert_eq!(cidrs, ["203.0.113.0/24", "2001:db8::/32"], "{cidrs:?}");
-    let r = cli_with(&gw.config, &["check"]);
-    assert_eq!(r.code, 2);
+    // `check` looks the interfaces up too: run it where they are.
+    let r = gw.cli_in_netns(&["check"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(
         r.stdout.contains("blocklist.txt:3:"),
         "file and line reported: {}",

@@ -203,6 +203,20 @@ impl Daemon {
         Cli::from(out)
     }
 
+    /// The CLI run in the daemon's network namespace (where its interfaces
+    /// are, for `gateway check`).
+    pub fn cli_in_netns(&self, args: &[&str]) -> Cli {
+        let mut cmd = Command::new(gateway_bin());
+        cmd.arg("--config").arg(&self.config).args(args);
+        if let Some(ns) = self.netns.clone() {
+            // SAFETY: `enter` only makes the setns system call.
+            unsafe {
+                cmd.pre_exec(move || crate::netns::enter(&ns));
+            }
+        }
+        Cli::from(cmd.output().expect("running the gateway CLI"))
+    }
+
     /// The CIDRs of `gateway block list --json`, in its order.
     pub fn block_cidrs(&self) -> Vec<String> {
         let list = self.cli(&["block", "list", "--json"]).json();
