@@ -1130,3 +1130,41 @@ async fn a_client_pausing_longer_than_idle_is_no_upstream_stall() {
         "no upstream error counted: {m}"
     );
 }
+
+/// HTTP/2: a client that reads its connection but never opens a stream's
+/// flow-control window stops the gateway from polling that response; after
+/// `send_timeout` the stream's upstream request is cancelled anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_the_client_never_reads_is_cut_after_the_send_timeout() {
+    let up = mock("a").await;
+    let models = model_toml("m", "", &[(up.url(), 1, None)]);
+    let gw = TestGateway::start("send_timeout = \"600ms\"", &models).await;
+    let c = Client::h2c();
+    let held = c
+        .post_raw(
+            &url(&gw),
+            Some(KEY_A),
+            &[("x-mock-tokens", "200000"), ("x-mock-interval-ms", "0")],
+            Bytes::from(chat("m", true).to_string()),
+        )
+        .await;
+    assert_eq!(held.status(), 200);
+    assert_eq!(held.version(), http::Version::HTTP_2);
+    eventually(Duration::from_secs(3), "the stream is under way", || {
+        up.stats().snapshot().in_flight == 1
+    })
+    .await;
+    // Its body is never read: the client's window for it stays shut.
+    let t = Instant::now();
+    eventually(
+        Duration::from_secs(10),
+        "the unread stream's upstream request is cancelled",
+        || up.stats().snapshot().in_flight == 0,
+    )
+    .await;
+    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+    // The same connection still serves other requests.
+    let r = c.post(&url(&gw), Some(KEY_A), &[], &chat("m", false)).await;
+    assert_eq!(r.status, 200);
+    drop(held);
+}

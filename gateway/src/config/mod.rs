@@ -89,8 +89,9 @@ pub struct ServerConfig {
     /// Longest wait between two reads of a request body (408 after it).
     /// Default: 30s.
     pub body_read_timeout: Duration,
-    /// Longest wait for the client to take more of its response (HTTP/1.1;
-    /// the connection closes after it). Default: 60s.
+    /// Longest wait for the client to take more of its response (HTTP/1.1:
+    /// the connection closes after it; HTTP/2: the stream's upstream
+    /// request is cancelled). Default: 60s.
     pub send_timeout: Duration,
     /// Default: 256.
     pub max_connections_per_ip: u32,

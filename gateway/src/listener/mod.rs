@@ -7,6 +7,7 @@
 pub mod balancer;
 pub mod guard;
 pub mod h1;
+mod h2_send;
 pub mod limit;
 pub mod tls;
 pub mod workers;
@@ -46,7 +47,7 @@ pub struct Listeners {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnLimits {
     pub header_read_timeout: Duration,
-    /// How long an HTTP/1.1 client may leave its response unread.
+    /// How long a client may leave its response unread (per HTTP/2 stream).
     pub send_timeout: Duration,
     pub max_header_bytes: u32,
     pub max_headers: u32,
@@ -310,20 +311,25 @@ async fn serve_h2(
         open: Default::default(),
         idle_since: std::sync::Mutex::new(tokio::time::Instant::now()),
     });
+    let watch = Arc::new(h2_send::Watch::default());
     let svc = {
         let activity = Arc::clone(&activity);
+        let watch = Arc::clone(&watch);
         hyper::service::service_fn(move |req| {
             let shared = Arc::clone(&shared);
             let open = StreamOpen::new(&activity);
+            let watch = Arc::clone(&watch);
             async move {
                 let r = crate::pipeline::handle(shared, req, peer).await;
                 // The stream stays open until its response body is done.
                 Ok::<_, Infallible>(r.map(|b| {
-                    b.map_frame(move |f| {
-                        let _ = &open;
-                        f
-                    })
-                    .boxed_unsync()
+                    watch
+                        .watched(b)
+                        .map_frame(move |f| {
+                            let _ = &open;
+                            f
+                        })
+                        .boxed_unsync()
                 }))
             }
         })
@@ -336,11 +342,25 @@ async fn serve_h2(
     let mut conn = pin!(b.serve_connection(TokioIo::new(Prefixed { read, io }), svc));
     let idle = limits.header_read_timeout;
     let mut check = tokio::time::Instant::now() + idle;
+    // The send timeout's tick (see `h2_send`).
+    let period = h2_send::Watch::period(limits.send_timeout);
+    let mut next_tick = tokio::time::Instant::now() + period;
     let drained = loop {
         tokio::select! {
             r = conn.as_mut() => return Ok(r?),
             _ = drain.wait_for(|d| *d) => break true,
-            _ = tokio::time::sleep_until(check) => {}
+            _ = tokio::time::sleep_until(check.min(next_tick)) => {}
+        }
+        let now = tokio::time::Instant::now();
+        if now >= next_tick {
+            next_tick = now + period;
+            let cut = watch.tick();
+            if cut > 0 {
+                tracing::info!(client = %peer.ip(), streams = cut, "HTTP/2 streams cut: the client took none of their response within the send timeout");
+            }
+            if now < check {
+                continue;
+            }
         }
         let open = activity.open.load(std::sync::atomic::Ordering::Relaxed);
         let since = *activity
