@@ -2,7 +2,7 @@
 //! picked out without building a JSON tree, and rewritten for upstream only
 //! when it must be (model rename, asking for stream usage).
 
-use std::borrow::Cow;
+use std::{borrow::Cow, future::poll_fn, task::Poll};
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt as _;
@@ -32,11 +32,18 @@ where
     let mut first: Option<Bytes> = None;
     let mut joined = BytesMut::new();
     loop {
-        let frame = match tokio::time::timeout(stall, body.frame()).await {
-            Err(_) => return Err(ProxyError::BodyTimeout(stall)),
-            Ok(None) => break,
-            Ok(Some(Err(_))) => return Err(ProxyError::BodyRead),
-            Ok(Some(Ok(f))) => f,
+        // Asked once without a timer: a body that came with its head (the
+        // usual case) costs no timer.
+        let next = match poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await {
+            Poll::Ready(f) => f,
+            Poll::Pending => tokio::time::timeout(stall, body.frame())
+                .await
+                .map_err(|_| ProxyError::BodyTimeout(stall))?,
+        };
+        let frame = match next {
+            None => break,
+            Some(Err(_)) => return Err(ProxyError::BodyRead),
+            Some(Ok(f)) => f,
         };
         let Ok(data) = frame.into_data() else {
             continue; // trailers
