@@ -33,7 +33,7 @@ pub enum ProxyError {
     BodyTooLarge { limit: u64 },
     #[error("could not read the request body")]
     BodyRead,
-    #[error("the request body stalled: nothing arrived for {}s", .0.as_secs())]
+    #[error("the request body stalled: nothing arrived for {}", crate::config::duration::format(*.0))]
     BodyTimeout(std::time::Duration),
     #[error("request body is not valid JSON: {0}")]
     InvalidJson(String),

@@ -716,3 +716,32 @@ async fn a_request_abandoned_before_its_answer_is_counted_as_499() {
     )
     .await;
 }
+
+/// HEAD is answered without a body over both protocols (over HTTP/2 a body
+/// on a HEAD answer is a protocol error the client resets the stream for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_requests_get_heads_over_http1_and_http2() {
+    let up = mock("a").await;
+    let g = TestGateway::start("", &model_toml("m", "", &[(up.url(), 1, None)])).await;
+    for c in [Client::http1(), Client::h2c()] {
+        for (path, key) in [
+            ("/healthz", None),
+            ("/readyz", None),
+            ("/v1/models", Some(KEY_A)),
+        ] {
+            let mut b = http::Request::head(url(&g, path));
+            if let Some(k) = key {
+                b = b.header("authorization", format!("Bearer {k}"));
+            }
+            let r = collect(c.send(b.body(Default::default()).unwrap()).await).await;
+            assert_eq!(r.status, 200, "{path} over {:?}", r.version);
+            assert!(r.body.is_empty(), "{path} over {:?}", r.version);
+            let len: usize = r.headers["content-length"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(len > 0, "the length of the body a GET would get");
+        }
+    }
+}

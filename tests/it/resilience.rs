@@ -989,23 +989,27 @@ async fn stalled_bodies_and_unread_responses_are_cut_and_free_their_slots() {
     let up = mock("a").await;
     let models = model_toml("m", "", &[(up.url(), 1, None)]) + &limited_key("max_concurrent = 1");
     let gw = TestGateway::start(
-        "body_read_timeout = \"600ms\"\nsend_timeout = \"600ms\"",
+        "body_read_timeout = \"1s\"\nsend_timeout = \"600ms\"",
         &models,
     )
     .await;
     let addr = gw.url.trim_start_matches("http://").to_owned();
     let a = addr.clone();
-    let stalled = tokio::task::spawn_blocking(move || {
+    // The stalled request goes first, and has its head read well before
+    // anything else is sent with the key.
+    let (mut stalled, t) = tokio::task::spawn_blocking(move || {
         let t = Instant::now();
         let head = format!(
             "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {KEY_LIMITED}\r\n\
              Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"model\":"
         );
-        (
-            raw(&a, head.as_bytes(), Duration::from_secs(5)),
-            t.elapsed(),
-        )
-    });
+        let mut s = std::net::TcpStream::connect(&a).unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        (s, t)
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
     // The stalled body holds the key's only slot.
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
@@ -1019,11 +1023,19 @@ async fn stalled_bodies_and_unread_responses_are_cut_and_free_their_slots() {
         assert!(Instant::now() < deadline, "never refused: {}", r.status);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let stalled = tokio::task::spawn_blocking(move || {
+        stalled
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut out = Vec::new();
+        let _ = stalled.read_to_end(&mut out);
+        (String::from_utf8_lossy(&out).into_owned(), t.elapsed())
+    });
     let (answer, took) = stalled.await.unwrap();
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("request_timeout"), "{answer}");
     assert!(
-        took >= Duration::from_millis(550) && took < Duration::from_secs(4),
+        took >= Duration::from_millis(950) && took < Duration::from_secs(5),
         "408 at the body read timeout: {took:?}"
     );
     let r = Client::http1()

@@ -509,20 +509,19 @@ impl Validator {
                 .and_then(|a| a.rate_limited.as_ref())
                 .map(|r| self.abuse_rule("abuse.rate_limited", r)),
         };
-        let keys: Vec<KeyConfig> = f
-            .keys
-            .into_iter()
-            .enumerate()
-            .map(|(i, k)| self.key(i, k))
-            .collect();
+        let keys: Vec<KeyConfig> = f.keys.into_iter().map(|(i, k)| self.key(i, k)).collect();
         let models: Vec<ModelConfig> = f
             .models
             .into_iter()
-            .enumerate()
             .map(|(i, m)| self.model(i, m))
             .collect();
-        self.unique_model_names(&models);
-        self.keys_are_distinct_and_name_models(&keys, &models);
+        // Checks across entries name entries by their place in the list,
+        // which is only known while every entry could be read; with some
+        // unread, they would also report what is only missing.
+        if !self.partial {
+            self.unique_model_names(&models);
+            self.keys_are_distinct_and_name_models(&keys, &models);
+        }
         Config {
             server,
             metrics,
@@ -1115,7 +1114,7 @@ impl Validator {
                     || models
                         .iter()
                         .any(|m| m.name == *g || m.aliases.iter().any(|a| a == g));
-                if !known && !models.is_empty() && !self.partial {
+                if !known && !models.is_empty() {
                     self.problem(
                         format!("keys[{i}].models[{j}]"),
                         format!("{g:?} is not a model name or alias (use `*` for a pattern)"),

@@ -4,17 +4,17 @@
 
 use serde::{de::DeserializeOwned, Deserialize};
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The file's sections, as far as they could be read (see [`File::read`]).
+#[derive(Debug, Default)]
 pub struct File {
     pub server: Option<Server>,
     pub metrics: Option<Metrics>,
     pub xdp: Option<Xdp>,
     pub abuse: Option<Abuse>,
-    #[serde(default)]
-    pub keys: Vec<Key>,
-    #[serde(default)]
-    pub models: Vec<Model>,
+    /// Each entry with its index in the file: an entry that could not be
+    /// read leaves a gap, and the paths of the others stay right.
+    pub keys: Vec<(usize, Key)>,
+    pub models: Vec<(usize, Model)>,
 }
 
 /// A problem with the file's form: its TOML path (empty for a syntax
@@ -141,7 +141,7 @@ impl Reader<'_> {
     }
 
     /// An array of tables (`[[keys]]`, `[[models]]`), entry by entry.
-    fn entries<T: DeserializeOwned>(&mut self, v: toml::Value, name: &str) -> Vec<T> {
+    fn entries<T: DeserializeOwned>(&mut self, v: toml::Value, name: &str) -> Vec<(usize, T)> {
         let toml::Value::Array(items) = v else {
             self.problem(
                 &[key(name)],
@@ -152,7 +152,7 @@ impl Reader<'_> {
         items
             .into_iter()
             .enumerate()
-            .filter_map(|(i, item)| self.section(item, &[key(name), Seg::Index(i)]))
+            .filter_map(|(i, item)| Some((i, self.section(item, &[key(name), Seg::Index(i)])?)))
             .collect()
     }
 

@@ -125,6 +125,21 @@ wieght = 2
         );
     }
     assert_eq!(p.len(), want.len(), "unexpected extra problems: {p:#?}");
+    // An entry that could not be read does not shift the paths of the
+    // entries after it.
+    let p = problems(
+        r#"[[models]]
+name = "a"
+wieght = 2
+[[models]]
+name = "b"
+[[models.backends]]
+url = "htp://x"
+"#,
+    );
+    assert_eq!(p.len(), 2, "{p:#?}");
+    assert!(p[0].starts_with("models[0].wieght: line 3"), "{p:#?}");
+    assert!(p[1].starts_with("models[1].backends[0].url:"), "{p:#?}");
     // A syntax error stops the reading, with its line.
     let p = problems("[server]\nlisten = [\n");
     assert_eq!(p.len(), 1, "{p:?}");

@@ -841,26 +841,39 @@ async fn write_response(
 }
 
 /// Writes `bytes` to the client and flushes, failing when the client takes
-/// none of it for `within` (nginx's `send_timeout`): a client that stops
-/// reading would otherwise hold its backend slot, key permit and upstream
-/// connection for as long as TCP keeps the connection. The timer is armed
-/// only when the socket is full: most writes complete at once.
+/// none of it for `within` (nginx's `send_timeout`: the time between two
+/// writes that make progress, so a slow reader that keeps reading is not
+/// cut): a client that stops reading would otherwise hold its backend
+/// slot, key permit and upstream connection for as long as TCP keeps the
+/// connection. A timer is armed only when the socket is full: most writes
+/// complete at once.
 async fn send(io: &mut BoxIo, bytes: &[u8], within: Duration) -> io::Result<()> {
-    let mut write = pin!(async {
-        io.write_all(bytes).await?;
-        io.flush().await
-    });
-    if let Poll::Ready(r) = poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let n = at_once_or_within(io.write(rest), within).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        rest = &rest[n..];
+    }
+    at_once_or_within(io.flush(), within).await
+}
+
+/// `op`'s result: polled once without a timer, then given `within`.
+async fn at_once_or_within<T>(
+    op: impl std::future::Future<Output = io::Result<T>>,
+    within: Duration,
+) -> io::Result<T> {
+    let mut op = pin!(op);
+    if let Poll::Ready(r) = poll_fn(|cx| Poll::Ready(op.as_mut().poll(cx))).await {
         return r;
     }
-    tokio::time::timeout(within, write)
-        .await
-        .unwrap_or_else(|_| {
-            Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the client took none of its response within the send timeout",
-            ))
-        })
+    tokio::time::timeout(within, op).await.unwrap_or_else(|_| {
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client took none of its response within the send timeout",
+        ))
+    })
 }
 
 /// `n` in lowercase hex, written into `buf`.

@@ -31,9 +31,20 @@ const TICKS: u64 = 4;
 /// The slots of one connection's streams, and its tick count.
 #[derive(Default)]
 pub struct Watch {
-    slots: Mutex<Vec<Weak<Slot>>>,
+    slots: Mutex<Slots>,
     tick: AtomicU64,
 }
+
+#[derive(Default)]
+struct Slots {
+    list: Vec<Weak<Slot>>,
+    /// The list's length that makes [`Watch::watched`] drop ended streams
+    /// (a busy connection opens many between two ticks).
+    prune_at: usize,
+}
+
+/// The shortest list pruned between ticks.
+const PRUNE_MIN: usize = 64;
 
 struct Slot {
     body: Mutex<Option<ResponseBody>>,
@@ -55,10 +66,13 @@ impl Watch {
             body: Mutex::new(Some(body)),
             handed: AtomicU64::new(0),
         });
-        self.slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Arc::downgrade(&slot));
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if slots.list.len() >= slots.prune_at.max(PRUNE_MIN) {
+            slots.list.retain(|w| w.strong_count() > 0);
+            slots.prune_at = 2 * slots.list.len();
+        }
+        slots.list.push(Arc::downgrade(&slot));
+        drop(slots);
         Watched {
             slot,
             watch: Arc::clone(self),
@@ -73,7 +87,7 @@ impl Watch {
         let mut stuck = Vec::new();
         {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-            slots.retain(|w| match w.upgrade() {
+            slots.list.retain(|w| match w.upgrade() {
                 Some(s) => {
                     let handed = s.handed.load(Ordering::Relaxed);
                     if handed != 0 && now.saturating_sub(handed) > TICKS {

@@ -320,7 +320,13 @@ async fn serve_h2(
             let open = StreamOpen::new(&activity);
             let watch = Arc::clone(&watch);
             async move {
-                let r = crate::pipeline::handle(shared, req, peer).await;
+                let head_only = req.method() == http::Method::HEAD;
+                let mut r = crate::pipeline::handle(shared, req, peer).await;
+                if head_only {
+                    // hyper's HTTP/2 server sends whatever body it is given,
+                    // and DATA on a HEAD answer is a protocol error.
+                    r = without_body(r).await;
+                }
                 // The stream stays open until its response body is done.
                 Ok::<_, Infallible>(r.map(|b| {
                     watch
@@ -389,6 +395,29 @@ async fn serve_h2(
         Ok(r) => Ok(r?),
         Err(_) => Ok(()),
     }
+}
+
+/// The answer to a HEAD request: its head, with the length its body would
+/// have had, and no body. The body is polled once before it goes, so a
+/// proxied one ends as complete rather than as abandoned.
+async fn without_body(
+    r: http::Response<crate::pipeline::ResponseBody>,
+) -> http::Response<crate::pipeline::ResponseBody> {
+    use http_body::Body as _;
+    use http_body_util::BodyExt as _;
+    let (mut parts, mut body) = r.into_parts();
+    if let Some(n) = body.size_hint().exact() {
+        parts
+            .headers
+            .entry(http::header::CONTENT_LENGTH)
+            .or_insert_with(|| http::HeaderValue::from(n));
+    }
+    let _ = poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await;
+    drop(body);
+    let empty = http_body_util::Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync();
+    http::Response::from_parts(parts, empty)
 }
 
 /// A connection whose first bytes were read already (to choose the

@@ -199,8 +199,12 @@ impl KeyState {
             let need = tokens.min(tpm) as f64;
             let wait = wait_for(&g.tokens, tpm as f64, need);
             if !wait.is_zero() {
-                if std::mem::take(&mut permit.took_request) {
-                    g.requests.level += 1.0;
+                if let (true, Some(rpm)) = (
+                    std::mem::take(&mut permit.took_request),
+                    limits.requests_per_minute,
+                ) {
+                    // Never above a full minute's allowance.
+                    g.requests.level = (g.requests.level + 1.0).min(rpm as f64);
                 }
                 return Err(Refusal {
                     kind: Kind::Tokens,

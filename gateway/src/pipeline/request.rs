@@ -10,6 +10,9 @@ use serde::Deserialize;
 
 use crate::error::ProxyError;
 
+/// Most of an announced body length reserved before it arrives.
+const RESERVE_AHEAD: usize = 64 * 1024;
+
 /// Reads the whole body, refusing more than `limit` bytes (413) before
 /// reading it when Content-Length already says so, and a body that sends
 /// nothing for `stall` (408; nginx's `client_body_timeout`).
@@ -57,7 +60,10 @@ where
             None if joined.is_empty() => first = Some(data),
             None => joined.extend_from_slice(&data),
             Some(f) => {
-                let want = content_length.map_or(0, |n| n as usize);
+                // What the length announces, but not more than a little
+                // ahead of what came: a client that announces 10 MiB and
+                // trickles pins only what it sent.
+                let want = content_length.map_or(0, |n| n as usize).min(RESERVE_AHEAD);
                 joined.reserve(want.max(f.len() + data.len()));
                 joined.extend_from_slice(&f);
                 joined.extend_from_slice(&data);

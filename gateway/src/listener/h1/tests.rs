@@ -431,3 +431,33 @@ fn inspect_head_matches_framing() {
         Some(431)
     );
 }
+
+/// The send timeout is the time between writes that make progress: a slow
+/// reader that keeps reading gets all of it, a client that reads nothing
+/// is cut.
+#[tokio::test]
+async fn the_send_timeout_waits_on_progress_not_on_the_whole_write() {
+    use tokio::io::AsyncReadExt as _;
+    let within = Duration::from_millis(200);
+    let (mut client, server) = tokio::io::duplex(64);
+    let mut io: BoxIo = Box::new(server);
+    let reader = tokio::spawn(async move {
+        let mut got = 0;
+        let mut buf = [0u8; 64];
+        // 4,096 bytes, 64 every 20 ms: 1.3 s in all, far past `within`.
+        while got < 4096 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            got += client.read(&mut buf).await.unwrap();
+        }
+        client
+    });
+    send(&mut io, &[b'x'; 4096], within)
+        .await
+        .expect("a client that keeps reading is not cut");
+    let _client = reader.await.unwrap();
+    // Nobody reads now: the pipe's 64 bytes fill, then nothing moves.
+    let t = std::time::Instant::now();
+    let e = send(&mut io, &[b'y'; 4096], within).await.unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+    assert!(t.elapsed() >= within, "{:?}", t.elapsed());
+}
