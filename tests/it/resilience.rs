@@ -980,6 +980,46 @@ async fn every_timeout_answers_or_ends_the_stream_and_frees_the_slot() {
     }
 }
 
+/// Asks for a stream of `tokens` tokens with none between them, over a
+/// connection with a 4 KiB receive buffer that nothing reads yet: once
+/// the socket buffers fill, the gateway waits on this client.
+fn long_stream_on_a_small_window(dst: SocketAddr, tokens: u32, extra: &str) -> std::net::TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.set_recv_buffer_size(4096).unwrap();
+    s.connect(&dst.into()).unwrap();
+    let mut s: std::net::TcpStream = s.into();
+    let body = chat("m", true).to_string();
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {KEY_A}\r\n\
+         Content-Type: application/json\r\nx-mock-tokens: {tokens}\r\nx-mock-interval-ms: 0\r\n\
+         {extra}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    s
+}
+
+/// Waits for `up`'s one request to be under way, then for the send
+/// timeout (600 ms in the tests that use this) to cancel it.
+async fn upstream_cancelled_once_stuck(up: &MockLlm) {
+    eventually(Duration::from_secs(3), "the stream is under way", || {
+        up.stats().snapshot().in_flight == 1
+    })
+    .await;
+    let t = Instant::now();
+    eventually(
+        Duration::from_secs(10),
+        "the unread stream's upstream request is cancelled",
+        || up.stats().snapshot().in_flight == 0,
+    )
+    .await;
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "cut after the send timeout: {:?}",
+        t.elapsed()
+    );
+}
+
 /// A request body that stalls gets 408 after `body_read_timeout`, and while
 /// it stalls it holds the key's `max_concurrent` slot (taken before the
 /// body is read). A client that stops reading its response is cut after
@@ -1045,35 +1085,8 @@ async fn stalled_bodies_and_unread_responses_are_cut_and_free_their_slots() {
 
     // A long stream the client never reads: a small receive buffer, and
     // nothing read from it.
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    s.set_recv_buffer_size(4096).unwrap();
-    let dst: SocketAddr = addr.parse().unwrap();
-    s.connect(&dst.into()).unwrap();
-    let mut s: std::net::TcpStream = s.into();
-    let body = chat("m", true).to_string();
-    let req = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {KEY_A}\r\n\
-         Content-Type: application/json\r\nx-mock-tokens: 200000\r\nx-mock-interval-ms: 0\r\n\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    eventually(Duration::from_secs(3), "the stream is under way", || {
-        up.stats().snapshot().in_flight == 1
-    })
-    .await;
-    let t = Instant::now();
-    eventually(
-        Duration::from_secs(10),
-        "the unread stream is cut and its upstream request cancelled",
-        || up.stats().snapshot().in_flight == 0,
-    )
-    .await;
-    assert!(
-        t.elapsed() < Duration::from_secs(8),
-        "cut after the send timeout: {:?}",
-        t.elapsed()
-    );
+    let mut s = long_stream_on_a_small_window(addr.parse().unwrap(), 200_000, "");
+    upstream_cancelled_once_stuck(&up).await;
     // The client sees a response that ends without its end.
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut got = Vec::new();
@@ -1108,22 +1121,14 @@ async fn a_client_pausing_longer_than_idle_is_no_upstream_stall() {
     let gw = TestGateway::start("send_timeout = \"20s\"", &models).await;
     let dst: SocketAddr = gw.url.trim_start_matches("http://").parse().unwrap();
     let got = tokio::task::spawn_blocking(move || {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        s.set_recv_buffer_size(4096).unwrap();
-        s.connect(&dst.into()).unwrap();
-        let mut s: std::net::TcpStream = s.into();
-        let body = chat("m", true).to_string();
-        let req = format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {KEY_A}\r\n\
-             Content-Type: application/json\r\nx-mock-tokens: 60000\r\nx-mock-interval-ms: 0\r\n\
-             Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(req.as_bytes()).unwrap();
-        // Read a little, pause three idle timeouts long, then read it all.
+        let mut s = long_stream_on_a_small_window(dst, 60_000, "Connection: close\r\n");
+        // Read a little, then pause: the ~9 MB the backend sends fill the
+        // socket buffers (a few MB) well within the 3 s, after which the
+        // gateway waits on this client, ten idle timeouts long. Then read
+        // it all.
         let mut first = [0u8; 1024];
         s.read_exact(&mut first).unwrap();
-        std::thread::sleep(Duration::from_millis(1000));
+        std::thread::sleep(Duration::from_millis(3000));
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         let mut rest = Vec::new();
         let _ = s.read_to_end(&mut rest);
@@ -1162,19 +1167,8 @@ async fn an_http2_stream_the_client_never_reads_is_cut_after_the_send_timeout() 
         .await;
     assert_eq!(held.status(), 200);
     assert_eq!(held.version(), http::Version::HTTP_2);
-    eventually(Duration::from_secs(3), "the stream is under way", || {
-        up.stats().snapshot().in_flight == 1
-    })
-    .await;
     // Its body is never read: the client's window for it stays shut.
-    let t = Instant::now();
-    eventually(
-        Duration::from_secs(10),
-        "the unread stream's upstream request is cancelled",
-        || up.stats().snapshot().in_flight == 0,
-    )
-    .await;
-    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+    upstream_cancelled_once_stuck(&up).await;
     // The same connection still serves other requests.
     let r = c.post(&url(&gw), Some(KEY_A), &[], &chat("m", false)).await;
     assert_eq!(r.status, 200);
