@@ -146,20 +146,22 @@ impl Body for Watched {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.slot
-            .body
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .is_some_and(|b| b.is_end_stream())
+        self.peek(|b| b.is_some_and(|b| b.is_end_stream()))
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.slot
+        self.peek(|b| b.map_or_else(SizeHint::default, |b| b.size_hint()))
+    }
+}
+
+impl Watched {
+    /// `f` of the body, if the watch has not taken it back.
+    fn peek<R>(&self, f: impl FnOnce(Option<&ResponseBody>) -> R) -> R {
+        f(self
+            .slot
             .body
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map_or_else(SizeHint::default, |b| b.size_hint())
+            .as_ref())
     }
 }
