@@ -504,10 +504,11 @@ async fn h2c_backends_and_models_list() {
         )
         .await;
     assert_eq!(r.status, 200);
+    let seen = up.requests().last().unwrap().clone();
+    assert_eq!(seen.version, "HTTP/2.0", "h2c:// backends speak HTTP/2");
     assert_eq!(
-        up.requests().last().unwrap().version,
-        "HTTP/2.0",
-        "h2c:// backends speak HTTP/2"
+        seen.body["model"], "m",
+        "the backend is asked for the model's name, not the client's alias"
     );
     let ids = |r: &gateway_tests::l7::Collected| -> Vec<String> {
         r.json()["data"]

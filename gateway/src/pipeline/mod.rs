@@ -367,8 +367,10 @@ where
 
     // Ask upstream for stream usage when the client did not; remove it again.
     let strip_usage = info.stream && info.include_usage != Some(true);
-    let upstream_body =
-        request::upstream_body(body, &info, model.upstream_model.as_deref(), strip_usage)?;
+    // The backend knows the model by `upstream_model`, else by its name:
+    // an alias the client used is the gateway's, not the backend's.
+    let upstream_name = model.upstream_model.as_deref().unwrap_or(&model.name);
+    let upstream_body = request::upstream_body(body, &info, Some(upstream_name), strip_usage)?;
 
     let hash = if model.needs_hash() {
         request_hash(&model.hash_on, key, &parts.headers, ctx.client)
