@@ -113,6 +113,14 @@ impl Balancer {
     /// Picks a backend not in `exclude` and leases a slot on it; returns
     /// its index too. `hash` is the request's attribute hash (used by
     /// consistent_hash only).
+    ///
+    /// Panic mode: when no backend is in rotation only because health
+    /// took them all out (ejected, failing active checks), the pick goes
+    /// over those instead of refusing every request. Ejection is there to
+    /// move traffic to better backends; with none left, a chance of an
+    /// answer beats a certain 503 (Envoy's panic threshold does the same;
+    /// a model with one backend would otherwise refuse everyone for the
+    /// whole ejection).
     pub fn pick(
         &self,
         backends: &[Arc<Backend>],
@@ -122,17 +130,16 @@ impl Balancer {
         let mut now = Now::default();
         let mut credit = self.credit.lock().unwrap_or_else(|p| p.into_inner());
         let mut cands: smallvec::SmallVec<[Cand; 8]> = Default::default();
+        // Out of rotation for health alone, with room: panic mode's.
+        let mut resting: smallvec::SmallVec<[Cand; 8]> = Default::default();
         let mut full = false;
         for (i, b) in backends.iter().enumerate() {
             if b.drained() || exclude.contains(&i) {
                 continue;
             }
             let admit = b.health.admit(&mut now);
-            if admit == Admit::No {
-                continue;
-            }
             if b.full() {
-                full = true;
+                full |= admit != Admit::No;
                 continue;
             }
             if admit == Admit::Probe {
@@ -140,19 +147,26 @@ impl Balancer {
                 return Ok((i, b.lease(true)));
             }
             let weight = b.weight();
-            cands.push(Cand {
+            let c = Cand {
                 index: i,
                 in_flight: b.in_flight() as u64,
                 weight: b.health.effective_weight(weight, &mut now),
                 full: weight as u64 * WEIGHT_SCALE,
-            });
+            };
+            if admit == Admit::No {
+                resting.push(c);
+            } else {
+                cands.push(c);
+            }
         }
         if cands.is_empty() {
-            return Err(if full {
-                NoPick::Full
-            } else {
-                NoPick::NoneHealthy
-            });
+            if full {
+                return Err(NoPick::Full);
+            }
+            if resting.is_empty() {
+                return Err(NoPick::NoneHealthy);
+            }
+            cands = resting;
         }
         let i = match self.policy {
             Policy::LeastConnections => least_connections(&cands, &mut credit),

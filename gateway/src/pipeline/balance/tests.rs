@@ -235,6 +235,46 @@ fn every_policy_skips_drained_full_and_ejected_backends() {
     }
 }
 
+/// With every backend out of rotation for health, the pick goes over them
+/// all rather than refusing (panic mode); one backend in rotation takes
+/// everything again.
+#[test]
+fn with_every_backend_ejected_the_pick_goes_over_them_all() {
+    let eject = |b: &Backend, name: &str| {
+        b.health.configure(
+            &Outlier {
+                consecutive_failures: 1,
+                ejection: Duration::from_secs(60),
+                max_ejection: Duration::from_secs(60),
+            },
+            Duration::ZERO,
+        );
+        b.health.report(false, false, name);
+    };
+    for policy in Policy::ALL {
+        let bs = backends(&[1, 1, 1]);
+        let b = Balancer::new(policy, &bs);
+        eject(&bs[0], "b0");
+        eject(&bs[1], "b1");
+        let c = spread(&b, &bs, 100, |k| k as u64);
+        assert_eq!(c, [0, 0, 100], "{}: the one in rotation", policy.name());
+        eject(&bs[2], "b2");
+        let c = spread(&b, &bs, 300, |k| {
+            (k as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        });
+        assert_eq!(c.iter().sum::<usize>(), 300, "{}", policy.name());
+        assert!(
+            policy == Policy::ConsistentHash || c.iter().all(|n| *n > 0),
+            "{}: spread over the ejected ones: {c:?}",
+            policy.name()
+        );
+        // Drained ones stay out even then.
+        bs[0].set_drained(true);
+        let c = spread(&b, &bs, 50, |k| k as u64);
+        assert_eq!(c[0], 0, "{}", policy.name());
+    }
+}
+
 #[test]
 fn slow_start_reduces_the_share_under_weighted_policies() {
     for policy in [
