@@ -1174,3 +1174,51 @@ async fn an_http2_stream_the_client_never_reads_is_cut_after_the_send_timeout() 
     assert_eq!(r.status, 200);
     drop(held);
 }
+
+/// A streaming server sends its head at once and its first token after
+/// queueing and prefill: until that first token, the model's `first_byte`
+/// applies, not the shorter `idle`. A first token later than `first_byte`
+/// ends the stream with the error event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streams_first_token_gets_first_byte_not_idle() {
+    let up = mock("a").await;
+    let models = model_toml(
+        "m",
+        "timeouts = { first_byte = \"1500ms\", idle = \"300ms\" }\nretries = 0",
+        &[(up.url(), 1, None)],
+    );
+    let gw = TestGateway::start("", &models).await;
+    let c = Client::http1();
+    let stream = |first_ms: &'static str| {
+        let (c, u) = (c.clone(), url(&gw));
+        async move {
+            let r = c
+                .post(
+                    &u,
+                    Some(KEY_A),
+                    &[("x-mock-first-token-ms", first_ms), ("x-mock-tokens", "3")],
+                    &chat("m", true),
+                )
+                .await;
+            String::from_utf8_lossy(&r.body).into_owned()
+        }
+    };
+    let slow_first = stream("1000").await;
+    assert!(
+        slow_first.contains("[DONE]") && !slow_first.contains("upstream_stream_error"),
+        "a first token within first_byte is waited for: {slow_first}"
+    );
+    let t = Instant::now();
+    let too_slow = stream("4000").await;
+    assert!(too_slow.contains("upstream_stream_error"), "{too_slow}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(1400) && t.elapsed() < Duration::from_millis(3500),
+        "cut at first_byte: {:?}",
+        t.elapsed()
+    );
+    let m = gw.metrics().await;
+    assert!(
+        m.contains(r#"kind="first_byte_timeout""#),
+        "counted as a first-byte timeout: {m}"
+    );
+}

@@ -417,8 +417,18 @@ where
     let deadline = ctx.start + timeouts.total;
     let body: BodyFn = Box::new(move |mut ctx: RequestCtx| {
         ctx.overhead += arrived.elapsed();
+        let first_data_by = ctx.dispatched.unwrap_or(arrived) + timeouts.first_byte;
         let finish = Finish::new(ctx, Arc::clone(&shared), Some(lease));
-        ProxyBody::new(upstream, sse, strip_usage, timeouts.idle, deadline, finish).boxed_unsync()
+        ProxyBody::new(
+            upstream,
+            sse,
+            strip_usage,
+            timeouts.idle,
+            first_data_by,
+            deadline,
+            finish,
+        )
+        .boxed_unsync()
     });
     Ok(Served::Proxied { head, body })
 }

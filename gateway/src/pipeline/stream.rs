@@ -92,11 +92,16 @@ pin_project! {
 }
 
 impl ProxyBody {
+    /// `first_data_by`: the first piece of the body may take until then
+    /// (the model's `first_byte` from dispatch), even past `idle_timeout`:
+    /// vLLM, SGLang and TGI send a stream's head before the request is
+    /// scheduled, so its first token is what `first_byte` is about.
     pub fn new(
         inner: upstream::Incoming,
         sse: bool,
         strip_usage: bool,
         idle_timeout: Duration,
+        first_data_by: Instant,
         deadline: Instant,
         finish: Finish,
     ) -> ProxyBody {
@@ -113,7 +118,9 @@ impl ProxyBody {
         };
         ProxyBody {
             inner,
-            idle: tokio::time::sleep(idle_timeout),
+            idle: tokio::time::sleep_until(
+                (Instant::now() + idle_timeout).max(first_data_by).into(),
+            ),
             total: tokio::time::sleep_until(deadline.into()),
             idle_timeout,
             mode,
@@ -245,7 +252,13 @@ impl Body for ProxyBody {
             } else {
                 match this.inner.as_mut().poll_frame(cx) {
                     Poll::Ready(f) => Ok(f),
-                    Poll::Pending if this.idle.as_mut().poll(cx).is_ready() => Err("idle_timeout"),
+                    Poll::Pending if this.idle.as_mut().poll(cx).is_ready() => {
+                        Err(if this.finish.ctx.first_byte.is_none() {
+                            "first_byte_timeout"
+                        } else {
+                            "idle_timeout"
+                        })
+                    }
                     Poll::Pending => return Poll::Pending,
                 }
             };
@@ -304,8 +317,13 @@ impl Body for ProxyBody {
                 .upstream_errors
                 .with_label_values(&[&model, &backend, kind])
                 .inc();
-            if let Some(l) = f.lease.as_mut() {
-                l.report(false);
+            // The request's own time running out is no fault of the
+            // backend's to eject it for (a long generation is not a
+            // failure); a stall or a broken stream is.
+            if kind != "total_timeout" {
+                if let Some(l) = f.lease.as_mut() {
+                    l.report(false);
+                }
             }
             f.complete(Some(kind));
             return match this.mode {

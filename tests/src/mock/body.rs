@@ -30,6 +30,9 @@ pub struct MockBody {
     /// first one; the closing events follow the last token at once).
     paced: u32,
     interval: Duration,
+    /// The first event waits this long (a server that sends a stream's
+    /// head at once and its first token after queueing and prefill).
+    first_wait: Duration,
     /// Allocated on the first wait and re-armed after, not once per event.
     sleep: Option<Pin<Box<Sleep>>>,
     sleeping: bool,
@@ -57,6 +60,7 @@ impl MockBody {
             events: 0,
             paced: 0,
             interval: Duration::ZERO,
+            first_wait: Duration::ZERO,
             sleep: None,
             sleeping: false,
             abort: None,
@@ -73,6 +77,12 @@ impl MockBody {
             interval,
             ..MockBody::whole(buf, Some(tracker))
         }
+    }
+
+    /// The first event waits `wait` after the head.
+    pub fn first_after(mut self, wait: Duration) -> MockBody {
+        self.first_wait = wait;
+        self
     }
 
     /// Reset the connection after `after` SSE events, never letting the
@@ -103,8 +113,7 @@ impl MockBody {
         }
     }
 
-    fn poll_interval(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let interval = self.interval;
+    fn poll_interval(&mut self, cx: &mut Context<'_>, interval: Duration) -> Poll<()> {
         let sleep = self
             .sleep
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(interval)));
@@ -146,8 +155,11 @@ impl Body for MockBody {
         if this.abort.as_ref().is_some_and(|a| this.events >= a.after) {
             return this.fire_abort();
         }
+        if this.events == 0 && !this.first_wait.is_zero() {
+            ready!(this.poll_interval(cx, this.first_wait));
+        }
         if this.events >= 1 && this.events < this.paced && !this.interval.is_zero() {
-            ready!(this.poll_interval(cx));
+            ready!(this.poll_interval(cx, this.interval));
         }
         let end = this.next_end();
         let frame = this.buf.slice(this.pos..end);

@@ -232,7 +232,8 @@ fn completion(
             MockBody::whole(c.render(), Some(tracker)),
         );
     }
-    let body = MockBody::sse(c.render_stream(), tokens, params.interval, tracker);
+    let body = MockBody::sse(c.render_stream(), tokens, params.interval, tracker)
+        .first_after(params.first_token);
     let mut resp = respond(shared, StatusCode::OK, "text/event-stream", body);
     resp.headers_mut()
         .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));

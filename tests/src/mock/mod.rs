@@ -17,6 +17,7 @@
 //! |----------------------|---------------------------------------------------------|
 //! | `x-mock-tokens`      | completion tokens, e.g. `5`                             |
 //! | `x-mock-interval-ms` | delay between stream token chunks                       |
+//! | `x-mock-first-token-ms` | delay of a stream's first chunk after its head       |
 //! | `x-mock-latency-ms`  | delay before the response headers                       |
 //! | `x-mock-fail`        | `500`/`503`/`429`/… (400-599), `reset`, `stall`, `garbage`, `midstream:N`, or `none` |
 //! | `x-mock-usage`       | `asked`, `always` or `never`                            |

@@ -149,6 +149,8 @@ pub(crate) struct Params {
     pub latency: Duration,
     pub tokens: u32,
     pub interval: Duration,
+    /// Delay of a stream's first event after its head.
+    pub first_token: Duration,
     pub usage: UsageMode,
     pub fail: Option<Failure>,
 }
@@ -162,9 +164,13 @@ impl Params {
             latency: opts.latency,
             tokens: opts.tokens,
             interval: opts.interval,
+            first_token: Duration::ZERO,
             usage: opts.usage,
             fail: opts.fail,
         };
+        if let Some(v) = header(headers, "x-mock-first-token-ms")? {
+            p.first_token = Duration::from_millis(parse_num(v, "x-mock-first-token-ms")?);
+        }
         if let Some(v) = header(headers, "x-mock-tokens")? {
             p.tokens = parse_num(v, "x-mock-tokens")?;
         }
