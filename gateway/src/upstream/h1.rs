@@ -87,6 +87,10 @@ impl Error {
     }
 }
 
+/// How soon after a request is written a kept connection's close counts as
+/// the close racing the request (the backend never read it).
+const STALE_RACE: Duration = Duration::from_millis(250);
+
 /// Idle connections of one worker to one backend.
 pub struct Pool {
     idle: Mutex<Vec<Idle>>,
@@ -230,12 +234,23 @@ impl Client {
                 Ok::<_, io::Error>(())
             }
             .await;
+            let sent_at = Instant::now();
+            let write_failed = sent.is_err();
             let result = match sent {
                 Ok(()) => read_head(stream, no_body, Arc::clone(pool)).await,
                 Err(e) => Err(Error::Io(e)),
             };
             match result {
-                Err(e) if reused && e.is_stale() => {
+                // The close raced the request: the backend had closed the
+                // kept connection before it could read it. Once the
+                // backend has had the request for longer, it may have
+                // acted on it, and it is not sent again here (the retry
+                // policy and budget decide, and count it).
+                Err(e)
+                    if reused
+                        && e.is_stale()
+                        && (write_failed || sent_at.elapsed() < STALE_RACE) =>
+                {
                     tracing::debug!(backend = %self.authority, "kept connection was closed: {e}; sending again");
                 }
                 r => return r,
@@ -269,6 +284,7 @@ impl Client {
             match tokio::time::timeout(share, TcpStream::connect(addr)).await {
                 Ok(Ok(s)) => {
                     let _ = s.set_nodelay(true);
+                    let _ = socket2::SockRef::from(&s).set_tcp_keepalive(&super::tcp_keepalive());
                     return Ok(s);
                 }
                 Ok(Err(source)) => {

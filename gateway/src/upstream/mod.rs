@@ -32,8 +32,29 @@ use crate::config::BackendConfig;
 pub type UpstreamBody = Full<Bytes>;
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 
-/// How long an idle pooled connection is kept.
+/// How long an idle pooled connection is kept (h2c and https backends).
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// The same for the own HTTP/1.1 client: under the 5 s keep-alive of
+/// uvicorn (vLLM, SGLang) and cpp-httplib (llama.cpp), so a kept connection
+/// is given up before the backend closes it, not raced by a request.
+const H1_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// TCP keepalive on upstream connections: a peer that vanished without a
+/// reset is found after about a minute, not TCP's fifteen.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// HTTP/2 pings to h2c and https backends.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The TCP keepalive of an upstream socket (probes after `KEEPALIVE_IDLE`
+/// of silence, every `KEEPALIVE_INTERVAL`).
+pub(crate) fn tcp_keepalive() -> socket2::TcpKeepalive {
+    socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(3)
+}
 
 /// One backend server of a model.
 pub struct Backend {
@@ -106,11 +127,13 @@ impl Backend {
         let prefix = cfg.url.path().trim_end_matches('/').to_owned();
         let own_h1 = !h2c && scheme == http::uri::Scheme::HTTP;
         let h1 = own_h1
-            .then(|| h1::Client::new(&authority, connect_timeout, POOL_IDLE_TIMEOUT, workers));
+            .then(|| h1::Client::new(&authority, connect_timeout, H1_POOL_IDLE_TIMEOUT, workers));
         let client = || {
             let mut http = HttpConnector::new();
             http.set_connect_timeout(Some(connect_timeout));
             http.set_nodelay(true);
+            http.set_keepalive(Some(KEEPALIVE_IDLE));
+            http.set_keepalive_interval(Some(KEEPALIVE_INTERVAL));
             http.enforce_http(false);
             let connector = hyper_rustls::HttpsConnectorBuilder::new()
                 .with_tls_config(tls_client_config().as_ref().clone())
@@ -119,9 +142,15 @@ impl Backend {
                 .enable_http2()
                 .wrap_connector(http);
             let mut b = Client::builder(TokioExecutor::new());
+            // An HTTP/2 connection carries every stream of the worker: a
+            // peer gone without a reset (a pod removed, NAT state lost) is
+            // found by pings, not after each request's first_byte.
             b.pool_idle_timeout(POOL_IDLE_TIMEOUT)
                 .pool_timer(TokioTimer::new())
-                .timer(TokioTimer::new());
+                .timer(TokioTimer::new())
+                .http2_keep_alive_interval(Some(H2_PING_INTERVAL))
+                .http2_keep_alive_timeout(H2_PING_TIMEOUT)
+                .http2_keep_alive_while_idle(true);
             if h2c {
                 b.http2_only(true);
             }

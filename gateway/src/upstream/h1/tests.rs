@@ -202,12 +202,15 @@ fn heads_are_parsed_or_refused() {
 struct Reply {
     pieces: Vec<&'static [u8]>,
     close: bool,
+    /// How long the backend works on the request before it answers.
+    wait: Duration,
 }
 
 fn reply(raw: &'static [u8]) -> Reply {
     Reply {
         pieces: vec![raw],
         close: false,
+        wait: Duration::ZERO,
     }
 }
 
@@ -216,6 +219,7 @@ fn paced(pieces: Vec<&'static [u8]>) -> Reply {
     Reply {
         pieces,
         close: false,
+        wait: Duration::ZERO,
     }
 }
 
@@ -224,6 +228,7 @@ fn closing(raw: &'static [u8]) -> Reply {
     Reply {
         pieces: vec![raw],
         close: true,
+        wait: Duration::ZERO,
     }
 }
 
@@ -278,6 +283,7 @@ async fn backend(replies: Vec<Reply>) -> Backend {
                         .unwrap()
                         .push(buf.drain(..head_end + len).collect());
                     let r = replies[next.fetch_add(1, Ordering::SeqCst)].clone();
+                    tokio::time::sleep(r.wait).await;
                     for (i, p) in r.pieces.iter().enumerate() {
                         if i > 0 {
                             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -440,12 +446,34 @@ async fn a_request_the_backend_drops_on_a_kept_connection_goes_again() {
     assert!(matches!(post(&client(&b), b"{}").await, Err(Error::Closed)));
 }
 
+/// A backend that worked on a request for a while, then closed the kept
+/// connection without an answer, may have acted on it: the client does not
+/// send it again by itself (the retry policy decides, and counts it).
+#[tokio::test]
+async fn a_request_the_backend_held_then_dropped_is_not_sent_again() {
+    let b = backend(vec![
+        reply(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na"),
+        Reply {
+            pieces: vec![],
+            close: true,
+            wait: STALE_RACE * 2,
+        },
+        reply(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nb"),
+    ])
+    .await;
+    let c = client(&b);
+    assert_eq!(post(&c, b"{}").await.unwrap().1.concat(), b"a");
+    assert!(matches!(post(&c, b"{}").await, Err(Error::Closed)));
+    assert_eq!(b.requests.lock().unwrap().len(), 2, "sent once");
+}
+
 #[tokio::test]
 async fn unframed_and_closing_responses_do_not_reuse_the_connection() {
     let b = backend(vec![
         Reply {
             pieces: vec![b"HTTP/1.1 200 OK\r\n\r\nuntil", b" the end"],
             close: true,
+            wait: Duration::ZERO,
         },
         closing(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\nx"),
         reply(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi"),
