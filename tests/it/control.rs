@@ -15,16 +15,24 @@ use gateway_tests::{
     process::Daemon,
 };
 
+/// A daemon config with model `m` on backends `a` and `b` (one backend
+/// when they are the same: a server is listed once).
 fn config(port: u16, a: &str, b: &str, weights: (u32, u32)) -> String {
+    let second = if a == b {
+        String::new()
+    } else {
+        format!(
+            "[[models.backends]]\nurl = \"{b}\"\nweight = {}\n",
+            weights.1
+        )
+    };
     format!(
         "[server]\nlisten = [\"127.0.0.1:{port}\"]\nstate_dir = \"@STATE_DIR@\"\n\
          [metrics]\nlisten = \"127.0.0.1:0\"\n\
          [[keys]]\nname = \"team-a\"\nsha256 = \"{key}\"\n\
          [[models]]\nname = \"m\"\n\
-         [[models.backends]]\nurl = \"{a}\"\nweight = {}\n\
-         [[models.backends]]\nurl = \"{b}\"\nweight = {}\n",
+         [[models.backends]]\nurl = \"{a}\"\nweight = {}\n{second}",
         weights.0,
-        weights.1,
         key = sha256_hex(KEY_A),
     )
 }

@@ -821,12 +821,27 @@ impl Validator {
                 "a model needs at least one backend",
             );
         }
-        let backends: Vec<BackendConfig> = m
-            .backends
-            .into_iter()
-            .enumerate()
-            .filter_map(|(j, b)| self.backend(&format!("{at}.backends[{j}]"), b))
-            .collect();
+        let mut backends: Vec<BackendConfig> = Vec::new();
+        for (j, b) in m.backends.into_iter().enumerate() {
+            let Some(b) = self.backend(&format!("{at}.backends[{j}]"), b) else {
+                continue;
+            };
+            // One server listed twice would be two backends with two caps
+            // and one metric label, and a retry "elsewhere" could land on
+            // it again: give it more weight instead.
+            let label = b.url.to_string();
+            if backends
+                .iter()
+                .any(|o| o.url.to_string().trim_end_matches('/') == label.trim_end_matches('/'))
+            {
+                self.problem(
+                    format!("{at}.backends[{j}].url"),
+                    format!("{label:?} is listed twice in this model (raise its weight instead)"),
+                );
+                continue;
+            }
+            backends.push(b);
+        }
         let rb = m.retry_budget.unwrap_or_default();
         let ratio = rb.ratio.unwrap_or(DEFAULT_RETRY_BUDGET_RATIO);
         if !(0.0..=1.0).contains(&ratio) {
@@ -1066,6 +1081,15 @@ impl Validator {
             return None;
         };
         let uri = match url.parse::<http::Uri>() {
+            Ok(u) if u.authority().is_some_and(|a| a.as_str().contains('@')) => {
+                // Credentials in the URL would show in metric labels, logs
+                // and `backends list`, and are not sent as credentials.
+                self.problem(
+                    format!("{at}.url"),
+                    "must not carry a user or password (user@host)",
+                );
+                return None;
+            }
             Ok(u)
                 if matches!(u.scheme_str(), Some("http") | Some("https") | Some("h2c"))
                     && u.host().is_some_and(|h| !h.is_empty())

@@ -200,6 +200,25 @@ url = "http://10.0.1.2:8000"
 }
 
 #[test]
+fn a_backend_is_listed_once_and_without_credentials() {
+    let p = problems(
+        r#"
+[[models]]
+name = "m"
+[[models.backends]]
+url = "http://10.0.1.1:8000"
+[[models.backends]]
+url = "http://10.0.1.1:8000/"
+[[models.backends]]
+url = "http://user:secret@10.0.1.2:8000"
+"#,
+    );
+    assert_eq!(p.len(), 2, "{p:#?}");
+    assert!(p[0].starts_with("models[0].backends[1].url:") && p[0].contains("listed twice"));
+    assert!(p[1].starts_with("models[0].backends[2].url:") && !p[1].contains("secret"));
+}
+
+#[test]
 fn balancing_and_groups() {
     let c = Config::parse(
         r#"
