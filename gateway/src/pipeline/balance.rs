@@ -248,11 +248,7 @@ impl Balancer {
             tokio::pin!(freed);
             freed.as_mut().enable();
             match self.pick(backends, tried, hash) {
-                Ok(p) => {
-                    // Pass the wake-up on if more slots may be free.
-                    slots.wake();
-                    return Ok(p);
-                }
+                Ok(p) => return Ok(p),
                 Err(NoPick::NoneHealthy) => return Err(ProxyError::NoBackend(model.to_owned())),
                 Err(NoPick::Full) => {}
             }

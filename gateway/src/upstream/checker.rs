@@ -40,6 +40,11 @@ pub async fn run(shared: Arc<Shared>) {
                     tokio::spawn(async move {
                         let ok = check(&b, &hc).await;
                         b.health.active_result(ok, &hc, &b.label);
+                        if ok {
+                            // Back in rotation, maybe: requests queued for
+                            // a slot may find one there.
+                            b.slots().wake();
+                        }
                         b.health.checking.store(false, Ordering::Release);
                     });
                 }

@@ -98,10 +98,14 @@ pub struct Slots {
 }
 
 impl Slots {
-    /// Wakes a waiting request, if any.
+    /// Wakes the waiting requests, if any, to look for a slot again. All of
+    /// them: the model's traffic groups share this queue, and a wake-up
+    /// handed to one request whose group is still full would be lost to the
+    /// request whose group has the free slot. Requests register before they
+    /// look (`balance::Balancer::acquire`), so none misses a wake-up.
     pub fn wake(&self) {
-        if self.waiting.load(Ordering::Relaxed) > 0 {
-            self.freed.notify_one();
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            self.freed.notify_waiters();
         }
     }
 }

@@ -306,3 +306,44 @@ fn slow_start_reduces_the_share_under_weighted_policies() {
         assert!(c[1] > 50, "{}: but not nothing: {c:?}", policy.name());
     }
 }
+
+/// Traffic groups share the model's queue: a slot freed in one group wakes
+/// the request waiting for that group, even when a request for a full
+/// group waits in front of it.
+#[tokio::test]
+async fn a_freed_slot_reaches_the_waiter_of_its_group() {
+    use crate::config::Queue;
+    let slots = Arc::new(Slots::default());
+    let a = vec![backend(0, 1, Some(1), &slots)];
+    let b = vec![backend(1, 1, Some(1), &slots)];
+    let (bal_a, bal_b) = (
+        Arc::new(Balancer::new(Policy::LeastConnections, &a)),
+        Arc::new(Balancer::new(Policy::LeastConnections, &b)),
+    );
+    let _held_a = bal_a.pick(&a, &[], 0).unwrap();
+    let held_b = bal_b.pick(&b, &[], 0).unwrap();
+    let queue = Queue {
+        size: 8,
+        timeout: Duration::from_secs(3),
+    };
+    let wait = |bal: Arc<Balancer>, bs: Vec<Arc<Backend>>| {
+        let q = queue.clone();
+        tokio::spawn(async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(3);
+            bal.acquire("m", &bs, &Tried::new(), 0, &q, deadline)
+                .await
+                .map(|(i, _)| i)
+        })
+    };
+    // The request for the full group A waits first, then one for B.
+    let waiting_a = wait(Arc::clone(&bal_a), a.clone());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let waiting_b = wait(Arc::clone(&bal_b), b.clone());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let t = std::time::Instant::now();
+    drop(held_b);
+    let got = waiting_b.await.unwrap();
+    assert_eq!(got.ok(), Some(0), "B's waiter got B's freed slot");
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    waiting_a.abort();
+}
