@@ -746,3 +746,36 @@ async fn head_requests_get_heads_over_http1_and_http2() {
         }
     }
 }
+
+/// A backend with `api_key` gets its own key (vLLM's `--api-key`), never
+/// the client's; a backend without one gets no credentials at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_gets_its_own_api_key_and_never_the_clients() {
+    let (keyed, open) = (mock("keyed").await, mock("open").await);
+    let models = format!(
+        "[[models]]\nname = \"k\"\n[[models.backends]]\nurl = \"{}\"\napi_key = \"up-secret-1\"\n",
+        keyed.url()
+    ) + &model_toml("o", "", &[(open.url(), 1, None)]);
+    let g = TestGateway::start("", &models).await;
+    let c = Client::http1();
+    for m in ["k", "o"] {
+        let r = c
+            .post(
+                &url(&g, "/v1/chat/completions"),
+                Some(KEY_A),
+                &[],
+                &chat(m, false),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{m}");
+    }
+    let seen = |m: &MockLlm| {
+        m.requests()
+            .last()
+            .unwrap()
+            .header("authorization")
+            .map(str::to_owned)
+    };
+    assert_eq!(seen(&keyed).as_deref(), Some("Bearer up-secret-1"));
+    assert_eq!(seen(&open), None);
+}

@@ -344,6 +344,19 @@ pub struct BackendConfig {
     pub max_connections: Option<u32>,
     /// The traffic group (`models.groups`); `None` when there are none.
     pub group: Option<String>,
+    /// Sent to the backend as `Authorization: Bearer <api_key>` (vLLM's
+    /// `--api-key`, a hosted endpoint); the client's own key never is.
+    pub api_key: Option<ApiKey>,
+}
+
+/// A backend's key: compared, sent, never printed (`Debug` hides it).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(pub String);
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(..)")
+    }
 }
 
 /// One problem found in a config file.
@@ -1105,11 +1118,22 @@ impl Validator {
                 return None;
             }
         };
+        if let Some(k) = &b.api_key {
+            let printable = k.bytes().all(|c| c.is_ascii_graphic());
+            if k.is_empty() || !printable {
+                // The key itself is never printed.
+                self.problem(
+                    format!("{at}.api_key"),
+                    "must be a non-empty token of printable ASCII without spaces",
+                );
+            }
+        }
         Some(BackendConfig {
             url: uri,
             weight,
             max_connections: b.max_connections,
             group: b.group,
+            api_key: b.api_key.map(ApiKey),
         })
     }
 

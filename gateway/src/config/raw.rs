@@ -323,4 +323,5 @@ pub struct Backend {
     pub weight: Option<u32>,
     pub max_connections: Option<u32>,
     pub group: Option<String>,
+    pub api_key: Option<String>,
 }

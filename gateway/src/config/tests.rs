@@ -219,6 +219,26 @@ url = "http://user:secret@10.0.1.2:8000"
 }
 
 #[test]
+fn a_backend_api_key_is_checked_and_never_printed() {
+    let c = Config::parse(
+        "[[models]]\nname = \"m\"\n[[models.backends]]\nurl = \"http://10.0.1.1:8000\"\napi_key = \"sk-upstream-9\"\n",
+    )
+    .unwrap();
+    assert!(
+        !format!("{c:?}").contains("sk-upstream-9"),
+        "Debug hides it"
+    );
+    let p = problems(
+        "[[models]]\nname = \"m\"\n[[models.backends]]\nurl = \"http://10.0.1.1:8000\"\napi_key = \"has space\"\n",
+    );
+    assert!(
+        p.len() == 1 && p[0].starts_with("models[0].backends[0].api_key:"),
+        "{p:?}"
+    );
+    assert!(!p[0].contains("has space"), "{p:?}");
+}
+
+#[test]
 fn balancing_and_groups() {
     let c = Config::parse(
         r#"

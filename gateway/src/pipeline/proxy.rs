@@ -110,6 +110,8 @@ pub struct Forward<'a> {
     ip: std::net::IpAddr,
     tls: bool,
     body_len: usize,
+    /// The backend's own credentials (`api_key`), if it wants some.
+    auth: Option<&'a HeaderValue>,
 }
 
 impl<'a> Forward<'a> {
@@ -127,7 +129,14 @@ impl<'a> Forward<'a> {
             ip,
             tls,
             body_len,
+            auth: None,
         }
+    }
+
+    /// Sends the backend's own credentials (the client's are never sent).
+    pub fn with_auth(mut self, auth: Option<&'a HeaderValue>) -> Forward<'a> {
+        self.auth = auth;
+        self
     }
 
     fn keeps(&self, name: &HeaderName) -> bool {
@@ -161,6 +170,9 @@ impl<'a> Forward<'a> {
         f(&X_FORWARDED_FOR, &ip[..n]);
         f(&X_FORWARDED_PROTO, self.proto().as_bytes());
         f(&header::ACCEPT_ENCODING, b"identity");
+        if let Some(a) = self.auth {
+            f(&header::AUTHORIZATION, a.as_bytes());
+        }
     }
 
     /// The same headers as a map (hyper's client: h2c and https backends).
@@ -212,7 +224,8 @@ pub async fn send(
         ctx.client.ip(),
         tls,
         body.len(),
-    );
+    )
+    .with_auth(backend.auth());
     let wait = first_byte.min(deadline.saturating_duration_since(dispatched));
     let timed_out = || {
         ProxyError::UpstreamTimeout(format!(

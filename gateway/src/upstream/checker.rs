@@ -62,6 +62,11 @@ async fn check(b: &Backend, hc: &HealthCheck) -> bool {
         http::header::USER_AGENT,
         http::HeaderValue::from_static("gateway-health-check"),
     );
+    if let Some(a) = b.auth() {
+        // `/v1/models` needs the key on a vLLM started with `--api-key`.
+        req.headers_mut()
+            .insert(http::header::AUTHORIZATION, a.clone());
+    }
     let exchange = async {
         let resp = b
             .probe_client

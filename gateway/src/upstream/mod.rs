@@ -81,6 +81,9 @@ pub struct Backend {
     h1: Option<h1::Client>,
     /// The pool of the active health checks (on the control runtime).
     pub(crate) probe_client: UpstreamClient,
+    /// `Authorization: Bearer <api_key>` for this backend (marked
+    /// sensitive), when the config gives one.
+    auth: Option<http::HeaderValue>,
     pub health: health::Health,
     /// Latency and error averages (the `latency` policy).
     pub observed: ewma::Observed,
@@ -177,6 +180,11 @@ impl Backend {
             },
             h1,
             probe_client: client(),
+            auth: cfg.api_key.as_ref().and_then(|k| {
+                let mut v = http::HeaderValue::from_str(&format!("Bearer {}", k.0)).ok()?;
+                v.set_sensitive(true);
+                Some(v)
+            }),
             health: health::Health::default(),
             observed: ewma::Observed::default(),
             requests: OnceLock::new(),
@@ -264,7 +272,15 @@ impl Backend {
     /// state carry over.
     pub fn same_spec(&self, cfg: &BackendConfig, connect_timeout: Duration) -> bool {
         let (c, t) = &self.spec;
-        c.url == cfg.url && c.max_connections == cfg.max_connections && *t == connect_timeout
+        c.url == cfg.url
+            && c.max_connections == cfg.max_connections
+            && c.api_key == cfg.api_key
+            && *t == connect_timeout
+    }
+
+    /// The `Authorization` value the backend wants, if any.
+    pub fn auth(&self) -> Option<&http::HeaderValue> {
+        self.auth.as_ref()
     }
 
     pub fn weight(&self) -> u32 {

@@ -21,6 +21,7 @@ fn backend(i: usize, weight: u32, max: Option<u32>, slots: &Arc<Slots>) -> Arc<B
         weight,
         max_connections: max,
         group: None,
+        api_key: None,
     };
     Arc::new(Backend::new(
         &cfg,
