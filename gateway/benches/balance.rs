@@ -24,6 +24,7 @@ fn main() {
                 weight: i + 1,
                 max_connections: None,
                 group: None,
+                api_key: None,
             };
             Arc::new(Backend::new(
                 &cfg,
