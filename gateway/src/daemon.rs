@@ -115,7 +115,7 @@ impl Daemon {
                         "url": b.label,
                         "weight": b.weight(),
                         "in_flight": b.in_flight(),
-                        "max_connections": b.max_connections,
+                        "max_connections": b.max_connections(),
                         "state": if b.drained() { "drained" } else { "active" },
                         "health": b.health.state().name(),
                         "consecutive_failures": b.health.failures(),

@@ -121,6 +121,7 @@ impl Model {
             .collect();
         for (b, c) in backends.iter().zip(&m.backends) {
             b.set_weight(c.weight);
+            b.set_max_connections(c.max_connections);
             b.health.configure(&m.outlier, m.slow_start);
             if m.health_check.is_none() {
                 b.health.clear_active(&b.label);
@@ -317,6 +318,30 @@ mod tests {
              [[models.backends]]\nurl = \"http://10.0.0.2:1\"\ngroup = \"canary\"\n"
         );
         Routes::new(&Config::parse(&text).unwrap())
+    }
+
+    /// A reload that changes a backend's weight or cap changes them in
+    /// place: the same backend, its requests in flight and health, go on.
+    #[test]
+    fn a_reload_changes_weight_and_cap_in_place() {
+        let cfg = |weight: u32, cap: &str| {
+            Config::parse(&format!(
+                "[[models]]\nname = \"m\"\n[[models.backends]]\nurl = \"http://10.0.0.1:1\"\n\
+                 weight = {weight}\n{cap}"
+            ))
+            .unwrap()
+        };
+        let old = Routes::new(&cfg(1, "max_connections = 2"));
+        let b = std::sync::Arc::clone(&old.model("m").unwrap().backends[0]);
+        let _lease = b.lease(false);
+        let new = Routes::reload(&cfg(3, "max_connections = 1"), Some(&old));
+        let nb = &new.model("m").unwrap().backends[0];
+        assert!(std::sync::Arc::ptr_eq(&b, nb), "the same backend");
+        assert_eq!((nb.weight(), nb.max_connections()), (3, Some(1)));
+        assert_eq!(nb.in_flight(), 1, "its request in flight counts");
+        assert!(nb.full(), "and fills the new cap");
+        let new = Routes::reload(&cfg(3, ""), Some(&new));
+        assert_eq!(new.model("m").unwrap().backends[0].max_connections(), None);
     }
 
     #[test]

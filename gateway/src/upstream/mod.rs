@@ -67,7 +67,9 @@ pub struct Backend {
     prefix: String,
     /// Changed in place by a reload (so pools and health survive it).
     weight: AtomicU32,
-    pub max_connections: Option<u32>,
+    /// Requests in flight at most; 0 = no cap. Changed in place by a
+    /// reload, like the weight (so its in-flight count and health carry on).
+    max_connections: AtomicU32,
     in_flight: AtomicU32,
     /// Taken out of rotation by `gateway backends drain`: in-flight
     /// requests finish, new ones go elsewhere.
@@ -169,7 +171,7 @@ impl Backend {
             authority,
             prefix,
             weight: AtomicU32::new(cfg.weight),
-            max_connections: cfg.max_connections,
+            max_connections: AtomicU32::new(cfg.max_connections.unwrap_or(0)),
             in_flight: AtomicU32::new(0),
             drained: std::sync::atomic::AtomicBool::new(false),
             spec: (cfg.clone(), connect_timeout),
@@ -272,10 +274,7 @@ impl Backend {
     /// state carry over.
     pub fn same_spec(&self, cfg: &BackendConfig, connect_timeout: Duration) -> bool {
         let (c, t) = &self.spec;
-        c.url == cfg.url
-            && c.max_connections == cfg.max_connections
-            && c.api_key == cfg.api_key
-            && *t == connect_timeout
+        c.url == cfg.url && c.api_key == cfg.api_key && *t == connect_timeout
     }
 
     /// The `Authorization` value the backend wants, if any.
@@ -291,9 +290,22 @@ impl Backend {
         self.weight.store(w, Ordering::Relaxed);
     }
 
+    /// The cap on requests in flight, if any.
+    pub fn max_connections(&self) -> Option<u32> {
+        Some(self.max_connections.load(Ordering::Relaxed)).filter(|m| *m != 0)
+    }
+
+    /// A reload's new cap; requests waiting for a slot look again.
+    pub fn set_max_connections(&self, m: Option<u32>) {
+        self.max_connections
+            .store(m.unwrap_or(0), Ordering::Relaxed);
+        self.slots.wake();
+    }
+
     /// Whether the backend is at its connection cap.
     pub fn full(&self) -> bool {
-        self.max_connections.is_some_and(|m| self.in_flight() >= m)
+        let m = self.max_connections.load(Ordering::Relaxed);
+        m != 0 && self.in_flight() >= m
     }
 
     /// Counts one more request in flight until the lease is dropped.
