@@ -12,6 +12,22 @@ fn problems(text: &str) -> Vec<String> {
     }
 }
 
+/// `problems` are exactly `want`, each matched by its start.
+#[track_caller]
+fn assert_exactly(problems: &[String], want: &[&str]) {
+    for w in want {
+        assert!(
+            problems.iter().any(|l| l.starts_with(w)),
+            "missing {w:?} in {problems:#?}"
+        );
+    }
+    assert_eq!(
+        problems.len(),
+        want.len(),
+        "unexpected extra problems: {problems:#?}"
+    );
+}
+
 #[test]
 fn empty_file_gives_defaults() {
     let c = Config::defaults();
@@ -64,13 +80,7 @@ weight = 0
         "models[0].backends[0].url: \"htp://x\" is not an http(s) URL",
         "models[0].backends[1].weight:",
     ];
-    for w in want {
-        assert!(
-            p.iter().any(|l| l.starts_with(w)),
-            "missing {w:?} in {p:#?}"
-        );
-    }
-    assert_eq!(p.len(), want.len(), "unexpected extra problems: {p:#?}");
+    assert_exactly(&p, &want);
 }
 
 #[test]
@@ -118,13 +128,7 @@ wieght = 2
         "models[0].backends[0].wieght: line 17: unknown field `wieght`",
         "extra: line 18: unknown section",
     ];
-    for w in want {
-        assert!(
-            p.iter().any(|l| l.starts_with(w)),
-            "missing {w:?} in {p:#?}"
-        );
-    }
-    assert_eq!(p.len(), want.len(), "unexpected extra problems: {p:#?}");
+    assert_exactly(&p, &want);
     // An entry that could not be read does not shift the paths of the
     // entries after it.
     let p = problems(
@@ -190,13 +194,7 @@ url = "http://10.0.1.2:8000"
         "keys[1].models[3]: \"lama\" is not a model name or alias",
         "keys[2].sha256: the same digest as an earlier key",
     ];
-    for w in want {
-        assert!(
-            p.iter().any(|l| l.starts_with(w)),
-            "missing {w:?} in {p:#?}"
-        );
-    }
-    assert_eq!(p.len(), want.len(), "unexpected extra problems: {p:#?}");
+    assert_exactly(&p, &want);
 }
 
 #[test]
