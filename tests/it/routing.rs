@@ -159,6 +159,39 @@ async fn latency_policy_avoids_a_slow_backend_and_returns_to_it() {
     );
 }
 
+/// Streaming servers send the head before they schedule the request, so
+/// the latency policy weighs a backend by its streams' first token: one
+/// whose first tokens come late gets little, though its heads come at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_policy_weighs_streams_by_their_first_token() {
+    let a = mock("a").await;
+    let b = mock("b").await;
+    b.set_first_token(Duration::from_millis(300));
+    let gw = TestGateway::start(
+        "",
+        &model("balance = \"latency\"", &[(&a, 1, ""), (&b, 1, "")]),
+    )
+    .await;
+    let c = Client::http1();
+    let url = format!("{}/v1/chat/completions", gw.url);
+    let mut on_b = 0;
+    for i in 0..120 {
+        let r = c
+            .post(
+                &url,
+                Some(KEY_A),
+                &[("x-mock-tokens", "2")],
+                &chat("m", true),
+            )
+            .await;
+        assert_eq!(r.status, 200);
+        if i >= 20 && r.headers["x-mock-name"] == "b" {
+            on_b += 1;
+        }
+    }
+    assert!(on_b < 25, "the late-first-token backend got {on_b} of 100");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn canary_is_sticky_per_user_and_ab_header_picks_the_group() {
     let stable = mock("a").await;

@@ -395,11 +395,7 @@ where
     .await?;
     let arrived = Instant::now();
     let (mut head, upstream) = resp.into_parts();
-    let sse = head
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let sse = is_event_stream(&head.headers);
     let edited = sse && strip_usage;
     proxy::client_headers(&mut head.headers, &ctx.request_id, edited);
     for (n, v) in rate_headers.0 {
@@ -482,6 +478,13 @@ fn refused(shared: &Shared, key: &routes::Key, r: limits::Refusal) -> ProxyError
         retry_after: r.retry_after,
         headers: r.headers,
     }
+}
+
+/// Whether a response is a stream of server-sent events.
+fn is_event_stream(h: &http::HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
 }
 
 /// Response header naming the traffic group that served a request.
@@ -602,7 +605,12 @@ async fn send_with_retries(
                 let ok = !status.is_server_error();
                 lease.report(ok);
                 if ok {
-                    backend.observed.success(sent.elapsed());
+                    // A stream's head comes before the backend has
+                    // scheduled it: its latency sample is taken at the
+                    // first token instead (`stream::ProxyBody`).
+                    if !is_event_stream(r.headers()) {
+                        backend.observed.success(sent.elapsed());
+                    }
                 } else {
                     backend.observed.failure();
                 }

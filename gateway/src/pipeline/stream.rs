@@ -274,7 +274,17 @@ impl Body for ProxyBody {
                         let now = Instant::now();
                         this.idle.as_mut().reset((now + *this.idle_timeout).into());
                         let ctx = &mut this.finish.ctx;
-                        ctx.first_byte.get_or_insert(now);
+                        if ctx.first_byte.is_none() {
+                            ctx.first_byte = Some(now);
+                            // A stream's first token: the latency the
+                            // `latency` policy weighs its backend by.
+                            if let (Mode::Sse { .. }, Some(l), Some(sent)) =
+                                (&*this.mode, &this.finish.lease, ctx.dispatched)
+                            {
+                                l.backend().observed.success(now - sent);
+                            }
+                        }
+                        let ctx = &mut this.finish.ctx;
                         let mut out = this.mode.feed(frame, ctx);
                         // A body of known length may never be polled again
                         // once its last byte is out (hyper stops there), so

@@ -32,7 +32,9 @@ fn update(cell: &AtomicU64, sample: f64, alpha: f64, first_is_sample: bool) {
 }
 
 impl Observed {
-    /// A response head arrived `ttfb` after dispatch.
+    /// A response began `ttfb` after dispatch: a JSON answer's head, or a
+    /// stream's first token (its head comes before the backend schedules
+    /// it).
     pub fn success(&self, ttfb: Duration) {
         update(
             &self.latency_us,

@@ -153,6 +153,9 @@ async fn api(
     if !parts.headers.contains_key("x-mock-latency-ms") {
         params.latency = shared.current_latency();
     }
+    if !parts.headers.contains_key("x-mock-first-token-ms") {
+        params.first_token = shared.current_first_token();
+    }
     let summary = match summary {
         Ok(s) => s,
         Err((status, m)) => return error(shared, status, &m, Some(tracker)),

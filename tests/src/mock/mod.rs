@@ -147,6 +147,16 @@ impl MockLlm {
     }
 
     /// Changes the delay before response headers from now on.
+    /// Delays every stream's first chunk after its head from now on (a
+    /// server that sends the head before queueing and prefill).
+    pub fn set_first_token(&self, delay: std::time::Duration) {
+        *self
+            .shared
+            .first_token
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = delay;
+    }
+
     pub fn set_latency(&self, latency: std::time::Duration) {
         *self
             .shared

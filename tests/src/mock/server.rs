@@ -37,6 +37,9 @@ pub(crate) struct Shared {
     pub fail: std::sync::Mutex<Option<super::Failure>>,
     /// The latency of every request now (`MockLlm::set_latency`).
     pub latency: std::sync::Mutex<Duration>,
+    /// The delay of every stream's first chunk now
+    /// (`MockLlm::set_first_token`).
+    pub first_token: std::sync::Mutex<Duration>,
 }
 
 impl Shared {
@@ -46,6 +49,10 @@ impl Shared {
 
     pub fn current_latency(&self) -> Duration {
         *self.latency.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn current_first_token(&self) -> Duration {
+        *self.first_token.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -58,6 +65,7 @@ impl Shared {
             name,
             fail: std::sync::Mutex::new(opts.fail),
             latency: std::sync::Mutex::new(opts.latency),
+            first_token: std::sync::Mutex::new(Duration::ZERO),
             opts,
             stats: Arc::default(),
             log: RequestLog::default(),
