@@ -163,6 +163,10 @@ pub struct Client {
     authority: String,
     connect_timeout: Duration,
     pools: Vec<Arc<Pool>>,
+    /// Which of a name's addresses new connections try first, in turn: a
+    /// name with several (DNS round robin, a headless Service) spreads its
+    /// connections over them rather than all going to the first.
+    next_addr: std::sync::atomic::AtomicUsize,
 }
 
 impl Client {
@@ -186,6 +190,7 @@ impl Client {
             pools: (0..workers.max(1))
                 .map(|_| Arc::new(Pool::new(idle_timeout)))
                 .collect(),
+            next_addr: Default::default(),
         }
     }
 
@@ -274,6 +279,14 @@ impl Client {
                 host: self.host.clone(),
                 source: io::Error::new(io::ErrorKind::NotFound, "no addresses"),
             });
+        }
+        let mut addrs = addrs;
+        if addrs.len() > 1 {
+            let first = self
+                .next_addr
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let n = addrs.len();
+            addrs.rotate_left(first % n);
         }
         // Each address gets an equal share of what is left of the timeout.
         let deadline = Instant::now() + self.connect_timeout;
