@@ -1222,3 +1222,34 @@ async fn a_streams_first_token_gets_first_byte_not_idle() {
         "counted as a first-byte timeout: {m}"
     );
 }
+
+/// An https backend that accepts the connection but never finishes the TLS
+/// handshake fails at `timeouts.connect`, not at `first_byte`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_handshake_that_hangs_fails_at_the_connect_timeout() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            conns.push(s); // accepted, never answered
+        }
+    });
+    let models = model_toml(
+        "m",
+        "timeouts = { connect = \"300ms\", first_byte = \"10s\" }\nretries = 0",
+        &[(format!("https://{addr}"), 1, None)],
+    );
+    let gw = TestGateway::start("", &models).await;
+    let t = Instant::now();
+    let r = Client::http1()
+        .post(&url(&gw), Some(KEY_A), &[], &chat("m", false))
+        .await;
+    assert_eq!(r.status, 504, "{:?}", r.json());
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "at the connect timeout, not first_byte: {:?}",
+        t.elapsed()
+    );
+    held.abort();
+}

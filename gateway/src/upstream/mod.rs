@@ -30,7 +30,47 @@ use hyper_util::{
 use crate::config::BackendConfig;
 
 pub type UpstreamBody = Full<Bytes>;
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
+pub type UpstreamClient = Client<Bounded<HttpsConnector<HttpConnector>>, UpstreamBody>;
+
+/// A connector whose whole connect, the TLS handshake included, must end
+/// within `timeouts.connect` (hyper's connector bounds the TCP connect
+/// only; a handshake that hangs would hold the request until its
+/// `first_byte`). A late one fails as a timed-out connect.
+#[derive(Clone)]
+pub struct Bounded<C> {
+    inner: C,
+    within: Duration,
+}
+
+impl<C> tower_service::Service<Uri> for Bounded<C>
+where
+    C: tower_service::Service<Uri>,
+    C::Future: Send + 'static,
+    C::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Response = C::Response;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<C::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connect = self.inner.call(uri);
+        let within = self.within;
+        Box::pin(async move {
+            match tokio::time::timeout(within, connect).await {
+                Ok(r) => r.map_err(Into::into),
+                Err(_) => Err(Box::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no connection (TCP and TLS) within {within:?}"),
+                )) as _),
+            }
+        })
+    }
+}
 
 /// How long an idle pooled connection is kept (h2c and https backends).
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -150,6 +190,10 @@ impl Backend {
                 .enable_http1()
                 .enable_http2()
                 .wrap_connector(http);
+            let connector = Bounded {
+                inner: connector,
+                within: connect_timeout,
+            };
             let mut b = Client::builder(TokioExecutor::new());
             // An HTTP/2 connection carries every stream of the worker: a
             // peer gone without a reset (a pod removed, NAT state lost) is
