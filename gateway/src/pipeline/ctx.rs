@@ -24,6 +24,8 @@ pub struct RequestCtx {
     pub stream: bool,
     /// When the request was handed to the upstream client.
     pub dispatched: Option<Instant>,
+    /// When its last attempt was (the latency a backend is weighed by).
+    pub attempt_sent: Option<Instant>,
     /// Time the gateway spent before dispatch and after upstream headers.
     pub overhead: Duration,
     pub first_byte: Option<Instant>,
@@ -58,6 +60,7 @@ impl RequestCtx {
             backend: None,
             stream: false,
             dispatched: None,
+            attempt_sent: None,
             overhead: Duration::ZERO,
             first_byte: None,
             usage: None,

@@ -396,6 +396,13 @@ where
     let arrived = Instant::now();
     let (mut head, upstream) = resp.into_parts();
     let sse = is_event_stream(&head.headers);
+    if !sse {
+        // A stream's head comes before the backend has scheduled it: its
+        // latency sample waits for the first token (`stream::ProxyBody`).
+        if let Some(sent) = ctx.attempt_sent {
+            lease.backend().observed.success(arrived - sent);
+        }
+    }
     let edited = sse && strip_usage;
     proxy::client_headers(&mut head.headers, &ctx.request_id, edited);
     for (n, v) in rate_headers.0 {
@@ -587,7 +594,6 @@ async fn send_with_retries(
         let backend = Arc::clone(lease.backend());
         backend.count_request(&shared.metrics, &model.name);
         ctx.backend = Some(backend.label.clone());
-        let sent = Instant::now();
         let result = proxy::send(
             &backend,
             path_and_query,
@@ -604,14 +610,10 @@ async fn send_with_retries(
                 let status = r.status();
                 let ok = !status.is_server_error();
                 lease.report(ok);
-                if ok {
-                    // A stream's head comes before the backend has
-                    // scheduled it: its latency sample is taken at the
-                    // first token instead (`stream::ProxyBody`).
-                    if !is_event_stream(r.headers()) {
-                        backend.observed.success(sent.elapsed());
-                    }
-                } else {
+                // A usable answer's latency is sampled where its kind is
+                // known: at the head of a JSON answer (`serve`), at the
+                // first token of a stream (`stream::ProxyBody`).
+                if !ok {
                     backend.observed.failure();
                 }
                 matches!(status.as_u16(), 429 | 502 | 503)

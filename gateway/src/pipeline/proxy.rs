@@ -213,6 +213,7 @@ pub async fn send(
     deadline: Instant,
 ) -> Result<Response<Incoming>, ProxyError> {
     let dispatched = Instant::now();
+    ctx.attempt_sent = Some(dispatched);
     if ctx.dispatched.is_none() {
         // Time spent on failed attempts is upstream's, not the gateway's.
         ctx.overhead += dispatched - ctx.start;

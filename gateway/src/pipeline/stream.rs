@@ -279,7 +279,7 @@ impl Body for ProxyBody {
                             // A stream's first token: the latency the
                             // `latency` policy weighs its backend by.
                             if let (Mode::Sse { .. }, Some(l), Some(sent)) =
-                                (&*this.mode, &this.finish.lease, ctx.dispatched)
+                                (&*this.mode, &this.finish.lease, ctx.attempt_sent)
                             {
                                 l.backend().observed.success(now - sent);
                             }

@@ -239,7 +239,8 @@ impl Client {
                 Ok::<_, io::Error>(())
             }
             .await;
-            let sent_at = Instant::now();
+            // Only a kept connection can have been closed under us.
+            let sent_at = reused.then(Instant::now);
             let write_failed = sent.is_err();
             let result = match sent {
                 Ok(()) => read_head(stream, no_body, Arc::clone(pool)).await,
@@ -254,7 +255,7 @@ impl Client {
                 Err(e)
                     if reused
                         && e.is_stale()
-                        && (write_failed || sent_at.elapsed() < STALE_RACE) =>
+                        && (write_failed || sent_at.is_some_and(|t| t.elapsed() < STALE_RACE)) =>
                 {
                     tracing::debug!(backend = %self.authority, "kept connection was closed: {e}; sending again");
                 }
