@@ -681,7 +681,7 @@ async fn a_request_abandoned_before_its_answer_is_counted_as_499() {
     let up = mock("a").await;
     let g = TestGateway::start("", &model_toml("m", "", &[(up.url(), 1, None)])).await;
     let addr = g.url.trim_start_matches("http://").to_owned();
-    tokio::task::spawn_blocking(move || {
+    let s = tokio::task::spawn_blocking(move || {
         let body = chat("m", false).to_string();
         let mut s = std::net::TcpStream::connect(&addr).unwrap();
         write!(
@@ -691,11 +691,17 @@ async fn a_request_abandoned_before_its_answer_is_counted_as_499() {
             body.len()
         )
         .unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        // Gone before the answer.
+        s
     })
     .await
     .unwrap();
+    eventually(
+        Duration::from_secs(3),
+        "the request reached the backend",
+        || up.stats().snapshot().in_flight == 1,
+    )
+    .await;
+    drop(s); // gone before the answer
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
         let m = g.metrics().await;

@@ -337,10 +337,18 @@ async fn a_freed_slot_reaches_the_waiter_of_its_group() {
         })
     };
     // The request for the full group A waits first, then one for B.
+    let queued = |n: u32| {
+        let slots = Arc::clone(&slots);
+        async move {
+            while slots.waiting.load(std::sync::atomic::Ordering::Acquire) < n {
+                tokio::task::yield_now().await;
+            }
+        }
+    };
     let waiting_a = wait(Arc::clone(&bal_a), a.clone());
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    queued(1).await;
     let waiting_b = wait(Arc::clone(&bal_b), b.clone());
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    queued(2).await;
     let t = std::time::Instant::now();
     drop(held_b);
     let got = waiting_b.await.unwrap();
