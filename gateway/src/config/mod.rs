@@ -1111,9 +1111,15 @@ impl Validator {
                 u
             }
             _ => {
+                // A URL with an `@` may carry a password: not echoed.
+                let shown = if url.contains('@') {
+                    "the URL".to_owned()
+                } else {
+                    format!("{url:?}")
+                };
                 self.problem(
                     format!("{at}.url"),
-                    format!("{url:?} is not an http(s) URL (or h2c:// for HTTP/2 without TLS)"),
+                    format!("{shown} is not an http(s) URL (or h2c:// for HTTP/2 without TLS)"),
                 );
                 return None;
             }

@@ -110,41 +110,67 @@ impl Balancer {
         self.policy
     }
 
-    /// Picks a backend not in `exclude` and leases a slot on it; returns
-    /// its index too. `hash` is the request's attribute hash (used by
-    /// consistent_hash only).
-    ///
-    /// Panic mode: when no backend is in rotation only because health
-    /// took them all out (ejected, failing active checks), the pick goes
-    /// over those instead of refusing every request. Ejection is there to
-    /// move traffic to better backends; with none left, a chance of an
-    /// answer beats a certain 503 (Envoy's panic threshold does the same;
-    /// a model with one backend would otherwise refuse everyone for the
-    /// whole ejection).
+    /// Picks a backend in rotation, not in `exclude`, and leases a slot on
+    /// it; returns its index too. `hash` is the request's attribute hash
+    /// (used by consistent_hash only).
     pub fn pick(
         &self,
         backends: &[Arc<Backend>],
         exclude: &[usize],
         hash: u64,
     ) -> Result<(usize, Lease), NoPick> {
+        self.choose(backends, exclude, hash, false)
+    }
+
+    /// [`Balancer::pick`] in panic mode: when health has taken every
+    /// backend out of rotation (ejected, failing active checks), the pick
+    /// goes over those instead of refusing. Ejection is there to move
+    /// traffic to better backends; with none left anywhere (the caller
+    /// has tried the other traffic groups), a chance of an answer beats a
+    /// certain 503 (Envoy's panic threshold does the same; a model with
+    /// one backend would otherwise refuse everyone for the whole
+    /// ejection).
+    pub fn pick_in_panic(
+        &self,
+        backends: &[Arc<Backend>],
+        exclude: &[usize],
+        hash: u64,
+    ) -> Result<(usize, Lease), NoPick> {
+        self.choose(backends, exclude, hash, true)
+    }
+
+    fn choose(
+        &self,
+        backends: &[Arc<Backend>],
+        exclude: &[usize],
+        hash: u64,
+        panic: bool,
+    ) -> Result<(usize, Lease), NoPick> {
         let mut now = Now::default();
         let mut credit = self.credit.lock().unwrap_or_else(|p| p.into_inner());
         let mut cands: smallvec::SmallVec<[Cand; 8]> = Default::default();
         // Out of rotation for health alone, with room: panic mode's.
         let mut resting: smallvec::SmallVec<[Cand; 8]> = Default::default();
-        let mut full = false;
+        let (mut full, mut resting_full) = (false, false);
         for (i, b) in backends.iter().enumerate() {
             if b.drained() || exclude.contains(&i) {
                 continue;
             }
             let admit = b.health.admit(&mut now);
             if b.full() {
-                full |= admit != Admit::No;
+                if admit == Admit::No {
+                    resting_full = true;
+                } else {
+                    full = true;
+                }
                 continue;
             }
             if admit == Admit::Probe {
                 // An ejected backend whose time is up: this request probes it.
                 return Ok((i, b.lease(true)));
+            }
+            if admit == Admit::No && !panic {
+                continue;
             }
             let weight = b.weight();
             let c = Cand {
@@ -164,7 +190,13 @@ impl Balancer {
                 return Err(NoPick::Full);
             }
             if resting.is_empty() {
-                return Err(NoPick::NoneHealthy);
+                // In panic mode, resting backends at their cap are full
+                // ones: wait for them rather than answer no_backend.
+                return Err(if panic && resting_full {
+                    NoPick::Full
+                } else {
+                    NoPick::NoneHealthy
+                });
             }
             cands = resting;
         }
@@ -242,11 +274,17 @@ impl Balancer {
             return Err(overloaded());
         };
         let deadline = deadline.min(Instant::now() + queue.timeout);
+        let give_up = tokio::time::sleep_until(deadline.into());
+        tokio::pin!(give_up);
         loop {
             // Registered before looking, so a slot freed in between still wakes us.
             let freed = slots.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
+            // Pairs with the SeqCst release of a slot (`Lease::drop`): a
+            // slot freed before this is seen by the pick below, one freed
+            // after it sees this request waiting and wakes it.
+            std::sync::atomic::fence(Ordering::SeqCst);
             match self.pick(backends, tried, hash) {
                 Ok(p) => return Ok(p),
                 Err(NoPick::NoneHealthy) => return Err(ProxyError::NoBackend(model.to_owned())),
@@ -254,7 +292,7 @@ impl Balancer {
             }
             tokio::select! {
                 _ = &mut freed => {}
-                _ = tokio::time::sleep_until(deadline.into()) => return Err(overloaded()),
+                _ = &mut give_up => return Err(overloaded()),
             }
         }
     }

@@ -396,9 +396,10 @@ where
     let arrived = Instant::now();
     let (mut head, upstream) = resp.into_parts();
     let sse = is_event_stream(&head.headers);
-    if !sse {
+    if !sse && !head.status.is_server_error() {
         // A stream's head comes before the backend has scheduled it: its
         // latency sample waits for the first token (`stream::ProxyBody`).
+        // A 5xx was counted as a failure already.
         if let Some(sent) = ctx.attempt_sent {
             lease.backend().observed.success(arrived - sent);
         }
@@ -420,7 +421,7 @@ where
     let deadline = ctx.start + timeouts.total;
     let body: BodyFn = Box::new(move |mut ctx: RequestCtx| {
         ctx.overhead += arrived.elapsed();
-        let first_data_by = ctx.dispatched.unwrap_or(arrived) + timeouts.first_byte;
+        let first_data_by = ctx.attempt_sent.unwrap_or(arrived) + timeouts.first_byte;
         let finish = Finish::new(ctx, Arc::clone(&shared), Some(lease));
         ProxyBody::new(
             upstream,
@@ -549,20 +550,30 @@ async fn acquire(
             deadline,
         )
         .await;
-    match first {
-        Err(ProxyError::NoBackend(_)) if !pick.explicit && model.groups.len() > 1 => {
-            for (i, other) in model.groups.iter().enumerate() {
-                if i == pick.group {
-                    continue;
-                }
-                if let Ok(p) = other.balancer.pick(&other.backends, &[], pick.hash) {
-                    pick.group = i;
-                    return Ok(p);
-                }
+    let Err(ProxyError::NoBackend(_)) = first else {
+        return first;
+    };
+    // No backend of the group is in rotation: another group's, for a
+    // split request (not one that named its group)...
+    if !pick.explicit && model.groups.len() > 1 {
+        for (i, other) in model.groups.iter().enumerate() {
+            if i == pick.group {
+                continue;
             }
-            first
+            if let Ok(p) = other.balancer.pick(&other.backends, &[], pick.hash) {
+                pick.group = i;
+                return Ok(p);
+            }
         }
-        r => r,
+    }
+    // ...else panic mode: the group's backends that health took out.
+    match g.balancer.pick_in_panic(&g.backends, tried, pick.hash) {
+        Ok(p) => Ok(p),
+        Err(balance::NoPick::Full) => Err(ProxyError::Overloaded {
+            model: model.name.clone(),
+            retry_after_secs: routes::OVERLOADED_RETRY_AFTER.as_secs() as u32,
+        }),
+        Err(balance::NoPick::NoneHealthy) => first,
     }
 }
 

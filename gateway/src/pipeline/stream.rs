@@ -278,8 +278,9 @@ impl Body for ProxyBody {
                             ctx.first_byte = Some(now);
                             // A stream's first token: the latency the
                             // `latency` policy weighs its backend by.
-                            if let (Mode::Sse { .. }, Some(l), Some(sent)) =
-                                (&*this.mode, &this.finish.lease, ctx.attempt_sent)
+                            let ok = ctx.status < 500;
+                            if let (Mode::Sse { .. }, Some(l), Some(sent), true) =
+                                (&*this.mode, &this.finish.lease, ctx.attempt_sent, ok)
                             {
                                 l.backend().observed.success(now - sent);
                             }
@@ -333,6 +334,9 @@ impl Body for ProxyBody {
             if kind != "total_timeout" {
                 if let Some(l) = f.lease.as_mut() {
                     l.report(false);
+                    // A stream that never got to its first token left no
+                    // latency sample: the `latency` policy sees an error.
+                    l.backend().observed.failure();
                 }
             }
             f.complete(Some(kind));

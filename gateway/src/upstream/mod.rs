@@ -149,7 +149,7 @@ impl Slots {
     /// request whose group has the free slot. Requests register before they
     /// look (`balance::Balancer::acquire`), so none misses a wake-up.
     pub fn wake(&self) {
-        if self.waiting.load(Ordering::Acquire) > 0 {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
             self.freed.notify_waiters();
         }
     }
@@ -436,7 +436,9 @@ impl Drop for Lease {
         if self.probe && !self.reported {
             self.backend.health.abandon_probe();
         }
-        self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+        // SeqCst with the waiter's fence (`balance::Balancer::acquire`):
+        // either it sees this slot free, or this sees it waiting.
+        self.backend.in_flight.fetch_sub(1, Ordering::SeqCst);
         self.backend.slots.wake();
     }
 }

@@ -260,19 +260,46 @@ fn with_every_backend_ejected_the_pick_goes_over_them_all() {
         let c = spread(&b, &bs, 100, |k| k as u64);
         assert_eq!(c, [0, 0, 100], "{}: the one in rotation", policy.name());
         eject(&bs[2], "b2");
-        let c = spread(&b, &bs, 300, |k| {
-            (k as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-        });
+        assert_eq!(
+            b.pick(&bs, &[], 0).map(|p| p.0),
+            Err(NoPick::NoneHealthy),
+            "{}: a pick outside panic mode finds none",
+            policy.name()
+        );
+        let mut c = vec![0; bs.len()];
+        for k in 0..300u64 {
+            let (i, _lease) = b
+                .pick_in_panic(&bs, &[], k.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+                .unwrap();
+            c[i] += 1;
+        }
         assert_eq!(c.iter().sum::<usize>(), 300, "{}", policy.name());
         assert!(
             policy == Policy::ConsistentHash || c.iter().all(|n| *n > 0),
             "{}: spread over the ejected ones: {c:?}",
             policy.name()
         );
+        // Out of rotation and at their cap, they are full, not gone.
+        let capped = vec![backend(9, 1, Some(1), &Arc::new(Slots::default()))];
+        eject(&capped[0], "capped");
+        let cb = Balancer::new(policy, &capped);
+        let _held = cb.pick_in_panic(&capped, &[], 0).unwrap();
+        assert_eq!(
+            cb.pick_in_panic(&capped, &[], 0).map(|p| p.0),
+            Err(NoPick::Full),
+            "{}",
+            policy.name()
+        );
         // Drained ones stay out even then.
         bs[0].set_drained(true);
-        let c = spread(&b, &bs, 50, |k| k as u64);
-        assert_eq!(c[0], 0, "{}", policy.name());
+        for k in 0..50 {
+            assert_ne!(
+                b.pick_in_panic(&bs, &[], k).unwrap().0,
+                0,
+                "{}",
+                policy.name()
+            );
+        }
     }
 }
 
