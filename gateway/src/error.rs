@@ -69,6 +69,10 @@ pub enum ProxyError {
     UpstreamBadResponse(String),
     #[error("the upstream server did not answer in time")]
     UpstreamTimeout(String),
+    /// The request was sent but its answer's head did not come within
+    /// `first_byte` (for a non-stream request: its whole generation).
+    #[error("the upstream server did not answer in time")]
+    AnswerTimeout(String),
 }
 
 impl ProxyError {
@@ -153,7 +157,7 @@ impl ProxyError {
                 "server_error",
                 "bad_upstream_response",
             ),
-            UpstreamTimeout(_) => (
+            UpstreamTimeout(_) | AnswerTimeout(_) => (
                 StatusCode::GATEWAY_TIMEOUT,
                 "server_error",
                 "upstream_timeout",
@@ -166,7 +170,8 @@ impl ProxyError {
         match self {
             ProxyError::UpstreamConnect(d)
             | ProxyError::UpstreamBadResponse(d)
-            | ProxyError::UpstreamTimeout(d) => Some(d),
+            | ProxyError::UpstreamTimeout(d)
+            | ProxyError::AnswerTimeout(d) => Some(d),
             _ => None,
         }
     }

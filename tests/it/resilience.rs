@@ -116,6 +116,9 @@ async fn killing_one_of_two_backends_under_load_fails_no_request() {
     );
 }
 
+/// A stream's head comes before its request is scheduled, so a stream
+/// that gets no head within `first_byte` is from a stalled backend and is
+/// tried on the next one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_backend_fails_over_within_the_first_byte_timeout() {
     let stalled = MockLlm::start(MockOptions {
@@ -137,10 +140,14 @@ async fn a_stalled_backend_fails_over_within_the_first_byte_timeout() {
     let mut slowest = Duration::ZERO;
     for _ in 0..6 {
         let t = Instant::now();
-        let r = c.post(&url(&gw), Some(KEY_A), &[], &chat("m", false)).await;
+        let r = c.post(&url(&gw), Some(KEY_A), &[], &chat("m", true)).await;
         slowest = slowest.max(t.elapsed());
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         assert_eq!(answered_by(&r), "good");
+        assert!(
+            String::from_utf8_lossy(&r.body).ends_with("data: [DONE]\n\n"),
+            "a whole stream from the good backend"
+        );
     }
     assert!(
         slowest < Duration::from_millis(1200),
@@ -157,6 +164,44 @@ async fn a_stalled_backend_fails_over_within_the_first_byte_timeout() {
         0,
         "the stalled attempts were cancelled upstream"
     );
+}
+
+/// A non-stream answer's head comes after its whole generation: one that
+/// runs out of `first_byte` may still be generating, and is answered 504
+/// rather than generated again on the next backend. A stream whose head
+/// is as late is tried again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_stream_answer_past_first_byte_is_not_replayed() {
+    let (a, b) = (mock("a").await, mock("b").await);
+    let models = model_toml(
+        "m",
+        "timeouts = { first_byte = \"300ms\" }\nretries = 1\noutlier = { consecutive_failures = 0 }",
+        &[(a.url(), 1, None), (b.url(), 1, None)],
+    );
+    let gw = TestGateway::start("", &models).await;
+    let c = Client::http1();
+    let slow = [("x-mock-latency-ms", "1000")];
+    let r = c.post(&url(&gw), Some(KEY_A), &slow, &chat("m", false)).await;
+    assert_eq!(r.status, 504, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        chat_requests(&a) + chat_requests(&b),
+        1,
+        "a generation that ran out of first_byte is not started again"
+    );
+    let r = c.post(&url(&gw), Some(KEY_A), &slow, &chat("m", true)).await;
+    assert_eq!(r.status, 504, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        chat_requests(&a) + chat_requests(&b),
+        3,
+        "a stream with no head within first_byte is tried on the other backend"
+    );
+    let m = gw.metrics().await;
+    let retried = metric(
+        &m,
+        "gateway_upstream_retries_total",
+        r#"model="m",outcome="retried""#,
+    );
+    assert_eq!(retried, Some(1.0), "one retry, the stream's:\n{m}");
 }
 
 /// A TCP server that answers every connection with bytes that are not HTTP.

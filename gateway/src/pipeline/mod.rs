@@ -206,7 +206,8 @@ where
             ctx.outcome = Some(match &e {
                 ProxyError::UpstreamConnect(_)
                 | ProxyError::UpstreamBadResponse(_)
-                | ProxyError::UpstreamTimeout(_) => "upstream_error",
+                | ProxyError::UpstreamTimeout(_)
+                | ProxyError::AnswerTimeout(_) => "upstream_error",
                 _ => "rejected",
             });
             match e {
@@ -633,7 +634,7 @@ async fn send_with_retries(
                 lease.report(false);
                 backend.observed.failure();
                 let kind = match e {
-                    ProxyError::UpstreamTimeout(_) => "timeout",
+                    ProxyError::UpstreamTimeout(_) | ProxyError::AnswerTimeout(_) => "timeout",
                     ProxyError::UpstreamConnect(_) => "connect",
                     _ => "bad_response",
                 };
@@ -642,7 +643,13 @@ async fn send_with_retries(
                     .upstream_errors
                     .with_label_values(&[&model.name, &backend.label, kind])
                     .inc();
-                true
+                // A non-stream answer's head comes after its whole
+                // generation: one that ran out of `first_byte` may still
+                // be generating. Sending it to the next backend would
+                // double the work exactly when backends are slow (a retry
+                // storm), so only a stream's (whose head comes before it
+                // is scheduled) is tried again.
+                !matches!(e, ProxyError::AnswerTimeout(_)) || ctx.stream
             }
         };
         if !retryable || ctx.attempts > model.retries || Instant::now() >= deadline {

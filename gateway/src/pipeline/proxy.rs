@@ -229,7 +229,7 @@ pub async fn send(
     .with_auth(backend.auth());
     let wait = first_byte.min(deadline.saturating_duration_since(dispatched));
     let timed_out = || {
-        ProxyError::UpstreamTimeout(format!(
+        ProxyError::AnswerTimeout(format!(
             "no response from {} within {wait:?}",
             backend.label
         ))
