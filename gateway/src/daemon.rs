@@ -66,8 +66,18 @@ impl Daemon {
             .unwrap_or_else(|p| p.into_inner())
             .as_mut()
         {
-            if let Err(e) = k.reapply(&new) {
-                return Err(vec![format!("applying the kernel policy failed: {e:#}")]);
+            // Read in full before any map changes (an unreadable block
+            // file stops the reload here)...
+            let want = crate::kernel::policy::load(&new)
+                .map_err(|e| vec![format!("loading the kernel policy: {e:#}")])?;
+            if let Err(e) = k.reapply(&want) {
+                // ...so a failure here is a map write part of the way (a
+                // full map): the old policy is put back, as the answer says.
+                let mut problems = vec![format!("applying the kernel policy failed: {e:#}")];
+                if let Err(e) = crate::kernel::policy::load(&cfg).and_then(|old| k.reapply(&old)) {
+                    problems.push(format!("restoring the old kernel policy failed: {e:#}"));
+                }
+                return Err(problems);
             }
         } else if let Err(e) = self.enforce_at_accept(&new) {
             return Err(vec![format!("loading the blocklist: {e:#}")]);

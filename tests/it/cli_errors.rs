@@ -122,6 +122,20 @@ fn unknown_interface_fails_before_touching_the_kernel() {
 }
 
 #[test]
+fn an_unreadable_block_file_stops_the_start() {
+    let r = Daemon::start(
+        None,
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nstate_dir = \"@STATE_DIR@\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n[xdp]\nenabled = false\nblock_files = [\"/nonexistent/blocklist.txt\"]\n",
+    );
+    let err = format!("{:#}", r.err().expect("must fail"));
+    assert!(err.contains("exit status: 2"), "{err}");
+    assert!(
+        err.contains("cannot read the block file /nonexistent/blocklist.txt"),
+        "{err}"
+    );
+}
+
+#[test]
 fn block_file_bad_lines_are_reported_and_good_lines_load() {
     require_root!();
     let t = Topology::new().expect("creating the test topology");
@@ -142,12 +156,32 @@ fn block_file_bad_lines_are_reported_and_good_lines_load() {
     let cidrs = gw.block_cidrs();
     assert_eq!(cidrs, ["203.0.113.0/24", "2001:db8::/32"], "{cidrs:?}");
     // `check` looks the interfaces up too: run it where they are.
+    // `check` warns, and passes: `run` and `reload` skip the bad line too,
+    // and the unit runs `check` before each start.
     let r = gw.cli_in_netns(&["check"]);
-    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(
-        r.stdout.contains("blocklist.txt:3:"),
+        r.stdout.contains("blocklist.txt:3:") && r.stdout.contains("1 bad line in block files"),
         "file and line reported: {}",
         r.stdout
+    );
+    // A feed that cannot be read is no empty feed: a reload is refused and
+    // the entries loaded stay in the kernel; `check` fails.
+    std::fs::remove_file(&file).unwrap();
+    let r = gw.cli(&["reload"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("cannot read the block file"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(gw.block_cidrs(), cidrs, "the feed's entries stay");
+    let r = gw.cli_in_netns(&["check"]);
+    assert_eq!(r.code, 2, "{}", r.stdout);
+    assert!(
+        r.stderr.contains("cannot read the block file"),
+        "{}",
+        r.stderr
     );
 }
 

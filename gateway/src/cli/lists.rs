@@ -254,8 +254,7 @@ fn covers(outer: &Cidr, inner: &Cidr) -> bool {
 fn from_config(cfg: &Config, cidr: &Cidr) -> bool {
     cfg.xdp.block.contains(cidr)
         || crate::kernel::policy::load_block_files(&cfg.xdp)
-            .0
-            .contains(cidr)
+            .is_ok_and(|(files, _)| files.contains(cidr))
 }
 
 pub fn allow(cfg: &Config, cmd: AllowCmd, io: &mut Io, at_accept: bool) -> Result<()> {

@@ -57,6 +57,10 @@ async fn serve(cfg: Config, path: &Path) -> Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
 
+    // A block file that cannot be read is refused, as by `check` and
+    // `reload`, rather than taken for an empty feed.
+    crate::kernel::policy::load_block_files(&cfg.xdp)
+        .map_err(|e| crate::error::UsageError(format!("{e:#}")))?;
     let mut degraded = None;
     let kernel = if cfg.xdp.enabled {
         // A misspelt interface is a config error; anything else that stops

@@ -8,7 +8,7 @@ use std::{
     path::Path,
 };
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use gateway_common::{cidr::Cidr, BlockValue, Limits};
 
 use super::{clock, maps::KernelMaps, state::State};
@@ -53,21 +53,22 @@ pub fn parse_block_file(text: &str, file: &Path) -> (Vec<Cidr>, Vec<String>) {
     (good, bad)
 }
 
-/// Reads every block file; unreadable files and bad lines become warnings.
-pub fn load_block_files(cfg: &XdpConfig) -> (Vec<Cidr>, Vec<String>) {
+/// Reads every block file. Bad lines become warnings (the good lines
+/// load); a file that cannot be read is an error: taken as empty, it
+/// would unblock its whole feed, e.g. when a feed updater has it
+/// truncated at the moment of a reload. A reload that meets one is
+/// refused and the entries loaded before stay.
+pub fn load_block_files(cfg: &XdpConfig) -> Result<(Vec<Cidr>, Vec<String>)> {
     let mut all = Vec::new();
     let mut warnings = Vec::new();
     for f in &cfg.block_files {
-        match std::fs::read_to_string(f) {
-            Ok(text) => {
-                let (good, bad) = parse_block_file(&text, f);
-                all.extend(good);
-                warnings.extend(bad);
-            }
-            Err(e) => warnings.push(format!("{}: cannot read the block file: {e}", f.display())),
-        }
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read the block file {}", f.display()))?;
+        let (good, bad) = parse_block_file(&text, f);
+        all.extend(good);
+        warnings.extend(bad);
     }
-    (all, warnings)
+    Ok((all, warnings))
 }
 
 /// Combines config, block files and runtime state into the wanted maps.
@@ -110,7 +111,7 @@ pub fn desired(cfg: &XdpConfig, state: &State, file_blocks: &[Cidr]) -> Desired 
 /// enforces, or the userspace guard without one.
 pub fn load(cfg: &crate::config::Config) -> Result<Desired> {
     let state = State::load(&cfg.server.state_dir)?;
-    let (file_blocks, warnings) = load_block_files(&cfg.xdp);
+    let (file_blocks, warnings) = load_block_files(&cfg.xdp)?;
     for w in &warnings {
         tracing::warn!("block file: {w}");
     }

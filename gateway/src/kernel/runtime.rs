@@ -155,11 +155,10 @@ impl Kernel {
         })
     }
 
-    /// Brings the maps to a new config's policy (plus the persisted state)
-    /// by difference; used by reload.
-    pub fn reapply(&mut self, cfg: &Config) -> Result<()> {
-        let want = policy::load(cfg)?;
-        let applied = policy::apply(&mut self.maps, &want)?;
+    /// Brings the maps to a new config's policy (plus the persisted state,
+    /// see `policy::load`) by difference; used by reload.
+    pub fn reapply(&mut self, want: &policy::Desired) -> Result<()> {
+        let applied = policy::apply(&mut self.maps, want)?;
         self.next_expiry_ns = super::maps::earliest_expiry(want.block.values());
         tracing::info!(
             added = applied.block_added,
