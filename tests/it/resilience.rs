@@ -181,14 +181,18 @@ async fn a_non_stream_answer_past_first_byte_is_not_replayed() {
     let gw = TestGateway::start("", &models).await;
     let c = Client::http1();
     let slow = [("x-mock-latency-ms", "1000")];
-    let r = c.post(&url(&gw), Some(KEY_A), &slow, &chat("m", false)).await;
+    let r = c
+        .post(&url(&gw), Some(KEY_A), &slow, &chat("m", false))
+        .await;
     assert_eq!(r.status, 504, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(
         chat_requests(&a) + chat_requests(&b),
         1,
         "a generation that ran out of first_byte is not started again"
     );
-    let r = c.post(&url(&gw), Some(KEY_A), &slow, &chat("m", true)).await;
+    let r = c
+        .post(&url(&gw), Some(KEY_A), &slow, &chat("m", true))
+        .await;
     assert_eq!(r.status, 504, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(
         chat_requests(&a) + chat_requests(&b),

@@ -210,17 +210,8 @@ where
                 | ProxyError::AnswerTimeout(_) => "upstream_error",
                 _ => "rejected",
             });
-            match e {
-                // A wrong key counts towards a ban; no key at all does not
-                // (a browser's preflight, a probe, a health check behind a
-                // shared address).
-                ProxyError::Unauthorized => {
-                    shared.abuse.record(client.ip(), abuse::Cause::AuthFailures)
-                }
-                ProxyError::RateLimited { .. } => {
-                    shared.abuse.record(client.ip(), abuse::Cause::RateLimited)
-                }
-                _ => {}
+            if let Some(cause) = ban_cause(&e) {
+                shared.abuse.record(client.ip(), cause);
             }
             if let Some(d) = e.detail() {
                 tracing::warn!(request_id = %ctx.request_id, "{e}: {d}");
@@ -234,6 +225,22 @@ where
             );
             r
         }
+    }
+}
+
+/// What a refusal counts towards in `[abuse]`. A wrong key counts; no key
+/// at all does not (a browser's preflight, a probe, a health check behind
+/// a shared address). A key's request and token rates count; its
+/// `max_concurrent` does not: a batch job that runs more requests at once
+/// than its key allows is told to retry, and must not get its address
+/// (and every key behind that NAT) banned in the kernel for it.
+fn ban_cause(e: &ProxyError) -> Option<abuse::Cause> {
+    match e {
+        ProxyError::Unauthorized => Some(abuse::Cause::AuthFailures),
+        ProxyError::RateLimited { kind, .. } if *kind != limits::Kind::Concurrency => {
+            Some(abuse::Cause::RateLimited)
+        }
+        _ => None,
     }
 }
 
@@ -689,6 +696,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn refusals_that_count_towards_a_ban() {
+        let limited = |kind| ProxyError::RateLimited {
+            kind,
+            retry_after: std::time::Duration::from_secs(1),
+            headers: limits::RateHeaders::default(),
+        };
+        assert_eq!(
+            ban_cause(&ProxyError::Unauthorized),
+            Some(abuse::Cause::AuthFailures)
+        );
+        assert_eq!(ban_cause(&ProxyError::MissingKey), None);
+        for kind in [limits::Kind::Requests, limits::Kind::Tokens] {
+            assert_eq!(
+                ban_cause(&limited(kind)),
+                Some(abuse::Cause::RateLimited),
+                "{kind:?}"
+            );
+        }
+        assert_eq!(ban_cause(&limited(limits::Kind::Concurrency)), None);
+        assert_eq!(ban_cause(&ProxyError::MissingModel), None);
+    }
+
+    #[test]
     fn request_ids_are_32_hex_digits_and_unique() {
         let empty = http::HeaderMap::new();
         let (a, b) = (request_id(&empty), request_id(&empty));
@@ -702,8 +732,10 @@ mod tests {
         }
         assert_ne!(a, b);
         assert_eq!(a[..16], b[..16], "one per-process prefix");
-        let next = u64::from_str_radix(&a[16..], 16).unwrap() + 1;
-        assert_eq!(u64::from_str_radix(&b[16..], 16).unwrap(), next);
+        // A counter after it (other tests take ids in between).
+        assert!(
+            u64::from_str_radix(&b[16..], 16).unwrap() > u64::from_str_radix(&a[16..], 16).unwrap()
+        );
         // A sane client id is kept; a hostile one is replaced.
         let mut h = http::HeaderMap::new();
         h.insert(
