@@ -120,6 +120,43 @@ fn block_add_and_del_take_effect_immediately_v4_and_v6() {
     );
 }
 
+/// The packaged unit runs the daemon as an unprivileged user with CAP_BPF,
+/// CAP_PERFMON, CAP_NET_ADMIN and CAP_NET_BIND_SERVICE only. It attaches
+/// (no degraded mode), and the CLI's commands, which the daemon runs for
+/// it, find the program without CAP_SYS_ADMIN (which listing the kernel's
+/// programs takes), also after a restart on the same pins.
+#[test]
+fn the_units_user_and_capabilities_run_the_kernel_path() {
+    require_root!();
+    let t = Topology::new().expect("creating the test topology");
+    let v4 = SocketAddr::new(t.server_v4(), PORT);
+    let _l4 = t.listen(v4);
+    let mut gw = Daemon::start_as_service(Some(&t.server.path()), &config(&t, 1000, 1000))
+        .expect("starting the gateway as the service user");
+    let log = std::fs::read_to_string(&gw.log).unwrap();
+    assert!(!log.contains("degraded"), "{log}");
+    let stats = gw.cli(&["stats", "--json"]).json();
+    assert_eq!(stats["xdp"], "attached", "{stats}");
+    let bad = t.client_v4(3);
+    assert!(t.connect(bad, v4, CONNECT), "baseline connect from {bad}");
+    gw.cli(&["block", "add", &bad.to_string()]).ok();
+    assert!(
+        !t.connect(bad, v4, CONNECT),
+        "{bad} is blocked but connected"
+    );
+    gw.stop_process();
+    gw.respawn().expect("restarting as the service user");
+    let log = std::fs::read_to_string(&gw.log).unwrap();
+    assert!(!log.contains("degraded"), "{log}");
+    assert_eq!(gw.block_cidrs(), [format!("{bad}/32")]);
+    assert!(
+        !t.connect(bad, v4, CONNECT),
+        "{bad} is blocked after the restart"
+    );
+    gw.cli(&["block", "del", &bad.to_string()]).ok();
+    assert!(t.connect(bad, v4, CONNECT), "{bad} connects once unblocked");
+}
+
 #[test]
 fn cidr_block_and_expiry_in_the_kernel() {
     require_root!();

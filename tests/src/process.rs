@@ -4,7 +4,7 @@
 
 use std::{
     os::unix::process::CommandExt as _,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
@@ -21,8 +21,16 @@ pub struct Daemon {
     /// The daemon's stderr (its log).
     pub log: PathBuf,
     netns: Option<String>,
+    /// Run as the packaged service runs it (see `start_as_service`).
+    service: Option<PathBuf>,
     _dir: TempDir,
 }
+
+/// The packaged unit's user and capabilities (dist/gateway.service): an
+/// unprivileged user (nobody here) with CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN
+/// and CAP_NET_BIND_SERVICE, and no others, not even in the bounding set.
+const SERVICE_UID: u32 = 65534;
+const SERVICE_CAPS: &str = "+bpf,+perfmon,+net_admin,+net_bind_service";
 
 /// The result of one CLI call.
 pub struct Cli {
@@ -63,6 +71,18 @@ impl Daemon {
     /// Starts the daemon inside network namespace `netns` (a /run/netns
     /// path) with `config_body` plus the test's own state and pin dirs.
     pub fn start(netns: Option<&str>, config_body: &str) -> Result<Daemon> {
+        Daemon::start_with(netns, config_body, false)
+    }
+
+    /// Starts the daemon as the packaged unit does: as an unprivileged
+    /// user with the unit's capabilities only (through `setpriv`), its pin
+    /// directory made and handed to that user first, as the unit's
+    /// `ExecStartPre` does. The binary is copied where that user can run it.
+    pub fn start_as_service(netns: Option<&str>, config_body: &str) -> Result<Daemon> {
+        Daemon::start_with(netns, config_body, true)
+    }
+
+    fn start_with(netns: Option<&str>, config_body: &str, service: bool) -> Result<Daemon> {
         let dir = TempDir::new("daemon");
         let pin_dir = PathBuf::from(format!(
             "/sys/fs/bpf/gwtest-{}-{}",
@@ -85,30 +105,36 @@ impl Daemon {
             .replace("@STATE_DIR@", &state_dir.display().to_string())
             .replace("@PIN_DIR@", &pin_dir.display().to_string());
         std::fs::write(&config, body)?;
+        let service = if service {
+            use std::os::unix::fs::PermissionsExt as _;
+            let bin = dir.0.join("gateway");
+            std::fs::copy(gateway_bin(), &bin).context("copying the gateway binary")?;
+            std::fs::create_dir_all(&pin_dir)
+                .with_context(|| format!("creating {}", pin_dir.display()))?;
+            for p in [&dir.0, &pin_dir] {
+                std::os::unix::fs::chown(p, Some(SERVICE_UID), Some(SERVICE_UID))
+                    .with_context(|| format!("chown {}", p.display()))?;
+            }
+            std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755))?;
+            std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644))?;
+            Some(bin)
+        } else {
+            None
+        };
         // A log file, not a pipe: nobody drains a pipe while the test runs,
         // and a daemon blocked on a full pipe stops serving.
         let log = dir.0.join("gateway.log");
-        let log_file = std::fs::File::create(&log).context("creating the daemon's log file")?;
-        let mut cmd = Command::new(gateway_bin());
-        cmd.arg("--config")
-            .arg(&config)
-            .arg("run")
-            .stdout(Stdio::null())
-            .stderr(log_file);
-        if let Some(ns) = netns {
-            let ns = ns.to_owned();
-            // SAFETY: setns is async-signal-safe; it only moves the child.
-            unsafe {
-                cmd.pre_exec(move || crate::netns::enter(&ns));
-            }
-        }
-        let child = cmd.spawn().context("starting gateway run")?;
+        std::fs::File::create(&log).context("creating the daemon's log file")?;
+        let child = run_command(&config, &log, netns, service.as_deref())?
+            .spawn()
+            .context("starting gateway run")?;
         let mut d = Daemon {
             netns: netns.map(str::to_owned),
             child,
             config,
             pin_dir,
             log,
+            service,
             _dir: dir,
         };
         d.wait_ready()?;
@@ -144,20 +170,14 @@ impl Daemon {
 
     /// Starts the daemon again with the same config, state and pins.
     pub fn respawn(&mut self) -> Result<()> {
-        let log = std::fs::OpenOptions::new().append(true).open(&self.log)?;
-        let mut cmd = Command::new(gateway_bin());
-        cmd.arg("--config")
-            .arg(&self.config)
-            .arg("run")
-            .stdout(Stdio::null())
-            .stderr(log);
-        if let Some(ns) = self.netns.clone() {
-            // SAFETY: setns is async-signal-safe; it only moves the child.
-            unsafe {
-                cmd.pre_exec(move || crate::netns::enter(&ns));
-            }
-        }
-        self.child = cmd.spawn().context("restarting gateway run")?;
+        self.child = run_command(
+            &self.config,
+            &self.log,
+            self.netns.as_deref(),
+            self.service.as_deref(),
+        )?
+        .spawn()
+        .context("restarting gateway run")?;
         self.wait_ready()
     }
 
@@ -242,6 +262,43 @@ impl Daemon {
             .and_then(|r| r["packets"].as_u64())
             .unwrap_or_else(|| panic!("no counter {reason} in {v}"))
     }
+}
+
+/// `gateway run` with a daemon's config, log and namespace; for a service
+/// start, the copied binary run through `setpriv` as the unit's user.
+fn run_command(
+    config: &Path,
+    log: &Path,
+    netns: Option<&str>,
+    service: Option<&Path>,
+) -> Result<Command> {
+    let log = std::fs::OpenOptions::new().append(true).open(log)?;
+    let mut cmd = match service {
+        Some(bin) => {
+            let mut c = Command::new("setpriv");
+            c.arg(format!("--reuid={SERVICE_UID}"))
+                .arg(format!("--regid={SERVICE_UID}"))
+                .arg("--clear-groups")
+                .arg(format!("--inh-caps={SERVICE_CAPS}"))
+                .arg(format!("--ambient-caps={SERVICE_CAPS}"))
+                .arg(format!("--bounding-set=-all,{SERVICE_CAPS}"))
+                .arg(bin);
+            c
+        }
+        None => Command::new(gateway_bin()),
+    };
+    cmd.arg("--config")
+        .arg(config)
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(log);
+    if let Some(ns) = netns.map(str::to_owned) {
+        // SAFETY: setns is async-signal-safe; it only moves the child.
+        unsafe {
+            cmd.pre_exec(move || crate::netns::enter(&ns));
+        }
+    }
+    Ok(cmd)
 }
 
 impl Drop for Daemon {

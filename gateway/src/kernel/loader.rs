@@ -255,11 +255,28 @@ pub fn attach_or_take_over(
 }
 
 /// Whether a loaded program uses the map with id `stats_id`, i.e. whether
-/// the maps at a pin path belong to a live program.
-pub fn program_running(stats_id: u32) -> bool {
-    aya::programs::loaded_programs()
-        .flatten()
-        .any(|p| matches!(p.map_ids(), Ok(Some(ids)) if ids.contains(&stats_id)))
+/// the maps at a pin path belong to a live program; `None` when this
+/// process may not list programs. That takes CAP_SYS_ADMIN, which the
+/// packaged service (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON) does not have.
+pub fn program_running(stats_id: u32) -> Option<bool> {
+    let mut denied = false;
+    for p in aya::programs::loaded_programs() {
+        match p {
+            Ok(p) => {
+                if matches!(p.map_ids(), Ok(Some(ids)) if ids.contains(&stats_id)) {
+                    return Some(true);
+                }
+            }
+            Err(aya::programs::ProgramError::SyscallError(e))
+                if matches!(e.io_error.raw_os_error(), Some(libc::EPERM | libc::EACCES)) =>
+            {
+                denied = true
+            }
+            // A program unloaded while the list was walked.
+            Err(_) => {}
+        }
+    }
+    (!denied).then_some(false)
 }
 
 fn raise_memlock() {

@@ -46,7 +46,16 @@ pub fn open_running(cfg: &Config) -> Result<KernelMaps> {
         );
     }
     let maps = KernelMaps::open_pinned(&pin).map_err(loader::explain)?;
-    if !loader::program_running(maps.stats_id()) {
+    // Without the right to list programs, a live daemon (whose status file
+    // is written once it has attached; this process, when the daemon runs
+    // the command for the CLI) or a link pinned to stay attached stands
+    // for one.
+    let running = loader::program_running(maps.stats_id()).unwrap_or_else(|| {
+        Status::read(&cfg.server.state_dir)
+            .is_some_and(|s| s.pid == std::process::id() || pid_alive(s.pid))
+            || link_pinned(&pin)
+    });
+    if !running {
         bail!(
             "the gateway XDP program is not attached (its maps are pinned at {} but no \
              program uses them): start it with `gateway run`",
@@ -100,7 +109,7 @@ impl Kernel {
                 // A program left attached on purpose (keep_attached) has no
                 // live daemon; only a running daemon is in the way.
                 let daemon = Status::read(&cfg.server.state_dir).filter(|s| pid_alive(s.pid));
-                if loader::program_running(maps.stats_id()) && daemon.is_some() {
+                if daemon.is_some() && loader::program_running(maps.stats_id()) != Some(false) {
                     let who = daemon
                         .map(|s| format!(" (pid {})", s.pid))
                         .unwrap_or_default();
@@ -215,8 +224,19 @@ impl Kernel {
 
 /// Whether process `pid` exists (and is not us).
 fn pid_alive(pid: u32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    pid != std::process::id() && unsafe { libc::kill(pid as i32, 0) } == 0
+    // SAFETY: signal 0 only checks that the process exists. EPERM: it
+    // exists, as another user's (the service's, seen from an operator).
+    pid != std::process::id()
+        && (unsafe { libc::kill(pid as i32, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
+}
+
+/// Whether an XDP link is pinned in `pin` (`xdp.keep_attached`).
+fn link_pinned(pin: &Path) -> bool {
+    std::fs::read_dir(pin).is_ok_and(|d| {
+        d.flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("link_"))
+    })
 }
 
 impl Drop for Kernel {
