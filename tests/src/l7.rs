@@ -234,11 +234,12 @@ impl Client {
 
 pub async fn collect(r: Response<Incoming>) -> Collected {
     let (parts, body) = r.into_parts();
+    // A body that fails is a failure of the test, not an empty body.
     let body = body
         .collect()
         .await
         .map(|c| c.to_bytes())
-        .unwrap_or_default();
+        .unwrap_or_else(|e| panic!("the response body ({}) failed: {e}", parts.status));
     Collected {
         status: parts.status,
         headers: parts.headers,

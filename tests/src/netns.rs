@@ -255,17 +255,21 @@ fn send_raw(ifname: &str, frames: &[Vec<u8>]) -> Result<usize> {
             if i % 64 == 63 {
                 std::thread::sleep(std::time::Duration::from_micros(50));
             }
-            let r = libc::sendto(
-                fd,
-                f.as_ptr().cast(),
-                f.len(),
-                0,
-                (&addr as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            );
-            if r < 0 {
+            loop {
+                let r = libc::sendto(
+                    fd,
+                    f.as_ptr().cast(),
+                    f.len(),
+                    0,
+                    (&addr as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                );
+                if r >= 0 {
+                    break;
+                }
                 let e = std::io::Error::last_os_error();
-                // A full device queue: wait for it to drain and resend.
+                // A full device queue: wait for it to drain and send the
+                // same frame again.
                 if e.raw_os_error() == Some(libc::ENOBUFS) {
                     std::thread::yield_now();
                     continue;
