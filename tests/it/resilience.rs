@@ -208,6 +208,85 @@ async fn a_non_stream_answer_past_first_byte_is_not_replayed() {
     assert_eq!(retried, Some(1.0), "one retry, the stream's:\n{m}");
 }
 
+/// A backend that dies after a stream started is never replayed (DESIGN
+/// §7): the client gets the events sent before the cut, then the SSE error
+/// event, and no `[DONE]`; the other backend never sees the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_midway_ends_with_an_error_event_and_is_not_replayed() {
+    let (a, b) = (mock("a").await, mock("b").await);
+    let models = model_toml(
+        "m",
+        "outlier = { consecutive_failures = 0 }",
+        &[(a.url(), 1, None), (b.url(), 1, None)],
+    );
+    let gw = TestGateway::start("", &models).await;
+    let c = Client::http1();
+    let cut = [("x-mock-fail", "midstream:3"), ("x-mock-tokens", "8")];
+    let r = c.post(&url(&gw), Some(KEY_A), &cut, &chat("m", true)).await;
+    assert_eq!(r.status, 200);
+    let body = String::from_utf8_lossy(&r.body).to_string();
+    let events: Vec<&str> = body.split_terminator("\n\n").collect();
+    assert!(
+        events.len() == 4 && events[..3].iter().all(|e| e.contains("\"choices\"")),
+        "three chunks, then the error: {body}"
+    );
+    assert!(
+        events[3].contains("upstream_stream_error") && !body.contains("[DONE]"),
+        "{body}"
+    );
+    assert_eq!(
+        chat_requests(&a) + chat_requests(&b),
+        1,
+        "a started stream is not replayed"
+    );
+}
+
+/// A backend that dies in the middle of an event: the client gets the
+/// whole events before it and a clean error event, never the error glued
+/// onto half an event (a JSON error in the client's SDK), whether or not
+/// the gateway strips the usage chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_mid_event_ends_with_a_clean_error_event() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    const WHOLE: &str = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"}}]}\n\n";
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            let mut buf = [0u8; 8192];
+            let _ = s.read(&mut buf);
+            let half = "data: {\"choices\":[{\"index\":0,\"delta\":{\"con";
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{WHOLE}\r\n",
+                WHOLE.len()
+            );
+            let _ = s.flush();
+            std::thread::sleep(Duration::from_millis(50));
+            let _ = write!(s, "{:x}\r\n{half}\r\n", half.len());
+            let _ = s.flush();
+            std::thread::sleep(Duration::from_millis(50));
+            // Closed without the last chunk: the stream broke.
+        }
+    });
+    let models = model_toml("m", "retries = 0", &[(format!("http://{addr}"), 1, None)]);
+    let gw = TestGateway::start("", &models).await;
+    let c = Client::http1();
+    let mut asked = chat("m", true);
+    asked["stream_options"] = serde_json::json!({"include_usage": true});
+    for (what, req) in [("usage stripped", chat("m", true)), ("usage asked", asked)] {
+        let r = c.post(&url(&gw), Some(KEY_A), &[], &req).await;
+        assert_eq!(r.status, 200, "{what}");
+        let body = String::from_utf8_lossy(&r.body).to_string();
+        let (first, rest) = body.split_at(WHOLE.len().min(body.len()));
+        assert_eq!(first, WHOLE, "{what}: the whole event first: {body}");
+        assert!(
+            rest.starts_with("data: {\"error\"") && rest.ends_with("\n\n"),
+            "{what}: then a clean error event: {body}"
+        );
+    }
+}
+
 /// A TCP server that answers every connection with bytes that are not HTTP.
 fn garbage_server() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

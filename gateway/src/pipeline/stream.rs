@@ -184,26 +184,21 @@ impl Mode {
                             continue;
                         }
                     }
-                    if *strip_usage {
-                        out.extend_from_slice(&ev);
-                    }
+                    out.extend_from_slice(&ev);
                 }
                 if pending.len() > MAX_SSE_EVENT {
                     // No event end in sight (a backend that frames events
                     // otherwise, or one huge event): pass it on unread
                     // rather than hold the stream back in memory.
-                    if *strip_usage {
-                        out.extend_from_slice(pending);
-                    }
+                    out.extend_from_slice(pending);
                     pending.clear();
                 }
-                if *strip_usage {
-                    out.freeze()
-                } else {
-                    // Nothing is removed: forward the bytes as they came and
-                    // keep only the unfinished event for scanning.
-                    chunk
-                }
+                // Whole events only, also when nothing is removed: a stream
+                // that fails mid-event then ends with a clean error event,
+                // not one glued onto half an event (which a client's JSON
+                // parser chokes on). A partial event is of no use to the
+                // client before its end arrives anyway.
+                out.freeze()
             }
         }
     }
@@ -217,12 +212,9 @@ impl Mode {
                 }
                 None
             }
-            Mode::Sse {
-                pending,
-                strip_usage,
-            } => {
+            Mode::Sse { pending, .. } => {
                 let rest = std::mem::take(pending);
-                (*strip_usage && !rest.is_empty()).then(|| rest.freeze())
+                (!rest.is_empty()).then(|| rest.freeze())
             }
         }
     }
