@@ -142,9 +142,15 @@ async fn serve(cfg: Config, path: &Path) -> Result<()> {
     loop {
         tokio::select! {
             _ = sweep.tick() => {
-                if let Some(k) = daemon.kernel.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-                    if let Err(e) = k.sweep() {
-                        tracing::warn!("sweeping lapsed blocks failed: {e:#}");
+                {
+                    // Serialised with the CLI's commands (which the daemon
+                    // runs under this lock): a sweep that read a lapsed
+                    // entry must not delete it after `block add` renewed it.
+                    let _serial = daemon.state_writes.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(k) = daemon.kernel.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                        if let Err(e) = k.sweep() {
+                            tracing::warn!("sweeping lapsed blocks failed: {e:#}");
+                        }
                     }
                 }
                 // Counters every second; map sizes (a walk) every 10 s.

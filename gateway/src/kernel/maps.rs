@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use gateway_common::{
-    bucket,
+    bucket, capacity,
     cidr::Cidr,
     hint::{self, Hint, List},
     host, names, nets, v4_mapped, BlockValue, Counter, Limits, Reason, SourceBucket, SourceKey,
@@ -606,17 +606,46 @@ impl KernelMaps {
     /// Entries of each map userspace fills or reads, by its contract name
     /// (`gateway_xdp_map_entries{map}`). `BLOCK_HOST_V4` counts its spill
     /// map too; the CIDR tables, copies of the tries, are not listed.
+    ///
+    /// Each walk stops at its map's capacity. The kernel restarts a walk
+    /// from the first bucket when the key it stands on is deleted, which
+    /// under a spoofed flood (an LRU map that turns over every few
+    /// milliseconds) happens at nearly every step: an uncapped walk of
+    /// `SYN_BUCKETS` would never end, and the daemon's loop (bans, the
+    /// expiry sweep, reloads) waits behind it. A capped count of a churning
+    /// map reads as full, which is what it is.
     pub fn entries_per_map(&self) -> Vec<(&'static str, usize)> {
+        fn upto(keys: impl Iterator, capacity: u32) -> usize {
+            keys.take(capacity as usize).count()
+        }
         vec![
-            (names::ALLOW_V4, self.allow_v4.keys().count()),
-            (names::ALLOW_V6, self.allow_v6.keys().count()),
-            (names::BLOCK_V4, self.block_v4.keys().count()),
-            (names::BLOCK_V6, self.block_v6.keys().count()),
+            (names::ALLOW_V4, upto(self.allow_v4.keys(), capacity::ALLOW)),
+            (names::ALLOW_V6, upto(self.allow_v6.keys(), capacity::ALLOW)),
+            (
+                names::BLOCK_V4,
+                upto(self.block_v4.keys(), capacity::BLOCK_CIDR),
+            ),
+            (
+                names::BLOCK_V6,
+                upto(self.block_v6.keys(), capacity::BLOCK_CIDR),
+            ),
             (names::BLOCK_HOST_V4, self.host_v4.count()),
-            (names::BLOCK_HOST_V6, self.host_v6.keys().count()),
-            (names::SYN_BUCKETS, self.syn_buckets.keys().count()),
-            (names::TOP_SOURCES, self.top.keys().count()),
-            (names::SYN_TRUSTED, self.trusted.keys().count()),
+            (
+                names::BLOCK_HOST_V6,
+                upto(self.host_v6.keys(), capacity::BLOCK_HOST_V6),
+            ),
+            (
+                names::SYN_BUCKETS,
+                upto(self.syn_buckets.keys(), capacity::SYN_BUCKETS),
+            ),
+            (
+                names::TOP_SOURCES,
+                upto(self.top.keys(), capacity::TOP_SOURCES),
+            ),
+            (
+                names::SYN_TRUSTED,
+                upto(self.trusted.keys(), capacity::SYN_TRUSTED),
+            ),
         ]
     }
 
