@@ -60,6 +60,15 @@ impl Daemon {
             .into_iter()
             .map(|what| format!("{what} changed: takes effect at the next restart"))
             .collect();
+        // The certificate files are read again (a renewal in place, or new
+        // paths): a pair that does not load rejects the reload, and the
+        // old certificate keeps serving.
+        let certs = match (&new.server.tls, self.shared.tls_certs.get()) {
+            (Some(t), Some(_)) => {
+                Some(crate::listener::tls::acceptor(t).map_err(|e| vec![format!("{e:#}")])?)
+            }
+            _ => None,
+        };
         if let Some(k) = self
             .kernel
             .lock()
@@ -81,6 +90,10 @@ impl Daemon {
             }
         } else if let Err(e) = self.enforce_at_accept(&new) {
             return Err(vec![format!("loading the blocklist: {e:#}")]);
+        }
+        if let (Some(acceptor), Some(current)) = (certs, self.shared.tls_certs.get()) {
+            current.store(Arc::new(acceptor));
+            notes.push("TLS certificate reloaded: new connections get it".into());
         }
         self.shared.abuse.configure(&new);
         self.shared

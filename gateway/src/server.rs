@@ -79,7 +79,10 @@ impl Gateway {
         if let Some(b) = balancer {
             let _ = shared.balancer.set(b);
         }
-        let workers = Workers::start(sockets, tls, Arc::clone(&shared), DEFAULT_DRAIN)?;
+        if let Some(tls) = tls {
+            let _ = shared.tls_certs.set(arc_swap::ArcSwap::from_pointee(tls));
+        }
+        let workers = Workers::start(sockets, Arc::clone(&shared), DEFAULT_DRAIN)?;
         for a in &addrs {
             tracing::info!(addr = %a, tls = cfg.server.tls.is_some(), workers = n, "listening");
         }

@@ -808,3 +808,66 @@ async fn a_storm_of_bans_is_applied_in_full() {
     .unwrap();
     assert_eq!((refused, persisted), (N, N));
 }
+
+/// A certificate renewed in place (certbot, an ACME client) is served to
+/// new connections after a reload; a pair that does not load rejects the
+/// reload and the running certificate keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_serves_a_renewed_certificate() {
+    let up = MockLlm::start(MockOptions::default()).await.unwrap();
+    let dir = gateway_tests::TempDir::new("tls-reload");
+    let (crt, key) = (dir.0.join("cert.pem"), dir.0.join("key.pem"));
+    let issue = || {
+        let c = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+        std::fs::write(&crt, c.cert.pem()).unwrap();
+        std::fs::write(&key, c.key_pair.serialize_pem()).unwrap();
+        c.cert.der().to_vec()
+    };
+    let old = issue();
+    let port = free_port();
+    let body = config(port, &up.url(), &up.url(), (1, 1)).replace(
+        "state_dir = ",
+        &format!(
+            "tls = {{ cert = \"{}\", key = \"{}\" }}\nstate_dir = ",
+            crt.display(),
+            key.display()
+        ),
+    );
+    let gw = tokio::task::spawn_blocking(move || Daemon::start(None, &body))
+        .await
+        .unwrap()
+        .expect("daemon");
+    let gw = Arc::new(gw);
+    let url = format!("https://127.0.0.1:{port}/healthz");
+    // A fresh client per check: a new connection, a new handshake.
+    let status = |ca: Vec<u8>| {
+        let url = url.clone();
+        async move { Client::tls(&ca).try_status(&url).await }
+    };
+    assert_eq!(status(old.clone()).await, Ok(http::StatusCode::OK));
+    let renewed = issue();
+    let g = Arc::clone(&gw);
+    let r = tokio::task::spawn_blocking(move || g.cli(&["reload"]))
+        .await
+        .unwrap();
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains("TLS certificate reloaded"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(status(renewed.clone()).await, Ok(http::StatusCode::OK));
+    assert!(
+        status(old).await.is_err(),
+        "the replaced certificate is no longer served"
+    );
+    // A half-written renewal: rejected, the certificate loaded stays.
+    std::fs::write(&crt, "-----BEGIN CERTIFICATE-----\ntruncated").unwrap();
+    let g = Arc::clone(&gw);
+    let r = tokio::task::spawn_blocking(move || g.cli(&["reload"]))
+        .await
+        .unwrap();
+    assert_eq!(r.code, 2, "{}{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("server.tls.cert"), "{}", r.stderr);
+    assert_eq!(status(renewed).await, Ok(http::StatusCode::OK));
+}

@@ -190,6 +190,17 @@ impl Client {
             .expect("request to the gateway failed")
     }
 
+    /// The status of a keyless GET, or why the request could not be made
+    /// (a TLS handshake the client refused, say).
+    pub async fn try_status(&self, url: &str) -> Result<http::StatusCode, String> {
+        let req = Request::get(url).body(Full::new(Bytes::new())).unwrap();
+        self.0
+            .request(req)
+            .await
+            .map(|r| r.status())
+            .map_err(|e| format!("{e:?}"))
+    }
+
     pub async fn get(&self, url: &str, key: Option<&str>) -> Collected {
         let mut b = Request::get(url);
         if let Some(k) = key {

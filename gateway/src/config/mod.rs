@@ -1240,13 +1240,9 @@ impl Config {
         }
         keep!("server.listen", server.listen);
         keep!("server.workers", server.workers);
-        let tls = |c: &Config| {
-            c.server
-                .tls
-                .as_ref()
-                .map(|t| (t.cert.clone(), t.key.clone()))
-        };
-        if tls(self) != tls(running) {
+        // A new certificate (or new paths) is reloaded; turning TLS on or
+        // off changes what the listeners are.
+        if self.server.tls.is_some() != running.server.tls.is_some() {
             changed.push("server.tls");
             self.server.tls = running.server.tls.clone();
         }

@@ -390,4 +390,20 @@ fn a_reload_keeps_the_settings_only_a_restart_applies() {
     // Nothing changed, nothing to say.
     let mut same = running.clone();
     assert!(same.keep_restart_only(&running).is_empty());
+    // New certificate paths are reloaded; turning TLS on waits.
+    let tls = |paths: &str| {
+        Config::parse(&format!(
+            "[server]\nlisten = [\"0.0.0.0:8443\"]\n{paths}[xdp]\nenabled = false\n"
+        ))
+        .unwrap()
+    };
+    let on = tls("tls = { cert = \"/a.pem\", key = \"/a.key\" }\n");
+    let mut renewed = tls("tls = { cert = \"/b.pem\", key = \"/b.key\" }\n");
+    assert!(renewed.keep_restart_only(&on).is_empty());
+    assert_eq!(
+        renewed.server.tls.unwrap().cert,
+        std::path::Path::new("/b.pem")
+    );
+    let mut turned_on = on.clone();
+    assert_eq!(turned_on.keep_restart_only(&tls("")), ["server.tls"]);
 }

@@ -38,7 +38,6 @@ use crate::{http1, pipeline::Shared};
 /// One worker's listening sockets and connection settings.
 pub struct Listeners {
     pub(crate) sockets: Vec<TcpListener>,
-    pub(crate) tls: Option<TlsAcceptor>,
     pub(crate) worker: usize,
 }
 
@@ -124,7 +123,7 @@ impl Listeners {
                     }
                     let conn = Conn { peer, slot, gauge: conn_gauge.clone(), worker: self.worker };
                     let limits = **shared.conn_limits.load();
-                    spawn_connection(stream, conn, Arc::clone(&shared), self.tls.clone(), limits, drain_rx.clone());
+                    spawn_connection(stream, conn, Arc::clone(&shared), limits, drain_rx.clone());
                 }
                 _ = shutdown.changed() => break,
             }
@@ -177,11 +176,13 @@ fn spawn_connection(
     stream: TcpStream,
     conn: Conn,
     shared: Arc<Shared>,
-    tls: Option<TlsAcceptor>,
     limits: ConnLimits,
     drain: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
+    // The certificate of the moment: a reload's renewed one from the next
+    // connection on.
+    let tls: Option<Arc<TlsAcceptor>> = shared.tls_certs.get().map(|c| c.load_full());
     let peer = conn.peer;
     conn.count(&shared, 1);
     tokio::spawn(async move {

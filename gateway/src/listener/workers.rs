@@ -99,7 +99,6 @@ impl Workers {
     /// Starts one thread per socket set.
     pub fn start(
         sockets: Vec<Vec<StdListener>>,
-        tls: Option<tokio_rustls::TlsAcceptor>,
         shared: Arc<Shared>,
         drain: Duration,
     ) -> Result<Workers> {
@@ -108,7 +107,6 @@ impl Workers {
         for (id, socks) in sockets.into_iter().enumerate() {
             let shared = Arc::clone(&shared);
             let rx = rx.clone();
-            let tls = tls.clone();
             let t = std::thread::Builder::new()
                 .name(format!("gateway-worker-{id}"))
                 .spawn(move || {
@@ -137,7 +135,6 @@ impl Workers {
                         }
                         let l = Listeners {
                             sockets,
-                            tls,
                             worker: id,
                         };
                         // Ends with the runtime when the worker returns.

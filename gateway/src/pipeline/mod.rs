@@ -65,6 +65,9 @@ pub struct Shared {
     pub balancer: std::sync::OnceLock<crate::listener::balancer::Balancer>,
     /// Where accepted sources are recorded for the XDP program, when it runs.
     pub trust: std::sync::OnceLock<crate::kernel::trust::Trust>,
+    /// The TLS certificate new connections are served with, when the
+    /// listeners terminate TLS; a reload swaps in a renewed one.
+    pub tls_certs: std::sync::OnceLock<ArcSwap<tokio_rustls::TlsAcceptor>>,
 }
 
 impl Shared {
@@ -87,6 +90,7 @@ impl Shared {
             guard: Default::default(),
             balancer: std::sync::OnceLock::new(),
             trust: std::sync::OnceLock::new(),
+            tls_certs: std::sync::OnceLock::new(),
         }
     }
 }
