@@ -362,9 +362,12 @@ fn limits_change_on_the_running_program_and_persist() {
     let t = Topology::new().expect("creating the test topology");
     let v4 = SocketAddr::new(t.server_v4(), PORT);
     let _l = t.listen(v4);
-    let gw = start(&t, 1000, 1000);
+    let mut gw = start(&t, 1000, 1000);
     gw.cli(&["limits", "set", "--syn-rate", "1", "--syn-burst", "2"])
         .ok();
+    // Persisted: a restart comes back with the overrides over the config.
+    gw.stop_process();
+    gw.respawn().expect("restarting");
     let shown = gw.cli(&["limits", "show", "--json"]).json();
     assert_eq!(shown["syn_rate"], 1);
     assert_eq!(shown["overrides"]["syn_burst"], 2);
@@ -385,6 +388,13 @@ fn limits_change_on_the_running_program_and_persist() {
     assert_eq!(
         gw.cli(&["limits", "show", "--json"]).json()["syn_rate"],
         1000
+    );
+    gw.stop_process();
+    gw.respawn().expect("restarting");
+    assert_eq!(
+        gw.cli(&["limits", "show", "--json"]).json()["syn_rate"],
+        1000,
+        "the reset is persisted too"
     );
 }
 
@@ -462,7 +472,7 @@ fn serving_config(t: &Topology, gw_addr: SocketAddr, xdp_extra: &str, rest: &str
 listen = ["{gw_addr}"]
 state_dir = "@STATE_DIR@"
 [metrics]
-listen = "127.0.0.1:0"
+listen = "{metrics}"
 [xdp]
 interfaces = ["{iface}"]
 protected_ports = [{PORT}]
@@ -472,7 +482,25 @@ pin_dir = "@PIN_DIR@"
 {xdp_extra}
 {rest}"#,
         iface = t.server_if,
+        metrics = metrics_addr(gw_addr),
     )
+}
+
+/// Where `serving_config` serves metrics: beside the proxy, in the test's
+/// own namespace, so a client there can scrape them.
+fn metrics_addr(gw_addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(gw_addr.ip(), 9464)
+}
+
+/// The metrics of a `serving_config` daemon, scraped by `src`.
+fn scrape(t: &Topology, src: std::net::IpAddr, gw_addr: SocketAddr) -> String {
+    t.http_text(
+        src,
+        metrics_addr(gw_addr),
+        "GET /metrics HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n".into(),
+        CONNECT,
+    )
+    .expect("scraping the metrics")
 }
 
 #[test]
@@ -529,6 +557,25 @@ fn repeated_bad_keys_get_the_source_banned_in_the_kernel() {
         .expect("the ban is listed");
     assert_eq!(row["cause"], "auth_failures", "{row}");
     assert!(row["expires_in_secs"].as_u64().unwrap() <= 3, "{row}");
+    // The metrics say so too: the ban by its cause, the kernel's drops of
+    // the banned source (exported every second) and the allowlist's entry
+    // (map sizes are exported at start, then every 10 s).
+    let start = Instant::now();
+    loop {
+        let m = scrape(&t, good, gw_addr);
+        let value = |series: &str| gateway_tests::l7::metric(&m, series, "");
+        let banned = value("gateway_bans_total{cause=\"auth_failures\"}");
+        let dropped = value("gateway_xdp_packets_total{reason=\"blocklist\"}");
+        let allowed = value("gateway_xdp_map_entries{map=\"ALLOW_V4\"}");
+        if banned == Some(1.0) && dropped.is_some_and(|d| d >= 1.0) && allowed == Some(1.0) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "bans {banned:?}, blocklist drops {dropped:?}, ALLOW_V4 entries {allowed:?}:\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // The kernel lifts the ban by itself.
     let start = Instant::now();
     while !t.connect(bad, gw_addr, Duration::from_millis(300)) {

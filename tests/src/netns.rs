@@ -307,7 +307,47 @@ pub fn http_status(src: IpAddr, dst: SocketAddr, request: &str, timeout: Duratio
     head.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
 }
 
+/// One HTTP/1.1 request from `src` that the server answers and closes
+/// (`Connection: close`); the whole response, or `None` when no connection
+/// could be made within `timeout`.
+pub fn http_response(
+    src: IpAddr,
+    dst: SocketAddr,
+    request: &str,
+    timeout: Duration,
+) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+
+    use socket2::{Domain, Socket, Type};
+    let domain = if dst.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let s = Socket::new(domain, Type::STREAM, None).ok()?;
+    s.bind(&SocketAddr::new(src, 0).into()).ok()?;
+    s.connect_timeout(&dst.into(), timeout).ok()?;
+    let mut stream: std::net::TcpStream = s.into();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut out = Vec::new();
+    stream.read_to_end(&mut out).ok()?;
+    String::from_utf8(out).ok()
+}
+
 impl Topology {
+    /// `http_response` from the client namespace.
+    pub fn http_text(
+        &self,
+        src: IpAddr,
+        dst: SocketAddr,
+        request: String,
+        timeout: Duration,
+    ) -> Option<String> {
+        self.client
+            .run(move || http_response(src, dst, &request, timeout))
+    }
+
     /// `http_status` from the client namespace.
     pub fn http(
         &self,
