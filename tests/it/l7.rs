@@ -527,6 +527,21 @@ async fn h2c_backends_and_models_list() {
     assert_eq!(all, ["m", "gpt-x", "other-1"]);
     let b = ids(&c.get(&url(&g, "/v1/models"), Some(KEY_B)).await);
     assert_eq!(b, ["other-1"], "team-b sees only what it may use");
+    // One model (`client.models.retrieve`), by name or alias; one the key
+    // may not use does not exist for it.
+    let r = c.get(&url(&g, "/v1/models/gpt-x"), Some(KEY_A)).await;
+    assert_eq!(
+        (r.status.as_u16(), r.json()["id"].clone()),
+        (200, "gpt-x".into())
+    );
+    assert_eq!(r.json()["object"], "model");
+    let r = c.get(&url(&g, "/v1/models/m"), Some(KEY_B)).await;
+    assert_eq!(
+        (r.status.as_u16(), r.error_code()),
+        (404, "model_not_found".into())
+    );
+    let r = c.get(&url(&g, "/v1/models/nope"), Some(KEY_A)).await;
+    assert_eq!(r.status, 404);
     assert_eq!(c.get(&url(&g, "/v1/models"), None).await.status, 401);
     assert_eq!(c.get(&url(&g, "/healthz"), None).await.status, 200);
     assert_eq!(c.get(&url(&g, "/readyz"), None).await.status, 200);

@@ -5,6 +5,7 @@
 //!    |- GET /healthz /readyz ............................ answered here
 //!    |- auth     key from Bearer / x-api-key, by digest ... 401
 //!    |- GET /v1/models .................................. models this key may use
+//!    |- GET /v1/models/{id} ............................. one of them
 //!    |- request  body within max_body_bytes ............. 413
 //!    |           model/stream picked out of the JSON .... 400
 //!    |- route    model or alias, key's model globs ...... 404 / 403
@@ -232,6 +233,11 @@ where
     }
 }
 
+/// A model as `/v1/models` lists it.
+fn model_object(id: &str) -> serde_json::Value {
+    serde_json::json!({ "id": id, "object": "model", "created": 0, "owned_by": "gateway" })
+}
+
 /// What a refusal counts towards in `[abuse]`. A wrong key counts; no key
 /// at all does not (a browser's preflight, a probe, a health check behind
 /// a shared address). A key's request and token rates count; its
@@ -324,12 +330,26 @@ where
             let data: Vec<serde_json::Value> = routes
                 .visible_models(key)
                 .into_iter()
-                .map(|id| serde_json::json!({ "id": id, "object": "model", "created": 0, "owned_by": "gateway" }))
+                .map(model_object)
                 .collect();
             let body = serde_json::json!({ "object": "list", "data": data });
             return Ok(Served::Done(json_response(
                 StatusCode::OK,
                 body.to_string().into_bytes(),
+                &ctx.request_id,
+            )));
+        }
+        // `client.models.retrieve(id)`: ids may hold slashes
+        // (`meta-llama/Llama-3-70B`), which the SDKs send as they are. A
+        // model the key may not use does not exist for it.
+        (&Method::GET | &Method::HEAD, p) if p.starts_with("/v1/models/") => {
+            let id = &p["/v1/models/".len()..];
+            let Some(id) = routes.visible_models(key).into_iter().find(|m| *m == id) else {
+                return Err(ProxyError::UnknownModel(id.to_owned()));
+            };
+            return Ok(Served::Done(json_response(
+                StatusCode::OK,
+                model_object(id).to_string().into_bytes(),
                 &ctx.request_id,
             )));
         }
