@@ -42,6 +42,19 @@ pub struct RequestCtx {
     pub group: Option<Arc<str>>,
 }
 
+/// The tokens a finished request is charged against its key's
+/// `tokens_per_minute`: its usage when the answer said; nothing when no
+/// backend was asked, or one refused it (a 4xx such as vLLM's context
+/// length error: no generation ran); else the estimate stands (`None`), as
+/// for a stream cut before its usage chunk or a client that left.
+fn charged(usage: Option<Usage>, status: u16, dispatched: bool) -> Option<u64> {
+    match usage {
+        Some(u) => Some(u.prompt + u.completion),
+        None if !dispatched || ((400..500).contains(&status) && status != 499) => Some(0),
+        None => None,
+    }
+}
+
 impl RequestCtx {
     pub fn new(
         request_id: String,
@@ -77,7 +90,7 @@ impl RequestCtx {
     /// access log line.
     pub fn finish(&mut self, m: &Metrics) {
         if let Some(mut p) = self.permit.take() {
-            p.settle(self.usage.map(|u| u.prompt + u.completion));
+            p.settle(charged(self.usage, self.status, self.dispatched.is_some()));
         }
         let model = self.model.as_deref().unwrap_or(NONE);
         let key = self.key.as_deref().unwrap_or(NONE);
@@ -139,5 +152,26 @@ impl RequestCtx {
             group = self.group.as_deref(),
             outcome = self.outcome.unwrap_or("ok"),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_a_request_is_charged() {
+        let used = Usage {
+            prompt: 10,
+            completion: 5,
+        };
+        assert_eq!(charged(Some(used), 200, true), Some(15));
+        // Refused upstream, or never sent: nothing generated.
+        assert_eq!(charged(None, 400, true), Some(0));
+        assert_eq!(charged(None, 503, false), Some(0));
+        // Unknown: the estimate stands.
+        assert_eq!(charged(None, 200, true), None);
+        assert_eq!(charged(None, 499, true), None);
+        assert_eq!(charged(None, 504, true), None);
     }
 }

@@ -144,10 +144,18 @@ impl KeyState {
             let was = self.in_flight.fetch_add(1, Ordering::AcqRel);
             if was >= max {
                 self.in_flight.fetch_sub(1, Ordering::AcqRel);
+                // The rate headers still tell the client where its
+                // per-minute budgets stand, as on every other answer.
+                let headers =
+                    if limits.requests_per_minute.is_some() || limits.tokens_per_minute.is_some() {
+                        headers(limits, &self.refilled(limits))
+                    } else {
+                        RateHeaders::default()
+                    };
                 return Err(Refusal {
                     kind: Kind::Concurrency,
                     retry_after: Duration::from_secs(1),
-                    headers: RateHeaders::default(),
+                    headers,
                 });
             }
         }
@@ -447,6 +455,21 @@ mod tests {
         // Say its body was invalid JSON: the permit is dropped unused.
         drop(s.admit_request(&l).unwrap());
         assert_eq!(s.admit_request(&l).unwrap_err().kind, Kind::Requests);
+    }
+
+    #[test]
+    fn a_concurrency_refusal_carries_the_rate_headers() {
+        let l = Limits {
+            requests_per_minute: Some(10),
+            max_concurrent: Some(1),
+            ..Default::default()
+        };
+        let s = KeyState::new(&l);
+        let _held = s.admit_request(&l).unwrap();
+        let r = s.admit_request(&l).unwrap_err();
+        assert_eq!(r.kind, Kind::Concurrency);
+        assert_eq!(header(&r.headers, "x-ratelimit-limit-requests"), "10");
+        assert_eq!(header(&r.headers, "x-ratelimit-remaining-requests"), "9");
     }
 
     #[test]
