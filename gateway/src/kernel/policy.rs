@@ -127,6 +127,14 @@ pub struct Applied {
     pub allow_removed: usize,
 }
 
+/// Whether two kernel deadlines are one: equal, or both timed and within
+/// a second. A timed entry's deadline is kept as wall-clock milliseconds
+/// and turned into the kernel's clock at each load, which moves it by a
+/// little; rewriting it at every reload would reset its hit counter.
+fn same_deadline(a: u64, b: u64) -> bool {
+    a == b || (a != 0 && b != 0 && a.abs_diff(b) < 1_000_000_000)
+}
+
 /// Brings the maps to `want` by difference. Limits and ports are written
 /// first, additions before removals.
 pub fn apply(maps: &mut KernelMaps, want: &Desired) -> Result<Applied> {
@@ -138,7 +146,11 @@ pub fn apply(maps: &mut KernelMaps, want: &Desired) -> Result<Applied> {
     let add: Vec<(Cidr, BlockValue)> = want
         .block
         .iter()
-        .filter(|(c, v)| have.get(c).map(|h| h.expires_ns) != Some(v.expires_ns))
+        .filter(|(c, v)| {
+            !have
+                .get(c)
+                .is_some_and(|h| same_deadline(h.expires_ns, v.expires_ns))
+        })
         .map(|(c, v)| (*c, *v))
         .collect();
     maps.block_insert_many(&add)?;
@@ -164,6 +176,14 @@ pub fn apply(maps: &mut KernelMaps, want: &Desired) -> Result<Applied> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deadlines_within_a_second_are_one() {
+        assert!(same_deadline(0, 0));
+        assert!(same_deadline(5_000_000_000, 5_000_300_000));
+        assert!(!same_deadline(0, 5_000_000_000), "permanent is no deadline");
+        assert!(!same_deadline(5_000_000_000, 7_000_000_000));
+    }
 
     #[test]
     fn block_file_reports_bad_lines_and_keeps_good_ones() {
