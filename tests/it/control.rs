@@ -415,6 +415,59 @@ async fn sigterm_drains_open_streams_then_exits() {
     );
 }
 
+/// A second SIGTERM ends the drain at once: the daemon exits (cleanly)
+/// without waiting for a long stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_cuts_the_drain() {
+    use http_body_util::BodyExt as _;
+    let up = MockLlm::start(MockOptions::default()).await.unwrap();
+    let port = free_port();
+    let body = config(port, &up.url(), &up.url(), (1, 1));
+    let mut gw = tokio::task::spawn_blocking(move || Daemon::start(None, &body))
+        .await
+        .unwrap()
+        .expect("daemon");
+    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    // 20 s of stream: far past the test's patience.
+    let headers = [("x-mock-interval-ms", "100"), ("x-mock-tokens", "200")];
+    let stream = Client::http1()
+        .post_raw(
+            &url,
+            Some(KEY_A),
+            &headers,
+            bytes::Bytes::from(chat("m", true).to_string()),
+        )
+        .await;
+    assert_eq!(stream.status(), 200);
+    let reading =
+        tokio::spawn(async move { stream.into_body().collect().await.map(|c| c.to_bytes()) });
+    gw.terminate();
+    let addr = format!("127.0.0.1:{port}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::net::TcpStream::connect(&addr).await.is_ok() {
+        assert!(tokio::time::Instant::now() < deadline, "still accepting");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gw.terminate();
+    let status = tokio::task::spawn_blocking(move || {
+        let s = gw.wait_exit(Duration::from_secs(5));
+        drop(gw);
+        s
+    })
+    .await
+    .unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exits 0 soon after the second signal: {status:?}"
+    );
+    let cut = reading.await.unwrap();
+    assert!(
+        cut.as_ref()
+            .map_or(true, |b| !b.ends_with(b"data: [DONE]\n\n")),
+        "the stream was cut, not finished: {cut:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_per_ip_closes_the_extra_ones() {
     let up = MockLlm::start(MockOptions::default()).await.unwrap();

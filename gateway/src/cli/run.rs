@@ -27,7 +27,11 @@ pub fn run(cfg: Config, path: &Path) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(serve(cfg, path))
+    let served = rt.block_on(serve(cfg, path));
+    // A drain cut by a second signal leaves the workers' stop on the
+    // blocking pool: the process exits without waiting for it.
+    rt.shutdown_background();
+    served
 }
 
 /// Every client connection and upstream connection is a file descriptor;
@@ -178,8 +182,16 @@ async fn serve(cfg: Config, path: &Path) -> Result<()> {
             _ = int.recv() => break,
         }
     }
-    tracing::info!("shutting down: no new connections; draining open requests");
-    gateway.stop().await;
+    tracing::info!(
+        "shutting down: no new connections; draining open requests (a second signal cuts them)"
+    );
+    // A second SIGTERM or Ctrl-C ends the drain at once, as nginx's fast
+    // shutdown does; XDP is still detached and the socket removed below.
+    tokio::select! {
+        _ = gateway.stop() => {}
+        _ = term.recv() => tracing::warn!("second signal: open requests are cut"),
+        _ = int.recv() => tracing::warn!("second signal: open requests are cut"),
+    }
     let _ = std::fs::remove_file(&admin_path);
     if let Some(k) = daemon
         .kernel
