@@ -129,6 +129,26 @@ async fn ten_reloads_under_load_fail_no_request() {
         || ok.load(Ordering::Relaxed) >= before + 20,
     )
     .await;
+    // The CLI still reaches the daemon while the file does not load: it
+    // runs on the config it loaded, and the operator is told.
+    let g = Arc::clone(&gw);
+    let (listed, blocked) = tokio::task::spawn_blocking(move || {
+        (
+            g.cli(&["backends", "list", "--json"]),
+            g.cli(&["block", "add", "192.0.2.77"]),
+        )
+    })
+    .await
+    .unwrap();
+    for r in [&listed, &blocked] {
+        assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+        assert!(
+            r.stderr.contains("does not load") && r.stderr.contains("models[0].backends["),
+            "{}",
+            r.stderr
+        );
+    }
+    assert!(listed.stdout.contains("\"weight\""), "{}", listed.stdout);
 
     stop.store(true, Ordering::Relaxed);
     for t in load {
@@ -367,7 +387,7 @@ async fn sigterm_drains_open_streams_then_exits() {
     .unwrap();
     let port = free_port();
     let body = config(port, &up.url(), &up.url(), (1, 1));
-    let mut gw = tokio::task::spawn_blocking(move || Daemon::start(None, &body))
+    let gw = tokio::task::spawn_blocking(move || Daemon::start(None, &body))
         .await
         .unwrap()
         .expect("daemon");
@@ -386,6 +406,23 @@ async fn sigterm_drains_open_streams_then_exits() {
     let reading = tokio::spawn(gateway_tests::l7::collect(stream));
     gw.terminate();
     // New connections are refused once the daemon stops accepting.
+    stopped_accepting(port).await;
+    // The stream that was open finishes whole.
+    let done = reading.await.unwrap();
+    let text = String::from_utf8_lossy(&done.body).to_string();
+    assert!(
+        text.ends_with("data: [DONE]\n\n"),
+        "the open stream was cut: {text}"
+    );
+    let status = exit_status(gw, Duration::from_secs(10)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the daemon should exit 0 after draining: {status:?}"
+    );
+}
+
+/// Waits (up to 3 s) for a terminated daemon to stop accepting on `port`.
+async fn stopped_accepting(port: u16) {
     let addr = format!("127.0.0.1:{port}");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
     while tokio::net::TcpStream::connect(&addr).await.is_ok() {
@@ -395,24 +432,13 @@ async fn sigterm_drains_open_streams_then_exits() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // The stream that was open finishes whole.
-    let done = reading.await.unwrap();
-    let text = String::from_utf8_lossy(&done.body).to_string();
-    assert!(
-        text.ends_with("data: [DONE]\n\n"),
-        "the open stream was cut: {text}"
-    );
-    let status = tokio::task::spawn_blocking(move || {
-        let s = gw.wait_exit(Duration::from_secs(10));
-        drop(gw);
-        s
-    })
-    .await
-    .unwrap();
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "the daemon should exit 0 after draining: {status:?}"
-    );
+}
+
+/// How the daemon exited, if it did `within`.
+async fn exit_status(mut gw: Daemon, within: Duration) -> Option<std::process::ExitStatus> {
+    tokio::task::spawn_blocking(move || gw.wait_exit(within))
+        .await
+        .unwrap()
 }
 
 /// A second SIGTERM ends the drain at once: the daemon exits (cleanly)
@@ -423,7 +449,7 @@ async fn a_second_sigterm_cuts_the_drain() {
     let up = MockLlm::start(MockOptions::default()).await.unwrap();
     let port = free_port();
     let body = config(port, &up.url(), &up.url(), (1, 1));
-    let mut gw = tokio::task::spawn_blocking(move || Daemon::start(None, &body))
+    let gw = tokio::task::spawn_blocking(move || Daemon::start(None, &body))
         .await
         .unwrap()
         .expect("daemon");
@@ -442,20 +468,9 @@ async fn a_second_sigterm_cuts_the_drain() {
     let reading =
         tokio::spawn(async move { stream.into_body().collect().await.map(|c| c.to_bytes()) });
     gw.terminate();
-    let addr = format!("127.0.0.1:{port}");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-    while tokio::net::TcpStream::connect(&addr).await.is_ok() {
-        assert!(tokio::time::Instant::now() < deadline, "still accepting");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    stopped_accepting(port).await;
     gw.terminate();
-    let status = tokio::task::spawn_blocking(move || {
-        let s = gw.wait_exit(Duration::from_secs(5));
-        drop(gw);
-        s
-    })
-    .await
-    .unwrap();
+    let status = exit_status(gw, Duration::from_secs(5)).await;
     assert!(
         status.is_some_and(|s| s.success()),
         "exits 0 soon after the second signal: {status:?}"

@@ -473,7 +473,7 @@ async fn a_full_backend_queues_requests_until_a_slot_frees_or_the_deadline() {
         "it waited: {waited:?}"
     );
     // Nobody frees the slot in time: 503 after the queue timeout.
-    let held = hold("900");
+    let held = hold("2000");
     eventually(Duration::from_secs(2), "the slot is taken again", || {
         up.stats().snapshot().in_flight == 1
     })
@@ -486,7 +486,7 @@ async fn a_full_backend_queues_requests_until_a_slot_frees_or_the_deadline() {
     assert_eq!(r.error_code(), "overloaded");
     let waited = t.elapsed();
     assert!(
-        waited >= Duration::from_millis(350) && waited < Duration::from_millis(800),
+        waited >= Duration::from_millis(350) && waited < Duration::from_millis(1500),
         "503 at the queue deadline: {waited:?}"
     );
     assert_eq!(held.await.unwrap(), 200);
@@ -968,7 +968,7 @@ async fn a_thousand_slowloris_connections_neither_starve_clients_nor_grow_memory
         let r = c.post(&u, Some(KEY_A), &[], &chat("m", false)).await;
         assert_eq!(r.status, 200);
         assert!(
-            t.elapsed() < Duration::from_millis(500),
+            t.elapsed() < Duration::from_millis(1500),
             "{:?}",
             t.elapsed()
         );
@@ -1092,7 +1092,7 @@ async fn every_timeout_answers_or_ends_the_stream_and_frees_the_slot() {
         "{body}"
     );
     assert!(
-        took < Duration::from_millis(1000),
+        took < Duration::from_millis(2500),
         "ended at the idle timeout: {took:?}"
     );
     free("m").await;
@@ -1104,7 +1104,7 @@ async fn every_timeout_answers_or_ends_the_stream_and_frees_the_slot() {
         "{body}"
     );
     assert!(
-        took >= Duration::from_millis(650) && took < Duration::from_millis(1200),
+        took >= Duration::from_millis(650) && took < Duration::from_millis(1800),
         "ended at the total timeout: {took:?}"
     );
     free("m").await;

@@ -284,10 +284,15 @@ fn send_raw(ifname: &str, frames: &[Vec<u8>]) -> Result<usize> {
     }
 }
 
-/// One HTTP/1.1 request from `src`; the response status, or `None` when no
-/// connection could be made within `timeout`.
-pub fn http_status(src: IpAddr, dst: SocketAddr, request: &str, timeout: Duration) -> Option<u16> {
-    use std::io::{Read as _, Write as _};
+/// A connection from `src` to `dst` with `request` written on it, or
+/// `None` when none could be made within `timeout`.
+fn send_request(
+    src: IpAddr,
+    dst: SocketAddr,
+    request: &str,
+    timeout: Duration,
+) -> Option<std::net::TcpStream> {
+    use std::io::Write as _;
 
     use socket2::{Domain, Socket, Type};
     let domain = if dst.is_ipv4() {
@@ -301,6 +306,14 @@ pub fn http_status(src: IpAddr, dst: SocketAddr, request: &str, timeout: Duratio
     let mut stream: std::net::TcpStream = s.into();
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     stream.write_all(request.as_bytes()).ok()?;
+    Some(stream)
+}
+
+/// One HTTP/1.1 request from `src`; the response status, or `None` when no
+/// connection could be made within `timeout`.
+pub fn http_status(src: IpAddr, dst: SocketAddr, request: &str, timeout: Duration) -> Option<u16> {
+    use std::io::Read as _;
+    let mut stream = send_request(src, dst, request, timeout)?;
     let mut buf = [0u8; 64];
     let n = stream.read(&mut buf).ok()?;
     let head = std::str::from_utf8(&buf[..n]).ok()?;
@@ -316,20 +329,8 @@ pub fn http_response(
     request: &str,
     timeout: Duration,
 ) -> Option<String> {
-    use std::io::{Read as _, Write as _};
-
-    use socket2::{Domain, Socket, Type};
-    let domain = if dst.is_ipv4() {
-        Domain::IPV4
-    } else {
-        Domain::IPV6
-    };
-    let s = Socket::new(domain, Type::STREAM, None).ok()?;
-    s.bind(&SocketAddr::new(src, 0).into()).ok()?;
-    s.connect_timeout(&dst.into(), timeout).ok()?;
-    let mut stream: std::net::TcpStream = s.into();
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    stream.write_all(request.as_bytes()).ok()?;
+    use std::io::Read as _;
+    let mut stream = send_request(src, dst, request, timeout)?;
     let mut out = Vec::new();
     stream.read_to_end(&mut out).ok()?;
     String::from_utf8(out).ok()

@@ -199,6 +199,48 @@ fn load_config(path: &std::path::Path, required: bool) -> Result<Config> {
     Ok(Config::load(path)?)
 }
 
+/// The config for a command the running daemon answers, and the file's
+/// problem when it does not load. The daemon runs on the config it loaded
+/// before (the file may be mid-edit, or a reload just rejected it), and
+/// reaching it takes only the admin socket the file names: that is read
+/// leniently, and the problem is the answer only when no daemon runs.
+fn load_for_daemon(path: &std::path::Path) -> Result<(Config, Option<anyhow::Error>)> {
+    let problem = match load_config(path, false) {
+        Ok(c) => return Ok((c, None)),
+        Err(e) => e,
+    };
+    let Some(socket) = lenient_admin_socket(path) else {
+        return Err(problem);
+    };
+    let mut cfg = Config::defaults();
+    cfg.server.admin_socket = socket;
+    let answers = std::os::unix::net::UnixStream::connect(&cfg.server.admin_socket).is_ok();
+    if !answers {
+        return Err(problem);
+    }
+    Ok((cfg, Some(problem)))
+}
+
+fn warn_not_loaded(path: &std::path::Path, problem: &Option<anyhow::Error>) {
+    if let Some(p) = problem {
+        eprintln!(
+            "warning: {} does not load ({p:#}); the running daemon's config applies",
+            path.display()
+        );
+    }
+}
+
+/// `server.admin_socket` of a TOML file that may not validate as a config
+/// (or the default when it names none); `None` when it is not TOML.
+fn lenient_admin_socket(path: &std::path::Path) -> Option<PathBuf> {
+    let table: toml::Table = std::fs::read_to_string(path).ok()?.parse().ok()?;
+    match table.get("server").and_then(|s| s.get("admin_socket")) {
+        Some(toml::Value::String(s)) => Some(PathBuf::from(s)),
+        Some(_) => None,
+        None => Some(Config::defaults().server.admin_socket),
+    }
+}
+
 pub fn init_logging(cli: &Cli) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("GATEWAY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -220,7 +262,8 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         | Command::Limits(_)
         | Command::Stats(_)
         | Command::Top(_)) => {
-            let cfg = load_config(&cli.config, false)?;
+            let (cfg, problem) = load_for_daemon(&cli.config)?;
+            warn_not_loaded(&cli.config, &problem);
             // With a daemon running, it executes the command, so its own
             // writes (bans) and the CLI's never race on maps or state.
             let args: Vec<String> = std::env::args().skip(1).collect();
@@ -244,6 +287,11 @@ pub fn dispatch(cli: Cli) -> Result<()> {
                 }
                 return Ok(());
             }
+            if let Some(problem) = problem {
+                // The daemon went away in between: without it, the file's
+                // own config is needed.
+                return Err(problem);
+            }
             let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
             local(
                 &cfg,
@@ -256,9 +304,11 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             )
         }
         Command::Keys(KeysCmd::New { name }) => keys::new(&name),
-        Command::Reload => admin_cmds::reload(&load_config(&cli.config, false)?),
+        // The daemon reads the file again and names its problems itself.
+        Command::Reload => admin_cmds::reload(&load_for_daemon(&cli.config)?.0),
         Command::Backends(cmd) => {
-            let cfg = load_config(&cli.config, false)?;
+            let (cfg, problem) = load_for_daemon(&cli.config)?;
+            warn_not_loaded(&cli.config, &problem);
             match cmd {
                 BackendsCmd::List(f) => admin_cmds::backends_list(&cfg, f.json),
                 BackendsCmd::Drain { url } => admin_cmds::drain(&cfg, &url, true),
