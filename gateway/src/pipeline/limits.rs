@@ -3,8 +3,8 @@
 //! refill continuously, so a key may burst up to its limit and then goes at
 //! the limit's pace.
 //!
-//! Tokens are reserved at admission (an estimate: prompt bytes / 4 plus
-//! `max_tokens`) and settled with the real usage when the response ends,
+//! Tokens are reserved at admission (an estimate: prompt bytes / 4, a fixed
+//! count per inline image, plus `max_tokens`) and settled with the real usage when the response ends,
 //! so a stream cannot overshoot the budget by more than what one request
 //! used beyond its estimate; the bucket may go into debt, which later
 //! requests wait out.
@@ -321,9 +321,22 @@ impl Drop for Permit {
     }
 }
 
+/// Tokens an inline image or audio clip (a `data:` URL) is reserved as:
+/// models see a few hundred to a few thousand, not its base64 length / 4
+/// (a 1 MB image would reserve 260k tokens, more than a whole minute of a
+/// typical key). The real usage settles it.
+pub const TOKENS_PER_MEDIA: u64 = 1024;
+
 /// The token estimate of a request body.
-pub fn estimate(body_len: usize, max_tokens: Option<u64>, completes: bool) -> u64 {
-    let prompt = body_len as u64 / BYTES_PER_TOKEN;
+pub fn estimate(
+    body_len: usize,
+    media: super::request::Media,
+    max_tokens: Option<u64>,
+    completes: bool,
+) -> u64 {
+    let text = body_len.saturating_sub(media.bytes) as u64;
+    let prompt = (text / BYTES_PER_TOKEN)
+        .saturating_add(u64::from(media.count).saturating_mul(TOKENS_PER_MEDIA));
     let completion = if completes {
         max_tokens.unwrap_or(DEFAULT_COMPLETION_ESTIMATE)
     } else {
@@ -470,6 +483,20 @@ mod tests {
         assert_eq!(r.kind, Kind::Concurrency);
         assert_eq!(header(&r.headers, "x-ratelimit-limit-requests"), "10");
         assert_eq!(header(&r.headers, "x-ratelimit-remaining-requests"), "9");
+    }
+
+    #[test]
+    fn inline_media_is_estimated_per_item_not_by_its_bytes() {
+        use crate::pipeline::request::Media;
+        let image = Media {
+            count: 1,
+            bytes: 1_000_000,
+        };
+        assert_eq!(
+            estimate(1_000_400, image, Some(10), true),
+            400 / BYTES_PER_TOKEN + TOKENS_PER_MEDIA + 10
+        );
+        assert_eq!(estimate(400, Media::default(), None, false), 100);
     }
 
     #[test]

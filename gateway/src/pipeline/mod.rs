@@ -500,7 +500,7 @@ fn admit_tokens(
     let Some(permit) = ctx.permit.as_mut() else {
         return Ok(limits::RateHeaders::default());
     };
-    let estimate = limits::estimate(body.len(), info.max_tokens, completes);
+    let estimate = limits::estimate(body.len(), info.media, info.max_tokens, completes);
     key.state
         .admit_tokens(permit, &key.limits, estimate)
         .map_err(|r| refused(shared, key, r))

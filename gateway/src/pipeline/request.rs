@@ -115,6 +115,17 @@ pub struct RequestInfo {
     pub include_usage: Option<bool>,
     /// `max_completion_tokens`, else `max_tokens`.
     pub max_tokens: Option<u64>,
+    /// Inline media: strings that are `data:` URLs (base64 images, audio).
+    pub media: Media,
+}
+
+/// The `data:` URL strings of a body: how many, and their bytes. A prompt's
+/// tokens are estimated from the rest of the body: an image is a few
+/// hundred to a few thousand tokens to a model, not its base64 length / 4.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Media {
+    pub count: u32,
+    pub bytes: usize,
 }
 
 /// Picks `model`, `stream`, `stream_options.include_usage` and the token
@@ -134,7 +145,8 @@ pub fn inspect(body: &[u8]) -> Result<RequestInfo, ProxyError> {
     if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
         return Err(ProxyError::MissingModel);
     }
-    if too_deep(body, MAX_JSON_DEPTH) {
+    let scanned = scan(body, MAX_JSON_DEPTH);
+    if scanned.too_deep {
         return Err(ProxyError::InvalidJson(format!(
             "nested deeper than {MAX_JSON_DEPTH} levels"
         )));
@@ -154,13 +166,31 @@ pub fn inspect(body: &[u8]) -> Result<RequestInfo, ProxyError> {
             .stream_options
             .map(|o| o.and_then(|o| o.include_usage).unwrap_or(false)),
         max_tokens: peek.max_completion_tokens.or(peek.max_tokens),
+        media: scanned.media,
     })
 }
 
+/// What one pass over a body's structure finds.
+struct Scan {
+    /// Arrays and objects nest deeper than asked.
+    too_deep: bool,
+    media: Media,
+}
+
 /// Whether arrays and objects nest deeper than `max` (strings skipped).
-/// A linear scan that allocates nothing; run before parsing so no parser
-/// downstream, here or upstream, meets an absurd depth.
+#[cfg(test)]
 fn too_deep(body: &[u8], max: usize) -> bool {
+    scan(body, max).too_deep
+}
+
+/// Walks a body's nesting (strings skipped, `data:` URLs among them
+/// counted). A linear scan that allocates nothing; run before parsing so
+/// no parser downstream, here or upstream, meets an absurd depth.
+fn scan(body: &[u8], max: usize) -> Scan {
+    let mut out = Scan {
+        too_deep: false,
+        media: Media::default(),
+    };
     let mut depth = 0usize;
     let mut i = 0;
     while i < body.len() {
@@ -168,6 +198,7 @@ fn too_deep(body: &[u8], max: usize) -> bool {
             b'"' => {
                 // Skip the string: to the next quote not escaped.
                 i += 1;
+                let start = i;
                 while i < body.len() {
                     match memchr::memchr2(b'"', b'\\', &body[i..]) {
                         Some(j) if body[i + j] == b'\\' => i += j + 2,
@@ -175,14 +206,19 @@ fn too_deep(body: &[u8], max: usize) -> bool {
                             i += j;
                             break;
                         }
-                        None => return false, // unterminated: the parser says so
+                        None => return out, // unterminated: the parser says so
                     }
+                }
+                if body[start..].starts_with(b"data:") {
+                    out.media.count += 1;
+                    out.media.bytes += i.min(body.len()) - start;
                 }
             }
             b'[' | b'{' => {
                 depth += 1;
                 if depth > max {
-                    return true;
+                    out.too_deep = true;
+                    return out;
                 }
             }
             b']' | b'}' => depth = depth.saturating_sub(1),
@@ -190,7 +226,7 @@ fn too_deep(body: &[u8], max: usize) -> bool {
         }
         i += 1;
     }
-    false
+    out
 }
 
 /// The body to send upstream. Returns the original bytes untouched when no
@@ -247,6 +283,26 @@ mod tests {
     }
 
     #[test]
+    fn data_urls_are_counted_as_media() {
+        let image = format!("data:image/png;base64,{}", "QUJD".repeat(1000));
+        let body = format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":[{{"type":"text","text":"what is data: this"}},{{"type":"image_url","image_url":{{"url":"{image}"}}}}]}}]}}"#
+        );
+        let i = inspect(body.as_bytes()).unwrap();
+        assert_eq!(
+            i.media,
+            Media {
+                count: 1,
+                bytes: image.len()
+            }
+        );
+        assert_eq!(
+            inspect(br#"{"model":"m"}"#).unwrap().media,
+            Media::default()
+        );
+    }
+
+    #[test]
     fn inspect_fields_and_errors() {
         let i =
             inspect(br#"{"messages":[{"role":"user","content":"hi"}],"model":"m","stream":true}"#)
@@ -258,6 +314,7 @@ mod tests {
                 stream: true,
                 include_usage: None,
                 max_tokens: None,
+                media: Media::default(),
             }
         );
         assert_eq!(
