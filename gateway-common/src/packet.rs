@@ -63,9 +63,10 @@ pub enum Transport {
     /// The IP or TCP header is invalid. `dport` is the TCP destination port
     /// when it could be read (only then can it be matched to a protected port).
     Malformed { dport: Option<u16> },
-    /// An IPv6 extension chain longer or deeper than any real stack sends:
-    /// it cannot be classified, and passing it would let SYN floods slip
-    /// past the limits.
+    /// An IPv6 extension chain longer or deeper than any real stack sends,
+    /// ending in TCP or in more extension headers: it cannot be classified,
+    /// and passing it would let SYN floods slip past the limits. (One that
+    /// names another protocol at its end is `Other`.)
     Evasive,
 }
 
@@ -212,7 +213,7 @@ fn parse_ipv6<B: Bytes + ?Sized>(p: &B, off: usize) -> Parsed {
         if l4 > MAX_L4_OFFSET {
             return Parsed::Ip {
                 src,
-                transport: Transport::Evasive,
+                transport: unreachable_l4(next),
             };
         }
     }
@@ -224,7 +225,19 @@ fn parse_ipv6<B: Bytes + ?Sized>(p: &B, off: usize) -> Parsed {
     }
     Parsed::Ip {
         src,
-        transport: Transport::Evasive,
+        transport: unreachable_l4(next),
+    }
+}
+
+/// An upper layer past what the parser walks (too many extension headers,
+/// or too deep): evasive when it is TCP or still an extension header (it
+/// could be a SYN to a protected port), other traffic when the chain names
+/// another protocol (UDP, ICMPv6), which the program passes.
+#[inline(always)]
+fn unreachable_l4(next: u8) -> Transport {
+    match next {
+        IPPROTO_TCP | 0 | 43 | 44 | 51 | 60 => Transport::Evasive,
+        _ => Transport::Other,
     }
 }
 
@@ -379,6 +392,19 @@ mod tests {
                 transport: Transport::Evasive
             }
         );
+        // The chain's end names UDP: other traffic, not evasive. Past the
+        // walk it may be anything: evasive.
+        let udp = |n: usize| Frame::v6(V6_A, V6_B).ext(&vec![60; n]).udp(53).build();
+        for (n, want) in [(8, Transport::Other), (9, Transport::Evasive)] {
+            assert_eq!(
+                parse(&udp(n)[..]),
+                Parsed::Ip {
+                    src: Source::V6(V6_A),
+                    transport: want
+                },
+                "{n} extension headers, then UDP"
+            );
+        }
     }
 
     #[test]

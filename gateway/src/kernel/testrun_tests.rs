@@ -854,6 +854,22 @@ fn ipv6_extension_headers() {
     expect(&mut h, &too_long, XDP_DROP, Reason::Malformed);
     let esp = Frame::v6(V6_B, V6_A).ext(&[0]).udp(500).build();
     expect(&mut h, &esp, XDP_PASS, Reason::Pass);
+    // A chain as long as the program walks, ending in UDP: passed; one
+    // header more and what follows is unknown: dropped.
+    let long_udp = Frame::v6(V6_B, V6_A).ext(&[60; 8]).udp(PORT).build();
+    expect(&mut h, &long_udp, XDP_PASS, Reason::Pass);
+    let longer_udp = Frame::v6(V6_B, V6_A).ext(&[60; 9]).udp(PORT).build();
+    expect(&mut h, &longer_udp, XDP_DROP, Reason::Malformed);
+    // Exactly eight headers before a SYN (from another /64, with a
+    // bucket of its own): walked, and rate-limited.
+    let mut other = V6_A;
+    other[7] = 0x0c;
+    let eight = Frame::v6(other, V6_A)
+        .ext(&[60; 8])
+        .tcp(PORT, TCP_SYN)
+        .build();
+    expect(&mut h, &eight, XDP_PASS, Reason::SynPass);
+    expect(&mut h, &eight, XDP_DROP, Reason::SynRate);
 }
 
 #[test]
