@@ -83,15 +83,149 @@ struct StreamOptions {
 /// the body rather than a parse into a tree.
 #[derive(Deserialize)]
 struct Peek<'a> {
-    #[serde(borrow)]
+    /// A string; any other value is no model (400 `missing_model`).
+    #[serde(borrow, default, deserialize_with = "string_only")]
     model: Option<Cow<'a, str>>,
+    /// As the Python servers read it (pydantic's lax bool): `true`, `1`,
+    /// `"true"`, `"yes"`, ...; vLLM streams for `"stream": "true"`, so the
+    /// gateway must see a stream there too.
+    #[serde(default, deserialize_with = "lax_bool")]
     stream: Option<bool>,
     /// Absent: `None`; present, even as `null`: `Some(..)`, so the body
     /// is edited rather than given a second `stream_options` key.
     #[serde(default, deserialize_with = "present")]
     stream_options: Option<Option<StreamOptions>>,
+    /// Only an estimate's input: a value that is no count of tokens
+    /// (`-1`, llama.cpp's "no limit"; `100.0`; `null`) is the backend's to
+    /// judge, not a reason to refuse the request here.
+    #[serde(default, deserialize_with = "lenient_count")]
     max_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_count")]
     max_completion_tokens: Option<u64>,
+}
+
+/// A string (escapes decoded), else `None`; any other JSON value is
+/// stepped over.
+fn string_only<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>, D::Error> {
+    struct Text;
+    impl<'v> serde::de::Visitor<'v> for Text {
+        type Value = Option<Cow<'v, str>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_borrowed_str<E>(self, v: &'v str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Borrowed(v)))
+        }
+        fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(v.to_owned())))
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'v>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+            while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+        fn visit_map<A: serde::de::MapAccess<'v>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+            while a
+                .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                .is_some()
+            {}
+            Ok(None)
+        }
+    }
+    d.deserialize_any(Text)
+}
+
+/// A boolean as pydantic reads one in lax mode: `true`/`false`, `1`/`0`,
+/// or a string among `true`, `t`, `yes`, `y`, `on`, `1` and their
+/// opposites (any case); `null` is absent. Anything else is refused.
+fn lax_bool<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+    struct Flag;
+    impl serde::de::Visitor<'_> for Flag {
+        type Value = Option<bool>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a boolean")
+        }
+        fn visit_bool<E>(self, v: bool) -> Result<Option<bool>, E> {
+            Ok(Some(v))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Option<bool>, E> {
+            match v {
+                0 => Ok(Some(false)),
+                1 => Ok(Some(true)),
+                _ => Err(E::invalid_value(serde::de::Unexpected::Unsigned(v), &self)),
+            }
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Option<bool>, E> {
+            Err(E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Option<bool>, E> {
+            match v.to_ascii_lowercase().as_str() {
+                "true" | "t" | "yes" | "y" | "on" | "1" => Ok(Some(true)),
+                "false" | "f" | "no" | "n" | "off" | "0" => Ok(Some(false)),
+                _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+            }
+        }
+        fn visit_unit<E>(self) -> Result<Option<bool>, E> {
+            Ok(None)
+        }
+    }
+    d.deserialize_any(Flag)
+}
+
+/// A non-negative integer (or a float holding one), else `None`; any other
+/// JSON value is stepped over.
+fn lenient_count<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    struct Count;
+    impl<'v> serde::de::Visitor<'v> for Count {
+        type Value = Option<u64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a token count")
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<Option<u64>, E> {
+            Ok(Some(v))
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<Option<u64>, E> {
+            Ok(u64::try_from(v).ok())
+        }
+        fn visit_f64<E>(self, v: f64) -> Result<Option<u64>, E> {
+            Ok((v >= 0.0 && v.fract() == 0.0 && v < u64::MAX as f64).then_some(v as u64))
+        }
+        fn visit_unit<E>(self) -> Result<Option<u64>, E> {
+            Ok(None)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Option<u64>, E> {
+            Ok(None)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Option<u64>, E> {
+            Ok(None)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'v>>(self, mut a: A) -> Result<Option<u64>, A::Error> {
+            while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+        fn visit_map<A: serde::de::MapAccess<'v>>(self, mut a: A) -> Result<Option<u64>, A::Error> {
+            while a
+                .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                .is_some()
+            {}
+            Ok(None)
+        }
+    }
+    d.deserialize_any(Count)
 }
 
 /// A field that is present (even as `null`) becomes `Some`.
@@ -140,10 +274,14 @@ pub fn inspect(body: &[u8]) -> Result<RequestInfo, ProxyError> {
             "invalid UTF-8 at byte {at}"
         )));
     }
-    // serde would also read the fields from an array, by position (other
-    // non-objects it refuses itself).
-    if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
-        return Err(ProxyError::MissingModel);
+    // Only an object is a request (serde would also read the fields from
+    // an array, by position). An empty body is not JSON at all.
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') | None => {}
+        Some(_) if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok() => {
+            return Err(ProxyError::MissingModel)
+        }
+        Some(_) => {}
     }
     let scanned = scan(body, MAX_JSON_DEPTH);
     if scanned.too_deep {
@@ -151,10 +289,10 @@ pub fn inspect(body: &[u8]) -> Result<RequestInfo, ProxyError> {
             "nested deeper than {MAX_JSON_DEPTH} levels"
         )));
     }
-    let peek: Peek = serde_json::from_slice(body).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => ProxyError::MissingModel,
-        _ => ProxyError::InvalidJson(e.to_string()),
-    })?;
+    // A field of the wrong type (`"stream": "maybe"`) or given twice is
+    // named in serde's words; no or a non-string `model` is `missing_model`.
+    let peek: Peek =
+        serde_json::from_slice(body).map_err(|e| ProxyError::InvalidJson(e.to_string()))?;
     let model = peek
         .model
         .filter(|m| !m.is_empty())
@@ -345,6 +483,44 @@ mod tests {
         ));
         // Escapes in the model name are decoded (borrowed Cow falls back to owned).
         assert_eq!(inspect(br#"{"model":"a\u0062c"}"#).unwrap().model, "abc");
+        assert!(matches!(inspect(b"42"), Err(ProxyError::MissingModel)));
+        assert!(matches!(inspect(br#""m""#), Err(ProxyError::MissingModel)));
+        assert!(matches!(
+            inspect(br#"{"model":{"name":"m"}}"#),
+            Err(ProxyError::MissingModel)
+        ));
+    }
+
+    /// What the Python servers accept is not refused here: token caps that
+    /// are no count (llama.cpp's `-1`, a float, `null`) are left to the
+    /// backend, and `stream` is read as pydantic's lax bool. A field of the
+    /// wrong type is named in the error.
+    #[test]
+    fn fields_the_backends_accept_are_not_refused() {
+        for cap in ["-1", "100.0", "null", "\"8\""] {
+            let body = format!(r#"{{"model":"m","max_tokens":{cap}}}"#);
+            let i = inspect(body.as_bytes()).unwrap_or_else(|e| panic!("{cap}: {e}"));
+            assert_eq!(i.max_tokens, (cap == "100.0").then_some(100), "{cap}");
+        }
+        for (v, want) in [
+            ("\"true\"", true),
+            ("1", true),
+            ("\"No\"", false),
+            ("null", false),
+        ] {
+            let body = format!(r#"{{"model":"m","stream":{v}}}"#);
+            assert_eq!(inspect(body.as_bytes()).unwrap().stream, want, "{v}");
+        }
+        let e = inspect(br#"{"model":"m","stream":"maybe"}"#).unwrap_err();
+        assert!(
+            matches!(&e, ProxyError::InvalidJson(m) if m.contains("maybe")),
+            "{e:?}"
+        );
+        let e = inspect(br#"{"model":"m","model":"n"}"#).unwrap_err();
+        assert!(
+            matches!(&e, ProxyError::InvalidJson(m) if m.contains("duplicate field `model`")),
+            "{e:?}"
+        );
     }
 
     #[test]
