@@ -50,8 +50,11 @@ impl Tables for Policy {
     fn limits(&self) -> Option<&Limits> {
         Some(&self.limits)
     }
-    fn take_source(&self, key: &SourceKey, l: &Limits, now: u64) -> Taken {
+    fn take_source(&self, key: &SourceKey, l: &Limits, now: u64) -> Option<Taken> {
         self.buckets.take_source(key, l, now)
+    }
+    fn add_source(&self, key: &SourceKey, l: &Limits, now: u64) -> Taken {
+        self.buckets.add_source(key, l, now)
     }
     fn take_global(&self, l: &Limits, now: u64) -> bool {
         self.buckets.take_global(l, now)

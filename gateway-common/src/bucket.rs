@@ -269,19 +269,31 @@ impl MemBuckets {
         key: &crate::maps::SourceKey,
         l: &crate::maps::Limits,
         now: u64,
-    ) -> Taken {
+    ) -> Option<Taken> {
         let mut m = self.sources.borrow_mut();
-        match m.get_mut(key) {
-            Some(b) => take_source(b, l, now, |n| {
+        m.get_mut(key).map(|b| {
+            take_source(b, l, now, |n| {
                 *n += 1;
                 *n
-            }),
-            None => {
-                let (b, t) = fresh_source(l.syn_burst, now);
-                m.insert(*key, b);
-                t
-            }
-        }
+            })
+        })
+    }
+
+    /// `Tables::add_source`.
+    pub fn add_source(
+        &self,
+        key: &crate::maps::SourceKey,
+        l: &crate::maps::Limits,
+        now: u64,
+    ) -> Taken {
+        let (b, t) = fresh_source(l.syn_burst, now);
+        self.sources.borrow_mut().insert(*key, b);
+        t
+    }
+
+    /// Sources with a bucket (tests).
+    pub fn sources(&self) -> usize {
+        self.sources.borrow().len()
     }
 
     /// `Tables::take_global`.

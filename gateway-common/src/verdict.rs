@@ -31,8 +31,11 @@ pub trait Tables {
     fn protected(&self, port: u16) -> bool;
     /// The limits in force, borrowed from the map (no per-packet copy).
     fn limits(&self) -> Option<&Limits>;
-    /// Takes a token from the per-source bucket keyed by `key`.
-    fn take_source(&self, key: &SourceKey, limits: &Limits, now_ns: u64) -> Taken;
+    /// Takes a token from the per-source bucket keyed by `key`; `None`
+    /// when the source has no bucket (nothing taken, nothing made).
+    fn take_source(&self, key: &SourceKey, limits: &Limits, now_ns: u64) -> Option<Taken>;
+    /// Makes `key`'s bucket, charged for this SYN ([`crate::bucket::fresh_source`]).
+    fn add_source(&self, key: &SourceKey, limits: &Limits, now_ns: u64) -> Taken;
     /// Takes a token from the global SYN budget.
     fn take_global(&self, limits: &Limits, now_ns: u64) -> bool;
     /// Whether userspace saw `key` complete a TCP handshake within
@@ -165,11 +168,17 @@ pub fn decide<B: Bytes + ?Sized, T: Tables>(pkt: &B, t: &T) -> Verdict {
                 return pass(Reason::SynPass);
             };
             let now_ns = t.now();
+            // A source seen before is held to its own rate first; a new
+            // one gets its bucket only once the global budget admitted it
+            // (below): a spoofed flood of fresh sources refused there then
+            // costs no map insert per packet, and does not churn the LRU
+            // of the buckets real sources hold.
+            let mut fresh = false;
             if limits.syn_rate != 0 {
-                if let Taken::Refused { credit } =
-                    t.take_source(&bucket_key(&src, limits), limits, now_ns)
-                {
-                    return dropped(Reason::SynRate, credit);
+                match t.take_source(&bucket_key(&src, limits), limits, now_ns) {
+                    Some(Taken::Refused { credit }) => return dropped(Reason::SynRate, credit),
+                    Some(Taken::Admitted) => {}
+                    None => fresh = true,
                 }
             }
             // The global budget is there for spoofed floods of ever-new
@@ -184,6 +193,14 @@ pub fn decide<B: Bytes + ?Sized, T: Tables>(pkt: &B, t: &T) -> Verdict {
                 && !t.trusted(&key_of(&src), now_ns)
             {
                 return dropped(Reason::SynGlobal, 0);
+            }
+            if fresh {
+                // Refuses only with a burst of 0.
+                if let Taken::Refused { credit } =
+                    t.add_source(&bucket_key(&src, limits), limits, now_ns)
+                {
+                    return dropped(Reason::SynRate, credit);
+                }
             }
             pass(Reason::SynPass)
         }
@@ -250,8 +267,11 @@ mod tests {
         fn limits(&self) -> Option<&Limits> {
             Some(&self.limits)
         }
-        fn take_source(&self, key: &SourceKey, l: &Limits, now: u64) -> Taken {
+        fn take_source(&self, key: &SourceKey, l: &Limits, now: u64) -> Option<Taken> {
             self.buckets.take_source(key, l, now)
+        }
+        fn add_source(&self, key: &SourceKey, l: &Limits, now: u64) -> Taken {
+            self.buckets.add_source(key, l, now)
         }
         fn take_global(&self, l: &Limits, now: u64) -> bool {
             self.buckets.take_global(l, now)
@@ -431,6 +451,25 @@ mod tests {
         let got: Vec<Reason> = srcs.iter().map(|s| reason(&t, &syn(*s), 0)).collect();
         assert_eq!(got[..3], [Reason::SynPass; 3]);
         assert_eq!(got[3..], [Reason::SynGlobal; 2]);
+    }
+
+    /// Fresh sources refused by the global budget leave no bucket behind
+    /// (a spoofed flood costs no map insert per packet); the admitted ones
+    /// have theirs, charged, so their own rate holds from the next SYN.
+    #[test]
+    fn a_fresh_source_gets_its_bucket_only_when_admitted() {
+        let mut t = Fake::new();
+        t.limits = Limits::new(5, 1, 3, 32, 64);
+        let srcs: Vec<[u8; 4]> = (1..=100).map(|i| [203, 0, 113, i]).collect();
+        let got: Vec<Reason> = srcs.iter().map(|s| reason(&t, &syn(*s), 0)).collect();
+        assert_eq!(got[..3], [Reason::SynPass; 3]);
+        assert!(got[3..].iter().all(|r| *r == Reason::SynGlobal), "{got:?}");
+        assert_eq!(t.buckets.sources(), 3, "buckets only for the admitted");
+        assert_eq!(
+            reason(&t, &syn(srcs[0]), 0),
+            Reason::SynRate,
+            "its burst of 1 was spent on the first SYN"
+        );
     }
 
     #[test]

@@ -268,8 +268,8 @@ impl Tables for Maps {
     }
 
     #[inline(always)]
-    fn take_source(&self, key: &SourceKey, l: &Limits, now: u64) -> Taken {
-        match SYN_BUCKETS.get_ptr_mut(key) {
+    fn take_source(&self, key: &SourceKey, l: &Limits, now: u64) -> Option<Taken> {
+        Some(match SYN_BUCKETS.get_ptr_mut(key) {
             // SAFETY: the pointer is into the map value; concurrent CPUs may
             // race on the same source, which only blurs its rate slightly.
             // The refusal count itself is atomic; two CPUs refusing the
@@ -282,12 +282,15 @@ impl Tables for Maps {
                 // SAFETY: `n` is a valid, aligned u64 in the map value.
                 unsafe { core::ptr::read_volatile(n) }
             }),
-            None => {
-                let (b, taken) = bucket::fresh_source(l.syn_burst, now);
-                let _ = SYN_BUCKETS.insert(key, b, 0);
-                taken
-            }
-        }
+            None => return None,
+        })
+    }
+
+    #[inline(always)]
+    fn add_source(&self, key: &SourceKey, l: &Limits, now: u64) -> Taken {
+        let (b, taken) = bucket::fresh_source(l.syn_burst, now);
+        let _ = SYN_BUCKETS.insert(key, b, 0);
+        taken
     }
 
     #[inline(always)]

@@ -757,6 +757,23 @@ fn global_budget_caps_many_sources() {
 }
 
 #[test]
+fn fresh_sources_refused_by_the_global_budget_leave_no_bucket() {
+    // Per-source limits on; 10 SYNs per second from everyone together.
+    let mut h = harness!(Limits::new(5, 5, 10, 32, 64));
+    for i in 0..100u8 {
+        h.run(&syn([203, 0, 113, i])).unwrap();
+    }
+    assert_eq!(h.count(Reason::SynGlobal).unwrap(), 90);
+    let buckets = h
+        .maps
+        .entries_per_map()
+        .into_iter()
+        .find(|(m, _)| *m == gateway_common::names::SYN_BUCKETS)
+        .map(|(_, n)| n);
+    assert_eq!(buckets, Some(10), "a bucket for each admitted source only");
+}
+
+#[test]
 fn trusted_sources_pass_a_spent_global_budget() {
     use gateway_common::{v4_mapped, TRUST_TTL_NS};
     let mut h = harness!(Limits::new(0, 0, 1, 32, 64));
