@@ -805,3 +805,118 @@ async fn a_backend_gets_its_own_api_key_and_never_the_clients() {
     assert_eq!(seen(&keyed).as_deref(), Some("Bearer up-secret-1"));
     assert_eq!(seen(&open), None);
 }
+
+/// A backend that answers every request with a canned response by path
+/// (chunked, so it reads as one stream or one JSON body) and records the
+/// bodies it was sent.
+fn canned_backend(
+    answers: &'static [(&'static str, &'static str, &'static str)],
+) -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+) {
+    use std::io::{BufRead as _, Read as _, Write as _};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = std::sync::Arc::clone(&seen);
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { return };
+            let mut r = std::io::BufReader::new(s);
+            let (mut line, mut len) = (String::new(), 0usize);
+            if r.read_line(&mut line).is_err() {
+                continue;
+            }
+            let path = line.split(' ').nth(1).unwrap_or("").to_owned();
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
+                    break;
+                }
+                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; len];
+            let _ = r.read_exact(&mut body);
+            log.lock()
+                .unwrap()
+                .push((path.clone(), String::from_utf8_lossy(&body).into_owned()));
+            let (ctype, text) = answers
+                .iter()
+                .find(|(p, ..)| *p == path)
+                .map(|(_, c, t)| (*c, *t))
+                .unwrap_or(("application/json", "{}"));
+            let mut s = r.into_inner();
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\ncontent-type: {ctype}\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n{:x}\r\n{text}\r\n0\r\n\r\n",
+                text.len()
+            );
+        }
+    });
+    (url, seen)
+}
+
+/// The Responses API (vLLM serves it) and the pooling endpoints are routed
+/// by the body's `model` like chat: a Responses stream's usage (in its
+/// `response.completed` event, as `input_tokens`/`output_tokens`) is
+/// counted, and no `stream_options` is added to it, which that API does
+/// not take; a rerank generates nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_api_and_pooling_endpoints_are_routed() {
+    const STREAM: &str = "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"usage\":null}}\n\nevent: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":9,\"output_tokens\":4,\"total_tokens\":13}}}\n\n";
+    const RERANK: &str = r#"{"id":"r","results":[{"index":0,"relevance_score":0.9}],"usage":{"prompt_tokens":6,"total_tokens":6}}"#;
+    let (url, seen) = canned_backend(&[
+        ("/v1/responses", "text/event-stream", STREAM),
+        ("/v1/rerank", "application/json", RERANK),
+    ]);
+    let g = TestGateway::start("", &model_toml("m", "", &[(url, 1, None)])).await;
+    let c = Client::http1();
+    let r = c
+        .post(
+            &format!("{}/v1/responses", g.url),
+            Some(KEY_A),
+            &[],
+            &serde_json::json!({"model": "m", "input": "hi", "stream": true}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        String::from_utf8_lossy(&r.body),
+        STREAM,
+        "passed through whole"
+    );
+    let r = c
+        .post(
+            &format!("{}/v1/rerank", g.url),
+            Some(KEY_A),
+            &[],
+            &serde_json::json!({"model": "m", "query": "q", "documents": ["a"]}),
+        )
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.json()["results"][0]["index"].clone()),
+        (200, 0.into())
+    );
+    let sent = seen.lock().unwrap().clone();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert_eq!(sent[0].0, "/v1/responses");
+    assert!(!sent[0].1.contains("stream_options"), "{}", sent[0].1);
+    let m = g.metrics().await;
+    let tokens = |kind: &str| {
+        metric(
+            &m,
+            "gateway_tokens_total",
+            &format!("key=\"team-a\",kind=\"{kind}\",model=\"m\""),
+        )
+    };
+    assert_eq!(
+        (tokens("prompt"), tokens("completion")),
+        (Some(15.0), Some(4.0)),
+        "9 + 6 prompt tokens, 4 generated:\n{m}"
+    );
+    let r = c.get(&format!("{}/v1/responses", g.url), Some(KEY_A)).await;
+    assert_eq!(r.status, 405);
+}

@@ -6,6 +6,7 @@
 //!    |- auth     key from Bearer / x-api-key, by digest ... 401
 //!    |- GET /v1/models .................................. models this key may use
 //!    |- GET /v1/models/{id} ............................. one of them
+//!    |- POST completions, responses, pooling (`Endpoint`) . 404 / 405
 //!    |- request  body within max_body_bytes ............. 413
 //!    |           model/stream picked out of the JSON .... 400
 //!    |- route    model or alias, key's model globs ...... 404 / 403
@@ -233,6 +234,33 @@ where
     }
 }
 
+/// The POST endpoints routed by the body's `model`, by what the gateway
+/// does around them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Endpoint {
+    /// Chat and text completions: tokens generated; a stream's usage comes
+    /// when `stream_options.include_usage` asks for it.
+    Completions,
+    /// The Responses API (vLLM serves it): tokens generated; usage as
+    /// `input_tokens`/`output_tokens`, in a stream's `response.completed`.
+    Responses,
+    /// Embeddings, scoring, reranking, classification, tokenizing: no
+    /// tokens generated (vLLM's pooling and tokenizer endpoints).
+    Pooling,
+}
+
+impl Endpoint {
+    fn of(path: &str) -> Option<Endpoint> {
+        Some(match path {
+            "/v1/chat/completions" | "/v1/completions" => Endpoint::Completions,
+            "/v1/responses" => Endpoint::Responses,
+            "/v1/embeddings" | "/v1/rerank" | "/v2/rerank" | "/rerank" | "/v1/score" | "/score"
+            | "/pooling" | "/classify" | "/tokenize" | "/detokenize" => Endpoint::Pooling,
+            _ => return None,
+        })
+    }
+}
+
 /// A model as `/v1/models` lists it.
 fn model_object(id: &str) -> serde_json::Value {
     serde_json::json!({ "id": id, "object": "model", "created": 0, "owned_by": "gateway" })
@@ -353,12 +381,13 @@ where
                 &ctx.request_id,
             )));
         }
-        (&Method::POST, "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings") => {}
-        (_, "/v1/models" | "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings") => {
+        (&Method::POST, p) if Endpoint::of(p).is_some() => {}
+        (_, p) if p == "/v1/models" || Endpoint::of(p).is_some() => {
             return Err(ProxyError::MethodNotAllowed(path.to_owned()))
         }
         _ => return Err(ProxyError::NotFound(path.to_owned())),
     }
+    let endpoint = Endpoint::of(path).expect("matched above");
 
     // The key's limits come before the body is read (DESIGN: auth, key
     // limits, then the model): a request that fails later has still spent
@@ -394,11 +423,13 @@ where
     }
     ctx.model = Some(model.name.clone());
 
-    let completes = ctx.path != "/v1/embeddings";
+    let completes = endpoint != Endpoint::Pooling;
     let rate_headers = admit_tokens(shared, key, &body, &info, completes, ctx)?;
 
-    // Ask upstream for stream usage when the client did not; remove it again.
-    let strip_usage = info.stream && info.include_usage != Some(true);
+    // Ask upstream for stream usage when the client did not; remove it
+    // again. (A Responses API stream always ends with its usage.)
+    let strip_usage =
+        endpoint == Endpoint::Completions && info.stream && info.include_usage != Some(true);
     // The backend knows the model by `upstream_model`, else by its name:
     // an alias the client used is the gateway's, not the backend's.
     let upstream_name = model.upstream_model.as_deref().unwrap_or(&model.name);

@@ -23,7 +23,10 @@ struct UsageObj {
 #[derive(Deserialize)]
 #[serde(field_identifier, rename_all = "snake_case")]
 enum UsageField {
+    /// `input_tokens` and `output_tokens`: the Responses API's names.
+    #[serde(alias = "input_tokens")]
     PromptTokens,
+    #[serde(alias = "output_tokens")]
     CompletionTokens,
     #[serde(other)]
     Other,
@@ -65,6 +68,14 @@ struct Chunk {
     usage: Option<UsageObj>,
     #[serde(default)]
     choices: Option<Vec<serde::de::IgnoredAny>>,
+    /// The Responses API's `response.completed` event carries the usage
+    /// in its `response`.
+    response: Option<ResponseObj>,
+}
+
+#[derive(Deserialize)]
+struct ResponseObj {
+    usage: Option<UsageObj>,
 }
 
 /// The `usage` of a complete (non-stream) JSON response.
@@ -204,7 +215,7 @@ pub fn from_sse_event(event: &[u8]) -> Option<EventUsage> {
         }
     }
     let c: Chunk = serde_json::from_slice(&data).ok()?;
-    let u = c.usage?;
+    let u = c.usage.or(c.response.and_then(|r| r.usage))?;
     Some(EventUsage {
         usage: Usage {
             prompt: u.prompt_tokens,
@@ -217,6 +228,31 @@ pub fn from_sse_event(event: &[u8]) -> Option<EventUsage> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn responses_api_usage() {
+        let json = br#"{"id":"r","object":"response","output":[],"usage":{"input_tokens":9,"input_tokens_details":{"cached_tokens":0},"output_tokens":4,"total_tokens":13}}"#;
+        assert_eq!(
+            from_json(json),
+            Some(Usage {
+                prompt: 9,
+                completion: 4
+            })
+        );
+        let created = b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"usage\":null}}\n\n";
+        assert_eq!(from_sse_event(created), None);
+        let done = b"event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"r\",\"usage\":{\"input_tokens\":9,\"output_tokens\":4,\"total_tokens\":13}}}\n\n";
+        assert_eq!(
+            from_sse_event(done),
+            Some(EventUsage {
+                usage: Usage {
+                    prompt: 9,
+                    completion: 4
+                },
+                usage_only: false
+            })
+        );
+    }
 
     #[test]
     fn json_usage() {
