@@ -809,12 +809,12 @@ async fn a_backend_gets_its_own_api_key_and_never_the_clients() {
 /// A backend that answers every request with a canned response by path
 /// (chunked, so it reads as one stream or one JSON body) and records the
 /// bodies it was sent.
+/// (path, body) of each request a canned backend was sent.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>;
+
 fn canned_backend(
     answers: &'static [(&'static str, &'static str, &'static str)],
-) -> (
-    String,
-    std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
-) {
+) -> (String, Seen) {
     use std::io::{BufRead as _, Read as _, Write as _};
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", l.local_addr().unwrap());
