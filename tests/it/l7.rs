@@ -806,12 +806,12 @@ async fn a_backend_gets_its_own_api_key_and_never_the_clients() {
     assert_eq!(seen(&open), None);
 }
 
-/// A backend that answers every request with a canned response by path
-/// (chunked, so it reads as one stream or one JSON body) and records the
-/// bodies it was sent.
 /// (path, body) of each request a canned backend was sent.
 type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>;
 
+/// A backend that answers every request with a canned response by path
+/// (chunked, so it reads as one stream or one JSON body) and records the
+/// bodies it was sent.
 fn canned_backend(
     answers: &'static [(&'static str, &'static str, &'static str)],
 ) -> (String, Seen) {
