@@ -1,9 +1,9 @@
 //! Upstream SSE events and JSON bodies: the usage readers must agree with
-//! each other, with their cheap prefilter and with a full JSON parse, and
-//! never panic.
+//! each other, with their cheap prefilter, with a full JSON parse and with
+//! themselves when the body comes in pieces, and never panic.
 #![no_main]
 
-use gateway::pipeline::usage::{from_json, from_sse_event, has_usage_object};
+use gateway::pipeline::usage::{from_json, from_sse_event, has_usage_object, JsonUsage};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -32,6 +32,23 @@ fuzz_target!(|data: &[u8]| {
             from_sse_event(&crlf),
             event,
             "CRLF and LF events differ: {data:?}"
+        );
+    }
+
+    // A body read in pieces (as it arrives) reads as the whole: split at
+    // two points the input chooses.
+    if data.len() > 2 {
+        let a = data[0] as usize % data.len();
+        let b = a + (data[1] as usize % (data.len() - a));
+        let mut scan = JsonUsage::default();
+        for piece in [&data[..a], &data[a..b], &data[b..]] {
+            scan.feed(piece);
+        }
+        assert_eq!(
+            scan.finish(),
+            json,
+            "read in pieces at {a} and {b}: {:?}",
+            String::from_utf8_lossy(data)
         );
     }
 

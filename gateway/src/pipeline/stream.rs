@@ -23,9 +23,6 @@ use tokio::time::Sleep;
 use super::{ctx::RequestCtx, usage, Shared};
 use crate::upstream::{self, Lease};
 
-/// Largest JSON body kept aside to read `usage` from.
-const MAX_JSON_TEE: usize = 8 * 1024 * 1024;
-
 pub use crate::upstream::BoxError;
 
 /// Writes metrics and the access log once, however the body ends.
@@ -72,8 +69,8 @@ enum Mode {
         pending: BytesMut,
         strip_usage: bool,
     },
-    /// A JSON body: keep a copy (bounded) to read usage at the end.
-    Json { tee: BytesMut, overflow: bool },
+    /// A JSON body: its `usage` read as it goes by (nothing of it kept).
+    Json(usage::JsonUsage),
 }
 
 pin_project! {
@@ -111,10 +108,7 @@ impl ProxyBody {
                 strip_usage,
             }
         } else {
-            Mode::Json {
-                tee: BytesMut::new(),
-                overflow: false,
-            }
+            Mode::Json(usage::JsonUsage::default())
         };
         ProxyBody {
             inner,
@@ -152,15 +146,8 @@ impl Mode {
     /// Processes one upstream chunk; returns what to send the client now.
     fn feed(&mut self, chunk: Bytes, ctx: &mut RequestCtx) -> Bytes {
         match self {
-            Mode::Json { tee, overflow } => {
-                if !*overflow {
-                    if tee.len() + chunk.len() <= MAX_JSON_TEE {
-                        tee.extend_from_slice(&chunk);
-                    } else {
-                        *overflow = true;
-                        *tee = BytesMut::new();
-                    }
-                }
+            Mode::Json(scan) => {
+                scan.feed(&chunk);
                 chunk
             }
             Mode::Sse {
@@ -206,10 +193,8 @@ impl Mode {
     /// At the end of the body: whatever is still held, and the JSON usage.
     fn flush(&mut self, ctx: &mut RequestCtx) -> Option<Bytes> {
         match self {
-            Mode::Json { tee, overflow } => {
-                if !*overflow {
-                    ctx.usage = usage::from_json(tee).or(ctx.usage);
-                }
+            Mode::Json(scan) => {
+                ctx.usage = scan.finish().or(ctx.usage);
                 None
             }
             Mode::Sse { pending, .. } => {
@@ -447,10 +432,7 @@ mod tests {
     #[test]
     fn json_usage_read_at_the_end() {
         let mut c = ctx();
-        let mut m = Mode::Json {
-            tee: BytesMut::new(),
-            overflow: false,
-        };
+        let mut m = Mode::Json(usage::JsonUsage::default());
         let body = br#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#;
         for part in body.chunks(7) {
             assert_eq!(&m.feed(Bytes::copy_from_slice(part), &mut c)[..], part);

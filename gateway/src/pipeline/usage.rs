@@ -78,96 +78,193 @@ struct ResponseObj {
     usage: Option<UsageObj>,
 }
 
-/// The `usage` of a complete (non-stream) JSON response.
-///
-/// Only the `usage` value is parsed: the rest of the body (the completion
-/// text, mostly) is stepped over by [`top_level_value`], which tracks
-/// strings and nesting and nothing else. That is a third of the
-/// instructions a full serde pass took on a 16-token completion, and the
-/// body is the client's to validate, not the gateway's.
+/// The `usage` of a complete (non-stream) JSON response: [`JsonUsage`] fed
+/// the whole body at once.
 pub fn from_json(body: &[u8]) -> Option<Usage> {
-    let value = top_level_value(body, b"usage")?;
-    // An object only: serde would also fill the struct from an array, by
-    // position.
-    if value.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return None;
-    }
-    let mut de = serde_json::Deserializer::from_slice(value);
-    let u = Option::<UsageObj>::deserialize(&mut de).ok()??;
-    Some(Usage {
-        prompt: u.prompt_tokens,
-        completion: u.completion_tokens,
-    })
+    let mut scan = JsonUsage::default();
+    scan.feed(body);
+    scan.finish()
 }
 
-/// The input from the start of the value of the top-level `key` of the JSON
-/// object in `body` (serde reads one value from it and stops), or `None`
-/// when `body` is not an object or has no such key. A key given twice
-/// yields its last value, as with the fields of `usage` itself.
-fn top_level_value<'a>(body: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
-    let mut found = None;
-    let mut i = body.iter().position(|b| !b.is_ascii_whitespace())?;
-    if body[i] != b'{' {
-        return None;
-    }
-    i += 1;
-    let mut depth = 1usize;
-    // At depth 1, the next string is a key (after `{` or `,`).
-    let mut want_key = true;
-    while i < body.len() {
-        match body[i] {
-            b'"' => {
-                let end = string_end(body, i + 1)?;
-                if depth == 1 && want_key {
-                    want_key = false;
-                    let raw = &body[i + 1..end];
-                    // A key spelled with escapes ("us\u0061ge") is decoded
-                    // as serde would; plain keys are compared as they are.
-                    let matches = raw == key
-                        || (raw.contains(&b'\\')
-                            && serde_json::from_slice::<String>(&body[i..=end])
-                                .is_ok_and(|k| k.as_bytes() == key));
-                    if matches {
-                        let colon = end
-                            + 1
-                            + body[end + 1..]
-                                .iter()
-                                .position(|b| !b.is_ascii_whitespace())?;
-                        if body[colon] != b':' {
-                            return None;
+/// Longest `usage` object kept (a real one is a few hundred bytes).
+const MAX_USAGE_VALUE: usize = 64 * 1024;
+/// Longest top-level key compared with `usage` (escapes spelled out).
+const MAX_KEY: usize = 64;
+
+/// The top-level `usage` object of a JSON response, read as its body goes
+/// by, in pieces of any size. Only the `usage` value is kept and parsed:
+/// the rest (the completion text, mostly; an embeddings batch can be tens
+/// of MB) is stepped over, tracking strings and nesting and nothing else,
+/// so no copy of the body is held. A key given twice counts by its last
+/// value, as JSON parsers commonly read it. The body is the client's to
+/// validate, not the gateway's.
+#[derive(Default)]
+pub struct JsonUsage {
+    /// The first non-blank byte was seen (and was `{`, else `dead`).
+    started: bool,
+    /// Not an object, or past its end: nothing more to read.
+    dead: bool,
+    depth: usize,
+    in_string: bool,
+    /// The byte after a backslash in a string is taken as it is.
+    escaped: bool,
+    /// At depth 1, the next string is a key (after `{` or `,`).
+    want_key: bool,
+    /// The top-level key being read (raw bytes), while it is.
+    key: Option<Vec<u8>>,
+    /// After a top-level key: 1 waiting for its `:`, 2 for its value.
+    after_key: u8,
+    /// That key was `usage`.
+    is_usage: bool,
+    /// The `usage` object being read, from its `{`.
+    value: Option<Vec<u8>>,
+    /// The last complete `usage` value; `None` when it was no object.
+    found: Option<Vec<u8>>,
+}
+
+impl JsonUsage {
+    pub fn feed(&mut self, buf: &[u8]) {
+        if self.dead {
+            return;
+        }
+        // Where the key or value being read starts in this piece.
+        let (mut key_from, mut value_from) = (0, 0);
+        let mut i = 0;
+        while i < buf.len() {
+            if self.in_string {
+                if self.escaped {
+                    self.escaped = false;
+                    i += 1;
+                    continue;
+                }
+                match memchr::memchr2(b'"', b'\\', &buf[i..]) {
+                    None => i = buf.len(),
+                    Some(j) if buf[i + j] == b'\\' => {
+                        self.escaped = true;
+                        i += j + 1;
+                    }
+                    Some(j) => {
+                        self.in_string = false;
+                        if let Some(mut key) = self.key.take() {
+                            let part = &buf[key_from..i + j];
+                            self.is_usage = key.len() + part.len() <= MAX_KEY && {
+                                key.extend_from_slice(part);
+                                is_usage_key(&key)
+                            };
+                            self.after_key = 1;
                         }
-                        found = Some(&body[colon + 1..]);
-                        i = colon + 1;
-                        continue;
+                        i += j + 1;
                     }
                 }
-                i = end + 1;
                 continue;
             }
-            b'{' | b'[' => depth += 1,
-            b'}' | b']' => {
-                depth -= 1;
-                if depth == 0 {
-                    return found;
+            let b = buf[i];
+            if b.is_ascii_whitespace() {
+                i += 1;
+                continue;
+            }
+            if !self.started {
+                self.started = true;
+                if b != b'{' {
+                    self.dead = true;
+                    return;
                 }
             }
-            b',' if depth == 1 => want_key = true,
-            _ => {}
+            if self.after_key == 2 {
+                // The value of a top-level key starts here.
+                self.after_key = 0;
+                if std::mem::take(&mut self.is_usage) {
+                    if b == b'{' {
+                        self.value = Some(Vec::new());
+                        value_from = i;
+                    } else {
+                        // `null` or not an object: no usage (the last key
+                        // decides).
+                        self.found = None;
+                    }
+                }
+            }
+            match b {
+                b'"' => {
+                    self.in_string = true;
+                    if self.depth == 1 && self.want_key {
+                        self.want_key = false;
+                        self.key = Some(Vec::new());
+                        key_from = i + 1;
+                    }
+                }
+                b'{' | b'[' => {
+                    self.depth += 1;
+                    if self.depth == 1 {
+                        self.want_key = true;
+                    }
+                }
+                b'}' | b']' => {
+                    self.depth = self.depth.saturating_sub(1);
+                    if self.depth == 1 {
+                        if let Some(mut v) = self.value.take() {
+                            let part = &buf[value_from..=i];
+                            self.found = (v.len() + part.len() <= MAX_USAGE_VALUE).then(|| {
+                                v.extend_from_slice(part);
+                                v
+                            });
+                        }
+                    } else if self.depth == 0 {
+                        self.dead = true;
+                        return;
+                    }
+                }
+                b':' if self.depth == 1 && self.after_key == 1 => self.after_key = 2,
+                b',' if self.depth == 1 => self.want_key = true,
+                _ => {}
+            }
+            i += 1;
         }
-        i += 1;
+        // The piece ended inside a key or the `usage` value: keep its part.
+        if let Some(key) = &mut self.key {
+            let part = &buf[key_from..];
+            if key.len() + part.len() > MAX_KEY {
+                // No spelling of `usage` is this long. Still a key: its
+                // string goes on, then its value comes.
+                self.key = None;
+                self.is_usage = false;
+                self.after_key = 1;
+            } else {
+                key.extend_from_slice(part);
+            }
+        }
+        if let Some(v) = &mut self.value {
+            let part = &buf[value_from..];
+            if v.len() + part.len() > MAX_USAGE_VALUE {
+                self.value = None;
+                self.found = None;
+            } else {
+                v.extend_from_slice(part);
+            }
+        }
     }
-    found
+
+    /// The usage read, once the body has ended.
+    pub fn finish(&self) -> Option<Usage> {
+        let u: UsageObj = serde_json::from_slice(self.found.as_deref()?).ok()?;
+        Some(Usage {
+            prompt: u.prompt_tokens,
+            completion: u.completion_tokens,
+        })
+    }
 }
 
-/// The index of the quote closing the string whose contents start at `i`.
-fn string_end(body: &[u8], mut i: usize) -> Option<usize> {
-    loop {
-        let j = i + memchr::memchr2(b'"', b'\\', body.get(i..)?)?;
-        if body[j] == b'"' {
-            return Some(j);
-        }
-        i = j + 2; // the escaped byte, whatever it is
-    }
+/// Whether a top-level key's raw bytes spell `usage` (escapes decoded as
+/// serde would: "us\u0061ge").
+fn is_usage_key(raw: &[u8]) -> bool {
+    raw == b"usage"
+        || (raw.contains(&b'\\') && {
+            let mut quoted = Vec::with_capacity(raw.len() + 2);
+            quoted.push(b'"');
+            quoted.extend_from_slice(raw);
+            quoted.push(b'"');
+            serde_json::from_slice::<String>(&quoted).is_ok_and(|k| k == "usage")
+        })
 }
 
 /// Whether `data` holds a `"usage"` key whose value is an object (not
@@ -228,6 +325,62 @@ pub fn from_sse_event(event: &[u8]) -> Option<EventUsage> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Fed in pieces of any size, the scan reads what it reads at once.
+    #[test]
+    fn json_usage_in_pieces() {
+        let bodies: [&[u8]; 7] = [
+            br#"{"id":"x","choices":[{"message":{"content":"a \"usage\": {} b"}}],"usage":{"prompt_tokens":7,"completion_tokens":3}}"#,
+            br#"{"usage":{"prompt_tokens":1},"us\u0061ge":{"prompt_tokens":2,"completion_tokens":5}}"#,
+            br#"{"usage":{"prompt_tokens":1,"completion_tokens":1},"usage":null}"#,
+            br#" { "nested" : { "usage" : { "prompt_tokens" : 9 } } , "usage" : { "completion_tokens" : 4 } } trailing"#,
+            br#"[{"usage":{"prompt_tokens":1}}]"#,
+            br#"{"a_key_far_longer_than_usage_could_ever_be_spelled_even_with_escapes_in_it":1,"usage":{"prompt_tokens":3}}"#,
+            br#"{"usage":{"prompt_tokens":3,"completion_tokens":"#,
+        ];
+        for body in bodies {
+            let whole = from_json(body);
+            for size in 1..body.len() {
+                let mut scan = JsonUsage::default();
+                for piece in body.chunks(size) {
+                    scan.feed(piece);
+                }
+                assert_eq!(
+                    scan.finish(),
+                    whole,
+                    "pieces of {size}: {}",
+                    String::from_utf8_lossy(body)
+                );
+            }
+        }
+        assert_eq!(from_json(bodies[1]).map(|u| u.completion), Some(5));
+        assert_eq!(from_json(bodies[2]), None, "the last usage decides");
+        assert_eq!(from_json(bodies[3]).map(|u| (u.prompt, u.completion)), Some((0, 4)));
+        assert_eq!(from_json(bodies[4]), None, "not an object");
+        assert_eq!(from_json(bodies[5]).map(|u| u.prompt), Some(3));
+        assert_eq!(from_json(bodies[6]), None, "cut short");
+    }
+
+    /// A body of tens of MB (an embeddings batch) with its usage at the
+    /// end: read, and nothing of the body kept.
+    #[test]
+    fn json_usage_of_a_large_body_keeps_nothing_of_it() {
+        let mut scan = JsonUsage::default();
+        scan.feed(br#"{"object":"list","data":[{"embedding":""#);
+        let piece = vec![b'A'; 64 * 1024];
+        for _ in 0..400 {
+            scan.feed(&piece);
+            assert!(scan.key.is_none() && scan.value.is_none());
+        }
+        scan.feed(br#""}],"usage":{"prompt_tokens":4096,"total_tokens":4096}}"#);
+        assert_eq!(
+            scan.finish(),
+            Some(Usage {
+                prompt: 4096,
+                completion: 0
+            })
+        );
+    }
 
     #[test]
     fn responses_api_usage() {
