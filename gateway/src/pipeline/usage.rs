@@ -355,7 +355,10 @@ mod tests {
         }
         assert_eq!(from_json(bodies[1]).map(|u| u.completion), Some(5));
         assert_eq!(from_json(bodies[2]), None, "the last usage decides");
-        assert_eq!(from_json(bodies[3]).map(|u| (u.prompt, u.completion)), Some((0, 4)));
+        assert_eq!(
+            from_json(bodies[3]).map(|u| (u.prompt, u.completion)),
+            Some((0, 4))
+        );
         assert_eq!(from_json(bodies[4]), None, "not an object");
         assert_eq!(from_json(bodies[5]).map(|u| u.prompt), Some(3));
         assert_eq!(from_json(bodies[6]), None, "cut short");
