@@ -25,6 +25,9 @@ use crate::upstream::{self, Lease};
 
 pub use crate::upstream::BoxError;
 
+/// Largest JSON answer kept whole to read its `usage` at the end.
+const MAX_JSON_KEPT: usize = 64 * 1024;
+
 /// Writes metrics and the access log once, however the body ends.
 pub struct Finish {
     pub ctx: RequestCtx,
@@ -69,8 +72,12 @@ enum Mode {
         pending: BytesMut,
         strip_usage: bool,
     },
-    /// A JSON body: its `usage` read as it goes by (nothing of it kept).
-    Json(usage::JsonUsage),
+    /// A JSON body: kept (up to `MAX_JSON_KEPT`) to read `usage` from at
+    /// the end, the fastest read; a larger one is read as it goes by.
+    Json {
+        kept: BytesMut,
+        scan: Option<Box<usage::JsonUsage>>,
+    },
 }
 
 pin_project! {
@@ -108,7 +115,10 @@ impl ProxyBody {
                 strip_usage,
             }
         } else {
-            Mode::Json(usage::JsonUsage::default())
+            Mode::Json {
+                kept: BytesMut::new(),
+                scan: None,
+            }
         };
         ProxyBody {
             inner,
@@ -146,8 +156,22 @@ impl Mode {
     /// Processes one upstream chunk; returns what to send the client now.
     fn feed(&mut self, chunk: Bytes, ctx: &mut RequestCtx) -> Bytes {
         match self {
-            Mode::Json(scan) => {
-                scan.feed(&chunk);
+            Mode::Json { kept, scan } => {
+                match scan {
+                    Some(scan) => scan.feed(&chunk),
+                    None if kept.len() + chunk.len() <= MAX_JSON_KEPT => {
+                        kept.extend_from_slice(&chunk)
+                    }
+                    None => {
+                        // Too large to keep (an embeddings batch can be tens
+                        // of MB): read the rest as it goes by.
+                        let mut s = Box::<usage::JsonUsage>::default();
+                        s.feed(kept);
+                        s.feed(&chunk);
+                        *kept = BytesMut::new();
+                        *scan = Some(s);
+                    }
+                }
                 chunk
             }
             Mode::Sse {
@@ -193,8 +217,12 @@ impl Mode {
     /// At the end of the body: whatever is still held, and the JSON usage.
     fn flush(&mut self, ctx: &mut RequestCtx) -> Option<Bytes> {
         match self {
-            Mode::Json(scan) => {
-                ctx.usage = scan.finish().or(ctx.usage);
+            Mode::Json { kept, scan } => {
+                let read = match scan {
+                    Some(scan) => scan.finish(),
+                    None => usage::from_json(kept),
+                };
+                ctx.usage = read.or(ctx.usage);
                 None
             }
             Mode::Sse { pending, .. } => {
@@ -429,10 +457,42 @@ mod tests {
         assert_eq!(sent + held, 2 * MAX_SSE_EVENT / piece.len() * piece.len());
     }
 
+    /// A JSON answer larger than what is kept whole (an embeddings batch)
+    /// still has its usage read, and is not kept.
+    #[test]
+    fn a_large_json_answer_has_its_usage_read_as_it_goes_by() {
+        let mut c = ctx();
+        let mut m = Mode::Json {
+            kept: BytesMut::new(),
+            scan: None,
+        };
+        let mut body = br#"{"data":[{"embedding":""#.to_vec();
+        body.extend(std::iter::repeat_n(b'A', 4 * MAX_JSON_KEPT));
+        body.extend_from_slice(br#""}],"usage":{"prompt_tokens":512,"total_tokens":512}}"#);
+        for part in body.chunks(16 * 1024) {
+            assert_eq!(&m.feed(Bytes::copy_from_slice(part), &mut c)[..], part);
+            let Mode::Json { kept, .. } = &m else {
+                unreachable!()
+            };
+            assert!(kept.len() <= MAX_JSON_KEPT);
+        }
+        assert!(m.flush(&mut c).is_none());
+        assert_eq!(
+            c.usage,
+            Some(usage::Usage {
+                prompt: 512,
+                completion: 0
+            })
+        );
+    }
+
     #[test]
     fn json_usage_read_at_the_end() {
         let mut c = ctx();
-        let mut m = Mode::Json(usage::JsonUsage::default());
+        let mut m = Mode::Json {
+            kept: BytesMut::new(),
+            scan: None,
+        };
         let body = br#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#;
         for part in body.chunks(7) {
             assert_eq!(&m.feed(Bytes::copy_from_slice(part), &mut c)[..], part);
