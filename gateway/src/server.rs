@@ -1,7 +1,7 @@
 //! The L7 gateway assembled: routing table, metrics endpoint and listeners,
 //! started from a config. Used by `gateway run` and by the tests in-process.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 
 use crate::{
     config::Config,
@@ -10,9 +10,6 @@ use crate::{
     pipeline::Shared,
 };
 use anyhow::Result;
-
-/// How long open connections may take to finish at shutdown.
-pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
 
 /// A running gateway.
 pub struct Gateway {
@@ -82,7 +79,7 @@ impl Gateway {
         if let Some(tls) = tls {
             let _ = shared.tls_certs.set(arc_swap::ArcSwap::from_pointee(tls));
         }
-        let workers = Workers::start(sockets, Arc::clone(&shared), DEFAULT_DRAIN)?;
+        let workers = Workers::start(sockets, Arc::clone(&shared))?;
         for a in &addrs {
             tracing::info!(addr = %a, tls = cfg.server.tls.is_some(), workers = n, "listening");
         }

@@ -445,10 +445,25 @@ async fn exit_status(mut gw: Daemon, within: Duration) -> Option<std::process::E
 /// without waiting for a long stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_sigterm_cuts_the_drain() {
+    drain_cut_short("", 2).await;
+}
+
+/// `server.drain_timeout` bounds the drain: a stream longer than it is
+/// cut, and the daemon exits (cleanly) then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_ends_at_drain_timeout() {
+    drain_cut_short("drain_timeout = \"500ms\"\n", 1).await;
+}
+
+/// Starts a daemon (`server_extra` in its `[server]`) with a 20 s stream
+/// open, sends `signals` SIGTERMs, and expects a clean exit within 5 s
+/// with the stream cut.
+async fn drain_cut_short(server_extra: &str, signals: usize) {
     use http_body_util::BodyExt as _;
     let up = MockLlm::start(MockOptions::default()).await.unwrap();
     let port = free_port();
-    let body = config(port, &up.url(), &up.url(), (1, 1));
+    let body = config(port, &up.url(), &up.url(), (1, 1))
+        .replace("[server]\n", &format!("[server]\n{server_extra}"));
     let gw = tokio::task::spawn_blocking(move || Daemon::start(None, &body))
         .await
         .unwrap()
@@ -467,13 +482,14 @@ async fn a_second_sigterm_cuts_the_drain() {
     assert_eq!(stream.status(), 200);
     let reading =
         tokio::spawn(async move { stream.into_body().collect().await.map(|c| c.to_bytes()) });
-    gw.terminate();
-    stopped_accepting(port).await;
-    gw.terminate();
+    for _ in 0..signals {
+        gw.terminate();
+        stopped_accepting(port).await;
+    }
     let status = exit_status(gw, Duration::from_secs(5)).await;
     assert!(
         status.is_some_and(|s| s.success()),
-        "exits 0 soon after the second signal: {status:?}"
+        "exits 0 soon after the drain was cut: {status:?}"
     );
     let cut = reading.await.unwrap();
     assert!(

@@ -29,6 +29,8 @@ pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait for a client to take the next piece of its response
 /// (nginx's `send_timeout`).
 pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a stopping gateway lets open requests and streams finish.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 256;
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/gateway";
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/gateway/admin.sock";
@@ -93,6 +95,9 @@ pub struct ServerConfig {
     /// the connection closes after it; HTTP/2: the stream's upstream
     /// request is cancelled). Default: 60s.
     pub send_timeout: Duration,
+    /// On SIGTERM, how long open requests and streams may finish before
+    /// they are cut. Default: 30s.
+    pub drain_timeout: Duration,
     /// Default: 256.
     pub max_connections_per_ip: u32,
     /// Request line plus headers, in bytes (HTTP/1.1; the header list for
@@ -599,6 +604,11 @@ impl Validator {
                 "server.send_timeout",
                 s.send_timeout.as_deref(),
                 DEFAULT_SEND_TIMEOUT,
+            ),
+            drain_timeout: self.timeout(
+                "server.drain_timeout",
+                s.drain_timeout.as_deref(),
+                DEFAULT_DRAIN_TIMEOUT,
             ),
             max_connections_per_ip: s
                 .max_connections_per_ip

@@ -42,7 +42,8 @@ pub struct Listeners {
 }
 
 /// What a client connection may cost: how long it may take to send a
-/// request head (and its first byte), and how large that head may be.
+/// request head (and its first byte), and how large that head may be; and
+/// how long it may finish when the gateway stops.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnLimits {
     pub header_read_timeout: Duration,
@@ -50,6 +51,7 @@ pub struct ConnLimits {
     pub send_timeout: Duration,
     pub max_header_bytes: u32,
     pub max_headers: u32,
+    pub drain_timeout: Duration,
 }
 
 impl ConnLimits {
@@ -59,18 +61,18 @@ impl ConnLimits {
             send_timeout: s.send_timeout,
             max_header_bytes: s.max_header_bytes,
             max_headers: s.max_headers,
+            drain_timeout: s.drain_timeout,
         }
     }
 }
 
 impl Listeners {
     /// Serves until `shutdown` fires, then stops accepting and gives open
-    /// connections up to `drain` to finish.
+    /// connections up to `server.drain_timeout` (as last reloaded) to finish.
     pub async fn serve(
         self,
         shared: Arc<Shared>,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
-        drain: Duration,
     ) {
         // Every connection holds a receiver; `true` asks it to finish its
         // current request and close, and the sender sees when all are gone.
@@ -131,6 +133,7 @@ impl Listeners {
         for t in accept_tasks {
             t.abort();
         }
+        let drain = shared.conn_limits.load().drain_timeout;
         if self.worker == 0 {
             tracing::info!(drain = ?drain, "stopped accepting; draining open connections");
         }

@@ -97,11 +97,7 @@ pub struct Workers {
 
 impl Workers {
     /// Starts one thread per socket set.
-    pub fn start(
-        sockets: Vec<Vec<StdListener>>,
-        shared: Arc<Shared>,
-        drain: Duration,
-    ) -> Result<Workers> {
+    pub fn start(sockets: Vec<Vec<StdListener>>, shared: Arc<Shared>) -> Result<Workers> {
         let (shutdown, rx) = watch::channel(false);
         let mut threads = Vec::new();
         for (id, socks) in sockets.into_iter().enumerate() {
@@ -139,7 +135,7 @@ impl Workers {
                         };
                         // Ends with the runtime when the worker returns.
                         tokio::spawn(keep_next_wake_near());
-                        l.serve(shared, rx, drain).await;
+                        l.serve(shared, rx).await;
                     });
                 })
                 .context("spawning a worker thread")?;

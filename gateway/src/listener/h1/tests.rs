@@ -26,6 +26,7 @@ fn limits() -> ConnLimits {
     ConnLimits {
         header_read_timeout: Duration::from_secs(2),
         send_timeout: Duration::from_secs(2),
+        drain_timeout: Duration::from_secs(1),
         max_header_bytes: 8192,
         max_headers: 20,
     }
