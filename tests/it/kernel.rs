@@ -783,3 +783,71 @@ fn keep_attached_protects_while_the_daemon_restarts() {
         "{bad} is blocked by the new daemon's program"
     );
 }
+
+/// A link left attached (`keep_attached`) is renewed when its interface was
+/// made again (a driver reload: the old link is dead), and dropped when its
+/// interface left the config (its program, whose maps nobody updates any
+/// more, no longer runs there).
+#[test]
+fn kept_links_of_remade_or_removed_interfaces_are_renewed_or_dropped() {
+    require_root!();
+    let t = Topology::new().expect("creating the test topology");
+    let v4 = SocketAddr::new(t.server_v4(), PORT);
+    let extra = format!("gwx{}", t.n);
+    t.server
+        .ip(&[
+            "link",
+            "add",
+            &extra,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &format!("gwy{}", t.n),
+        ])
+        .unwrap();
+    t.server.ip(&["link", "set", &extra, "up"]).unwrap();
+    let both = config(&t, 1000, 1000)
+        .replace(
+            "pin_dir = \"@PIN_DIR@\"",
+            "pin_dir = \"@PIN_DIR@\"\nkeep_attached = true",
+        )
+        .replace(
+            &format!("interfaces = [\"{}\"]", t.server_if),
+            &format!("interfaces = [\"{}\", \"{extra}\"]", t.server_if),
+        );
+    let mut gw = Daemon::start(Some(&t.server.path()), &both).expect("starting the gateway");
+    let link = |iface: &str| {
+        gw.pin_dir
+            .join(format!("v{}", gateway_common::SCHEMA_VERSION))
+            .join(format!("link_{iface}"))
+    };
+    let (server_link, extra_link) = (link(&t.server_if), link(&extra));
+    assert!(server_link.exists() && extra_link.exists());
+    gw.stop_process();
+    // The protected interface is made again; the extra one leaves the config.
+    t.rewire().expect("making the veth pair again");
+    let text = std::fs::read_to_string(&gw.config).unwrap();
+    std::fs::write(&gw.config, text.replace(&format!(", \"{extra}\""), "")).unwrap();
+    let _l = t.listen(v4);
+    gw.respawn().expect("restarting the gateway");
+    let log = std::fs::read_to_string(&gw.log).unwrap();
+    assert!(!log.contains("degraded"), "{log}");
+    assert!(log.contains("attaching afresh"), "{log}");
+    let stats = gw.cli(&["stats", "--json"]).json();
+    assert_eq!(stats["xdp"], "attached", "{stats}");
+    let bad = t.client_v4(3);
+    gw.cli(&["block", "add", &bad.to_string()]).ok();
+    assert!(
+        !t.connect(bad, v4, CONNECT),
+        "{bad} is blocked on the new interface"
+    );
+    assert!(server_link.exists(), "the fresh link is pinned");
+    assert!(!extra_link.exists(), "the removed interface's link is gone");
+    let shown = std::process::Command::new("ip")
+        .args(["-n", &t.server.name, "-d", "link", "show", "dev", &extra])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(!shown.contains("xdp"), "still attached to {extra}: {shown}");
+}

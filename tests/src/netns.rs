@@ -106,10 +106,25 @@ impl Topology {
         let client = Netns::new(format!("gwt-c-{tag}"))?;
         let server_if = format!("gws{n}");
         let client_if = format!("gwc{n}");
+        let t = Topology {
+            n,
+            server,
+            client,
+            server_if,
+            client_if,
+        };
+        t.wire()?;
+        Ok(t)
+    }
+
+    /// Makes the veth pair between the namespaces, with its addresses.
+    fn wire(&self) -> Result<()> {
+        let (n, server, client) = (self.n, &self.server, &self.client);
+        let (server_if, client_if) = (&self.server_if, &self.client_if);
         ip(&[
             "link",
             "add",
-            &server_if,
+            server_if,
             "netns",
             &server.name,
             "address",
@@ -118,20 +133,20 @@ impl Topology {
             "veth",
             "peer",
             "name",
-            &client_if,
+            client_if,
             "netns",
             &client.name,
             "address",
             CLIENT_MAC,
         ])?;
-        server.ip(&["addr", "add", &format!("10.99.{n}.1/24"), "dev", &server_if])?;
+        server.ip(&["addr", "add", &format!("10.99.{n}.1/24"), "dev", server_if])?;
         server.ip(&[
             "-6",
             "addr",
             "add",
             &format!("fd99:0:0:{n}::1/64"),
             "dev",
-            &server_if,
+            server_if,
             "nodad",
         ])?;
         for host in [2, 3, 4] {
@@ -140,7 +155,7 @@ impl Topology {
                 "add",
                 &format!("10.99.{n}.{host}/24"),
                 "dev",
-                &client_if,
+                client_if,
             ])?;
             client.ip(&[
                 "-6",
@@ -148,19 +163,21 @@ impl Topology {
                 "add",
                 &format!("fd99:0:0:{n}::{host}/64"),
                 "dev",
-                &client_if,
+                client_if,
                 "nodad",
             ])?;
         }
-        server.ip(&["link", "set", &server_if, "up"])?;
-        client.ip(&["link", "set", &client_if, "up"])?;
-        Ok(Topology {
-            n,
-            server,
-            client,
-            server_if,
-            client_if,
-        })
+        server.ip(&["link", "set", server_if, "up"])?;
+        client.ip(&["link", "set", client_if, "up"])?;
+        Ok(())
+    }
+
+    /// Deletes the veth pair and makes it again, with the same names and
+    /// addresses: what a driver reload does to an interface (an XDP
+    /// program attached to it goes with it).
+    pub fn rewire(&self) -> Result<()> {
+        self.server.ip(&["link", "del", &self.server_if])?;
+        self.wire()
     }
 
     pub fn server_v4(&self) -> IpAddr {

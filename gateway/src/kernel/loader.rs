@@ -186,6 +186,47 @@ fn older_link_pins(pin_path: &Path, iface: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Removes the pinned links (`xdp.keep_attached`) of interfaces that are no
+/// longer in `interfaces`, in this schema's pin directory and older ones.
+/// Nothing else holds such a link, so removing its pin detaches the
+/// program, whose maps nobody updates any more, from that interface.
+/// Returns the interfaces it detached from.
+pub fn drop_stale_links(pin_path: &Path, interfaces: &[String]) -> Vec<String> {
+    let older = pin_path.parent().into_iter().flat_map(|parent| {
+        (1..gateway_common::SCHEMA_VERSION).map(move |v| parent.join(format!("v{v}")))
+    });
+    let mut dropped = Vec::new();
+    for dir in std::iter::once(pin_path.to_owned()).chain(older) {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(iface) = name.strip_prefix("link_") else {
+                continue;
+            };
+            if interfaces.iter().any(|i| i == iface) {
+                continue;
+            }
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => {
+                    tracing::info!(
+                        interface = iface,
+                        pin = %e.path().display(),
+                        "detached from an interface no longer in xdp.interfaces"
+                    );
+                    dropped.push(iface.to_owned());
+                }
+                Err(err) => tracing::warn!(
+                    pin = %e.path().display(),
+                    "could not remove a stale XDP link: {err}"
+                ),
+            }
+        }
+    }
+    dropped
+}
+
 /// Attaches to `iface`, or, when a previous daemon left its program
 /// attached (a pinned link), swaps this program in on that link atomically,
 /// so there is no moment without a program. With `keep`, the link is (or
@@ -224,9 +265,22 @@ pub fn attach_or_take_over(
                 .with_context(|| format!("unpinning {}", found.display()))?
         };
         let link = XdpLink::try_from(fd).context("the pinned link is not an XDP link")?;
-        let id = xdp_program(ebpf)?.attach_to_link(link).map_err(|e| {
-            explain(anyhow!(e).context("swapping the program into the pinned link"))
-        })?;
+        let id = match xdp_program(ebpf)?.attach_to_link(link) {
+            Ok(id) => id,
+            Err(e) => {
+                // A link whose interface went away (deleted and made
+                // again by a driver reload, a bond or VLAN rebuilt) is
+                // dead: it protects nothing. Its pin goes, and the program
+                // is attached afresh.
+                tracing::warn!(
+                    interface = iface,
+                    pin = %found.display(),
+                    "the pinned XDP link is dead ({e}); attaching afresh"
+                );
+                let _ = std::fs::remove_file(&found);
+                return attach_fresh(ebpf, iface, mode, &pin, keep);
+            }
+        };
         if from_older && keep {
             let fd: FdLink = xdp_program(ebpf)?
                 .take_link(id)?
@@ -242,6 +296,19 @@ pub fn attach_or_take_over(
         );
         return Ok("kept".into());
     }
+    attach_fresh(ebpf, iface, mode, &pin, keep)
+}
+
+/// Attaches to `iface` with no link to take over; with `keep`, pins the
+/// new link at `pin`.
+fn attach_fresh(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    mode: AttachMode,
+    pin: &Path,
+    keep: bool,
+) -> Result<String> {
+    use aya::programs::links::FdLink;
     let (got, id) = attach(ebpf, iface, mode)?;
     if keep {
         let link = xdp_program(ebpf)?.take_link(id)?;

@@ -133,6 +133,7 @@ impl Kernel {
             pin_path = %pin.display(),
             "kernel policy loaded"
         );
+        loader::drop_stale_links(&pin, &x.interfaces);
         let mut interfaces = Vec::new();
         for iface in &x.interfaces {
             let mode =
