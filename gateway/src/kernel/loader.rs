@@ -315,7 +315,7 @@ fn attach_fresh(
         let fd: FdLink = link
             .try_into()
             .map_err(|_| anyhow!("{iface}: this kernel attached XDP without a BPF link, which cannot be pinned; set xdp.keep_attached = false"))?;
-        fd.pin(&pin)
+        fd.pin(pin)
             .with_context(|| format!("pinning the XDP link at {}", pin.display()))?;
     }
     Ok(got.name().into())
