@@ -920,3 +920,72 @@ async fn responses_api_and_pooling_endpoints_are_routed() {
     let r = c.get(&format!("{}/v1/responses", g.url), Some(KEY_A)).await;
     assert_eq!(r.status, 405);
 }
+
+/// With `server.cors_origins`, a browser's preflight from an allowed
+/// origin is answered before any key is asked for, and every answer to that
+/// origin (errors too, so a script can read them) carries
+/// `Access-Control-Allow-Origin`; other origins, and requests with no
+/// `Origin` (an SDK), get no CORS headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_for_the_allowed_browser_origins() {
+    let up = mock("a").await;
+    let g = TestGateway::start(
+        "cors_origins = [\"https://chat.example\"]",
+        &model_toml("m", "", &[(up.url(), 1, None)]),
+    )
+    .await;
+    let c = Client::http1();
+    let chat_url = url(&g, "/v1/chat/completions");
+    let preflight = |origin: &'static str| {
+        http::Request::options(&chat_url)
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization, content-type, x-stainless-os",
+            )
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let r = collect(c.send(preflight("https://chat.example")).await).await;
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        r.headers["access-control-allow-origin"],
+        "https://chat.example"
+    );
+    assert_eq!(
+        r.headers["access-control-allow-headers"],
+        "authorization, content-type, x-stainless-os"
+    );
+    assert!(r.headers["access-control-allow-methods"]
+        .to_str()
+        .unwrap()
+        .contains("POST"));
+    let r = collect(c.send(preflight("https://evil.example")).await).await;
+    assert_eq!(r.status, 401, "not an allowed origin: no preflight answer");
+    assert!(!r.headers.contains_key("access-control-allow-origin"));
+
+    let origin = [("origin", "https://chat.example")];
+    let r = c
+        .post(&chat_url, Some(KEY_A), &origin, &chat("m", false))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.headers["access-control-allow-origin"],
+        "https://chat.example"
+    );
+    assert!(r.headers["access-control-expose-headers"]
+        .to_str()
+        .unwrap()
+        .contains("x-request-id"));
+    let r = c
+        .post(&chat_url, Some("sk-wrong"), &origin, &chat("m", false))
+        .await;
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        r.headers["access-control-allow-origin"],
+        "https://chat.example"
+    );
+    let r = c.post(&chat_url, Some(KEY_A), &[], &chat("m", false)).await;
+    assert!(!r.headers.contains_key("access-control-allow-origin"));
+}

@@ -98,6 +98,10 @@ pub struct ServerConfig {
     /// On SIGTERM, how long open requests and streams may finish before
     /// they are cut. Default: 30s.
     pub drain_timeout: Duration,
+    /// Browser origins (`https://chat.example.com`, or `*`) allowed to
+    /// call the API: preflights are answered and responses carry
+    /// `Access-Control-Allow-Origin`. Default: none (no CORS).
+    pub cors_origins: Vec<String>,
     /// Default: 256.
     pub max_connections_per_ip: u32,
     /// Request line plus headers, in bytes (HTTP/1.1; the header list for
@@ -610,6 +614,7 @@ impl Validator {
                 s.drain_timeout.as_deref(),
                 DEFAULT_DRAIN_TIMEOUT,
             ),
+            cors_origins: self.cors_origins(s.cors_origins.unwrap_or_default()),
             max_connections_per_ip: s
                 .max_connections_per_ip
                 .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_IP),
@@ -629,6 +634,32 @@ impl Validator {
                 .unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into())
                 .into(),
         }
+    }
+
+    /// `*`, or origins as browsers send them: a scheme, a host and maybe a
+    /// port, with no path (`https://chat.example.com:8443`).
+    fn cors_origins(&mut self, origins: Vec<String>) -> Vec<String> {
+        for (i, o) in origins.iter().enumerate() {
+            let path = format!("server.cors_origins[{i}]");
+            if o == "*" {
+                continue;
+            }
+            let rest = o
+                .strip_prefix("https://")
+                .or_else(|| o.strip_prefix("http://"));
+            let ok = rest.is_some_and(|r| {
+                !r.is_empty()
+                    && r.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+            });
+            if !ok {
+                self.problem(
+                    path,
+                    format!("{o:?} is not an origin: `*` or scheme://host[:port], no path, as a browser sends it"),
+                );
+            }
+        }
+        origins
     }
 
     fn metrics(&mut self, m: raw::Metrics) -> MetricsConfig {

@@ -188,6 +188,7 @@ pub struct Server {
     pub body_read_timeout: Option<String>,
     pub send_timeout: Option<String>,
     pub drain_timeout: Option<String>,
+    pub cors_origins: Option<Vec<String>>,
     pub max_connections_per_ip: Option<u32>,
     pub max_header_bytes: Option<u32>,
     pub max_headers: Option<u32>,

@@ -407,3 +407,17 @@ fn a_reload_keeps_the_settings_only_a_restart_applies() {
     let mut turned_on = on.clone();
     assert_eq!(turned_on.keep_restart_only(&tls("")), ["server.tls"]);
 }
+
+#[test]
+fn cors_origins_are_origins() {
+    let ok = "[server]\ncors_origins = [\"*\", \"https://chat.example\", \"http://127.0.0.1:3000\", \"https://[::1]:8443\"]\n";
+    assert_eq!(problems(ok), Vec::<String>::new());
+    let c = Config::parse(ok).unwrap();
+    assert_eq!(c.server.cors_origins.len(), 4);
+    let p = problems(
+        "[server]\ncors_origins = [\"https://chat.example/\", \"chat.example\", \"https://a b\"]\n",
+    );
+    assert_eq!(p.len(), 3, "{p:?}");
+    assert!(p[0].starts_with("server.cors_origins[0]: "), "{p:?}");
+    assert!(p[2].starts_with("server.cors_origins[2]: "), "{p:?}");
+}

@@ -176,6 +176,71 @@ where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
+    // Only browsers send `Origin`: an SDK's request costs this one lookup.
+    let Some(origin) = req.headers().get(header::ORIGIN).cloned() else {
+        return answer(shared, req, client).await;
+    };
+    let allowed = shared.routes.load().cors.allow(&origin);
+    let Some(allowed) = allowed else {
+        return answer(shared, req, client).await;
+    };
+    if req.method() == Method::OPTIONS
+        && req
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+    {
+        return preflight(&req, allowed);
+    }
+    let mut r = answer(shared, req, client).await;
+    let h = r.headers_mut();
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allowed);
+    h.append(header::VARY, HeaderValue::from_static("origin"));
+    h.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static(CORS_EXPOSED),
+    );
+    r
+}
+
+/// Response headers a browser's script may read.
+const CORS_EXPOSED: &str = "x-request-id, retry-after, x-ratelimit-limit-requests, \
+x-ratelimit-remaining-requests, x-ratelimit-reset-requests, x-ratelimit-limit-tokens, \
+x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens, x-gateway-group";
+
+/// A browser's CORS preflight from an allowed origin: answered before any
+/// key is asked for (a preflight carries none), for every path.
+fn preflight<B>(req: &Request<B>, allowed: HeaderValue) -> Response<ResponseBody> {
+    let mut r = Response::new(full(Bytes::new()));
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    let h = r.headers_mut();
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allowed);
+    h.insert(header::VARY, HeaderValue::from_static("origin"));
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST, OPTIONS"),
+    );
+    // Whatever headers the script sends (the SDKs add their own): keys
+    // are checked on the request itself.
+    if let Some(asked) = req.headers().get(header::ACCESS_CONTROL_REQUEST_HEADERS) {
+        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, asked.clone());
+    }
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+    r
+}
+
+/// `handle` past CORS.
+async fn answer<B>(
+    shared: Arc<Shared>,
+    req: Request<B>,
+    client: SocketAddr,
+) -> Response<ResponseBody>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     let rid = request_id(req.headers());
     let path = req.uri().path().to_owned();
     match (req.method(), path.as_str()) {

@@ -218,6 +218,44 @@ pub struct Routes {
     pub max_body_bytes: u64,
     /// `server.body_read_timeout`.
     pub body_read_timeout: Duration,
+    /// `server.cors_origins`.
+    pub cors: Cors,
+}
+
+/// The browser origins allowed to call the API (`server.cors_origins`).
+#[derive(Debug, Default)]
+pub struct Cors {
+    any: bool,
+    origins: Vec<http::HeaderValue>,
+}
+
+impl Cors {
+    pub fn new(origins: &[String]) -> Cors {
+        Cors {
+            any: origins.iter().any(|o| o == "*"),
+            origins: origins
+                .iter()
+                .filter_map(|o| http::HeaderValue::from_str(o).ok())
+                .collect(),
+        }
+    }
+
+    /// The `Access-Control-Allow-Origin` for a request from `origin`, if
+    /// it is allowed.
+    pub fn allow(&self, origin: &http::HeaderValue) -> Option<http::HeaderValue> {
+        if self.any {
+            Some(http::HeaderValue::from_static("*"))
+        } else {
+            self.origins
+                .iter()
+                .any(|o| o.as_bytes().eq_ignore_ascii_case(origin.as_bytes()))
+                .then(|| origin.clone())
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.any || !self.origins.is_empty()
+    }
 }
 
 impl Routes {
@@ -258,6 +296,7 @@ impl Routes {
             models,
             max_body_bytes: cfg.server.max_body_bytes,
             body_read_timeout: cfg.server.body_read_timeout,
+            cors: Cors::new(&cfg.server.cors_origins),
         }
     }
 
