@@ -228,6 +228,68 @@ fn retry_after_secs(d: std::time::Duration) -> u64 {
 }
 
 /// `{"error":{"message":...,"type":...,"param":null,"code":...}}`
+/// An upstream error answer in OpenAI's shape, or `None` when it is in it
+/// already (`{"error": {...}}`). Backends answer errors in their own
+/// shapes: TGI `{"error": "...", "error_type": "..."}`, older vLLM
+/// `{"object": "error", "message": ..., "type": ..., "code": ...}`,
+/// FastAPI `{"detail": ...}`, a proxy in between an HTML page. The message,
+/// type and code are taken from what the body says, else from the status.
+pub fn openai_error(status: http::StatusCode, body: &[u8]) -> Option<Bytes> {
+    let json: Option<serde_json::Map<String, serde_json::Value>> =
+        serde_json::from_slice(body).ok();
+    if json
+        .as_ref()
+        .is_some_and(|m| m.get("error").is_some_and(|e| e.is_object()))
+    {
+        return None;
+    }
+    let text = |v: Option<&serde_json::Value>| -> Option<String> {
+        match v? {
+            serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
+            serde_json::Value::Null => None,
+            serde_json::Value::String(_) => None,
+            other => Some(other.to_string()),
+        }
+    };
+    let get = |k: &str| json.as_ref().and_then(|m| text(m.get(k)));
+    let message = get("error")
+        .or_else(|| get("message"))
+        .or_else(|| get("detail"))
+        .or_else(|| {
+            let raw = String::from_utf8_lossy(body);
+            let raw = raw.trim();
+            (!raw.is_empty()).then(|| raw.chars().take(1024).collect())
+        })
+        .unwrap_or_else(|| {
+            format!(
+                "the upstream server answered {} {}",
+                status.as_u16(),
+                status.canonical_reason().unwrap_or("")
+            )
+            .trim_end()
+            .to_owned()
+        });
+    let kind = get("error_type")
+        .or_else(|| get("type"))
+        .unwrap_or_else(|| {
+            if status.is_client_error() {
+                "invalid_request_error".into()
+            } else {
+                "server_error".into()
+            }
+        });
+    let code = json
+        .as_ref()
+        .and_then(|m| m.get("code"))
+        .filter(|c| c.is_string() || c.is_number())
+        .cloned()
+        .unwrap_or(serde_json::Value::Null);
+    let v = serde_json::json!({
+        "error": { "message": message, "type": kind, "param": null, "code": code }
+    });
+    Some(Bytes::from(serde_json::to_vec(&v).expect("JSON")))
+}
+
 pub fn error_body(message: &str, kind: &str, code: &str) -> Bytes {
     let v = serde_json::json!({
         "error": { "message": message, "type": kind, "param": null, "code": code }
@@ -238,6 +300,57 @@ pub fn error_body(message: &str, kind: &str, code: &str) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upstream_errors_in_other_shapes_are_put_in_openai_s() {
+        use http::StatusCode as S;
+        let shaped = |s: S, body: &str| -> serde_json::Value {
+            serde_json::from_slice(&openai_error(s, body.as_bytes()).expect("rewritten")).unwrap()
+        };
+        // OpenAI's own shape passes as it is.
+        assert_eq!(
+            openai_error(
+                S::BAD_REQUEST,
+                br#"{"error":{"message":"m","type":"t","param":null,"code":"c"}}"#
+            ),
+            None
+        );
+        let tgi = shaped(
+            S::UNPROCESSABLE_ENTITY,
+            r#"{"error":"Input validation error: max_new_tokens too large","error_type":"validation"}"#,
+        );
+        assert_eq!(
+            tgi["error"]["message"],
+            "Input validation error: max_new_tokens too large"
+        );
+        assert_eq!(tgi["error"]["type"], "validation");
+        let vllm = shaped(
+            S::BAD_REQUEST,
+            r#"{"object":"error","message":"context length exceeded","type":"BadRequestError","param":null,"code":400}"#,
+        );
+        assert_eq!(
+            (
+                vllm["error"]["message"].clone(),
+                vllm["error"]["code"].clone()
+            ),
+            ("context length exceeded".into(), 400.into())
+        );
+        let fastapi = shaped(S::NOT_FOUND, r#"{"detail":"Not Found"}"#);
+        assert_eq!(fastapi["error"]["message"], "Not Found");
+        assert_eq!(fastapi["error"]["type"], "invalid_request_error");
+        let html = shaped(S::BAD_GATEWAY, "<html><body>502 Bad Gateway</body></html>");
+        assert_eq!(
+            html["error"]["message"],
+            "<html><body>502 Bad Gateway</body></html>"
+        );
+        assert_eq!(html["error"]["type"], "server_error");
+        let empty = shaped(S::SERVICE_UNAVAILABLE, "");
+        assert_eq!(
+            empty["error"]["message"],
+            "the upstream server answered 503 Service Unavailable"
+        );
+        assert!(empty["error"]["param"].is_null() && empty["error"]["code"].is_null());
+    }
 
     #[test]
     fn openai_shape_and_headers() {

@@ -809,12 +809,13 @@ async fn a_backend_gets_its_own_api_key_and_never_the_clients() {
 /// (path, body) of each request a canned backend was sent.
 type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>;
 
+/// A canned answer: path, status line, content type, body.
+type Canned = (&'static str, &'static str, &'static str, &'static str);
+
 /// A backend that answers every request with a canned response by path
 /// (chunked, so it reads as one stream or one JSON body) and records the
 /// bodies it was sent.
-fn canned_backend(
-    answers: &'static [(&'static str, &'static str, &'static str)],
-) -> (String, Seen) {
+fn canned_backend(answers: &'static [Canned]) -> (String, Seen) {
     use std::io::{BufRead as _, Read as _, Write as _};
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", l.local_addr().unwrap());
@@ -843,15 +844,15 @@ fn canned_backend(
             log.lock()
                 .unwrap()
                 .push((path.clone(), String::from_utf8_lossy(&body).into_owned()));
-            let (ctype, text) = answers
+            let (status, ctype, text) = answers
                 .iter()
                 .find(|(p, ..)| *p == path)
-                .map(|(_, c, t)| (*c, *t))
-                .unwrap_or(("application/json", "{}"));
+                .map(|(_, s, c, t)| (*s, *c, *t))
+                .unwrap_or(("200 OK", "application/json", "{}"));
             let mut s = r.into_inner();
             let _ = write!(
                 s,
-                "HTTP/1.1 200 OK\r\ncontent-type: {ctype}\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n{:x}\r\n{text}\r\n0\r\n\r\n",
+                "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n{:x}\r\n{text}\r\n0\r\n\r\n",
                 text.len()
             );
         }
@@ -869,8 +870,8 @@ async fn responses_api_and_pooling_endpoints_are_routed() {
     const STREAM: &str = "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"usage\":null}}\n\nevent: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":9,\"output_tokens\":4,\"total_tokens\":13}}}\n\n";
     const RERANK: &str = r#"{"id":"r","results":[{"index":0,"relevance_score":0.9}],"usage":{"prompt_tokens":6,"total_tokens":6}}"#;
     let (url, seen) = canned_backend(&[
-        ("/v1/responses", "text/event-stream", STREAM),
-        ("/v1/rerank", "application/json", RERANK),
+        ("/v1/responses", "200 OK", "text/event-stream", STREAM),
+        ("/v1/rerank", "200 OK", "application/json", RERANK),
     ]);
     let g = TestGateway::start("", &model_toml("m", "", &[(url, 1, None)])).await;
     let c = Client::http1();
@@ -988,4 +989,58 @@ async fn cors_for_the_allowed_browser_origins() {
     );
     let r = c.post(&chat_url, Some(KEY_A), &[], &chat("m", false)).await;
     assert!(!r.headers.contains_key("access-control-allow-origin"));
+}
+
+/// A backend's error in its own shape (TGI's) reaches the client in
+/// OpenAI's, with its status and message; one in OpenAI's shape passes as
+/// it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_errors_reach_the_client_in_openai_shape() {
+    const TGI: &str = r#"{"error":"Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096","error_type":"validation"}"#;
+    const OPENAI: &str = r#"{"error":{"message":"no such adapter","type":"invalid_request_error","param":"model","code":"adapter_not_found"}}"#;
+    let (url, _) = canned_backend(&[
+        (
+            "/v1/chat/completions",
+            "422 Unprocessable Entity",
+            "application/json",
+            TGI,
+        ),
+        (
+            "/v1/completions",
+            "404 Not Found",
+            "application/json",
+            OPENAI,
+        ),
+    ]);
+    let g = TestGateway::start("", &model_toml("m", "retries = 0", &[(url, 1, None)])).await;
+    let c = Client::http1();
+    let r = c
+        .post(
+            &self::url(&g, "/v1/chat/completions"),
+            Some(KEY_A),
+            &[],
+            &chat("m", false),
+        )
+        .await;
+    assert_eq!(r.status, 422);
+    assert_eq!(r.headers["content-type"], "application/json");
+    let e = r.json();
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Input validation error"),
+        "{e}"
+    );
+    assert_eq!(e["error"]["type"], "validation");
+    let r = c
+        .post(
+            &self::url(&g, "/v1/completions"),
+            Some(KEY_A),
+            &[],
+            &serde_json::json!({"model": "m", "prompt": "hi"}),
+        )
+        .await;
+    assert_eq!(r.status, 404);
+    assert_eq!(String::from_utf8_lossy(&r.body), OPENAI, "passed as it is");
 }

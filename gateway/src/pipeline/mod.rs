@@ -326,6 +326,10 @@ impl Endpoint {
     }
 }
 
+/// Largest upstream error answer read to put it in OpenAI's shape; a
+/// larger one is answered with the status alone.
+const MAX_UPSTREAM_ERROR_BODY: usize = 64 * 1024;
+
 /// A model as `/v1/models` lists it.
 fn model_object(id: &str) -> serde_json::Value {
     serde_json::json!({ "id": id, "object": "model", "created": 0, "owned_by": "gateway" })
@@ -544,6 +548,37 @@ where
     }
     head.version = http::Version::HTTP_11;
     ctx.status = head.status.as_u16();
+    if !head.status.is_success() && !sse {
+        // An error answer (after the retries): read whole, bounded, and put
+        // in OpenAI's shape when the backend used its own, so a client's
+        // SDK reads every error the same way.
+        let read = tokio::time::timeout(
+            model.timeouts.idle,
+            http_body_util::Limited::new(upstream, MAX_UPSTREAM_ERROR_BODY).collect(),
+        )
+        .await;
+        drop(lease);
+        let got = match read {
+            Ok(Ok(c)) => c.to_bytes(),
+            _ => Bytes::new(),
+        };
+        let body = crate::error::openai_error(head.status, &got).unwrap_or(got);
+        for h in [
+            header::CONTENT_LENGTH,
+            header::TRANSFER_ENCODING,
+            header::CONTENT_ENCODING,
+        ] {
+            head.headers.remove(h);
+        }
+        head.headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        head.headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        ctx.bytes_out = body.len() as u64;
+        return Ok(Served::Done(Response::from_parts(head, full(body))));
+    }
     let shared = Arc::clone(shared);
     let timeouts = model.timeouts.clone();
     let deadline = ctx.start + timeouts.total;
