@@ -391,18 +391,7 @@ async fn sigterm_drains_open_streams_then_exits() {
         .await
         .unwrap()
         .expect("daemon");
-    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
-    let c = Client::http1();
-    let headers = [("x-mock-interval-ms", "100"), ("x-mock-tokens", "12")];
-    let stream = c
-        .post_raw(
-            &url,
-            Some(KEY_A),
-            &headers,
-            bytes::Bytes::from(chat("m", true).to_string()),
-        )
-        .await;
-    assert_eq!(stream.status(), 200);
+    let stream = open_stream(port, "12").await;
     let reading = tokio::spawn(gateway_tests::l7::collect(stream));
     gw.terminate();
     // New connections are refused once the daemon stops accepting.
@@ -419,6 +408,23 @@ async fn sigterm_drains_open_streams_then_exits() {
         status.is_some_and(|s| s.success()),
         "the daemon should exit 0 after draining: {status:?}"
     );
+}
+
+/// A stream of `tokens` chunks 100 ms apart through the daemon on `port`,
+/// its head received.
+async fn open_stream(port: u16, tokens: &str) -> http::Response<hyper::body::Incoming> {
+    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    let headers = [("x-mock-interval-ms", "100"), ("x-mock-tokens", tokens)];
+    let stream = Client::http1()
+        .post_raw(
+            &url,
+            Some(KEY_A),
+            &headers,
+            bytes::Bytes::from(chat("m", true).to_string()),
+        )
+        .await;
+    assert_eq!(stream.status(), 200);
+    stream
 }
 
 /// Waits (up to 3 s) for a terminated daemon to stop accepting on `port`.
@@ -468,18 +474,8 @@ async fn drain_cut_short(server_extra: &str, signals: usize) {
         .await
         .unwrap()
         .expect("daemon");
-    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
     // 20 s of stream: far past the test's patience.
-    let headers = [("x-mock-interval-ms", "100"), ("x-mock-tokens", "200")];
-    let stream = Client::http1()
-        .post_raw(
-            &url,
-            Some(KEY_A),
-            &headers,
-            bytes::Bytes::from(chat("m", true).to_string()),
-        )
-        .await;
-    assert_eq!(stream.status(), 200);
+    let stream = open_stream(port, "200").await;
     let reading =
         tokio::spawn(async move { stream.into_body().collect().await.map(|c| c.to_bytes()) });
     for _ in 0..signals {
