@@ -165,43 +165,6 @@ pub(crate) fn request_id(headers: &http::HeaderMap) -> String {
     std::str::from_utf8(&hex).expect("hex digits").to_owned()
 }
 
-/// Serves one request, whichever connection (the own HTTP/1.1 one, or
-/// hyper's HTTP/2) its body comes from.
-pub async fn handle<B>(
-    shared: Arc<Shared>,
-    req: Request<B>,
-    client: SocketAddr,
-) -> Response<ResponseBody>
-where
-    B: http_body::Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    // Only browsers send `Origin`: an SDK's request costs this one lookup.
-    let Some(origin) = req.headers().get(header::ORIGIN).cloned() else {
-        return answer(shared, req, client).await;
-    };
-    let allowed = shared.routes.load().cors.allow(&origin);
-    let Some(allowed) = allowed else {
-        return answer(shared, req, client).await;
-    };
-    if req.method() == Method::OPTIONS
-        && req
-            .headers()
-            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
-    {
-        return preflight(&req, allowed);
-    }
-    let mut r = answer(shared, req, client).await;
-    let h = r.headers_mut();
-    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allowed);
-    h.append(header::VARY, HeaderValue::from_static("origin"));
-    h.insert(
-        header::ACCESS_CONTROL_EXPOSE_HEADERS,
-        HeaderValue::from_static(CORS_EXPOSED),
-    );
-    r
-}
-
 /// Response headers a browser's script may read.
 const CORS_EXPOSED: &str = "x-request-id, retry-after, x-ratelimit-limit-requests, \
 x-ratelimit-remaining-requests, x-ratelimit-reset-requests, x-ratelimit-limit-tokens, \
@@ -231,8 +194,10 @@ fn preflight<B>(req: &Request<B>, allowed: HeaderValue) -> Response<ResponseBody
     r
 }
 
-/// `handle` past CORS.
-async fn answer<B>(
+/// Serves one request, whichever connection (the own HTTP/1.1 one, or
+/// hyper's HTTP/2) its body comes from. (One async fn: a second one around
+/// it would copy this one's large future into its own.)
+pub async fn handle<B>(
     shared: Arc<Shared>,
     req: Request<B>,
     client: SocketAddr,
@@ -241,6 +206,20 @@ where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
+    // Only browsers send `Origin`: an SDK's request costs this one lookup.
+    let cors = req
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|o| shared.routes.load().cors.allow(o));
+    if let Some(allowed) = &cors {
+        if req.method() == Method::OPTIONS
+            && req
+                .headers()
+                .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+        {
+            return preflight(&req, allowed.clone());
+        }
+    }
     let rid = request_id(req.headers());
     let path = req.uri().path().to_owned();
     match (req.method(), path.as_str()) {
@@ -264,7 +243,7 @@ where
         Err(e) => Err(e),
     };
     let mut ctx = pending.answered();
-    match served {
+    let mut r = match served {
         Ok(Served::Done(resp)) => {
             ctx.status = resp.status().as_u16();
             ctx.finish(&shared.metrics);
@@ -296,7 +275,17 @@ where
             );
             r
         }
+    };
+    if let Some(allowed) = cors {
+        let h = r.headers_mut();
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allowed);
+        h.append(header::VARY, HeaderValue::from_static("origin"));
+        h.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static(CORS_EXPOSED),
+        );
     }
+    r
 }
 
 /// The POST endpoints routed by the body's `model`, by what the gateway
