@@ -206,11 +206,15 @@ where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    // Only browsers send `Origin`: an SDK's request costs this one lookup.
-    let cors = req
-        .headers()
-        .get(header::ORIGIN)
-        .and_then(|o| shared.routes.load().cors.allow(o));
+    let routes = shared.routes.load_full();
+    // Only with `server.cors_origins`, and only browsers send `Origin`.
+    let cors = if routes.cors.enabled() {
+        req.headers()
+            .get(header::ORIGIN)
+            .and_then(|o| routes.cors.allow(o))
+    } else {
+        None
+    };
     if let Some(allowed) = &cors {
         if req.method() == Method::OPTIONS
             && req
@@ -237,7 +241,6 @@ where
         ctx: Some(RequestCtx::new(rid, client, req.method().clone(), path)),
         shared: &shared,
     };
-    let routes = shared.routes.load_full();
     let served = match screen(&req) {
         Ok(()) => serve(&shared, &routes, req, pending.ctx()).await,
         Err(e) => Err(e),
