@@ -851,3 +851,47 @@ fn kept_links_of_remade_or_removed_interfaces_are_renewed_or_dropped() {
     let shown = String::from_utf8_lossy(&shown.stdout);
     assert!(!shown.contains("xdp"), "still attached to {extra}: {shown}");
 }
+
+/// A second daemon on the same config (the same maps) refuses to start,
+/// exit 2, rather than serve in degraded mode beside the first (whose
+/// SO_REUSEPORT listen ports it would share, splitting its traffic).
+#[test]
+fn a_second_daemon_on_the_same_maps_refuses_to_start() {
+    use std::os::unix::process::CommandExt as _;
+    require_root!();
+    let t = Topology::new().expect("creating the test topology");
+    let gw = start(&t, 1000, 1000);
+    let ns = t.server.path();
+    let mut second = std::process::Command::new(gateway_tests::gateway_bin());
+    second
+        .arg("--config")
+        .arg(&gw.config)
+        .arg("run")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: `enter` only makes the setns system call.
+    unsafe {
+        second.pre_exec(move || gateway_tests::netns::enter(&ns));
+    }
+    let mut child = second.spawn().expect("starting a second daemon");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the second daemon kept running");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("already uses the maps"), "{err}");
+    assert_eq!(
+        gw.cli(&["stats", "--json"]).json()["xdp"],
+        "attached",
+        "the first one still runs"
+    );
+}

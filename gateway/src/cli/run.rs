@@ -70,6 +70,10 @@ async fn serve(cfg: Config, path: &Path) -> Result<()> {
         // A misspelt interface is a config error; anything else that stops
         // XDP (privileges, driver, bpffs) degrades to userspace enforcement.
         crate::kernel::loader::check_interfaces(&cfg.xdp.interfaces)?;
+        // Another daemon already running on these maps is no reason to
+        // degrade: serving beside it (its listen ports are SO_REUSEPORT)
+        // would split its traffic. Exit 2.
+        Kernel::refuse_if_running(&cfg)?;
         match Kernel::start(&cfg) {
             Ok(k) => Some(k),
             Err(e) => {

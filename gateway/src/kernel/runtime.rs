@@ -96,6 +96,32 @@ pub struct Kernel {
 const FULL_SWEEP: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Kernel {
+    /// Fails (a usage error) when a live daemon's program uses the maps at
+    /// this config's pin path. A program left attached on purpose
+    /// (keep_attached) has no live daemon; only a running daemon is in the
+    /// way.
+    pub fn refuse_if_running(cfg: &Config) -> Result<()> {
+        let pin = cfg.pin_path();
+        if !pin.join(gateway_common::names::STATS).exists() {
+            return Ok(());
+        }
+        let Ok(maps) = KernelMaps::open_pinned(&pin) else {
+            return Ok(());
+        };
+        let daemon = Status::read(&cfg.server.state_dir).filter(|s| pid_alive(s.pid));
+        if daemon.is_some() && loader::program_running(maps.stats_id()) != Some(false) {
+            let who = daemon
+                .map(|s| format!(" (pid {})", s.pid))
+                .unwrap_or_default();
+            return Err(UsageError(format!(
+                "a gateway XDP program already uses the maps at {}{who}; stop it first",
+                pin.display()
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
     /// Loads the program, brings the maps to the configured and persisted
     /// policy, then attaches to every interface. Checks everything it can
     /// before touching the kernel.
@@ -104,23 +130,7 @@ impl Kernel {
         loader::check_interfaces(&x.interfaces)?;
         let pin = cfg.pin_path();
         loader::check_bpffs(&pin)?;
-        if pin.join(gateway_common::names::STATS).exists() {
-            if let Ok(maps) = KernelMaps::open_pinned(&pin) {
-                // A program left attached on purpose (keep_attached) has no
-                // live daemon; only a running daemon is in the way.
-                let daemon = Status::read(&cfg.server.state_dir).filter(|s| pid_alive(s.pid));
-                if daemon.is_some() && loader::program_running(maps.stats_id()) != Some(false) {
-                    let who = daemon
-                        .map(|s| format!(" (pid {})", s.pid))
-                        .unwrap_or_default();
-                    return Err(UsageError(format!(
-                        "a gateway XDP program already uses the maps at {}{who}; stop it first",
-                        pin.display()
-                    ))
-                    .into());
-                }
-            }
-        }
+        Kernel::refuse_if_running(cfg)?;
         let want = policy::load(cfg)?;
         let mut ebpf = loader::load(Some(&pin))?;
         let mut maps = KernelMaps::from_ebpf(&mut ebpf, Some(&pin))?;
