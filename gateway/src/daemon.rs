@@ -302,12 +302,9 @@ impl Daemon {
         if enforce.is_empty() {
             return;
         }
-        if let Some(state) = &state {
-            if let Err(e) = state.save(&cfg.server.state_dir) {
-                tracing::error!("persisting {} ban(s): {e:#}", enforce.len());
-            }
-        }
-        match self
+        // Enforced first, then persisted: a ban takes effect before the
+        // state file's write, and what the file lists is enforced.
+        let enforced = match self
             .kernel
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -315,18 +312,26 @@ impl Daemon {
         {
             Some(k) => {
                 let entries: Vec<_> = enforce.iter().map(|(b, v)| (b.source, *v)).collect();
-                if let Err(e) = k.block_many(&entries) {
-                    return tracing::error!(
-                        "banning {} source(s) in the kernel: {e:#}",
-                        entries.len()
-                    );
-                }
+                k.block_many(&entries)
+                    .map_err(|e| {
+                        tracing::error!("banning {} source(s) in the kernel: {e:#}", entries.len())
+                    })
+                    .is_ok()
             }
             None => {
                 for (b, _) in &enforce {
                     self.shared.guard.ban(b.source, b.duration);
                 }
+                true
             }
+        };
+        if let Some(state) = &state {
+            if let Err(e) = state.save(&cfg.server.state_dir) {
+                tracing::error!("persisting {} ban(s): {e:#}", enforce.len());
+            }
+        }
+        if !enforced {
+            return;
         }
         for (b, _) in &enforce {
             self.shared
