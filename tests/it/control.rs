@@ -455,7 +455,7 @@ async fn a_second_sigterm_cuts_the_drain() {
 }
 
 /// `server.drain_timeout` bounds the drain: a stream longer than it is
-/// cut, and the daemon exits (cleanly) then.
+/// ended with an error event, and the daemon exits (cleanly) then.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_drain_ends_at_drain_timeout() {
     drain_cut_short("drain_timeout = \"500ms\"\n", 1).await;
@@ -493,6 +493,17 @@ async fn drain_cut_short(server_extra: &str, signals: usize) {
             .map_or(true, |b| !b.ends_with(b"data: [DONE]\n\n")),
         "the stream was cut, not finished: {cut:?}"
     );
+    if signals == 1 {
+        // At the drain's end the stream is ended whole, with an error
+        // event the client's SDK reads (not a broken body).
+        let body = cut.expect("the stream ends cleanly at the drain's end");
+        let last = String::from_utf8_lossy(&body);
+        let last = last.trim_end().rsplit("\n\n").next().unwrap_or_default();
+        assert!(
+            last.starts_with("data: {\"error\"") && last.contains("\"gateway_shutdown\""),
+            "the stream's last event is the shutdown error: {last}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -139,17 +139,32 @@ impl Listeners {
         }
         drop(drain_rx);
         drain_tx.send_replace(true);
-        if tokio::time::timeout(drain, drain_tx.closed())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                worker = self.worker,
-                "drain deadline reached; closing the remaining connections"
-            );
+        if tokio::time::timeout(drain, drain_tx.closed()).await.is_ok() {
+            return;
         }
+        // Open streams end with an error event the client's SDK can read,
+        // rather than a cut in the middle of the body; the connections
+        // that carried them then close. What is still open a moment later
+        // is closed as it is.
+        shared.cut_streams.cancel();
+        let cut_off = tokio::time::timeout(CUT_GRACE, drain_tx.closed())
+            .await
+            .is_err();
+        tracing::warn!(
+            worker = self.worker,
+            "drain deadline reached; open streams were ended with an error event{}",
+            if cut_off {
+                ", and the remaining connections closed"
+            } else {
+                ""
+            }
+        );
     }
 }
+
+/// How long, after the drain ran out, the ended streams have to get their
+/// error event out before their connections are closed.
+const CUT_GRACE: Duration = Duration::from_secs(1);
 
 /// What a connection holds while it is open: its per-IP slot and its place
 /// in the worker's connection count.

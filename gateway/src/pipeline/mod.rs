@@ -70,6 +70,9 @@ pub struct Shared {
     /// The TLS certificate new connections are served with, when the
     /// listeners terminate TLS; a reload swaps in a renewed one.
     pub tls_certs: std::sync::OnceLock<ArcSwap<tokio_rustls::TlsAcceptor>>,
+    /// Cancelled when a stopping gateway's drain runs out: open SSE
+    /// streams then end with an error event instead of being cut mid-air.
+    pub cut_streams: tokio_util::sync::CancellationToken,
 }
 
 impl Shared {
@@ -93,6 +96,7 @@ impl Shared {
             balancer: std::sync::OnceLock::new(),
             trust: std::sync::OnceLock::new(),
             tls_certs: std::sync::OnceLock::new(),
+            cut_streams: Default::default(),
         }
     }
 }

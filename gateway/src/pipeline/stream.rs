@@ -19,6 +19,7 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::{ctx::RequestCtx, usage, Shared};
 use crate::upstream::{self, Lease};
@@ -88,6 +89,9 @@ pin_project! {
         idle: Sleep,
         #[pin]
         total: Sleep,
+        // SSE only: the end of a stopping gateway's drain.
+        #[pin]
+        cut: Option<WaitForCancellationFutureOwned>,
         idle_timeout: Duration,
         mode: Mode,
         finish: Finish,
@@ -120,8 +124,10 @@ impl ProxyBody {
                 scan: None,
             }
         };
+        let cut = sse.then(|| finish.shared.cut_streams.clone().cancelled_owned());
         ProxyBody {
             inner,
+            cut,
             idle: tokio::time::sleep_until(
                 (Instant::now() + idle_timeout).max(first_data_by).into(),
             ),
@@ -233,6 +239,11 @@ impl Mode {
     }
 }
 
+/// Why a stream ended when the gateway's drain ran out.
+const SHUTDOWN: &str = "shutdown";
+
+const SHUTDOWN_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"the gateway is shutting down; the response is incomplete\",\"type\":\"server_error\",\"param\":null,\"code\":\"gateway_shutdown\"}}\n\n";
+
 const STREAM_ERROR_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"the upstream stream failed or stalled; the response is incomplete\",\"type\":\"server_error\",\"param\":null,\"code\":\"upstream_stream_error\"}}\n\n";
 
 impl Body for ProxyBody {
@@ -252,7 +263,10 @@ impl Body for ProxyBody {
             // stopped reading for a while leaves data waiting upstream,
             // which is no stall of the backend's. Idle is a wait on
             // upstream that found nothing for that long.
-            let polled = if this.total.as_mut().poll(cx).is_ready() {
+            let cut = this.cut.as_mut().as_pin_mut();
+            let polled = if cut.is_some_and(|c| c.poll(cx).is_ready()) {
+                Err(SHUTDOWN)
+            } else if this.total.as_mut().poll(cx).is_ready() {
                 Err("total_timeout")
             } else {
                 match this.inner.as_mut().poll_frame(cx) {
@@ -326,6 +340,12 @@ impl Body for ProxyBody {
             let kind = failure.expect("set above");
             *this.ended = true;
             let f = &mut this.finish;
+            if kind == SHUTDOWN {
+                // No fault of the backend's; dropping the upstream body
+                // cancels the generation.
+                f.complete(Some(kind));
+                return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(SHUTDOWN_EVENT)))));
+            }
             let model = f.ctx.model.clone().unwrap_or_default();
             let backend = f.ctx.backend.clone().unwrap_or_default();
             f.shared
