@@ -37,6 +37,8 @@ pub enum ProxyError {
     BodyTimeout(std::time::Duration),
     #[error("request body is not valid JSON: {0}")]
     InvalidJson(String),
+    #[error("request body is not a valid form: {0}")]
+    InvalidForm(String),
     #[error("request body must be a JSON object with a \"model\" string")]
     MissingModel,
     #[error("this API key may not use model {0:?}")]
@@ -104,6 +106,11 @@ impl ProxyError {
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 "invalid_json",
+            ),
+            InvalidForm(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_form",
             ),
             MissingModel => (
                 StatusCode::BAD_REQUEST,

@@ -922,6 +922,107 @@ async fn responses_api_and_pooling_endpoints_are_routed() {
     assert_eq!(r.status, 405);
 }
 
+/// Speech to text (`/v1/audio/transcriptions`, `/v1/audio/translations`)
+/// is routed by the form's `model` field: renamed to the backend's
+/// `upstream_model` with the audio passed byte for byte, its usage
+/// counted, and a body that is no form, or names no model the key may use,
+/// refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audio_forms_are_routed_by_their_model_field() {
+    let up = mock("a").await;
+    let g = TestGateway::start(
+        "",
+        &model_toml(
+            "whisper",
+            "upstream_model = \"openai/whisper-large-v3\"",
+            &[(up.url(), 1, None)],
+        ),
+    )
+    .await;
+    let c = Client::http1();
+    let form = |model: &str, audio: &[u8]| {
+        let mut b = format!(
+            "--b0undary\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n{model}\r\n--b0undary\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\n"
+        )
+        .into_bytes();
+        b.extend_from_slice(audio);
+        b.extend_from_slice(b"\r\n--b0undary--\r\n");
+        Bytes::from(b)
+    };
+    let ct = [("content-type", "multipart/form-data; boundary=b0undary")];
+    let audio: Vec<u8> = b"RIFF"
+        .iter()
+        .copied()
+        .chain((0..=127u8).cycle().take(30_000))
+        .collect();
+    let sent = form("whisper", &audio);
+    for path in ["/v1/audio/transcriptions", "/v1/audio/translations"] {
+        let r = gateway_tests::l7::collect(
+            c.post_raw(&url(&g, path), Some(KEY_A), &ct, sent.clone())
+                .await,
+        )
+        .await;
+        assert_eq!(r.status, 200, "{path}: {:?}", r.body);
+        let want = sent.len() - "whisper".len() + "openai/whisper-large-v3".len();
+        assert_eq!(
+            r.json()["text"],
+            format!("mock transcription of {want} bytes")
+        );
+    }
+    let got = up.requests();
+    assert_eq!(got.len(), 2);
+    let upstream = got[0].body.as_str().expect("recorded as text");
+    assert_eq!(
+        upstream.as_bytes(),
+        &form("openai/whisper-large-v3", &audio)[..],
+        "the model renamed, the rest byte for byte"
+    );
+    let m = g.metrics().await;
+    let tokens = |kind: &str| {
+        metric(
+            &m,
+            "gateway_tokens_total",
+            &format!("key=\"team-a\",kind=\"{kind}\",model=\"whisper\""),
+        )
+    };
+    assert_eq!(
+        (tokens("prompt"), tokens("completion")),
+        (Some(40.0), Some(12.0)),
+        "{m}"
+    );
+
+    let refused = |model: &'static str, ct: &'static str| {
+        let c = &c;
+        let url = url(&g, "/v1/audio/transcriptions");
+        async move {
+            let headers = [("content-type", ct)];
+            let r = c
+                .post_raw(&url, Some(KEY_A), &headers, form(model, b"x"))
+                .await;
+            let r = gateway_tests::l7::collect(r).await;
+            (r.status.as_u16(), r.error_code())
+        }
+    };
+    let form_ct = "multipart/form-data; boundary=b0undary";
+    assert_eq!(
+        refused("whisper", "application/json").await,
+        (400, "invalid_form".into())
+    );
+    assert_eq!(
+        refused("whisper", "multipart/form-data; boundary=other").await,
+        (400, "invalid_form".into())
+    );
+    assert_eq!(
+        refused("nope", form_ct).await,
+        (404, "model_not_found".into())
+    );
+    assert_eq!(
+        up.requests().len(),
+        2,
+        "no refused form reached the backend"
+    );
+}
+
 /// With `server.cors_origins`, a browser's preflight from an allowed
 /// origin is answered before any key is asked for, and every answer to that
 /// origin (errors too, so a script can read them) carries

@@ -69,6 +69,22 @@ async fn official_openai_sdk_through_the_gateway() {
     assert_eq!(seen["non_stream_usage"]["completion_tokens"], 8, "{seen}");
     assert_eq!(seen["stream_usage"]["completion_tokens"], 8, "{seen}");
     assert!(seen["stream_chunks"].as_u64().unwrap() >= 8, "{seen}");
+    // The SDK's form reached the backend whole, its alias renamed.
+    let form = up
+        .requests()
+        .into_iter()
+        .find(|r| r.path == "/v1/audio/transcriptions")
+        .expect("the transcription reached the backend");
+    let form = form.body.as_str().expect("recorded as text");
+    assert!(
+        form.contains("name=\"model\"\r\n\r\nsdk-model\r\n"),
+        "renamed for the backend: {form:.400}"
+    );
+    assert!(form.contains("filename=\"clip.wav\""), "{form:.400}");
+    assert!(
+        form.contains("name=\"language\"\r\n\r\nen\r\n"),
+        "{form:.400}"
+    );
     assert!(
         seen["models"]
             .as_array()

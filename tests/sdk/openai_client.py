@@ -63,6 +63,16 @@ def main() -> int:
     if not usage:
         return fail("include_usage was requested but no usage chunk arrived")
 
+    # Speech to text: a multipart form, routed by its `model` field (here an
+    # alias, which the gateway renames for the backend).
+    audio = b"RIFF" + bytes(range(256)) * 64
+    t = client.audio.transcriptions.create(
+        model="gpt-4o-mini", file=("clip.wav", audio, "audio/wav"), language="en"
+    )
+    seen["transcription"] = t.text
+    if not t.text.startswith("mock transcription of "):
+        return fail(f"unexpected transcription: {t}")
+
     try:
         openai.OpenAI(base_url=a.base_url, api_key="sk-wrong", max_retries=0).models.list()
         return fail("a wrong key was accepted")

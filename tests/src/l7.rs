@@ -209,8 +209,8 @@ impl Client {
         collect(self.send(b.body(Full::new(Bytes::new())).unwrap()).await).await
     }
 
-    /// POSTs a JSON body with the key and extra headers; returns the
-    /// response with its body unread.
+    /// POSTs a body (JSON unless `headers` give a content type) with the
+    /// key and extra headers; returns the response with its body unread.
     pub async fn post_raw(
         &self,
         url: &str,
@@ -218,7 +218,13 @@ impl Client {
         headers: &[(&str, &str)],
         body: Bytes,
     ) -> Response<Incoming> {
-        let mut b = Request::post(url).header("content-type", "application/json");
+        let mut b = Request::post(url);
+        if !headers
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case("content-type"))
+        {
+            b = b.header("content-type", "application/json");
+        }
         if let Some(k) = key {
             b = b.header("authorization", format!("Bearer {k}"));
         }

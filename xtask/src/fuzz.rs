@@ -16,6 +16,7 @@ use crate::util::{self, step};
 /// The targets in fuzz/fuzz_targets, in the order they run.
 pub const TARGETS: &[&str] = &[
     "request_json",
+    "form",
     "sse_usage",
     "config",
     "packet",

@@ -23,6 +23,7 @@ pub mod abuse;
 pub mod auth;
 pub mod balance;
 pub mod ctx;
+pub mod form;
 pub mod limits;
 pub mod proxy;
 pub mod request;
@@ -308,6 +309,9 @@ enum Endpoint {
     /// Embeddings, scoring, reranking, classification, tokenizing: no
     /// tokens generated (vLLM's pooling and tokenizer endpoints).
     Pooling,
+    /// Speech to text (vLLM serves Whisper-class models): a
+    /// `multipart/form-data` body with the audio file and a `model` field.
+    Audio,
 }
 
 impl Endpoint {
@@ -317,6 +321,7 @@ impl Endpoint {
             "/v1/responses" => Endpoint::Responses,
             "/v1/embeddings" | "/v1/rerank" | "/v2/rerank" | "/rerank" | "/v1/score" | "/score"
             | "/pooling" | "/classify" | "/tokenize" | "/detokenize" => Endpoint::Pooling,
+            "/v1/audio/transcriptions" | "/v1/audio/translations" => Endpoint::Audio,
             _ => return None,
         })
     }
@@ -477,7 +482,21 @@ where
         routes.body_read_timeout,
     )
     .await?;
-    let info = request::inspect(&body)?;
+    let form = match endpoint {
+        Endpoint::Audio => {
+            let ct = parts.headers.get(header::CONTENT_TYPE);
+            Some(form::inspect(&body, ct.map(HeaderValue::as_bytes))?)
+        }
+        _ => None,
+    };
+    let json;
+    let info = match &form {
+        Some(f) => &f.info,
+        None => {
+            json = request::inspect(&body)?;
+            &json
+        }
+    };
     ctx.stream = info.stream;
 
     let model = routes
@@ -489,7 +508,7 @@ where
     ctx.model = Some(model.name.clone());
 
     let completes = endpoint != Endpoint::Pooling;
-    let rate_headers = admit_tokens(shared, key, &body, &info, completes, ctx)?;
+    let rate_headers = admit_tokens(shared, key, &body, info, completes, ctx)?;
 
     // Ask upstream for stream usage when the client did not; remove it
     // again. (A Responses API stream always ends with its usage.)
@@ -498,7 +517,10 @@ where
     // The backend knows the model by `upstream_model`, else by its name:
     // an alias the client used is the gateway's, not the backend's.
     let upstream_name = model.upstream_model.as_deref().unwrap_or(&model.name);
-    let upstream_body = request::upstream_body(body, &info, Some(upstream_name), strip_usage)?;
+    let upstream_body = match &form {
+        Some(f) => form::upstream_body(body, f, Some(upstream_name)),
+        None => request::upstream_body(body, info, Some(upstream_name), strip_usage)?,
+    };
 
     let hash = if model.needs_hash() {
         request_hash(&model.hash_on, key, &parts.headers, ctx.client)

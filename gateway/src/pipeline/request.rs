@@ -173,10 +173,9 @@ fn lax_bool<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<bool>, D::E
             Err(E::invalid_value(serde::de::Unexpected::Signed(v), &self))
         }
         fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Option<bool>, E> {
-            match v.to_ascii_lowercase().as_str() {
-                "true" | "t" | "yes" | "y" | "on" | "1" => Ok(Some(true)),
-                "false" | "f" | "no" | "n" | "off" | "0" => Ok(Some(false)),
-                _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+            match lax_bool_text(v) {
+                Some(b) => Ok(Some(b)),
+                None => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
             }
         }
         fn visit_unit<E>(self) -> Result<Option<bool>, E> {
@@ -184,6 +183,15 @@ fn lax_bool<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<bool>, D::E
         }
     }
     d.deserialize_any(Flag)
+}
+
+/// A boolean as pydantic's lax mode reads it from text, if it is one.
+pub(super) fn lax_bool_text(v: &str) -> Option<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "t" | "yes" | "y" | "on" | "1" => Some(true),
+        "false" | "f" | "no" | "n" | "off" | "0" => Some(false),
+        _ => None,
+    }
 }
 
 /// A non-negative integer (or a float holding one), else `None`; any other

@@ -32,6 +32,8 @@ enum Route {
     Chat,
     Text,
     Embeddings,
+    /// `/v1/audio/transcriptions` and `/v1/audio/translations`: a form.
+    Audio,
     NotFound,
 }
 
@@ -43,6 +45,7 @@ impl Route {
             (&Method::POST, "/v1/chat/completions") => Route::Chat,
             (&Method::POST, "/v1/completions") => Route::Text,
             (&Method::POST, "/v1/embeddings") => Route::Embeddings,
+            (&Method::POST, "/v1/audio/transcriptions" | "/v1/audio/translations") => Route::Audio,
             _ => Route::NotFound,
         }
     }
@@ -86,6 +89,9 @@ async fn serve(ctx: &ConnCtx, req: Request<Incoming>, tracker: Tracker) -> Respo
     let (parts, body) = req.into_parts();
     let route = Route::of(&parts.method, parts.uri.path());
     let mut record = record(&parts, tracker.seq());
+    if route == Route::Audio {
+        return audio(shared, parts, body, record, tracker).await;
+    }
     let summary = if route.takes_json() {
         let json = read_json(body).await;
         let summary = json.as_ref().map_err(Clone::clone).and_then(|v| {
@@ -122,6 +128,40 @@ async fn serve(ctx: &ConnCtx, req: Request<Incoming>, tracker: Tracker) -> Respo
             Some(tracker),
         ),
     }
+}
+
+/// A speech-to-text answer, as vLLM gives it for a Whisper model. The form
+/// is recorded as its text (lossy), so a test can see the fields that
+/// reached the backend; the answer names the body's size.
+async fn audio(
+    shared: &Shared,
+    parts: Parts,
+    body: Incoming,
+    mut record: RecordedRequest,
+    tracker: Tracker,
+) -> Response<MockBody> {
+    let multipart = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("multipart/form-data; boundary="));
+    let bytes = Limited::new(body, MAX_BODY)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    record.body = Value::String(String::from_utf8_lossy(&bytes).into_owned());
+    shared.log.push(record);
+    if !multipart {
+        let m = "mock-llm: audio takes multipart/form-data";
+        return error(shared, StatusCode::BAD_REQUEST, m, Some(tracker));
+    }
+    let answer = serde_json::json!({
+        "text": format!("mock transcription of {} bytes", bytes.len()),
+        "usage": {"type": "tokens", "input_tokens": 20, "output_tokens": 6, "total_tokens": 26},
+    });
+    let body = MockBody::whole(answer.to_string().into(), Some(tracker));
+    respond(shared, StatusCode::OK, JSON, body)
 }
 
 async fn models(shared: &Shared, parts: &Parts, tracker: Tracker) -> Response<MockBody> {

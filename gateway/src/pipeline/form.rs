@@ -1,0 +1,360 @@
+//! `multipart/form-data` request bodies, as the audio endpoints take them
+//! (`/v1/audio/transcriptions`, `/v1/audio/translations`): the fields
+//! routing needs are found by walking the parts' boundaries, without
+//! copying the audio file, and the `model` field is rewritten in place when
+//! the backend knows the model by another name.
+//!
+//! The walk follows RFC 7578 / RFC 2046 as the Python servers behind the
+//! gateway read it (python-multipart, under FastAPI): CRLF line ends, an
+//! optional preamble, parts up to the closing delimiter.
+
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
+
+use super::request::{lax_bool_text, Media, RequestInfo};
+use crate::error::ProxyError;
+
+/// Longest boundary RFC 2046 allows.
+const MAX_BOUNDARY: usize = 70;
+/// Largest header block of one part (its Content-Disposition and
+/// Content-Type); Starlette's limit is the same order.
+const MAX_PART_HEADERS: usize = 16 * 1024;
+
+/// What a form tells the gateway: the request's routing fields, and where
+/// the `model` value sits in the body (to rename it).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Form {
+    pub info: RequestInfo,
+    model_at: Range<usize>,
+}
+
+/// The boundary of a `multipart/form-data` content type, if it is one.
+fn boundary(content_type: &[u8]) -> Result<&[u8], ProxyError> {
+    let bad = |why: &str| ProxyError::InvalidForm(why.to_owned());
+    let ct = std::str::from_utf8(content_type).map_err(|_| bad("Content-Type is not text"))?;
+    let (kind, params) = ct.split_once(';').unwrap_or((ct, ""));
+    if !kind.trim().eq_ignore_ascii_case("multipart/form-data") {
+        return Err(bad("this endpoint takes multipart/form-data"));
+    }
+    let b = params_of(params.as_bytes())
+        .find(|(k, _)| k.eq_ignore_ascii_case(b"boundary"))
+        .map(|(_, v)| v)
+        .ok_or_else(|| bad("Content-Type has no boundary"))?;
+    if b.is_empty() || b.len() > MAX_BOUNDARY {
+        return Err(bad("the boundary must be 1 to 70 characters"));
+    }
+    Ok(b)
+}
+
+/// Reads the `model` and `stream` fields of a form body sent with
+/// `content_type`, and counts its files as media for the token estimate.
+pub fn inspect(body: &[u8], content_type: Option<&[u8]>) -> Result<Form, ProxyError> {
+    let bad = |why: &str| ProxyError::InvalidForm(why.to_owned());
+    let boundary = boundary(content_type.ok_or_else(|| bad("no Content-Type"))?)?;
+    let mut delim = Vec::with_capacity(boundary.len() + 4);
+    delim.extend_from_slice(b"\r\n--");
+    delim.extend_from_slice(boundary);
+    let finder = memchr::memmem::Finder::new(&delim);
+    // The first delimiter may open the body (no CRLF before it), or follow
+    // a preamble.
+    let mut at = if body.starts_with(&delim[2..]) {
+        delim.len() - 2
+    } else {
+        finder
+            .find(body)
+            .map(|i| i + delim.len())
+            .ok_or_else(|| bad("no part starts with the boundary"))?
+    };
+    let mut model: Option<Range<usize>> = None;
+    let mut stream = None;
+    let mut media = Media::default();
+    loop {
+        let rest = &body[at..];
+        if rest.starts_with(b"--") {
+            break; // the closing delimiter; anything after is epilogue
+        }
+        // Transport padding, then the line end.
+        let pad = rest
+            .iter()
+            .take_while(|b| **b == b' ' || **b == b'\t')
+            .count();
+        if !rest[pad..].starts_with(b"\r\n") {
+            return Err(bad("a boundary is not followed by a line end"));
+        }
+        let head_start = at + pad + 2;
+        let head_len = if body[head_start..].starts_with(b"\r\n") {
+            0
+        } else {
+            let window = &body[head_start..body.len().min(head_start + MAX_PART_HEADERS)];
+            memchr::memmem::find(window, b"\r\n\r\n")
+                .map(|i| i + 2)
+                .ok_or_else(|| bad("a part's headers do not end"))?
+        };
+        let content_start = head_start + head_len + 2;
+        let content_end = next_delimiter(body, content_start, &finder, delim.len())
+            .ok_or_else(|| bad("the form is not closed by its boundary"))?;
+        let (name, file) = disposition(&body[head_start..head_start + head_len])?;
+        let value = content_start..content_end;
+        if file {
+            media.count = media.count.saturating_add(1);
+            media.bytes += value.len();
+        } else if name == b"model" {
+            if model.replace(value).is_some() {
+                return Err(bad("the \"model\" field is given twice"));
+            }
+        } else if name == b"stream" {
+            let text = std::str::from_utf8(&body[value]).unwrap_or_default();
+            stream = Some(
+                lax_bool_text(text.trim())
+                    .ok_or_else(|| bad("the \"stream\" field is not a boolean"))?,
+            );
+        }
+        at = content_end + delim.len();
+    }
+    let model_at = model.ok_or_else(|| bad("no \"model\" field"))?;
+    let name = std::str::from_utf8(&body[model_at.clone()])
+        .map_err(|_| bad("the \"model\" field is not UTF-8"))?;
+    if name.is_empty() {
+        return Err(bad("the \"model\" field is empty"));
+    }
+    Ok(Form {
+        info: RequestInfo {
+            model: name.to_owned(),
+            stream: stream.unwrap_or(false),
+            include_usage: None,
+            max_tokens: None,
+            media,
+        },
+        model_at,
+    })
+}
+
+/// Where the next delimiter at or after `from` starts: the boundary's line,
+/// followed by `--` (the close) or by padding and a line end. The same
+/// bytes followed by anything else are content (RFC 2046 §5.1.1).
+fn next_delimiter(
+    body: &[u8],
+    mut from: usize,
+    finder: &memchr::memmem::Finder,
+    len: usize,
+) -> Option<usize> {
+    loop {
+        let at = from + finder.find(&body[from..])?;
+        let after = &body[at + len..];
+        let pad = after
+            .iter()
+            .take_while(|b| **b == b' ' || **b == b'\t')
+            .count();
+        if after.starts_with(b"--") || after[pad..].starts_with(b"\r\n") {
+            return Some(at);
+        }
+        from = at + 1;
+    }
+}
+
+/// The body to send upstream: `model` renamed to `rename_to` when that
+/// differs, the rest (the audio) as it came.
+pub fn upstream_body(body: Bytes, form: &Form, rename_to: Option<&str>) -> Bytes {
+    let Some(to) = rename_to.filter(|m| *m != form.info.model) else {
+        return body;
+    };
+    let r = &form.model_at;
+    let mut out = BytesMut::with_capacity(body.len() - r.len() + to.len());
+    out.extend_from_slice(&body[..r.start]);
+    out.extend_from_slice(to.as_bytes());
+    out.extend_from_slice(&body[r.end..]);
+    out.freeze()
+}
+
+/// The field name of a part's headers, and whether the part is a file.
+fn disposition(head: &[u8]) -> Result<(&[u8], bool), ProxyError> {
+    for line in head.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(colon) = line.iter().position(|b| *b == b':') else {
+            continue;
+        };
+        if !line[..colon].eq_ignore_ascii_case(b"content-disposition") {
+            continue;
+        }
+        let v = &line[colon + 1..];
+        let (kind, params) = match v.iter().position(|b| *b == b';') {
+            Some(i) => (&v[..i], &v[i + 1..]),
+            None => (v, &[][..]),
+        };
+        if !kind.trim_ascii().eq_ignore_ascii_case(b"form-data") {
+            return Err(ProxyError::InvalidForm(
+                "a part is not form-data".to_owned(),
+            ));
+        }
+        let mut name = None;
+        let mut file = false;
+        for (k, v) in params_of(params) {
+            if k.eq_ignore_ascii_case(b"name") {
+                name = Some(v);
+            } else if k.eq_ignore_ascii_case(b"filename") || k.eq_ignore_ascii_case(b"filename*") {
+                file = true;
+            }
+        }
+        return name.map(|n| (n, file)).ok_or_else(|| {
+            ProxyError::InvalidForm("a part's Content-Disposition has no name".to_owned())
+        });
+    }
+    Err(ProxyError::InvalidForm(
+        "a part has no Content-Disposition".to_owned(),
+    ))
+}
+
+/// The `key=value` parameters after a header's first `;`, values unquoted
+/// (a quoted value's `\"` stays as it is: names the gateway looks for have
+/// none).
+fn params_of(mut s: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    std::iter::from_fn(move || loop {
+        s = s.trim_ascii_start();
+        if s.is_empty() {
+            return None;
+        }
+        let key_end = s
+            .iter()
+            .position(|b| *b == b'=' || *b == b';')
+            .unwrap_or(s.len());
+        let key = s[..key_end].trim_ascii();
+        if s.get(key_end) != Some(&b'=') {
+            // A parameter without a value: skipped.
+            s = s.get(key_end + 1..).unwrap_or_default();
+            continue;
+        }
+        let v = s[key_end + 1..].trim_ascii_start();
+        let (value, rest) = if let Some(q) = v.strip_prefix(b"\"") {
+            // To the closing quote not escaped.
+            let mut i = 0;
+            while i < q.len() && q[i] != b'"' {
+                i += if q[i] == b'\\' { 2 } else { 1 };
+            }
+            let i = i.min(q.len());
+            let after = q.get(i + 1..).unwrap_or_default();
+            let after = match after.iter().position(|b| *b == b';') {
+                Some(j) => &after[j + 1..],
+                None => &[][..],
+            };
+            (&q[..i], after)
+        } else {
+            match v.iter().position(|b| *b == b';') {
+                Some(j) => (v[..j].trim_ascii_end(), &v[j + 1..]),
+                None => (v.trim_ascii_end(), &[][..]),
+            }
+        };
+        s = rest;
+        return Some((key, value));
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CT: &[u8] = b"multipart/form-data; boundary=XyZ";
+
+    /// A form as the OpenAI SDK (httpx) sends it.
+    fn form(fields: &[(&str, &str)], file: &[u8]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for (k, v) in fields {
+            b.extend_from_slice(
+                format!("--XyZ\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n")
+                    .as_bytes(),
+            );
+        }
+        b.extend_from_slice(
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\n",
+        );
+        b.extend_from_slice(file);
+        b.extend_from_slice(b"\r\n--XyZ--\r\n");
+        b
+    }
+
+    #[test]
+    fn finds_model_stream_and_files() {
+        // The audio holds what looks like a field and a near-boundary.
+        let audio = b"RIFF\r\n--Xy\r\nname=\"model\"\r\n\r\n--XyZ-\r\n--XyZabc\r\nfake\x00\xff";
+        let body = form(&[("model", "whisper"), ("stream", "true")], audio);
+        let f = inspect(&body, Some(CT)).unwrap();
+        assert_eq!(f.info.model, "whisper");
+        assert!(f.info.stream);
+        assert_eq!(
+            f.info.media,
+            Media {
+                count: 1,
+                bytes: audio.len()
+            }
+        );
+        let f = inspect(&form(&[("model", "whisper")], b""), Some(CT)).unwrap();
+        assert!(!f.info.stream);
+    }
+
+    #[test]
+    fn quoted_boundary_preamble_and_padding() {
+        let body =
+            b"preamble\r\n--a;b \r\ncontent-disposition: form-data; name=model\r\n\r\nm\r\n--a;b--";
+        let f = inspect(
+            body,
+            Some(b"Multipart/Form-Data; charset=x; boundary=\"a;b\""),
+        )
+        .unwrap();
+        assert_eq!(f.info.model, "m");
+    }
+
+    #[test]
+    fn renames_the_model_in_place() {
+        let body = Bytes::from(form(&[("model", "alias"), ("language", "en")], b"\x01\x02"));
+        let f = inspect(&body, Some(CT)).unwrap();
+        let out = upstream_body(body.clone(), &f, Some("openai/whisper-large-v3"));
+        let g = inspect(&out, Some(CT)).unwrap();
+        assert_eq!(g.info.model, "openai/whisper-large-v3");
+        assert_eq!(g.info.media, f.info.media);
+        assert_eq!(out.len(), body.len() - 5 + 23);
+        // The same name: the body is passed as it came.
+        assert_eq!(upstream_body(body.clone(), &f, Some("alias")), body);
+        assert_eq!(upstream_body(body.clone(), &f, None), body);
+    }
+
+    #[test]
+    fn refusals_say_why() {
+        let why = |body: &[u8], ct: Option<&[u8]>| match inspect(body, ct) {
+            Err(ProxyError::InvalidForm(w)) => w,
+            other => panic!("{other:?}"),
+        };
+        let ok = form(&[("model", "m")], b"x");
+        assert!(why(&ok, None).contains("no Content-Type"));
+        assert!(why(&ok, Some(b"application/json")).contains("multipart/form-data"));
+        assert!(why(&ok, Some(b"multipart/form-data")).contains("no boundary"));
+        assert!(why(&ok, Some(b"multipart/form-data; boundary=other")).contains("boundary"));
+        assert!(why(&form(&[], b"x"), Some(CT)).contains("no \"model\""));
+        assert!(why(&form(&[("model", "")], b"x"), Some(CT)).contains("empty"));
+        assert!(why(&form(&[("model", "a"), ("model", "b")], b"x"), Some(CT)).contains("twice"));
+        assert!(
+            why(&form(&[("model", "a"), ("stream", "maybe")], b""), Some(CT)).contains("stream")
+        );
+        // Cut before its closing boundary.
+        assert!(why(&ok[..ok.len() - 12], Some(CT)).contains("not closed"));
+        // A part without a disposition.
+        let body = b"--XyZ\r\nContent-Type: text/plain\r\n\r\nm\r\n--XyZ--";
+        assert!(why(body, Some(CT)).contains("Content-Disposition"));
+        // Headers that never end.
+        let mut body = b"--XyZ\r\nX: ".to_vec();
+        body.extend(std::iter::repeat_n(b'a', 2 * MAX_PART_HEADERS));
+        assert!(why(&body, Some(CT)).contains("headers"));
+    }
+
+    #[test]
+    fn params() {
+        let got: Vec<_> = params_of(br#" name="a\"b;c"; filename=x.wav ;flag; k = v"#).collect();
+        assert_eq!(
+            got,
+            vec![
+                (&b"name"[..], &br#"a\"b;c"#[..]),
+                (b"filename", b"x.wav"),
+                (b"k", b"v")
+            ]
+        );
+    }
+}
