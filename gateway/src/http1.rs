@@ -59,8 +59,11 @@ pub fn connection_has(h: &HeaderMap, token: &[u8]) -> bool {
 /// The `Content-Length`, if any: every value must be the same run of digits.
 pub fn content_length(h: &HeaderMap) -> Result<Option<u64>, &'static str> {
     let mut len = None;
-    for t in tokens(h, header::CONTENT_LENGTH) {
-        let n = digits(t).ok_or("bad content-length")?;
+    // Every element must be digits: an empty value or element (`""`,
+    // `"5,"`) is invalid, not absent (RFC 9112 section 6.3).
+    let values = h.get_all(header::CONTENT_LENGTH).into_iter();
+    for t in values.flat_map(|v| v.as_bytes().split(|&b| b == b',')) {
+        let n = digits(t.trim_ascii()).ok_or("bad content-length")?;
         if len.is_some_and(|l| l != n) {
             return Err("conflicting content-length values");
         }
@@ -129,6 +132,11 @@ pub fn fill_headers(h: &mut HeaderMap, head: &Bytes, fields: Fields) -> Result<(
 /// Incremental decoder of the chunked transfer coding (RFC 9112 section
 /// 7.1): fed any split of the bytes, it hands out the same data. Chunk
 /// extensions and trailer fields are read and dropped.
+///
+/// The default is lenient, for what backends send (a bare LF ends a line).
+/// [`Chunked::strict`] is for what clients send: the grammar as written,
+/// as hyper reads it, so that no proxy in front of the gateway can frame
+/// a request's body one way and the gateway another.
 #[derive(Default)]
 pub struct Chunked {
     state: ChunkState,
@@ -136,6 +144,7 @@ pub struct Chunked {
     size: u64,
     /// Bytes of the current size line or of the trailer section so far.
     seen: u32,
+    strict: bool,
 }
 
 #[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
@@ -143,6 +152,8 @@ enum ChunkState {
     /// Hex digits of a chunk size (`seen` counts them).
     #[default]
     Size,
+    /// Strict only: whitespace after the size, before `;` or the line end.
+    SizeWs,
     /// After the size: extensions up to the line end.
     Ext,
     SizeLf,
@@ -153,11 +164,22 @@ enum ChunkState {
     TrailerStart,
     /// Inside a trailer line.
     Trailer,
+    /// Strict only: a trailer line's CR seen, its LF next.
+    TrailerLf,
     EndLf,
     Done,
 }
 
 impl Chunked {
+    /// A decoder for request bodies: no bare LF line ends, nothing but `;`
+    /// extensions after a size, no control bytes in extensions or trailers.
+    pub fn strict() -> Chunked {
+        Chunked {
+            strict: true,
+            ..Chunked::default()
+        }
+    }
+
     pub fn is_done(&self) -> bool {
         self.state == ChunkState::Done
     }
@@ -183,9 +205,16 @@ impl Chunked {
                         self.seen += 1;
                     }
                     _ if self.seen == 0 => return Err("chunk size expected"),
+                    b' ' | b'\t' if self.strict => self.state = SizeWs,
                     b';' | b' ' | b'\t' => self.state = Ext,
                     b'\r' => self.state = SizeLf,
-                    b'\n' => self.end_size_line(),
+                    b'\n' if !self.strict => self.end_size_line(),
+                    _ => return Err("bad chunk size"),
+                },
+                SizeWs => match b {
+                    b' ' | b'\t' => {}
+                    b';' => self.state = Ext,
+                    b'\r' => self.state = SizeLf,
                     _ => return Err("bad chunk size"),
                 },
                 Ext => {
@@ -195,7 +224,10 @@ impl Chunked {
                     }
                     match b {
                         b'\r' => self.state = SizeLf,
-                        b'\n' => self.end_size_line(),
+                        b'\n' if !self.strict => self.end_size_line(),
+                        _ if self.strict && is_control(b) => {
+                            return Err("control byte in a chunk extension")
+                        }
                         _ => {}
                     }
                 }
@@ -217,7 +249,7 @@ impl Chunked {
                 }
                 DataCr => match b {
                     b'\r' => self.state = DataLf,
-                    b'\n' => self.state = Size,
+                    b'\n' if !self.strict => self.state = Size,
                     _ => return Err("missing CRLF after chunk data"),
                 },
                 DataLf => {
@@ -226,13 +258,20 @@ impl Chunked {
                     }
                     self.state = Size;
                 }
-                TrailerStart | Trailer => {
+                TrailerStart | Trailer | TrailerLf => {
                     self.seen += 1;
                     if self.seen > MAX_TRAILERS {
                         return Err("trailer section too long");
                     }
                     self.state = match (self.state, b) {
+                        (TrailerLf, b'\n') => TrailerStart,
+                        (TrailerLf, _) => return Err("bad trailer line end"),
                         (TrailerStart, b'\r') => EndLf,
+                        (_, b'\r') if self.strict => TrailerLf,
+                        (_, b'\n') if self.strict => return Err("bad trailer line end"),
+                        (_, b) if self.strict && is_control(b) => {
+                            return Err("control byte in a trailer")
+                        }
                         (TrailerStart, b'\n') => Done,
                         (_, b'\n') => TrailerStart,
                         _ => Trailer,
@@ -263,6 +302,12 @@ impl Chunked {
             ChunkState::Data
         };
     }
+}
+
+/// A control byte other than HTAB (RFC 9110 field values and chunk
+/// extensions hold none).
+fn is_control(b: u8) -> bool {
+    (b < 0x20 && b != b'\t') || b == 0x7f
 }
 
 #[cfg(test)]
@@ -310,6 +355,11 @@ mod tests {
             "0x10",
             "1.0",
             "٣",
+            "",
+            " ",
+            "5,",
+            ",5",
+            "5,,5",
         ] {
             assert_eq!(lengths(&[bad]), Err("bad content-length"), "{bad:?}");
         }

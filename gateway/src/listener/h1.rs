@@ -314,7 +314,12 @@ async fn read_head(
 ) -> Result<Head, HeadError> {
     let max = limits.max_header_bytes as usize;
     loop {
-        if let Some((len, head)) = parse_head(&conn.buf, limits.max_headers as usize)? {
+        // Only the first `max` bytes may hold the head: more may be
+        // buffered already (the first read, or a chunked body's read that
+        // took in the next pipelined request), and must not let a head
+        // past the limit.
+        let upto = conn.buf.len().min(max);
+        if let Some((len, head)) = parse_head(&conn.buf[..upto], limits.max_headers as usize)? {
             let bytes = conn.buf.split_to(len).freeze();
             // Nothing of the head's allocation is kept past the request.
             if conn.buf.is_empty() {
@@ -460,7 +465,14 @@ impl Parsed {
 /// How a request body is framed, and whether its connection must close
 /// after the answer (RFC 9112 sections 6.1 and 6.3).
 fn request_framing(h: &HeaderMap, version: Version) -> Result<(BodyFraming, bool), &'static str> {
-    if let Some(last) = http1::tokens(h, header::TRANSFER_ENCODING).last() {
+    let te = h.get_all(header::TRANSFER_ENCODING);
+    if te.iter().next().is_some() {
+        // A header that names no coding is invalid, not absent: read as
+        // absent, the body would be framed by a Content-Length that a
+        // proxy in front may have ignored.
+        let Some(last) = http1::tokens(h, header::TRANSFER_ENCODING).last() else {
+            return Err("an empty transfer-encoding");
+        };
         if version != Version::HTTP_11 {
             return Err("transfer-encoding in an HTTP/1.0 request");
         }
@@ -470,7 +482,7 @@ fn request_framing(h: &HeaderMap, version: Version) -> Result<(BodyFraming, bool
         // With a Content-Length too, the length is ignored and the
         // connection not trusted with another request.
         let both = h.contains_key(header::CONTENT_LENGTH);
-        return Ok((BodyFraming::Chunked(Chunked::default()), both));
+        return Ok((BodyFraming::Chunked(Chunked::strict()), both));
     }
     Ok((
         BodyFraming::Length(http1::content_length(h)?.unwrap_or(0)),

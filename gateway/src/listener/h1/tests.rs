@@ -337,6 +337,20 @@ async fn hostile_heads_are_refused_and_closed() {
             400,
         ),
         (post("content-length: -1\r\n", ""), 400),
+        // Empty lengths and codings are invalid, not absent.
+        (post("content-length:\r\n", ""), 400),
+        (post("content-length: 5,\r\n", "abcde"), 400),
+        (
+            post("transfer-encoding:\r\ncontent-length: 2\r\n", "{}"),
+            400,
+        ),
+        // Control bytes and folded lines in a field.
+        ("GET /healthz HTTP/1.1\r\nx: a\0b\r\n\r\n".to_owned(), 400),
+        ("GET /healthz HTTP/1.1\r\nx: a\rb\r\n\r\n".to_owned(), 400),
+        (
+            "GET /healthz HTTP/1.1\r\nx: a\r\n folded\r\n\r\n".to_owned(),
+            400,
+        ),
         (post("content-length: 0x10\r\n", ""), 400),
         (
             "POST /v1/chat/completions HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\n".to_owned(),
@@ -355,6 +369,55 @@ async fn hostile_heads_are_refused_and_closed() {
         );
         p.closes_after(&r).await;
     }
+}
+
+/// A chunked request body is held to the grammar (as hyper holds it), so
+/// no proxy in front can frame it differently: whatever a lenient reader
+/// would take as a body is refused.
+#[tokio::test]
+async fn chunked_request_bodies_are_read_strictly() {
+    let body = r#"{"model":"nope"}"#;
+    for chunked in [
+        format!("10 junk\r\n{body}\r\n0\r\n\r\n"),
+        format!("10\n{body}\r\n0\r\n\r\n"),
+        format!("10;a=\0\r\n{body}\r\n0\r\n\r\n"),
+        format!("10\r\n{body}\n0\r\n\r\n"),
+        format!("10\r\n{body}\r\n0\r\nx: 1\n\r\n"),
+        format!("10\r\n{body}\r\n0\n\n"),
+    ] {
+        let mut p = Peer::new();
+        let r = p
+            .send(post("transfer-encoding: chunked\r\n", &chunked))
+            .await;
+        assert_eq!(r.status, 400, "{chunked:?}: {r:?}");
+    }
+    // What the grammar allows: whitespace before an extension.
+    let mut p = Peer::new();
+    let chunked = format!("10 ;a=1\r\n{body}\r\n0\r\nx: 1\r\n\r\n");
+    let r = p
+        .send(post("transfer-encoding: chunked\r\n", &chunked))
+        .await;
+    assert_eq!(r.status, 404, "{r:?}");
+}
+
+/// A head over `max_header_bytes` is refused also when its bytes are all
+/// buffered already (the connection's first read takes up to 16 KiB).
+#[tokio::test]
+async fn the_head_limit_holds_for_bytes_already_read() {
+    let (mut client, server) = tokio::io::duplex(1 << 20);
+    let (_drain, rx) = watch::channel(false);
+    let head = format!("GET /healthz HTTP/1.1\r\nx: {}\r\n\r\n", "a".repeat(12_000));
+    let peer = "127.0.0.1:40000".parse().unwrap();
+    tokio::spawn(serve(
+        Box::new(server),
+        BytesMut::from(head.as_bytes()),
+        shared(),
+        peer,
+        limits(),
+        rx,
+    ));
+    let r = reply(&mut client, &mut Vec::new(), false).await;
+    assert_eq!(r.status, 431, "{r:?}");
 }
 
 #[tokio::test]
