@@ -25,6 +25,7 @@ fn main() {
                 max_connections: None,
                 group: None,
                 api_key: None,
+                tls_ca: None,
             };
             Arc::new(Backend::new(
                 &cfg,

@@ -1392,3 +1392,137 @@ async fn a_tls_handshake_that_hangs_fails_at_the_connect_timeout() {
     );
     held.abort();
 }
+
+/// An https backend of a private PKI: trusted through its `tls_ca` and only
+/// through it, and its answers (read by hyper's client, not the gateway's
+/// own HTTP/1.1 one) held to the same rules: a 101 is no answer (502), and
+/// a Content-Length beside a chunked body is not passed on to the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_backend_with_a_private_ca() {
+    let ca = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let dir = gateway_tests::TempDir::new("private-ca");
+    let ca_file = dir.0.join("ca.pem");
+    std::fs::write(&ca_file, ca.cert.pem()).unwrap();
+    let addr = canned_tls_backend(&ca).await;
+    let models = |extra: &str| {
+        let mut m = model_toml("m", "retries = 0", &[(format!("https://{addr}"), 1, None)]);
+        m.push_str(extra);
+        m
+    };
+    let c = Client::http1();
+    let ask = |gw: &TestGateway, answer: &'static str| {
+        let url = url(gw);
+        let c = &c;
+        async move {
+            collect(
+                c.post_raw(
+                    &url,
+                    Some(KEY_A),
+                    &[("x-canned", answer)],
+                    Bytes::from(chat("m", false).to_string()),
+                )
+                .await,
+            )
+            .await
+        }
+    };
+
+    // The system's roots do not know the CA.
+    let gw = TestGateway::start("", &models("")).await;
+    assert_eq!(ask(&gw, "ok").await.status, 502);
+    drop(gw);
+
+    let gw = TestGateway::start(
+        "",
+        &models(&format!("tls_ca = \"{}\"\n", ca_file.display())),
+    )
+    .await;
+    let r = ask(&gw, "ok").await;
+    assert_eq!(
+        (r.status.as_u16(), r.json()["id"].clone()),
+        (200, "canned".into())
+    );
+    let r = ask(&gw, "101").await;
+    assert_eq!(r.status, 502, "{:?}", r.body);
+    let r = ask(&gw, "both").await;
+    assert_eq!(r.status, 200);
+    assert_ne!(
+        r.headers.get("content-length").map(|v| v.as_bytes()),
+        Some(&b"5"[..])
+    );
+    assert_eq!(r.json()["id"], "canned", "the whole body: {:?}", r.body);
+}
+
+/// A TLS server (HTTP/1.1 only) with a certificate for 127.0.0.1 that
+/// answers each request by its `x-canned` header: `ok`, `101` (an
+/// unasked-for protocol switch), or `both` (Content-Length: 5 beside a
+/// chunked body).
+async fn canned_tls_backend(cert: &rcgen::CertifiedKey) -> SocketAddr {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut s) = acceptor.accept(s).await else {
+                    return;
+                };
+                let mut buf = Vec::new();
+                let head_end = loop {
+                    let mut chunk = [0u8; 4096];
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                let field = |name: &str| {
+                    head.lines()
+                        .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
+                };
+                let len: usize = field("content-length:")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                while buf.len() < head_end + len {
+                    let mut chunk = [0u8; 4096];
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                const BODY: &str = r#"{"id":"canned","object":"chat.completion","choices":[]}"#;
+                let answer = match field("x-canned:").as_deref() {
+                    Some("101") => {
+                        "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: x\r\n\r\n"
+                            .to_owned()
+                    }
+                    Some("both") => format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n{:x}\r\n{BODY}\r\n0\r\n\r\n",
+                        BODY.len()
+                    ),
+                    _ => format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{BODY}",
+                        BODY.len()
+                    ),
+                };
+                let _ = s.write_all(answer.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}

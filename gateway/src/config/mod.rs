@@ -12,6 +12,7 @@ use std::{
     fmt,
     net::SocketAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -356,6 +357,60 @@ pub struct BackendConfig {
     /// Sent to the backend as `Authorization: Bearer <api_key>` (vLLM's
     /// `--api-key`, a hosted endpoint); the client's own key never is.
     pub api_key: Option<ApiKey>,
+    /// `https://` only: the CA certificates its certificate must chain to,
+    /// instead of the system's roots (a private PKI).
+    pub tls_ca: Option<TrustedCa>,
+}
+
+/// A PEM bundle of CA certificates, read when the config is loaded: a
+/// reload that finds the file changed builds the backend's client anew.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TrustedCa {
+    pub path: PathBuf,
+    pub certs: Arc<Vec<rustls::pki_types::CertificateDer<'static>>>,
+}
+
+impl std::fmt::Debug for TrustedCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({} certificates)",
+            self.path.display(),
+            self.certs.len()
+        )
+    }
+}
+
+/// Largest CA bundle read (the system's whole bundle is ~200 KiB).
+const MAX_CA_FILE: u64 = 1 << 20;
+
+impl TrustedCa {
+    /// Reads the PEM certificates of `path`; the error says what is wrong.
+    fn read(path: &Path) -> Result<TrustedCa, String> {
+        use std::io::Read as _;
+        let mut pem = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_CA_FILE + 1).read_to_end(&mut pem))
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if pem.len() as u64 > MAX_CA_FILE {
+            return Err(format!("{} is larger than 1 MiB", path.display()));
+        }
+        let certs: Vec<_> = rustls_pemfile::certs(&mut &pem[..])
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("{} is not valid PEM: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!("{} holds no PEM certificate", path.display()));
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        let (added, _) = roots.add_parsable_certificates(certs.iter().cloned());
+        if added == 0 {
+            return Err(format!("{} holds no usable CA certificate", path.display()));
+        }
+        Ok(TrustedCa {
+            path: path.to_owned(),
+            certs: Arc::new(certs),
+        })
+    }
 }
 
 /// A backend's key: compared, sent, never printed (`Debug` hides it).
@@ -1175,12 +1230,30 @@ impl Validator {
                 );
             }
         }
+        let tls_ca = match b.tls_ca {
+            None => None,
+            Some(_) if uri.scheme_str() != Some("https") => {
+                self.problem(
+                    format!("{at}.tls_ca"),
+                    "is for https:// backends (this one is not TLS)",
+                );
+                None
+            }
+            Some(path) => match TrustedCa::read(Path::new(&path)) {
+                Ok(ca) => Some(ca),
+                Err(e) => {
+                    self.problem(format!("{at}.tls_ca"), e);
+                    None
+                }
+            },
+        };
         Some(BackendConfig {
             url: uri,
             weight,
             max_connections: b.max_connections,
             group: b.group,
             api_key: b.api_key.map(ApiKey),
+            tls_ca,
         })
     }
 

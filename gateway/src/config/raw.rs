@@ -326,4 +326,5 @@ pub struct Backend {
     pub max_connections: Option<u32>,
     pub group: Option<String>,
     pub api_key: Option<String>,
+    pub tls_ca: Option<String>,
 }

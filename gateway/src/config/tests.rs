@@ -236,6 +236,65 @@ fn a_backend_api_key_is_checked_and_never_printed() {
     assert!(!p[0].contains("has space"), "{p:?}");
 }
 
+/// `tls_ca` is read when the config loads: a file that is missing, holds
+/// no certificate, or sits on a backend without TLS is a problem at its path.
+#[test]
+fn a_backend_tls_ca_is_read_and_checked() {
+    let dir = std::env::temp_dir().join(format!("gw-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, TEST_CA_PEM).unwrap();
+    let junk = dir.join("junk.pem");
+    std::fs::write(&junk, "not a certificate\n").unwrap();
+    let with = |url: &str, path: &std::path::Path| {
+        format!(
+            "[[models]]\nname = \"m\"\n[[models.backends]]\nurl = \"{url}\"\ntls_ca = \"{}\"\n",
+            path.display()
+        )
+    };
+    let c = Config::parse(&with("https://10.0.1.1:8443", &ca)).unwrap();
+    let got = c.models[0].backends[0].tls_ca.as_ref().expect("read");
+    assert_eq!(got.certs.len(), 1);
+    for (text, says) in [
+        (
+            with("http://10.0.1.1:8000", &ca),
+            "is for https:// backends",
+        ),
+        (
+            with("https://10.0.1.1:8443", &dir.join("none.pem")),
+            "cannot read",
+        ),
+        (
+            with("https://10.0.1.1:8443", &junk),
+            "holds no PEM certificate",
+        ),
+    ] {
+        let p = problems(&text);
+        assert!(
+            p.len() == 1
+                && p[0].starts_with("models[0].backends[0].tls_ca:")
+                && p[0].contains(says),
+            "{p:?}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A self-signed CA certificate (P-256, made once with `openssl req
+/// -x509`; it signs nothing here, only its loading matters).
+const TEST_CA_PEM: &str = "-----BEGIN CERTIFICATE-----\n\
+MIIBiTCCATGgAwIBAgIUf1qVyi39bGYYIFTHG1w7yYgr7+8wCgYIKoZIzj0EAwIw\n\
+GjEYMBYGA1UEAwwPZ2F0ZXdheSB0ZXN0IENBMCAXDTI2MTEzMDIzMzI0OFoYDzIx\n\
+MjYxMTA2MjMzMjQ4WjAaMRgwFgYDVQQDDA9nYXRld2F5IHRlc3QgQ0EwWTATBgcq\n\
+hkjOPQIBBggqhkjOPQMBBwNCAASuQiEU5xYCX7qqD3sLEo4uo86l8BtxaxEdJgG0\n\
+39TUvngToOwATLVb5Zs1GZlFFOdaerOpF0Gj4xv06x0s2Ntho1MwUTAdBgNVHQ4E\n\
+FgQU5zgl/fJYKoCAX9Gzc85j8cRf+3gwHwYDVR0jBBgwFoAU5zgl/fJYKoCAX9Gz\n\
+c85j8cRf+3gwDwYDVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNGADBDAh9dyFNr\n\
+SFhsFDDEz98DUt95tDQmu3XB3oOdIPtbmWphAiB1RpzXX5+heEWbhoA//U6IH1yV\n\
+wjAmLrPkSz4S9+FO/Q==\n\
+-----END CERTIFICATE-----\n\
+";
+
 #[test]
 fn balancing_and_groups() {
     let c = Config::parse(

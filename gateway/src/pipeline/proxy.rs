@@ -259,7 +259,25 @@ pub async fn send(
     *req.headers_mut() = headers.header_map();
     match tokio::time::timeout(wait, backend.client().request(req)).await {
         Err(_) => Err(timed_out()),
-        Ok(Ok(resp)) => Ok(resp.map(Incoming::Hyper)),
+        // hyper's client hands a 101 back as the answer; the gateway's
+        // requests never ask to switch protocols, so it is none.
+        Ok(Ok(resp)) if resp.status().is_informational() => {
+            Err(ProxyError::UpstreamBadResponse(format!(
+                "{} answered {} as a final response",
+                backend.label,
+                resp.status()
+            )))
+        }
+        Ok(Ok(mut resp)) => {
+            // With Transfer-Encoding the length does not apply (RFC 9112
+            // section 6.3), and hyper leaves it in: the client would be
+            // told a length its body does not have. (The own HTTP/1.1
+            // client removes it when it reads the head.)
+            if resp.headers().contains_key(header::TRANSFER_ENCODING) {
+                resp.headers_mut().remove(header::CONTENT_LENGTH);
+            }
+            Ok(resp.map(Incoming::Hyper))
+        }
         Ok(Err(e)) => Err(classify(&e, false, e.is_connect())),
     }
 }

@@ -185,7 +185,7 @@ impl Backend {
             http.set_keepalive_interval(Some(KEEPALIVE_INTERVAL));
             http.enforce_http(false);
             let connector = hyper_rustls::HttpsConnectorBuilder::new()
-                .with_tls_config(tls_client_config().as_ref().clone())
+                .with_tls_config(tls_client_config(cfg.tls_ca.as_ref()).as_ref().clone())
                 .https_or_http()
                 .enable_http1()
                 .enable_http2()
@@ -315,10 +315,14 @@ impl Backend {
 
     /// Whether a reload may keep this backend (same URL and settings; the
     /// weight may change), so its in-flight count, pools, health and drain
-    /// state carry over.
+    /// state carry over. A `tls_ca` whose file changed (a rotated CA) is
+    /// another backend: its pools are built anew with the new roots.
     pub fn same_spec(&self, cfg: &BackendConfig, connect_timeout: Duration) -> bool {
         let (c, t) = &self.spec;
-        c.url == cfg.url && c.api_key == cfg.api_key && *t == connect_timeout
+        c.url == cfg.url
+            && c.api_key == cfg.api_key
+            && c.tls_ca == cfg.tls_ca
+            && *t == connect_timeout
     }
 
     /// The `Authorization` value the backend wants, if any.
@@ -443,8 +447,14 @@ impl Drop for Lease {
     }
 }
 
-/// TLS settings for https backends: the system's root certificates.
-fn tls_client_config() -> Arc<rustls::ClientConfig> {
+/// TLS settings for an https backend: its `tls_ca` when it has one, else
+/// the system's root certificates.
+fn tls_client_config(ca: Option<&crate::config::TrustedCa>) -> Arc<rustls::ClientConfig> {
+    if let Some(ca) = ca {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add_parsable_certificates(ca.certs.iter().cloned());
+        return Arc::new(client_config(roots));
+    }
     static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
     CONFIG
         .get_or_init(|| {
@@ -459,14 +469,17 @@ fn tls_client_config() -> Arc<rustls::ClientConfig> {
                     "no system root certificates found: https backends will fail TLS verification"
                 );
             }
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            // ALPN is left empty: the connector offers h2/http1.1 itself.
-            let cfg = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .expect("ring supports the default protocol versions")
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            Arc::new(cfg)
+            Arc::new(client_config(roots))
         })
         .clone()
+}
+
+fn client_config(roots: rustls::RootCertStore) -> rustls::ClientConfig {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // ALPN is left empty: the connector offers h2/http1.1 itself.
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth()
 }

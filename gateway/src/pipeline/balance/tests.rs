@@ -22,6 +22,7 @@ fn backend(i: usize, weight: u32, max: Option<u32>, slots: &Arc<Slots>) -> Arc<B
         max_connections: max,
         group: None,
         api_key: None,
+        tls_ca: None,
     };
     Arc::new(Backend::new(
         &cfg,
