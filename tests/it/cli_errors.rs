@@ -147,7 +147,7 @@ fn block_file_bad_lines_are_reported_and_good_lines_load() {
     )
     .unwrap();
     let body = format!(
-        "[server]\nlisten = [\"127.0.0.1:0\"]\nstate_dir = \"@STATE_DIR@\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n[xdp]\ninterfaces = [\"{}\"]\nprotected_ports = [8443]\npin_dir = \"@PIN_DIR@\"\nblock_files = [\"{}\"]\n",
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nstate_dir = \"@STATE_DIR@\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n[xdp]\ninterfaces = [\"{}\"]\nprotected_ports = [8443]\npin_dir = \"@PIN_DIR@\"\nblock_files = [\"{}\"]\nallow = [\"198.51.100.0/24\"]\n",
         t.server_if,
         file.display()
     );
@@ -165,6 +165,21 @@ fn block_file_bad_lines_are_reported_and_good_lines_load() {
         "file and line reported: {}",
         r.stdout
     );
+    // An entry of the config's feed cannot be removed from the CLI: the
+    // next reload would bring it back. The refusal says where it is.
+    let r = gw.cli(&["block", "del", "203.0.113.0/24"]);
+    assert_eq!(r.code, 2, "{}", r.stdout);
+    assert!(
+        r.stderr.contains("comes from the config") && r.stderr.contains("allow add"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(gw.block_cidrs(), cidrs, "nothing removed");
+    let r = gw.cli(&["allow", "del", "198.51.100.0/24"]);
+    assert_eq!(r.code, 2, "{}", r.stdout);
+    assert!(r.stderr.contains("comes from xdp.allow"), "{}", r.stderr);
+    let r = gw.cli(&["allow", "list"]);
+    assert!(r.stdout.contains("198.51.100.0/24"), "still allowed: {}", r.stdout);
     // A feed that cannot be read is no empty feed: a reload is refused and
     // the entries loaded stay in the kernel; `check` fails.
     std::fs::remove_file(&file).unwrap();

@@ -173,14 +173,18 @@ pub fn block(cfg: &Config, cmd: BlockCmd, io: &mut Io, at_accept: bool) -> Resul
                 ))
                 .into());
             }
-            persist_then_apply(cfg, state, changed, || maps.block_remove(&cidr).map(|_| ()))?;
+            // The daemon rebuilds its policy from the config at every
+            // reload (and, without XDP, right after this command): an
+            // entry the config lists cannot be removed here, only there.
             if from_config(cfg, &cidr) {
-                writeln!(
-                    io.err,
-                    "warning: {cidr} comes from the config (xdp.block or xdp.block_files); \
-                     it returns at the next start unless removed there"
-                )?;
+                return Err(UsageError(format!(
+                    "{cidr} comes from the config (xdp.block or xdp.block_files) and stays \
+                     blocked while it is listed there: remove it there and run `gateway \
+                     reload`; to let it through meanwhile, `gateway allow add {cidr}`"
+                ))
+                .into());
             }
+            persist_then_apply(cfg, state, changed, || maps.block_remove(&cidr).map(|_| ()))?;
             writeln!(io.out, "unblocked {cidr}")?;
             Ok(())
         }
@@ -284,10 +288,14 @@ pub fn allow(cfg: &Config, cmd: AllowCmd, io: &mut Io, at_accept: bool) -> Resul
                 ))
                 .into());
             }
-            persist_then_apply(cfg, state, changed, || maps.allow_remove(&cidr).map(|_| ()))?;
             if cfg.xdp.allow.contains(&cidr) {
-                writeln!(io.err, "warning: {cidr} comes from xdp.allow in the config; it returns at the next start")?;
+                return Err(UsageError(format!(
+                    "{cidr} comes from xdp.allow in the config and stays allowed while it \
+                     is listed there: remove it there and run `gateway reload`"
+                ))
+                .into());
             }
+            persist_then_apply(cfg, state, changed, || maps.allow_remove(&cidr).map(|_| ()))?;
             writeln!(io.out, "removed {cidr} from the allowlist")?;
             Ok(())
         }
