@@ -310,7 +310,7 @@ impl Metrics {
         );
         let upstream_errors = counter(
             "gateway_upstream_errors_total",
-            "Failed upstream exchanges by kind (connect, timeout, bad_response, stream).",
+            "Failed upstream exchanges by kind: before the answer (connect, timeout, bad_response) or partway through it (stream, first_byte_timeout, idle_timeout, total_timeout).",
             &["model", "backend", "kind"],
         );
         let retries = counter(

@@ -156,8 +156,7 @@ fn block_file_bad_lines_are_reported_and_good_lines_load() {
     let cidrs = gw.block_cidrs();
     assert_eq!(cidrs, ["203.0.113.0/24", "2001:db8::/32"], "{cidrs:?}");
     // `check` looks the interfaces up too: run it where they are.
-    // `check` warns, and passes: `run` and `reload` skip the bad line too,
-    // and the unit runs `check` before each start.
+    // `check` warns, and passes: `run` and `reload` skip the bad line too.
     let r = gw.cli_in_netns(&["check"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(
@@ -179,7 +178,11 @@ fn block_file_bad_lines_are_reported_and_good_lines_load() {
     assert_eq!(r.code, 2, "{}", r.stdout);
     assert!(r.stderr.contains("comes from xdp.allow"), "{}", r.stderr);
     let r = gw.cli(&["allow", "list"]);
-    assert!(r.stdout.contains("198.51.100.0/24"), "still allowed: {}", r.stdout);
+    assert!(
+        r.stdout.contains("198.51.100.0/24"),
+        "still allowed: {}",
+        r.stdout
+    );
     // A feed that cannot be read is no empty feed: a reload is refused and
     // the entries loaded stay in the kernel; `check` fails.
     std::fs::remove_file(&file).unwrap();

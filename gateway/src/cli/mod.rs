@@ -386,8 +386,8 @@ fn check(path: &std::path::Path) -> Result<()> {
         },
     );
     // Bad lines are skipped by `run` and `reload` too, with the same
-    // warnings: a typo in a third-party feed must not stop a restart
-    // (the unit runs `check` before `run`).
+    // warnings: a typo in a third-party feed must not stop a restart, nor
+    // fail the `check` an operator runs before one.
     if !warnings.is_empty() {
         println!(
             "{} bad line{} in block files skipped",

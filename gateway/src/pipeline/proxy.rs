@@ -139,8 +139,14 @@ impl<'a> Forward<'a> {
         self
     }
 
+    /// A name with `_` is dropped, as nginx drops it by default: a backend
+    /// behind a WSGI/CGI-style layer reads `x_forwarded_for` as the
+    /// `X-Forwarded-For` the gateway sets, which a client could spoof.
     fn keeps(&self, name: &HeaderName) -> bool {
-        !DROPPED.contains(name) && !REPLACED.contains(name) && !self.listed.contains(name)
+        !DROPPED.contains(name)
+            && !REPLACED.contains(name)
+            && !self.listed.contains(name)
+            && !name.as_str().contains('_')
     }
 
     fn proto(&self) -> &'static str {
@@ -416,6 +422,9 @@ mod tests {
             ("x-forwarded-host", "evil.example"),
             ("x-forwarded-port", "1"),
             ("accept-encoding", "gzip, br"),
+            // The same, as a WSGI/CGI layer would read them.
+            ("x_forwarded_for", "6.6.6.6"),
+            ("x_real_ip", "6.6.6.6"),
         ] {
             h.insert(n, HeaderValue::from_static(v));
         }
