@@ -18,7 +18,8 @@
 //!
 //! When every healthy backend is at its cap, the request waits in the
 //! model's bounded admission queue until a slot frees or the queue timeout
-//! passes (503 + Retry-After).
+//! passes (503 + Retry-After). The queue is FIFO while every waiter can
+//! take any slot (see `upstream::Slots::wake`).
 
 use std::{
     cell::Cell,
@@ -261,21 +262,29 @@ impl Balancer {
             model: model.to_owned(),
             retry_after_secs: super::routes::OVERLOADED_RETRY_AFTER.as_secs() as u32,
         };
-        match self.pick(backends, tried, hash) {
-            Ok(p) => return Ok(p),
-            Err(NoPick::NoneHealthy) => return Err(ProxyError::NoBackend(model.to_owned())),
-            Err(NoPick::Full) if queue.size == 0 => return Err(overloaded()),
-            Err(NoPick::Full) => {}
-        }
-        let Some(slots) = backends.first().map(|b| Arc::clone(b.slots())) else {
+        let Some(slots) = backends.first().map(|b| b.slots()) else {
             return Err(ProxyError::NoBackend(model.to_owned()));
         };
-        let Some(_place) = Waiting::join(&slots, queue.size) else {
+        // A request that could take any slot does not take one from under
+        // the requests already queued for it: it queues behind them (FIFO).
+        let picky = !tried.is_empty() || slots.grouped();
+        let behind = !picky && slots.waiting.load(Ordering::SeqCst) > 0 && slots.fifo();
+        if !behind {
+            match self.pick(backends, tried, hash) {
+                Ok(p) => return Ok(p),
+                Err(NoPick::NoneHealthy) => return Err(ProxyError::NoBackend(model.to_owned())),
+                Err(NoPick::Full) if queue.size == 0 => return Err(overloaded()),
+                Err(NoPick::Full) => {}
+            }
+        }
+        let slots = Arc::clone(slots);
+        let Some(_place) = Waiting::join(&slots, queue.size, picky) else {
             return Err(overloaded());
         };
         let deadline = deadline.min(Instant::now() + queue.timeout);
         let give_up = tokio::time::sleep_until(deadline.into());
         tokio::pin!(give_up);
+        let mut first = true;
         loop {
             // Registered before looking, so a slot freed in between still wakes us.
             let freed = slots.freed.notified();
@@ -285,12 +294,24 @@ impl Balancer {
             // slot freed before this is seen by the pick below, one freed
             // after it sees this request waiting and wakes it.
             std::sync::atomic::fence(Ordering::SeqCst);
-            match self.pick(backends, tried, hash) {
-                Ok(p) => return Ok(p),
-                Err(NoPick::NoneHealthy) => return Err(ProxyError::NoBackend(model.to_owned())),
-                Err(NoPick::Full) => {}
+            // Queued behind others, the first look waits for its turn (a
+            // wake-up, in order) unless those others have gone meanwhile:
+            // then no wake-up may come for a slot already free.
+            let my_turn = !(first && behind && slots.waiting.load(Ordering::SeqCst) > 1);
+            first = false;
+            if my_turn {
+                match self.pick(backends, tried, hash) {
+                    Ok(p) => return Ok(p),
+                    Err(NoPick::NoneHealthy) => {
+                        return Err(ProxyError::NoBackend(model.to_owned()))
+                    }
+                    Err(NoPick::Full) => {}
+                }
             }
             tokio::select! {
+                // A wake-up that came is used, never dropped for the timer:
+                // under FIFO it is this request's alone.
+                biased;
                 _ = &mut freed => {}
                 _ = &mut give_up => return Err(overloaded()),
             }
@@ -445,23 +466,39 @@ pub fn rand_below(n: u64) -> u64 {
 }
 
 /// A place in the admission queue, given back on drop.
-struct Waiting<'a>(&'a Slots);
+struct Waiting<'a> {
+    slots: &'a Slots,
+    picky: bool,
+}
 
 impl<'a> Waiting<'a> {
-    fn join(slots: &'a Slots, size: u32) -> Option<Waiting<'a>> {
-        slots
+    fn join(slots: &'a Slots, size: u32, picky: bool) -> Option<Waiting<'a>> {
+        // Counted picky before waiting, so a slot freed meanwhile is never
+        // handed to one waiter when this one needed to look too.
+        if picky {
+            slots.picky.fetch_add(1, Ordering::SeqCst);
+        }
+        let joined = slots
             .waiting
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < size).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Waiting(slots))
+            });
+        if joined.is_err() {
+            if picky {
+                slots.picky.fetch_sub(1, Ordering::SeqCst);
+            }
+            return None;
+        }
+        Some(Waiting { slots, picky })
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.slots.waiting.fetch_sub(1, Ordering::SeqCst);
+        if self.picky {
+            self.slots.picky.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 

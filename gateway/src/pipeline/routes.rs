@@ -153,6 +153,7 @@ impl Model {
                 })
                 .collect()
         };
+        slots.set_grouped(groups.len() > 1);
         Model {
             name: m.name.clone(),
             aliases: m.aliases.clone(),

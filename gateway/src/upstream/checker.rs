@@ -43,7 +43,7 @@ pub async fn run(shared: Arc<Shared>) {
                         if ok {
                             // Back in rotation, maybe: requests queued for
                             // a slot may find one there.
-                            b.slots().wake();
+                            b.slots().wake_all();
                         }
                         b.health.checking.store(false, Ordering::Release);
                     });

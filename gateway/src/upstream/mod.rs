@@ -139,19 +139,53 @@ pub struct Backend {
 #[derive(Default)]
 pub struct Slots {
     pub waiting: AtomicU32,
+    /// Waiters that can take only some of the model's slots: a retry
+    /// (it avoids the backends it tried), or any request of a model with
+    /// traffic groups.
+    pub picky: AtomicU32,
+    /// The model has more than one traffic group (set at each load).
+    grouped: std::sync::atomic::AtomicBool,
     pub freed: tokio::sync::Notify,
 }
 
 impl Slots {
-    /// Wakes the waiting requests, if any, to look for a slot again. All of
-    /// them: the model's traffic groups share this queue, and a wake-up
-    /// handed to one request whose group is still full would be lost to the
-    /// request whose group has the free slot. Requests register before they
+    /// One slot freed. While every waiter can take any slot, it goes to
+    /// the one that has waited longest (FIFO: `notify_one` wakes in order,
+    /// and a woken request that goes away passes its wake-up on). When
+    /// some waiter can take only some slots, every waiter looks again: a
+    /// wake-up handed to one whose backends are still full would be lost
+    /// to the one that could use the slot. Requests register before they
     /// look (`balance::Balancer::acquire`), so none misses a wake-up.
     pub fn wake(&self) {
         if self.waiting.load(Ordering::SeqCst) > 0 {
+            if self.fifo() {
+                self.freed.notify_one();
+            } else {
+                self.freed.notify_waiters();
+            }
+        }
+    }
+
+    /// Any number of slots may have opened (a cap raised, a backend back
+    /// in rotation): every waiter looks again.
+    pub fn wake_all(&self) {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
             self.freed.notify_waiters();
         }
+    }
+
+    /// Whether every waiter can take any slot, so they are served in order.
+    pub fn fifo(&self) -> bool {
+        !self.grouped.load(Ordering::Relaxed) && self.picky.load(Ordering::SeqCst) == 0
+    }
+
+    pub fn grouped(&self) -> bool {
+        self.grouped.load(Ordering::Relaxed)
+    }
+
+    pub fn set_grouped(&self, grouped: bool) {
+        self.grouped.store(grouped, Ordering::Relaxed);
+        self.wake_all();
     }
 }
 
@@ -293,7 +327,7 @@ impl Backend {
     pub fn set_drained(&self, on: bool) {
         self.drained.store(on, Ordering::Relaxed);
         if !on {
-            self.slots.wake();
+            self.slots.wake_all();
         }
     }
 
@@ -347,7 +381,7 @@ impl Backend {
     pub fn set_max_connections(&self, m: Option<u32>) {
         self.max_connections
             .store(m.unwrap_or(0), Ordering::Relaxed);
-        self.slots.wake();
+        self.slots.wake_all();
     }
 
     /// Whether the backend is at its connection cap.

@@ -343,6 +343,7 @@ fn slow_start_reduces_the_share_under_weighted_policies() {
 async fn a_freed_slot_reaches_the_waiter_of_its_group() {
     use crate::config::Queue;
     let slots = Arc::new(Slots::default());
+    slots.set_grouped(true);
     let a = vec![backend(0, 1, Some(1), &slots)];
     let b = vec![backend(1, 1, Some(1), &slots)];
     let (bal_a, bal_b) = (
@@ -383,4 +384,91 @@ async fn a_freed_slot_reaches_the_waiter_of_its_group() {
     assert_eq!(got.ok(), Some(0), "B's waiter got B's freed slot");
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
     waiting_a.abort();
+}
+
+/// A one-backend model whose only slot is taken, and the queue to wait in.
+fn one_slot() -> (Arc<Balancer>, Vec<Arc<Backend>>, crate::config::Queue) {
+    let slots = Arc::new(Slots::default());
+    let bs = vec![backend(0, 1, Some(1), &slots)];
+    let bal = Arc::new(Balancer::new(Policy::LeastConnections, &bs));
+    let queue = crate::config::Queue {
+        size: 16,
+        timeout: Duration::from_secs(5),
+    };
+    (bal, bs, queue)
+}
+
+/// Waits until `n` requests wait in the queue of `bs`.
+async fn queued(bs: &[Arc<Backend>], n: u32) {
+    let slots = Arc::clone(bs[0].slots());
+    tokio::time::timeout(Duration::from_secs(5), async move {
+        while slots.waiting.load(std::sync::atomic::Ordering::SeqCst) < n {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the requests queue");
+}
+
+/// A slot freed while requests wait goes to the one that waited longest,
+/// not to a request that arrives at that moment (it queues behind).
+#[tokio::test]
+async fn a_freed_slot_goes_to_the_longest_waiter_not_a_newcomer() {
+    use std::{
+        future::Future as _,
+        task::{Context, Waker},
+    };
+    let (bal, bs, queue) = one_slot();
+    let held = bal.pick(&bs, &[], 0).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let waiter = {
+        let (bal, bs, q) = (Arc::clone(&bal), bs.clone(), queue.clone());
+        tokio::spawn(async move { bal.acquire("m", &bs, &Tried::new(), 0, &q, deadline).await })
+    };
+    queued(&bs, 1).await;
+    drop(held);
+    // The newcomer looks before the waiter has run again.
+    let none = Tried::new();
+    let mut newcomer = Box::pin(bal.acquire("m", &bs, &none, 0, &queue, deadline));
+    let polled = newcomer
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()));
+    assert!(polled.is_pending(), "the newcomer took the freed slot");
+    let (_, lease) = waiter.await.unwrap().expect("the waiter got the slot");
+    drop(lease);
+    let got = tokio::time::timeout(Duration::from_secs(5), newcomer).await;
+    assert!(matches!(got, Ok(Ok(_))), "then the newcomer, in its turn");
+}
+
+/// Requests queued one after another get freed slots in that order.
+#[tokio::test]
+async fn queued_requests_are_served_in_arrival_order() {
+    let (bal, bs, queue) = one_slot();
+    let held = bal.pick(&bs, &[], 0).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for id in 0..6 {
+        let (bal, mine, q, order) = (
+            Arc::clone(&bal),
+            bs.clone(),
+            queue.clone(),
+            Arc::clone(&order),
+        );
+        tasks.push(tokio::spawn(async move {
+            let got = bal
+                .acquire("m", &mine, &Tried::new(), 0, &q, deadline)
+                .await;
+            order.lock().unwrap().push(id);
+            // Held a moment, then freed for the next.
+            tokio::task::yield_now().await;
+            drop(got);
+        }));
+        queued(&bs, id + 1).await;
+    }
+    drop(held);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(*order.lock().unwrap(), [0, 1, 2, 3, 4, 5]);
 }
