@@ -1,9 +1,9 @@
 //! The sk_reuseport program: picks the worker socket for each new
 //! connection of a SO_REUSEPORT group by live load, not only by hash, so a
 //! worker busy with long streams gets fewer new connections. Userspace
-//! fills `WORKERS` with the group's socket of each worker, and each worker
-//! writes its open-connection count to `WORKER_LOAD` as connections open
-//! and close.
+//! fills `WORKERS` with the group's socket of each worker; the program
+//! counts each connection it sends to a worker in `WORKER_LOAD`, and each
+//! worker writes its exact open-connection count there when one closes.
 
 use aya_ebpf::{
     bindings::sk_action,
@@ -47,6 +47,22 @@ pub fn gateway_reuseport(ctx: SkReuseportContext) -> u32 {
         }
     }
     // On failure (a socket gone) the kernel falls back to its hash.
-    let _ = WORKERS.select_reuseport(&ctx, best);
+    if WORKERS.select_reuseport(&ctx, best).is_ok() {
+        // Counted here, at the SYN: a burst of new connections is chosen
+        // for before the first is accepted, and would otherwise every one
+        // go to the same least-loaded worker. The worker writes its exact
+        // count when a connection closes, which corrects what this missed
+        // (a handshake that never completed, a lost race).
+        if let Some(load) = WORKER_LOAD.get_ptr_mut(best) {
+            // SAFETY: a pointer into the array's value, valid for the
+            // program's run. Not atomic (the BPF target has no 32-bit
+            // atomics): an add lost to a race on another CPU only makes
+            // the estimate less exact until the worker's next write.
+            unsafe {
+                let v = core::ptr::read_volatile(load);
+                core::ptr::write_volatile(load, v.saturating_add(1));
+            }
+        }
+    }
     sk_action::SK_PASS
 }

@@ -642,8 +642,9 @@ async fn connect_and_locate(g: &TestGateway, addr: &str) -> (tokio::net::TcpStre
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
         let now = per_worker(g).await;
-        // The gateway publishes a count to the balancer before the gauge
-        // shows it, so once it is visible here the balancer has it.
+        // The balancer counted the connection when it chose the worker,
+        // before the gauge shows it, so once it is visible here the
+        // balancer has it.
         if let Some(w) = (0..2).find(|&w| now[w] > before[w]) {
             return (s, w);
         }
@@ -690,6 +691,34 @@ async fn workers_take_new_connections_by_load() {
     assert!(
         to_idle >= 5,
         "the idle worker should take the new connections, got {to_idle} of 6"
+    );
+    // A burst: every connection is sent to a worker before the first is
+    // accepted (and its worker's load published). They still spread.
+    drop((conns, fresh));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while per_worker(&g).await != [0, 0] {
+        assert!(Instant::now() < deadline, "the connections did not close");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let burst: Vec<_> = (0..40)
+        .map(|_| tokio::spawn(tokio::net::TcpStream::connect(addr.clone())))
+        .collect();
+    let mut held = Vec::new();
+    for c in burst {
+        held.push(c.await.unwrap().expect("connect"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let split = loop {
+        let now = per_worker(&g).await;
+        if now[0] + now[1] == 40 {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "not all counted: {now:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert!(
+        split[0].abs_diff(split[1]) <= 4,
+        "a burst of 40 herded onto one worker: {split:?}"
     );
 }
 

@@ -1,10 +1,11 @@
 //! The worker balancer: for every listen address (one SO_REUSEPORT group),
 //! an instance of the sk_reuseport program whose socket array holds that
-//! group's socket of each worker, attached to the group. A worker publishes
-//! its open-connection count into every instance's load array whenever a
-//! connection opens or closes (per connection, not per request), and the
-//! program sends each new connection to the least loaded worker. Without
-//! the privileges to load it, plain SO_REUSEPORT hashing still works.
+//! group's socket of each worker, attached to the group. The program sends
+//! each new connection to the least loaded worker and counts it there at
+//! once; a worker publishes its exact open-connection count into every
+//! instance's load array whenever a connection closes (per connection, not
+//! per request). Without the privileges to load it, plain SO_REUSEPORT
+//! hashing still works.
 
 use std::{net::TcpListener as StdListener, sync::Mutex};
 

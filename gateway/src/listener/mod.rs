@@ -176,12 +176,17 @@ struct Conn {
 }
 
 impl Conn {
-    /// Counts the connection in (`+1`) or out (`-1`). The balancer sees the
-    /// new count before the gauge does, so whoever reads the gauge knows
-    /// the balancer has it too.
+    /// Counts the connection in (`+1`) or out (`-1`). A connection coming
+    /// in was counted for this worker by the sk_reuseport program when it
+    /// chose the worker (at the SYN, before any accept, so a burst
+    /// spreads); a connection going out publishes the worker's exact count,
+    /// which also corrects what the program's estimate missed. The
+    /// balancer sees a close before the gauge does.
     fn count(&self, shared: &Shared, delta: i64) {
-        if let Some(b) = shared.balancer.get() {
-            b.publish(self.worker, (self.gauge.get() + delta).max(0) as u32);
+        if delta < 0 {
+            if let Some(b) = shared.balancer.get() {
+                b.publish(self.worker, (self.gauge.get() + delta).max(0) as u32);
+            }
         }
         self.gauge.add(delta);
     }
