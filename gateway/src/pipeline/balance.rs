@@ -267,8 +267,8 @@ impl Balancer {
         };
         // A request that could take any slot does not take one from under
         // the requests already queued for it: it queues behind them (FIFO).
-        let picky = !tried.is_empty() || slots.grouped();
-        let behind = !picky && slots.waiting.load(Ordering::SeqCst) > 0 && slots.fifo();
+        // (`fifo` holds only for a model without traffic groups.)
+        let behind = slots.waiting.load(Ordering::SeqCst) > 0 && tried.is_empty() && slots.fifo();
         if !behind {
             match self.pick(backends, tried, hash) {
                 Ok(p) => return Ok(p),
@@ -277,6 +277,7 @@ impl Balancer {
                 Err(NoPick::Full) => {}
             }
         }
+        let picky = !tried.is_empty() || slots.grouped();
         let slots = Arc::clone(slots);
         let Some(_place) = Waiting::join(&slots, queue.size, picky) else {
             return Err(overloaded());

@@ -146,7 +146,7 @@ impl<'a> Forward<'a> {
         !DROPPED.contains(name)
             && !REPLACED.contains(name)
             && !self.listed.contains(name)
-            && !name.as_str().contains('_')
+            && !name.as_str().as_bytes().contains(&b'_')
     }
 
     fn proto(&self) -> &'static str {
