@@ -31,6 +31,7 @@ pub struct Metrics {
     pub backend_healthy: IntGaugeVec,
     pub upstream_errors: IntCounterVec,
     pub retries: IntCounterVec,
+    pub fallbacks: IntCounterVec,
     pub rate_limited: IntCounterVec,
     pub queue_waiting: IntGaugeVec,
     pub group_requests: IntCounterVec,
@@ -318,6 +319,11 @@ impl Metrics {
             "Requests retried on another backend (outcome=retried), or not retried because the retry budget was spent (outcome=budget_exhausted).",
             &["model", "outcome"],
         );
+        let fallbacks = counter(
+            "gateway_fallbacks_total",
+            "Requests sent on to a fallback model because their model could not take them (model: the one asked for).",
+            &["model", "fallback"],
+        );
         let rate_limited = counter(
             "gateway_rate_limited_total",
             "Requests refused with 429 by a per-key limit (requests, tokens, concurrency).",
@@ -385,6 +391,7 @@ impl Metrics {
             backend_healthy,
             upstream_errors,
             retries,
+            fallbacks,
             rate_limited,
             queue_waiting,
             group_requests,

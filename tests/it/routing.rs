@@ -302,3 +302,98 @@ async fn a_weight_change_applies_to_new_requests_only() {
         "the open stream finished undisturbed"
     );
 }
+
+/// A model that cannot take a request sends it on to its `fallbacks`, in
+/// order, skipping those the key may not use: when its backends are down
+/// (connect refused) or refuse it (503). The client is told which model
+/// served it (`x-gateway-fallback`), the backend gets that model's name,
+/// and the tokens count for it. A timeout is not fallen back from: the
+/// backend may still be generating.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_models_take_what_a_model_cannot() {
+    use gateway_tests::l7::{model_toml, KEY_B};
+    let small = mock("small").await;
+    let other = mock("other").await;
+    let refusing = mock("refusing").await;
+    refusing.set_fail(Some(gateway_tests::mock::Failure::Status(503)));
+    let slow = mock("slow").await;
+    slow.set_latency(Duration::from_secs(2));
+    let down = "http://127.0.0.1:1".to_owned();
+    let fallbacks = "retries = 0\nfallbacks = [\"small-alias\", \"other-small\"]";
+    let models = [
+        model_toml("other-big", fallbacks, &[(down.clone(), 1, None)]),
+        model_toml("refused", fallbacks, &[(refusing.url(), 1, None)]),
+        model_toml(
+            "slow",
+            "retries = 0\ntimeouts = { first_byte = \"300ms\" }\nfallbacks = [\"small\"]",
+            &[(slow.url(), 1, None)],
+        ),
+        model_toml(
+            "small",
+            "aliases = [\"small-alias\"]",
+            &[(small.url(), 1, None)],
+        ),
+        model_toml("other-small", "", &[(other.url(), 1, None)]),
+        model_toml("lonely", "retries = 0", &[(down, 1, None)]),
+    ]
+    .concat();
+    let gw = TestGateway::start("", &models).await;
+    let c = Client::http1();
+    let ask = |key: &'static str, model: &'static str| {
+        let c = &c;
+        let url = format!("{}/v1/chat/completions", gw.url);
+        async move { c.post(&url, Some(key), &[], &chat(model, false)).await }
+    };
+    let served = |r: &gateway_tests::l7::Collected| {
+        r.headers
+            .get("x-gateway-fallback")
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+
+    // Down: team-a goes to the first fallback; team-b, which may use only
+    // `other-*`, to the second.
+    let r = ask(KEY_A, "other-big").await;
+    assert_eq!((r.status.as_u16(), served(&r)), (200, Some("small".into())));
+    let r = ask(KEY_B, "other-big").await;
+    assert_eq!(
+        (r.status.as_u16(), served(&r)),
+        (200, Some("other-small".into()))
+    );
+    // Refused with 503.
+    let r = ask(KEY_A, "refused").await;
+    assert_eq!((r.status.as_u16(), served(&r)), (200, Some("small".into())));
+    // What the backends were asked for: the serving model's own name.
+    let sent = small.requests();
+    assert_eq!(sent.len(), 2);
+    assert!(sent.iter().all(|q| q.body["model"] == "small"), "{sent:?}");
+    assert_eq!(other.requests()[0].body["model"], "other-small");
+    // A timeout is no refusal: 504, and no second generation elsewhere.
+    let r = ask(KEY_A, "slow").await;
+    assert_eq!((r.status.as_u16(), served(&r)), (504, None));
+    assert_eq!(small.requests().len(), 2);
+    // No fallbacks: the model's own error.
+    let r = ask(KEY_A, "lonely").await;
+    assert_eq!((r.status.as_u16(), served(&r)), (502, None));
+
+    let m = gw.metrics().await;
+    let fell = |from: &str, to: &str| {
+        metric(
+            &m,
+            "gateway_fallbacks_total",
+            &format!("fallback=\"{to}\",model=\"{from}\""),
+        )
+    };
+    assert_eq!(fell("other-big", "small"), Some(1.0), "{m}");
+    assert_eq!(fell("other-big", "other-small"), Some(1.0), "{m}");
+    assert_eq!(fell("refused", "small"), Some(1.0), "{m}");
+    assert_eq!(fell("slow", "small"), None, "{m}");
+    assert_eq!(
+        metric(
+            &m,
+            "gateway_http_requests_total",
+            "code=\"200\",key=\"team-a\",model=\"small\""
+        ),
+        Some(2.0),
+        "counted for the model that served them: {m}"
+    );
+}

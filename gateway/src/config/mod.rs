@@ -227,6 +227,10 @@ pub struct ModelConfig {
     pub groups: Vec<GroupConfig>,
     /// A request header naming a group picks it explicitly (A/B).
     pub group_header: Option<http::HeaderName>,
+    /// Models (names or aliases) tried in order when this one cannot take
+    /// a request: no backend in rotation, all full, or every backend tried
+    /// refused it before generating (connect error, 502, 503, 429).
+    pub fallbacks: Vec<String>,
     pub backends: Vec<BackendConfig>,
 }
 
@@ -598,6 +602,7 @@ impl Validator {
         if !self.partial {
             self.unique_model_names(&models);
             self.keys_are_distinct_and_name_models(&keys, &models);
+            self.fallbacks_name_other_models(&models);
         }
         Config {
             server,
@@ -1068,6 +1073,7 @@ impl Validator {
                 DEFAULT_SLOW_START,
             ),
             queue,
+            fallbacks: m.fallbacks,
             backends,
         }
     }
@@ -1287,6 +1293,29 @@ impl Validator {
                         format!("keys[{i}].models[{j}]"),
                         format!("{g:?} is not a model name or alias (use `*` for a pattern)"),
                     );
+                }
+            }
+        }
+    }
+
+    /// Each fallback is another model's name or alias, listed once.
+    fn fallbacks_name_other_models(&mut self, models: &[ModelConfig]) {
+        let owner = |n: &str| {
+            models
+                .iter()
+                .position(|m| m.name == n || m.aliases.iter().any(|a| a == n))
+        };
+        for (i, m) in models.iter().enumerate() {
+            let mut seen = HashSet::new();
+            for (j, f) in m.fallbacks.iter().enumerate() {
+                let at = format!("models[{i}].fallbacks[{j}]");
+                match owner(f) {
+                    None => self.problem(at, format!("{f:?} is not a model name or alias")),
+                    Some(k) if k == i => self.problem(at, "is this model itself"),
+                    Some(k) if !seen.insert(k) => {
+                        self.problem(at, format!("{f:?} is a model listed earlier"))
+                    }
+                    Some(_) => {}
                 }
             }
         }

@@ -274,6 +274,8 @@ pub struct Model {
     pub groups: Option<std::collections::BTreeMap<String, u32>>,
     pub group_header: Option<String>,
     #[serde(default)]
+    pub fallbacks: Vec<String>,
+    #[serde(default)]
     pub backends: Vec<Backend>,
 }
 

@@ -480,3 +480,30 @@ fn cors_origins_are_origins() {
     assert!(p[0].starts_with("server.cors_origins[0]: "), "{p:?}");
     assert!(p[2].starts_with("server.cors_origins[2]: "), "{p:?}");
 }
+
+#[test]
+fn fallbacks_name_other_models_once() {
+    let text = |fallbacks: &str| {
+        format!(
+            "[[models]]\nname = \"a\"\naliases = [\"a2\"]\nfallbacks = {fallbacks}\n\
+             [[models.backends]]\nurl = \"http://10.0.1.1:8000\"\n\
+             [[models]]\nname = \"b\"\naliases = [\"b2\"]\n\
+             [[models.backends]]\nurl = \"http://10.0.1.2:8000\"\n"
+        )
+    };
+    let c = Config::parse(&text("[\"b2\"]")).unwrap();
+    assert_eq!(c.models[0].fallbacks, ["b2"]);
+    for (fallbacks, says) in [
+        (
+            "[\"nope\"]",
+            "models[0].fallbacks[0]: \"nope\" is not a model name or alias",
+        ),
+        ("[\"a2\"]", "models[0].fallbacks[0]: is this model itself"),
+        (
+            "[\"b\", \"b2\"]",
+            "models[0].fallbacks[1]: \"b2\" is a model listed earlier",
+        ),
+    ] {
+        assert_eq!(problems(&text(fallbacks)), [says], "{fallbacks}");
+    }
+}

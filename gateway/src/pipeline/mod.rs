@@ -516,33 +516,66 @@ where
         endpoint == Endpoint::Completions && info.stream && info.include_usage != Some(true);
     // The backend knows the model by `upstream_model`, else by its name:
     // an alias the client used is the gateway's, not the backend's.
-    let upstream_name = model.upstream_model.as_deref().unwrap_or(&model.name);
-    let upstream_body = match &form {
-        Some(f) => form::upstream_body(body, f, Some(upstream_name)),
-        None => request::upstream_body(body, info, Some(upstream_name), strip_usage)?,
+    let body_for = |m: &routes::Model, body: Bytes| -> Result<Bytes, ProxyError> {
+        let upstream_name = m.upstream_model.as_deref().unwrap_or(&m.name);
+        Ok(match &form {
+            Some(f) => form::upstream_body(body, f, Some(upstream_name)),
+            None => request::upstream_body(body, info, Some(upstream_name), strip_usage)?,
+        })
     };
-
-    let hash = if model.needs_hash() {
-        request_hash(&model.hash_on, key, &parts.headers, ctx.client)
-    } else {
-        0
+    // The client's body is kept for a fallback model only (a second
+    // reference to it may cost an allocation).
+    let spare = (!model.fallbacks.is_empty()).then(|| body.clone());
+    let mut upstream_body = body_for(model, body)?;
+    let asked = model;
+    let mut model = model;
+    let mut fallbacks = asked.fallbacks.iter();
+    let (resp, lease) = loop {
+        let hash = if model.needs_hash() {
+            request_hash(&model.hash_on, key, &parts.headers, ctx.client)
+        } else {
+            0
+        };
+        let (group, explicit) = model.choose_group(&parts.headers, hash);
+        let pick = Pick {
+            group,
+            explicit,
+            hash,
+        };
+        let sent = send_with_retries(
+            shared,
+            model,
+            pick,
+            &path_and_query,
+            &parts.headers,
+            upstream_body,
+            ctx,
+        )
+        .await;
+        if !falls_back(&sent) {
+            break sent?;
+        }
+        // The next fallback this key may use, if any; else this answer.
+        let Some(next) = fallbacks
+            .by_ref()
+            .filter_map(|f| routes.model(f).filter(|m| key.allows(m, f)))
+            .next()
+        else {
+            break sent?;
+        };
+        drop(sent);
+        shared
+            .metrics
+            .fallbacks
+            .with_label_values(&[&asked.name, &next.name])
+            .inc();
+        tracing::debug!(request_id = %ctx.request_id, model = %model.name, fallback = %next.name, "sending to a fallback model");
+        model = next;
+        ctx.model = Some(model.name.clone());
+        ctx.group = None;
+        let body = spare.clone().expect("kept when there are fallbacks");
+        upstream_body = body_for(model, body)?;
     };
-    let (group, explicit) = model.choose_group(&parts.headers, hash);
-    let pick = Pick {
-        group,
-        explicit,
-        hash,
-    };
-    let (resp, lease) = send_with_retries(
-        shared,
-        model,
-        pick,
-        &path_and_query,
-        &parts.headers,
-        upstream_body,
-        ctx,
-    )
-    .await?;
     let arrived = Instant::now();
     let (mut head, upstream) = resp.into_parts();
     let sse = is_event_stream(&head.headers);
@@ -562,6 +595,11 @@ where
     if let Some(g) = &ctx.group {
         if let Ok(v) = HeaderValue::from_str(g) {
             head.headers.insert(GROUP_HEADER, v);
+        }
+    }
+    if !Arc::ptr_eq(model, asked) {
+        if let Ok(v) = HeaderValue::from_str(&model.name) {
+            head.headers.insert(FALLBACK_HEADER, v);
         }
     }
     head.version = http::Version::HTTP_11;
@@ -616,6 +654,24 @@ where
         .boxed_unsync()
     });
     Ok(Served::Proxied { head, body })
+}
+
+/// Whether a model's answer sends the request on to its next fallback: it
+/// could not take the request (no backend in rotation, all full), or every
+/// backend it tried refused it before generating (a connect error, 429,
+/// 502, 503). Not a timeout: the backend may still be generating.
+fn falls_back(
+    sent: &Result<(Response<crate::upstream::Incoming>, crate::upstream::Lease), ProxyError>,
+) -> bool {
+    match sent {
+        Ok((resp, _)) => matches!(resp.status().as_u16(), 429 | 502 | 503),
+        Err(e) => matches!(
+            e,
+            ProxyError::NoBackend(_)
+                | ProxyError::Overloaded { .. }
+                | ProxyError::UpstreamConnect(_)
+        ),
+    }
 }
 
 /// The first phase of the key's limits: a slot in flight and one of the
@@ -678,6 +734,10 @@ fn is_event_stream(h: &http::HeaderMap) -> bool {
 
 /// Response header naming the traffic group that served a request.
 pub const GROUP_HEADER: &str = "x-gateway-group";
+
+/// Names the model that served a request its own model sent on to a
+/// fallback.
+pub const FALLBACK_HEADER: &str = "x-gateway-fallback";
 
 /// Where a request may go: its traffic group, whether the client chose it
 /// (no fallback to another group then), and its attribute hash.

@@ -81,6 +81,9 @@ pub struct Model {
     pub groups: Vec<Group>,
     pub hash_on: HashOn,
     pub group_header: Option<http::HeaderName>,
+    /// Models (names or aliases) tried in order when this one cannot
+    /// take a request.
+    pub fallbacks: Vec<String>,
 }
 
 /// Backends that share a version or an experiment, with their share of
@@ -167,6 +170,7 @@ impl Model {
             groups,
             hash_on: m.hash_on.clone(),
             group_header: m.group_header.clone(),
+            fallbacks: m.fallbacks.clone(),
         }
     }
 
