@@ -76,7 +76,10 @@ pub struct Conn {
 }
 
 /// Serves HTTP/1.1 requests on `io` (whose first bytes, already read, are
-/// `buf`) until the client closes, an error, or `drain` turns true.
+/// `buf`) until the client closes, an error, or `drain` turns true. The
+/// first request's head must be complete by `first_head_by` (the
+/// connection's start plus `header_read_timeout`: the wait for its first
+/// bytes counts too); each later one gets `header_read_timeout` of its own.
 pub async fn serve(
     io: BoxIo,
     buf: BytesMut,
@@ -84,15 +87,20 @@ pub async fn serve(
     peer: SocketAddr,
     limits: ConnLimits,
     mut drain: watch::Receiver<bool>,
+    first_head_by: tokio::time::Instant,
 ) -> io::Result<()> {
     let mut conn = Conn {
         io,
         buf,
         body_done: true,
     };
+    let mut head_by = first_head_by;
     loop {
-        match exchange(conn, &shared, peer, &limits, &mut drain).await? {
-            Next::KeepAlive(c) => conn = c,
+        match exchange(conn, &shared, peer, &limits, &mut drain, head_by).await? {
+            Next::KeepAlive(c) => {
+                conn = c;
+                head_by = tokio::time::Instant::now() + limits.header_read_timeout;
+            }
             Next::Close(mut c, linger) => {
                 // Best effort: the answer has been written already.
                 let _ = c.io.shutdown().await;
@@ -133,12 +141,9 @@ async fn exchange(
     peer: SocketAddr,
     limits: &ConnLimits,
     drain: &mut watch::Receiver<bool>,
+    head_by: tokio::time::Instant,
 ) -> io::Result<Next> {
-    let read = tokio::time::timeout(
-        limits.header_read_timeout,
-        read_head(&mut conn, limits, drain),
-    )
-    .await;
+    let read = tokio::time::timeout_at(head_by, read_head(&mut conn, limits, drain)).await;
     let head = match read {
         Ok(Ok(h)) => h,
         Ok(Err(HeadError::Closed)) => return Ok(Next::Gone),

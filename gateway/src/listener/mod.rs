@@ -253,9 +253,11 @@ async fn serve_client(
 ) -> Result<(), crate::pipeline::stream::BoxError> {
     let mut buf = BytesMut::new();
     // A client that connects and stays silent is closed after the header
-    // read timeout, before any protocol is chosen.
+    // read timeout, before any protocol is chosen; the same deadline holds
+    // for its first request head, so a slow first byte does not double it.
+    let head_by = tokio::time::Instant::now() + limits.header_read_timeout;
     let h2 = alpn_h2
-        || tokio::time::timeout(limits.header_read_timeout, sniff(&mut io, &mut buf))
+        || tokio::time::timeout_at(head_by, sniff(&mut io, &mut buf))
             .await
             .map_err(|_| "client sent nothing within the header read timeout")??;
     if h2 {
@@ -263,7 +265,7 @@ async fn serve_client(
         // HTTP/1.1 connection's, which should not carry room for it.
         Box::pin(serve_h2(io, buf.freeze(), shared, peer, limits, drain)).await
     } else {
-        Ok(h1::serve(io, buf, Arc::clone(shared), peer, limits, drain).await?)
+        Ok(h1::serve(io, buf, Arc::clone(shared), peer, limits, drain, head_by).await?)
     }
 }
 

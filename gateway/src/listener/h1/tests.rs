@@ -45,6 +45,7 @@ fn connect_with(limits: ConnLimits) -> (DuplexStream, watch::Sender<bool>) {
         peer,
         limits,
         rx,
+        tokio::time::Instant::now() + limits.header_read_timeout,
     ));
     (client, tx)
 }
@@ -415,6 +416,7 @@ async fn the_head_limit_holds_for_bytes_already_read() {
         peer,
         limits(),
         rx,
+        tokio::time::Instant::now() + Duration::from_secs(2),
     ));
     let r = reply(&mut client, &mut Vec::new(), false).await;
     assert_eq!(r.status, 431, "{r:?}");
@@ -475,6 +477,37 @@ async fn a_silent_client_is_closed_after_the_header_read_timeout() {
     assert!(rest.is_empty(), "closed without an answer: {rest:?}");
     let took = t.elapsed();
     assert!(took >= within && took < within * 5, "{took:?}");
+}
+
+/// The first request's head is due by the deadline the connection came
+/// with (its start plus the timeout, the wait for its first bytes counted),
+/// not a whole timeout after the first bytes.
+#[tokio::test]
+async fn the_first_head_is_due_by_the_connections_deadline() {
+    let (mut client, server) = tokio::io::duplex(1 << 20);
+    let (_drain, rx) = watch::channel(false);
+    let peer = "127.0.0.1:40000".parse().unwrap();
+    let t = std::time::Instant::now();
+    // As if the first bytes took all but 300 ms of a 5 s timeout.
+    let by = tokio::time::Instant::now() + Duration::from_millis(300);
+    let limits = ConnLimits {
+        header_read_timeout: Duration::from_secs(5),
+        ..limits()
+    };
+    tokio::spawn(serve(
+        Box::new(server),
+        BytesMut::from(&b"GET /healthz HTTP/1.1\r\n"[..]),
+        shared(),
+        peer,
+        limits,
+        rx,
+        by,
+    ));
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty(), "closed without an answer: {rest:?}");
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(3), "{took:?}");
 }
 
 #[test]
