@@ -11,7 +11,7 @@ use libfuzzer_sys::fuzz_target;
 /// The first byte picks the content type's spelling; the rest is the body.
 const TYPES: &[&[u8]] = &[
     b"multipart/form-data; boundary=XyZ",
-    b"multipart/form-data; boundary=\"a;b\"",
+    b"multipart/form-data; boundary=\"a:b c\"",
     b"Multipart/Form-Data;charset=utf-8;boundary=--",
 ];
 

@@ -4,9 +4,13 @@
 //! copying the audio file, and the `model` field is rewritten in place when
 //! the backend knows the model by another name.
 //!
-//! The walk follows RFC 7578 / RFC 2046 as the Python servers behind the
-//! gateway read it (python-multipart, under FastAPI): CRLF line ends, an
-//! optional preamble, parts up to the closing delimiter.
+//! The gateway must read the `model` the backend will read: a key's model
+//! restriction is checked against it. So the walk follows python-multipart
+//! (under FastAPI, what vLLM reads forms with) where RFC 7578 / RFC 2046
+//! leave room, and refuses what the two could read differently: a second
+//! boundary parameter, a preamble, padding after a boundary, a lone CR or
+//! LF in a part's headers, a second Content-Disposition or field name, an
+//! RFC 2231 `name*`, a second `model` field.
 
 use std::ops::Range;
 
@@ -29,43 +33,59 @@ pub struct Form {
     model_at: Range<usize>,
 }
 
+fn bad(why: &str) -> ProxyError {
+    ProxyError::InvalidForm(why.to_owned())
+}
+
 /// The boundary of a `multipart/form-data` content type, if it is one.
 fn boundary(content_type: &[u8]) -> Result<&[u8], ProxyError> {
-    let bad = |why: &str| ProxyError::InvalidForm(why.to_owned());
     let ct = std::str::from_utf8(content_type).map_err(|_| bad("Content-Type is not text"))?;
     let (kind, params) = ct.split_once(';').unwrap_or((ct, ""));
     if !kind.trim().eq_ignore_ascii_case("multipart/form-data") {
         return Err(bad("this endpoint takes multipart/form-data"));
     }
-    let b = params_of(params.as_bytes())
-        .find(|(k, _)| k.eq_ignore_ascii_case(b"boundary"))
+    let mut found =
+        params_of(params.as_bytes()).filter(|(k, _)| k.eq_ignore_ascii_case(b"boundary"));
+    let b = found
+        .next()
         .map(|(_, v)| v)
         .ok_or_else(|| bad("Content-Type has no boundary"))?;
+    if found.next().is_some() {
+        return Err(bad("Content-Type gives the boundary twice"));
+    }
     if b.is_empty() || b.len() > MAX_BOUNDARY {
         return Err(bad("the boundary must be 1 to 70 characters"));
     }
+    // No escapes to unescape (readers differ on them), no quote left in.
+    if !b.iter().all(|c| is_bchar(*c)) || b.ends_with(b" ") {
+        return Err(bad("the boundary has characters RFC 2046 does not allow"));
+    }
     Ok(b)
+}
+
+/// A character RFC 2046 allows in a boundary (a space, but not last).
+fn is_bchar(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || b"'()+_,-./:=? ".contains(&c)
 }
 
 /// Reads the `model` and `stream` fields of a form body sent with
 /// `content_type`, and counts its files as media for the token estimate.
 pub fn inspect(body: &[u8], content_type: Option<&[u8]>) -> Result<Form, ProxyError> {
-    let bad = |why: &str| ProxyError::InvalidForm(why.to_owned());
     let boundary = boundary(content_type.ok_or_else(|| bad("no Content-Type"))?)?;
     let mut delim = Vec::with_capacity(boundary.len() + 4);
     delim.extend_from_slice(b"\r\n--");
     delim.extend_from_slice(boundary);
     let finder = memchr::memmem::Finder::new(&delim);
-    // The first delimiter may open the body (no CRLF before it), or follow
-    // a preamble.
-    let mut at = if body.starts_with(&delim[2..]) {
-        delim.len() - 2
-    } else {
-        finder
-            .find(body)
-            .map(|i| i + delim.len())
-            .ok_or_else(|| bad("no part starts with the boundary"))?
-    };
+    // The first delimiter opens the body, after line ends at most: no
+    // preamble, which python-multipart does not skip either.
+    let lead = body
+        .iter()
+        .take_while(|b| **b == b'\r' || **b == b'\n')
+        .count();
+    if !body[lead..].starts_with(&delim[2..]) {
+        return Err(bad("the body does not start with the boundary"));
+    }
+    let mut at = lead + delim.len() - 2;
     let mut model: Option<Range<usize>> = None;
     let mut stream = None;
     let mut media = Media::default();
@@ -74,15 +94,12 @@ pub fn inspect(body: &[u8], content_type: Option<&[u8]>) -> Result<Form, ProxyEr
         if rest.starts_with(b"--") {
             break; // the closing delimiter; anything after is epilogue
         }
-        // Transport padding, then the line end.
-        let pad = rest
-            .iter()
-            .take_while(|b| **b == b' ' || **b == b'\t')
-            .count();
-        if !rest[pad..].starts_with(b"\r\n") {
+        // No transport padding: python-multipart reads a boundary with
+        // spaces after it as content.
+        if !rest.starts_with(b"\r\n") {
             return Err(bad("a boundary is not followed by a line end"));
         }
-        let head_start = at + pad + 2;
+        let head_start = at + 2;
         let head_len = if body[head_start..].starts_with(b"\r\n") {
             0
         } else {
@@ -131,8 +148,9 @@ pub fn inspect(body: &[u8], content_type: Option<&[u8]>) -> Result<Form, ProxyEr
 }
 
 /// Where the next delimiter at or after `from` starts: the boundary's line,
-/// followed by `--` (the close) or by padding and a line end. The same
-/// bytes followed by anything else are content (RFC 2046 §5.1.1).
+/// followed by `--` (the close) or a line end. The same bytes followed by
+/// anything else, transport padding included, are content, as
+/// python-multipart reads them.
 fn next_delimiter(
     body: &[u8],
     mut from: usize,
@@ -142,11 +160,7 @@ fn next_delimiter(
     loop {
         let at = from + finder.find(&body[from..])?;
         let after = &body[at + len..];
-        let pad = after
-            .iter()
-            .take_while(|b| **b == b' ' || **b == b'\t')
-            .count();
-        if after.starts_with(b"--") || after[pad..].starts_with(b"\r\n") {
+        if after.starts_with(b"--") || after.starts_with(b"\r\n") {
             return Some(at);
         }
         from = at + 1;
@@ -167,15 +181,29 @@ pub fn upstream_body(body: Bytes, form: &Form, rename_to: Option<&str>) -> Bytes
     out.freeze()
 }
 
-/// The field name of a part's headers, and whether the part is a file.
+/// The field name of a part's headers (`head`: its lines, each ending in
+/// CRLF), and whether the part is a file.
 fn disposition(head: &[u8]) -> Result<(&[u8], bool), ProxyError> {
-    for line in head.split(|b| *b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let mut found = None;
+    let mut rest = head;
+    while !rest.is_empty() {
+        let end = memchr::memmem::find(rest, b"\r\n").unwrap_or(rest.len());
+        let line = &rest[..end];
+        rest = rest.get(end + 2..).unwrap_or_default();
+        if memchr::memchr2(b'\r', b'\n', line).is_some() {
+            return Err(bad("a part's header has a lone CR or LF"));
+        }
         let Some(colon) = line.iter().position(|b| *b == b':') else {
             continue;
         };
-        if !line[..colon].eq_ignore_ascii_case(b"content-disposition") {
+        if !line[..colon]
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"content-disposition")
+        {
             continue;
+        }
+        if found.is_some() {
+            return Err(bad("a part has two Content-Disposition headers"));
         }
         let v = &line[colon + 1..];
         let (kind, params) = match v.iter().position(|b| *b == b';') {
@@ -183,26 +211,25 @@ fn disposition(head: &[u8]) -> Result<(&[u8], bool), ProxyError> {
             None => (v, &[][..]),
         };
         if !kind.trim_ascii().eq_ignore_ascii_case(b"form-data") {
-            return Err(ProxyError::InvalidForm(
-                "a part is not form-data".to_owned(),
-            ));
+            return Err(bad("a part is not form-data"));
         }
         let mut name = None;
         let mut file = false;
         for (k, v) in params_of(params) {
             if k.eq_ignore_ascii_case(b"name") {
-                name = Some(v);
+                if name.replace(v).is_some() {
+                    return Err(bad("a part's Content-Disposition names it twice"));
+                }
+            } else if k.eq_ignore_ascii_case(b"name*") {
+                return Err(bad("a part is named with name* (RFC 2231)"));
             } else if k.eq_ignore_ascii_case(b"filename") || k.eq_ignore_ascii_case(b"filename*") {
                 file = true;
             }
         }
-        return name.map(|n| (n, file)).ok_or_else(|| {
-            ProxyError::InvalidForm("a part's Content-Disposition has no name".to_owned())
-        });
+        let name = name.ok_or_else(|| bad("a part's Content-Disposition has no name"))?;
+        found = Some((name, file));
     }
-    Err(ProxyError::InvalidForm(
-        "a part has no Content-Disposition".to_owned(),
-    ))
+    found.ok_or_else(|| bad("a part has no Content-Disposition"))
 }
 
 /// The `key=value` parameters after a header's first `;`, values unquoted
@@ -292,15 +319,90 @@ mod tests {
     }
 
     #[test]
-    fn quoted_boundary_preamble_and_padding() {
+    fn quoted_boundary_and_leading_line_ends() {
         let body =
-            b"preamble\r\n--a;b \r\ncontent-disposition: form-data; name=model\r\n\r\nm\r\n--a;b--";
+            b"\r\n--a:b c\r\ncontent-disposition: form-data; name=model\r\n\r\nm\r\n--a:b c--";
         let f = inspect(
             body,
-            Some(b"Multipart/Form-Data; charset=x; boundary=\"a;b\""),
+            Some(b"Multipart/Form-Data; charset=x; boundary=\"a:b c\""),
         )
         .unwrap();
         assert_eq!(f.info.model, "m");
+    }
+
+    /// Forms that the gateway and python-multipart (vLLM's reader) could
+    /// read differently are refused: the model the key is checked against
+    /// must be the model the backend serves.
+    #[test]
+    fn ambiguous_forms_are_refused() {
+        let why = |body: &[u8], ct: &[u8]| match inspect(body, Some(ct)) {
+            Err(ProxyError::InvalidForm(w)) => w,
+            other => panic!("{other:?}"),
+        };
+        let part = |headers: &str, value: &str| format!("--XyZ\r\n{headers}\r\n\r\n{value}\r\n");
+        let cd = |params: &str| format!("Content-Disposition: form-data; {params}");
+        let close = "--XyZ--\r\n";
+        let model_form = String::from_utf8(form(&[("model", "m")], b"")).unwrap();
+        let cases: Vec<(String, &[u8], &str)> = vec![
+            // Which boundary: the first here, the last in Python.
+            (
+                model_form.clone(),
+                b"multipart/form-data; boundary=XyZ; boundary=Q",
+                "twice",
+            ),
+            (
+                model_form.clone(),
+                b"multipart/form-data; boundary=\"X\\yZ\"",
+                "RFC 2046",
+            ),
+            // A preamble, which Python does not skip.
+            (format!("junk\r\n{model_form}"), CT, "does not start"),
+            // Padding after a boundary: content to Python.
+            (
+                format!("--XyZ \r\n{}\r\n\r\nm\r\n{close}", cd("name=\"model\"")),
+                CT,
+                "line end",
+            ),
+            // Two dispositions in one part: the last counts in Python.
+            (
+                format!(
+                    "{}{close}",
+                    part(
+                        &format!("{}\r\n{}", cd("name=\"x\""), cd("name=\"model\"")),
+                        "m"
+                    )
+                ),
+                CT,
+                "two Content-Disposition",
+            ),
+            // A second name, an RFC 2231 name.
+            (
+                format!("{}{close}", part(&cd("name=\"x\"; name=\"model\""), "m")),
+                CT,
+                "twice",
+            ),
+            (
+                format!(
+                    "{}{close}",
+                    part(&cd("name=\"x\"; name*=utf-8''model"), "m")
+                ),
+                CT,
+                "name*",
+            ),
+            // A lone LF inside the headers: one line to Python, two here.
+            (
+                format!(
+                    "{}{close}",
+                    part(&format!("X: a\n{}", cd("name=\"model\"")), "m")
+                ),
+                CT,
+                "lone CR or LF",
+            ),
+        ];
+        for (body, ct, says) in cases {
+            let w = why(body.as_bytes(), ct);
+            assert!(w.contains(says), "{body:?}: {w}");
+        }
     }
 
     #[test]
