@@ -268,7 +268,12 @@ impl Balancer {
         // A request that could take any slot does not take one from under
         // the requests already queued for it: it queues behind them (FIFO).
         // (`fifo` holds only for a model without traffic groups.)
-        let behind = slots.waiting.load(Ordering::SeqCst) > 0 && tried.is_empty() && slots.fifo();
+        // With no backend in rotation it looks at once instead, to learn so
+        // (panic mode, another group or a fallback model then take over).
+        let behind = slots.waiting.load(Ordering::SeqCst) > 0
+            && tried.is_empty()
+            && slots.fifo()
+            && backends.iter().any(|b| b.health.is_up() && !b.drained());
         if !behind {
             match self.pick(backends, tried, hash) {
                 Ok(p) => return Ok(p),
@@ -302,9 +307,23 @@ impl Balancer {
             first = false;
             if my_turn {
                 match self.pick(backends, tried, hash) {
-                    Ok(p) => return Ok(p),
+                    Ok(p) => {
+                        // Slots freed while waiters were between a wake-up
+                        // and their next look are one stored wake-up at
+                        // most: with room left and others waiting, the
+                        // next in line is woken, so no slot stays idle.
+                        if slots.waiting.load(Ordering::SeqCst) > 1
+                            && backends.iter().any(|b| b.available())
+                        {
+                            slots.freed.notify_one();
+                        }
+                        return Ok(p);
+                    }
                     Err(NoPick::NoneHealthy) => {
-                        return Err(ProxyError::NoBackend(model.to_owned()))
+                        // The others waiting learn it now, not one per
+                        // freed slot.
+                        slots.wake_all();
+                        return Err(ProxyError::NoBackend(model.to_owned()));
                     }
                     Err(NoPick::Full) => {}
                 }

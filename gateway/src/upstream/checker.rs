@@ -39,10 +39,12 @@ pub async fn run(shared: Arc<Shared>) {
                     let (b, hc) = (Arc::clone(b), hc.clone());
                     tokio::spawn(async move {
                         let ok = check(&b, &hc).await;
+                        let was_up = b.health.is_up();
                         b.health.active_result(ok, &hc, &b.label);
-                        if ok {
-                            // Back in rotation, maybe: requests queued for
-                            // a slot may find one there.
+                        if was_up != b.health.is_up() {
+                            // In or out of rotation: requests queued for a
+                            // slot look again (one may be free there, or
+                            // none be left anywhere).
                             b.slots().wake_all();
                         }
                         b.health.checking.store(false, Ordering::Release);

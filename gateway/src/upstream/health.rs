@@ -153,6 +153,12 @@ impl Health {
         }
     }
 
+    /// Whether the backend is in rotation (neither ejected nor failing
+    /// its active checks).
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
     /// Whether the balancer may pick this backend now.
     pub fn admit(&self, now: &mut Now) -> Admit {
         if self.up.load(Ordering::Relaxed) {

@@ -139,9 +139,9 @@ pub struct Backend {
 #[derive(Default)]
 pub struct Slots {
     pub waiting: AtomicU32,
-    /// Waiters that can take only some of the model's slots: a retry
-    /// (it avoids the backends it tried), or any request of a model with
-    /// traffic groups.
+    /// Waiters that can take only some of the model's slots: any request
+    /// of a model with traffic groups, or one that avoids backends it
+    /// tried (retries do not queue today, but `acquire` allows for it).
     pub picky: AtomicU32,
     /// The model has more than one traffic group (set at each load).
     grouped: std::sync::atomic::AtomicBool,
@@ -184,8 +184,9 @@ impl Slots {
     }
 
     pub fn set_grouped(&self, grouped: bool) {
-        self.grouped.store(grouped, Ordering::Relaxed);
-        self.wake_all();
+        if self.grouped.swap(grouped, Ordering::Relaxed) != grouped {
+            self.wake_all();
+        }
     }
 }
 
@@ -377,11 +378,13 @@ impl Backend {
         Some(self.max_connections.load(Ordering::Relaxed)).filter(|m| *m != 0)
     }
 
-    /// A reload's new cap; requests waiting for a slot look again.
+    /// A reload's new cap; requests waiting for a slot look again when it
+    /// changed (a reload that keeps it leaves the queue's order alone).
     pub fn set_max_connections(&self, m: Option<u32>) {
-        self.max_connections
-            .store(m.unwrap_or(0), Ordering::Relaxed);
-        self.slots.wake_all();
+        let old = self.max_connections.swap(m.unwrap_or(0), Ordering::Relaxed);
+        if old != m.unwrap_or(0) {
+            self.slots.wake_all();
+        }
     }
 
     /// Whether the backend is at its connection cap.
@@ -465,7 +468,14 @@ impl Lease {
         }
         let probe = self.probe && !self.reported;
         self.reported = true;
+        let was_up = self.backend.health.is_up();
         self.backend.health.report(ok, probe, &self.backend.label);
+        if was_up != self.backend.health.is_up() {
+            // Ejected, or back after its probe: requests waiting for a
+            // slot look again (for another backend, to learn that none is
+            // left, or at this one).
+            self.backend.slots.wake_all();
+        }
     }
 }
 

@@ -472,3 +472,86 @@ async fn queued_requests_are_served_in_arrival_order() {
     }
     assert_eq!(*order.lock().unwrap(), [0, 1, 2, 3, 4, 5]);
 }
+
+/// Slots freed while the first waiter is between its wake-up and its next
+/// look coalesce into one stored wake-up; the waiter that takes a slot
+/// passes the turn on while room is left, so none stays idle while
+/// requests wait.
+#[tokio::test]
+async fn slots_freed_together_all_reach_the_queue() {
+    use std::{
+        future::Future as _,
+        task::{Context, Waker},
+    };
+    let slots = Arc::new(Slots::default());
+    let bs = vec![backend(0, 1, Some(3), &slots)];
+    let bal = Arc::new(Balancer::new(Policy::LeastConnections, &bs));
+    let queue = crate::config::Queue {
+        size: 16,
+        timeout: Duration::from_secs(5),
+    };
+    let held: Vec<_> = (0..3).map(|_| bal.pick(&bs, &[], 0).unwrap()).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let first = {
+        let (bal, bs, q) = (Arc::clone(&bal), bs.clone(), queue.clone());
+        tokio::spawn(async move { bal.acquire("m", &bs, &Tried::new(), 0, &q, deadline).await })
+    };
+    queued(&bs, 1).await;
+    // All three freed before the first waiter runs again.
+    drop(held);
+    let none = Tried::new();
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut a = Box::pin(bal.acquire("m", &bs, &none, 0, &queue, deadline));
+    let mut b = Box::pin(bal.acquire("m", &bs, &none, 0, &queue, deadline));
+    let a_now = a.as_mut().poll(&mut cx);
+    let b_now = b.as_mut().poll(&mut cx);
+    let got = tokio::time::timeout(Duration::from_secs(2), async {
+        let a = match a_now {
+            std::task::Poll::Ready(r) => r,
+            std::task::Poll::Pending => a.await,
+        };
+        let b = match b_now {
+            std::task::Poll::Ready(r) => r,
+            std::task::Poll::Pending => b.await,
+        };
+        (first.await.unwrap(), a, b)
+    })
+    .await
+    .expect("a freed slot stayed idle while a request waited");
+    assert!(got.0.is_ok() && got.1.is_ok() && got.2.is_ok());
+}
+
+/// With every backend out of rotation, a waiting request learns it at
+/// once (to go to panic mode, another group or a fallback model), not
+/// at the queue's timeout.
+#[tokio::test]
+async fn an_ejection_ends_the_wait_of_queued_requests() {
+    let (bal, bs, queue) = one_slot();
+    let mut held = bal.pick(&bs, &[], 0).unwrap().1;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let waiter = {
+        let (bal, bs, q) = (Arc::clone(&bal), bs.clone(), queue.clone());
+        tokio::spawn(async move { bal.acquire("m", &bs, &Tried::new(), 0, &q, deadline).await })
+    };
+    queued(&bs, 1).await;
+    bs[0].health.configure(
+        &Outlier {
+            consecutive_failures: 1,
+            ejection: Duration::from_secs(60),
+            max_ejection: Duration::from_secs(60),
+        },
+        Duration::ZERO,
+    );
+    // The request in flight fails: the only backend is ejected (its slot
+    // still held).
+    held.report(false);
+    let got = tokio::time::timeout(Duration::from_secs(2), waiter)
+        .await
+        .expect("the waiter was told at once")
+        .unwrap();
+    assert!(
+        matches!(got, Err(ProxyError::NoBackend(_))),
+        "{:?}",
+        got.err()
+    );
+}
