@@ -47,17 +47,20 @@ pub fn gateway_reuseport(ctx: SkReuseportContext) -> u32 {
         }
     }
     // On failure (a socket gone) the kernel falls back to its hash.
-    if WORKERS.select_reuseport(&ctx, best).is_ok() {
+    if WORKERS.select_reuseport(&ctx, best).is_ok() && is_syn(&ctx) {
         // Counted here, at the SYN: a burst of new connections is chosen
         // for before the first is accepted, and would otherwise every one
-        // go to the same least-loaded worker. The worker writes its exact
-        // count when a connection closes, which corrects what this missed
-        // (a handshake that never completed, a lost race).
+        // go to the same least-loaded worker. Only a SYN: the program runs
+        // for any packet that finds no connection (a stray ACK, a cookie's
+        // ACK), and those open nothing. Each worker writes its exact count
+        // when a connection closes and every second, which corrects what
+        // this missed or added (a handshake that never completed).
         if let Some(load) = WORKER_LOAD.get_ptr_mut(best) {
             // SAFETY: a pointer into the array's value, valid for the
-            // program's run. Not atomic (the BPF target has no 32-bit
-            // atomics): an add lost to a race on another CPU only makes
-            // the estimate less exact until the worker's next write.
+            // program's run. Not atomic (Rust's core has no 32-bit atomics
+            // for the BPF target): an add lost to a race on another CPU
+            // only makes the estimate less exact until the worker's next
+            // write.
             unsafe {
                 let v = core::ptr::read_volatile(load);
                 core::ptr::write_volatile(load, v.saturating_add(1));
@@ -65,4 +68,19 @@ pub fn gateway_reuseport(ctx: SkReuseportContext) -> u32 {
         }
     }
     sk_action::SK_PASS
+}
+
+/// Whether the packet is a TCP SYN without ACK (a new connection). The
+/// program sees the packet from its transport header on.
+#[inline(always)]
+fn is_syn(ctx: &SkReuseportContext) -> bool {
+    const IPPROTO_TCP: u32 = 6;
+    const FLAGS: usize = 13;
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if ctx.ip_protocol() != IPPROTO_TCP || data + FLAGS + 1 > end {
+        return false;
+    }
+    // SAFETY: within [data, data_end), checked above.
+    let flags = unsafe { *((data + FLAGS) as *const u8) };
+    flags & 0x12 == 0x02
 }

@@ -103,8 +103,19 @@ impl Listeners {
             .metrics
             .connections
             .with_label_values(&[&self.worker.to_string()]);
+        // The worker balancer's estimate of this worker's load is corrected
+        // every second too, not only when a connection closes: a worker
+        // whose connections stay open (or that has none) would otherwise
+        // keep what the program added for handshakes that never completed.
+        let mut publish = tokio::time::interval(LOAD_PUBLISH);
+        publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = publish.tick() => {
+                    if let Some(b) = shared.balancer.get() {
+                        b.publish(self.worker, conn_gauge.get().max(0) as u32);
+                    }
+                }
                 Some((stream, peer)) = rx.recv() => {
                     if let Err(why) = shared.guard.check(peer.ip()) {
                         drop(stream);
@@ -161,6 +172,10 @@ impl Listeners {
         );
     }
 }
+
+/// How often a worker writes its exact open-connection count for the
+/// worker balancer, besides at each close.
+const LOAD_PUBLISH: Duration = Duration::from_secs(1);
 
 /// How long, after the drain ran out, the ended streams have to get their
 /// error event out before their connections are closed.
