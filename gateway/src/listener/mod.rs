@@ -154,10 +154,12 @@ impl Listeners {
             return;
         }
         // Open streams end with an error event the client's SDK can read,
-        // rather than a cut in the middle of the body; the connections
-        // that carried them then close. What is still open a moment later
-        // is closed as it is.
-        shared.cut_streams.cancel();
+        // at their next piece, rather than a cut in the middle of the
+        // body; the connections that carried them then close. What is
+        // still open a moment later is closed as it is.
+        shared
+            .cut_streams
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let cut_off = tokio::time::timeout(CUT_GRACE, drain_tx.closed())
             .await
             .is_err();

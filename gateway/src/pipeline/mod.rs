@@ -71,9 +71,10 @@ pub struct Shared {
     /// The TLS certificate new connections are served with, when the
     /// listeners terminate TLS; a reload swaps in a renewed one.
     pub tls_certs: std::sync::OnceLock<ArcSwap<tokio_rustls::TlsAcceptor>>,
-    /// Cancelled when a stopping gateway's drain runs out: open SSE
-    /// streams then end with an error event instead of being cut mid-air.
-    pub cut_streams: tokio_util::sync::CancellationToken,
+    /// Set when a stopping gateway's drain runs out: open SSE streams then
+    /// end with an error event at their next piece instead of being cut
+    /// mid-air.
+    pub cut_streams: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {

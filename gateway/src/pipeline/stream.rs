@@ -10,7 +10,7 @@
 use std::{
     future::Future as _,
     pin::Pin,
-    sync::Arc,
+    sync::{atomic::Ordering, Arc},
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -19,7 +19,6 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
-use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::{ctx::RequestCtx, usage, Shared};
 use crate::upstream::{self, Lease};
@@ -89,9 +88,6 @@ pin_project! {
         idle: Sleep,
         #[pin]
         total: Sleep,
-        // SSE only: the end of a stopping gateway's drain.
-        #[pin]
-        cut: Option<WaitForCancellationFutureOwned>,
         idle_timeout: Duration,
         mode: Mode,
         finish: Finish,
@@ -124,10 +120,8 @@ impl ProxyBody {
                 scan: None,
             }
         };
-        let cut = sse.then(|| finish.shared.cut_streams.clone().cancelled_owned());
         ProxyBody {
             inner,
-            cut,
             idle: tokio::time::sleep_until(
                 (Instant::now() + idle_timeout).max(first_data_by).into(),
             ),
@@ -263,13 +257,21 @@ impl Body for ProxyBody {
             // stopped reading for a while leaves data waiting upstream,
             // which is no stall of the backend's. Idle is a wait on
             // upstream that found nothing for that long.
-            let cut = this.cut.as_mut().as_pin_mut();
-            let polled = if cut.is_some_and(|c| c.poll(cx).is_ready()) {
-                Err(SHUTDOWN)
-            } else if this.total.as_mut().poll(cx).is_ready() {
+            let polled = if this.total.as_mut().poll(cx).is_ready() {
                 Err("total_timeout")
             } else {
                 match this.inner.as_mut().poll_frame(cx) {
+                    // A stopping gateway's drain ran out: the stream ends
+                    // at its next piece with the shutdown event. One
+                    // relaxed load per piece (no lock, no registration):
+                    // a stream that sends nothing in the grace after the
+                    // deadline is cut with its connection instead.
+                    Poll::Ready(Some(Ok(_)))
+                        if matches!(this.mode, Mode::Sse { .. })
+                            && this.finish.shared.cut_streams.load(Ordering::Relaxed) =>
+                    {
+                        Err(SHUTDOWN)
+                    }
                     Poll::Ready(f) => Ok(f),
                     Poll::Pending if this.idle.as_mut().poll(cx).is_ready() => {
                         Err(if this.finish.ctx.first_byte.is_none() {
