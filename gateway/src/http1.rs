@@ -212,7 +212,12 @@ impl Chunked {
                     _ => return Err("bad chunk size"),
                 },
                 SizeWs => match b {
-                    b' ' | b'\t' => {}
+                    b' ' | b'\t' => {
+                        self.seen += 1;
+                        if self.seen > MAX_CHUNK_LINE {
+                            return Err("chunk size line too long");
+                        }
+                    }
                     b';' => self.state = Ext,
                     b'\r' => self.state = SizeLf,
                     _ => return Err("bad chunk size"),

@@ -177,10 +177,15 @@ pub fn block(cfg: &Config, cmd: BlockCmd, io: &mut Io, at_accept: bool) -> Resul
             // reload (and, without XDP, right after this command): an
             // entry the config lists cannot be removed here, only there.
             if from_config(cfg, &cidr) {
+                let also = if in_state {
+                    " (it was also blocked here: run this again after the reload)"
+                } else {
+                    ""
+                };
                 return Err(UsageError(format!(
                     "{cidr} comes from the config (xdp.block or xdp.block_files) and stays \
                      blocked while it is listed there: remove it there and run `gateway \
-                     reload`; to let it through meanwhile, `gateway allow add {cidr}`"
+                     reload`{also}; to let it through meanwhile, `gateway allow add {cidr}`"
                 ))
                 .into());
             }
