@@ -71,6 +71,10 @@ pub enum ProxyError {
     UpstreamBadResponse(String),
     #[error("the upstream server did not answer in time")]
     UpstreamTimeout(String),
+    /// The backend could not be connected to in time (the request never
+    /// reached it).
+    #[error("the upstream server did not answer in time")]
+    ConnectTimeout(String),
     /// The request was sent but its answer's head did not come within
     /// `first_byte` (for a non-stream request: its whole generation).
     #[error("the upstream server did not answer in time")]
@@ -164,7 +168,7 @@ impl ProxyError {
                 "server_error",
                 "bad_upstream_response",
             ),
-            UpstreamTimeout(_) | AnswerTimeout(_) => (
+            UpstreamTimeout(_) | ConnectTimeout(_) | AnswerTimeout(_) => (
                 StatusCode::GATEWAY_TIMEOUT,
                 "server_error",
                 "upstream_timeout",
@@ -178,6 +182,7 @@ impl ProxyError {
             ProxyError::UpstreamConnect(d)
             | ProxyError::UpstreamBadResponse(d)
             | ProxyError::UpstreamTimeout(d)
+            | ProxyError::ConnectTimeout(d)
             | ProxyError::AnswerTimeout(d) => Some(d),
             _ => None,
         }

@@ -997,7 +997,7 @@ async fn a_thousand_slowloris_connections_neither_starve_clients_nor_grow_memory
 
 /// A listener whose accept queue is full: connects to it hang in SYN-SENT,
 /// which is how an unreachable host looks.
-fn blackhole() -> (socket2::Socket, Vec<std::net::TcpStream>, SocketAddr) {
+pub(crate) fn blackhole() -> (socket2::Socket, Vec<std::net::TcpStream>, SocketAddr) {
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
         .unwrap();

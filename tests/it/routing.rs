@@ -319,9 +319,32 @@ async fn fallback_models_take_what_a_model_cannot() {
     let slow = mock("slow").await;
     slow.set_latency(Duration::from_secs(2));
     let down = "http://127.0.0.1:1".to_owned();
+    let (_hole, _fillers, hole) = crate::resilience::blackhole();
+    let failing = mock("failing").await;
+    failing.set_fail(Some(gateway_tests::mock::Failure::Status(500)));
     let fallbacks = "retries = 0\nfallbacks = [\"small-alias\", \"other-small\"]";
     let models = [
         model_toml("other-big", fallbacks, &[(down.clone(), 1, None)]),
+        // A host that does not answer SYNs: the connect timeout.
+        model_toml(
+            "holed",
+            "retries = 0\ntimeouts = { connect = \"200ms\" }\nfallbacks = [\"small\"]",
+            &[(format!("http://{hole}"), 1, None)],
+        ),
+        // Its only backend is ejected after one failure.
+        model_toml(
+            "ejected",
+            "retries = 0\noutlier = { consecutive_failures = 1, ejection = \"60s\" }\nfallbacks = [\"small\"]",
+            &[(failing.url(), 1, None)],
+        ),
+        // The fallback's own retry: the refusing backend first (its
+        // weight), then the other.
+        model_toml("first-down", "retries = 0\nfallbacks = [\"two\"]", &[(down.clone(), 1, None)]),
+        model_toml(
+            "two",
+            "retries = 1\nbalance = \"weighted_round_robin\"",
+            &[(refusing.url(), 100, None), (small.url(), 1, None)],
+        ),
         model_toml("refused", fallbacks, &[(refusing.url(), 1, None)]),
         model_toml(
             "slow",
@@ -374,6 +397,19 @@ async fn fallback_models_take_what_a_model_cannot() {
     // No fallbacks: the model's own error.
     let r = ask(KEY_A, "lonely").await;
     assert_eq!((r.status.as_u16(), served(&r)), (502, None));
+    // A connect timeout: the request never reached the backend.
+    let r = ask(KEY_A, "holed").await;
+    assert_eq!((r.status.as_u16(), served(&r)), (200, Some("small".into())));
+    // A 500 is the backend's answer (no fallback); then, with its only
+    // backend ejected, the fallback comes before panic mode would send
+    // the request to the ejected one again.
+    let r = ask(KEY_A, "ejected").await;
+    assert_eq!((r.status.as_u16(), served(&r)), (500, None));
+    let r = ask(KEY_A, "ejected").await;
+    assert_eq!((r.status.as_u16(), served(&r)), (200, Some("small".into())));
+    // The fallback retries as its own `retries` allow.
+    let r = ask(KEY_A, "first-down").await;
+    assert_eq!((r.status.as_u16(), served(&r)), (200, Some("two".into())));
 
     let m = gw.metrics().await;
     let fell = |from: &str, to: &str| {
@@ -393,7 +429,7 @@ async fn fallback_models_take_what_a_model_cannot() {
             "gateway_http_requests_total",
             "code=\"200\",key=\"team-a\",model=\"small\""
         ),
-        Some(2.0),
-        "counted for the model that served them: {m}"
+        Some(4.0),
+        "counted for the model that served them (other-big, refused, holed, ejected): {m}"
     );
 }

@@ -113,7 +113,9 @@ impl Listeners {
             tokio::select! {
                 _ = publish.tick() => {
                     if let Some(b) = shared.balancer.get() {
-                        b.publish(self.worker, conn_gauge.get().max(0) as u32);
+                        // Accepted but not yet served connections count too.
+                        let load = conn_gauge.get().max(0) as usize + rx.len();
+                        b.publish(self.worker, load as u32);
                     }
                 }
                 Some((stream, peer)) = rx.recv() => {

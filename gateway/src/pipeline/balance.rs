@@ -247,8 +247,27 @@ impl Balancer {
         least_loaded(cands).index
     }
 
+    /// A pick, in panic mode too when `panic` and none is in rotation: a
+    /// panic pick that finds every resting backend full waits in the queue
+    /// like any other (`Full`), and only no backend at all is `NoneHealthy`.
+    fn look(
+        &self,
+        backends: &[Arc<Backend>],
+        tried: &[usize],
+        hash: u64,
+        panic: bool,
+    ) -> Result<(usize, Lease), NoPick> {
+        match self.pick(backends, tried, hash) {
+            Err(NoPick::NoneHealthy) if panic => self.pick_in_panic(backends, tried, hash),
+            other => other,
+        }
+    }
+
     /// Picks a backend, waiting in the admission queue while every healthy
-    /// backend is full. `tried` backends are avoided (retries go elsewhere).
+    /// backend is full. With `panic`, backends that health took out are
+    /// picked (and waited for) when none is in rotation. `tried` backends
+    /// are avoided (retries go elsewhere).
+    #[allow(clippy::too_many_arguments)]
     pub async fn acquire(
         &self,
         model: &str,
@@ -257,6 +276,7 @@ impl Balancer {
         hash: u64,
         queue: &Queue,
         deadline: Instant,
+        panic: bool,
     ) -> Result<(usize, Lease), ProxyError> {
         let overloaded = || ProxyError::Overloaded {
             model: model.to_owned(),
@@ -275,7 +295,7 @@ impl Balancer {
             && slots.fifo()
             && backends.iter().any(|b| b.health.is_up() && !b.drained());
         if !behind {
-            match self.pick(backends, tried, hash) {
+            match self.look(backends, tried, hash, panic) {
                 Ok(p) => return Ok(p),
                 Err(NoPick::NoneHealthy) => return Err(ProxyError::NoBackend(model.to_owned())),
                 Err(NoPick::Full) if queue.size == 0 => return Err(overloaded()),
@@ -306,14 +326,15 @@ impl Balancer {
             let my_turn = !(first && behind && slots.waiting.load(Ordering::SeqCst) > 1);
             first = false;
             if my_turn {
-                match self.pick(backends, tried, hash) {
+                match self.look(backends, tried, hash, panic) {
                     Ok(p) => {
                         // Slots freed while waiters were between a wake-up
                         // and their next look are one stored wake-up at
-                        // most: with room left and others waiting, the
-                        // next in line is woken, so no slot stays idle.
+                        // most: with room left (on a backend in rotation)
+                        // and others waiting, the next in line is woken, so
+                        // no slot stays idle.
                         if slots.waiting.load(Ordering::SeqCst) > 1
-                            && backends.iter().any(|b| b.available())
+                            && backends.iter().any(|b| b.health.is_up() && b.available())
                         {
                             slots.freed.notify_one();
                         }

@@ -174,7 +174,7 @@ pub(crate) fn request_id(headers: &http::HeaderMap) -> String {
 /// Response headers a browser's script may read.
 const CORS_EXPOSED: &str = "x-request-id, retry-after, x-ratelimit-limit-requests, \
 x-ratelimit-remaining-requests, x-ratelimit-reset-requests, x-ratelimit-limit-tokens, \
-x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens, x-gateway-group";
+x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens, x-gateway-group, x-gateway-fallback";
 
 /// A browser's CORS preflight from an allowed origin: answered before any
 /// key is asked for (a preflight carries none), for every path.
@@ -266,6 +266,7 @@ where
                 ProxyError::UpstreamConnect(_)
                 | ProxyError::UpstreamBadResponse(_)
                 | ProxyError::UpstreamTimeout(_)
+                | ProxyError::ConnectTimeout(_)
                 | ProxyError::AnswerTimeout(_) => "upstream_error",
                 _ => "rejected",
             });
@@ -530,8 +531,15 @@ where
     let mut upstream_body = body_for(model, body)?;
     let asked = model;
     let mut model = model;
-    let mut fallbacks = asked.fallbacks.iter();
+    // Where the next fallback is looked for in `asked.fallbacks`.
+    let mut next_fallback = 0;
+    // The first model's own failure, answered if every fallback fails too:
+    // the client asked for that model.
+    let mut first_error: Option<ProxyError> = None;
     let (resp, lease) = loop {
+        // Panic mode (sending to backends health took out) is the last
+        // resort: only for the last model there is to try.
+        let last = fallback(routes, key, &asked.fallbacks, &mut next_fallback.clone()).is_none();
         let hash = if model.needs_hash() {
             request_hash(&model.hash_on, key, &parts.headers, ctx.client)
         } else {
@@ -551,20 +559,28 @@ where
             &parts.headers,
             upstream_body,
             ctx,
+            last,
         )
         .await;
         if !falls_back(&sent) {
             break sent?;
         }
-        // The next fallback this key may use, if any; else this answer.
-        let Some(next) = fallbacks
-            .by_ref()
-            .filter_map(|f| routes.model(f).filter(|m| key.allows(m, f)))
-            .next()
-        else {
-            break sent?;
+        let Some(next) = fallback(routes, key, &asked.fallbacks, &mut next_fallback) else {
+            match (sent, first_error) {
+                // Every model refused: the asked-for model's refusal.
+                (Err(_), Some(first)) => {
+                    ctx.model = Some(asked.name.clone());
+                    return Err(first);
+                }
+                (sent, _) => break sent?,
+            }
         };
-        drop(sent);
+        match sent {
+            Err(e) if first_error.is_none() && Arc::ptr_eq(model, asked) => first_error = Some(e),
+            other => drop(other),
+        }
+        ctx.backend = None;
+        ctx.attempt_sent = None;
         shared
             .metrics
             .fallbacks
@@ -657,10 +673,33 @@ where
     Ok(Served::Proxied { head, body })
 }
 
+/// The next of `names` from `*from` on that names a model the key may use
+/// (by its name or any alias); `*from` moves past it.
+fn fallback<'r>(
+    routes: &'r Routes,
+    key: &routes::Key,
+    names: &[String],
+    from: &mut usize,
+) -> Option<&'r Arc<routes::Model>> {
+    while let Some(name) = names.get(*from) {
+        *from += 1;
+        if let Some(m) = routes.model(name) {
+            if std::iter::once(&m.name)
+                .chain(&m.aliases)
+                .any(|n| key.allows(m, n))
+            {
+                return Some(m);
+            }
+        }
+    }
+    None
+}
+
 /// Whether a model's answer sends the request on to its next fallback: it
 /// could not take the request (no backend in rotation, all full), or every
-/// backend it tried refused it before generating (a connect error, 429,
-/// 502, 503). Not a timeout: the backend may still be generating.
+/// backend it tried refused it before generating (a connect error or
+/// connect timeout, 429, 502, 503). Not a timeout once the request was
+/// sent: the backend may still be generating.
 fn falls_back(
     sent: &Result<(Response<crate::upstream::Incoming>, crate::upstream::Lease), ProxyError>,
 ) -> bool {
@@ -671,6 +710,7 @@ fn falls_back(
             ProxyError::NoBackend(_)
                 | ProxyError::Overloaded { .. }
                 | ProxyError::UpstreamConnect(_)
+                | ProxyError::ConnectTimeout(_)
         ),
     }
 }
@@ -779,8 +819,12 @@ async fn acquire(
     pick: &mut Pick,
     tried: &balance::Tried,
     deadline: Instant,
+    allow_panic: bool,
 ) -> Result<(usize, crate::upstream::Lease), ProxyError> {
     let g = &model.groups[pick.group];
+    // Panic mode inside the queue only where it would come next anyway:
+    // no other traffic group to try first.
+    let panic_in_queue = allow_panic && (pick.explicit || model.groups.len() == 1);
     let first = g
         .balancer
         .acquire(
@@ -790,6 +834,7 @@ async fn acquire(
             pick.hash,
             &model.queue,
             deadline,
+            panic_in_queue,
         )
         .await;
     let Err(ProxyError::NoBackend(_)) = first else {
@@ -808,7 +853,11 @@ async fn acquire(
             }
         }
     }
-    // ...else panic mode: the group's backends that health took out.
+    // ...else panic mode: the group's backends that health took out (not
+    // while a fallback model remains to be tried).
+    if !allow_panic {
+        return first;
+    }
     match g.balancer.pick_in_panic(&g.backends, tried, pick.hash) {
         Ok(p) => Ok(p),
         Err(balance::NoPick::Full) => Err(ProxyError::Overloaded {
@@ -824,6 +873,7 @@ async fn acquire(
 /// timeout) when the attempt failed before any response byte: connect
 /// errors, resets, first-byte timeouts, garbage, and 502/503/429 answers.
 /// The last attempt's outcome is what the client gets.
+#[allow(clippy::too_many_arguments)]
 async fn send_with_retries(
     shared: &Shared,
     model: &routes::Model,
@@ -832,11 +882,14 @@ async fn send_with_retries(
     headers: &http::HeaderMap,
     body: Bytes,
     ctx: &mut RequestCtx,
+    allow_panic: bool,
 ) -> Result<(Response<crate::upstream::Incoming>, crate::upstream::Lease), ProxyError> {
     let deadline = ctx.start + model.timeouts.total;
     model.retry_budget.deposit();
     let mut tried = balance::Tried::new();
-    let (mut index, mut lease) = acquire(model, &mut pick, &tried, deadline).await?;
+    let (mut index, mut lease) = acquire(model, &mut pick, &tried, deadline, allow_panic).await?;
+    // This model's attempts (`ctx.attempts` counts a fallback's too).
+    let mut attempts = 0;
     let group = &model.groups[pick.group];
     if model.groups.len() > 1 {
         ctx.group = Some(Arc::clone(&group.name));
@@ -844,6 +897,7 @@ async fn send_with_retries(
     loop {
         tried.push(index);
         ctx.attempts += 1;
+        attempts += 1;
         let backend = Arc::clone(lease.backend());
         backend.count_request(&shared.metrics, &model.name);
         ctx.backend = Some(backend.label.clone());
@@ -875,7 +929,9 @@ async fn send_with_retries(
                 lease.report(false);
                 backend.observed.failure();
                 let kind = match e {
-                    ProxyError::UpstreamTimeout(_) | ProxyError::AnswerTimeout(_) => "timeout",
+                    ProxyError::UpstreamTimeout(_)
+                    | ProxyError::ConnectTimeout(_)
+                    | ProxyError::AnswerTimeout(_) => "timeout",
                     ProxyError::UpstreamConnect(_) => "connect",
                     _ => "bad_response",
                 };
@@ -893,7 +949,7 @@ async fn send_with_retries(
                 !matches!(e, ProxyError::AnswerTimeout(_)) || ctx.stream
             }
         };
-        if !retryable || ctx.attempts > model.retries || Instant::now() >= deadline {
+        if !retryable || attempts > model.retries || Instant::now() >= deadline {
             return result.map(|r| (r, lease));
         }
         // Another backend, at once (no queueing for a retry), or none.

@@ -243,7 +243,13 @@ pub async fn send(
     let classify = |e: &(dyn std::error::Error + 'static), timeout: bool, connect: bool| {
         let detail = format!("{}: {}", backend.label, error_chain(e));
         if timeout || is_timeout(e) {
-            ProxyError::UpstreamTimeout(detail)
+            // In the connect phase the request never reached the backend
+            // (a fallback model may take it); later it may be running.
+            if connect {
+                ProxyError::ConnectTimeout(detail)
+            } else {
+                ProxyError::UpstreamTimeout(detail)
+            }
         } else if connect {
             ProxyError::UpstreamConnect(detail)
         } else {
@@ -256,7 +262,11 @@ pub async fn send(
         return match tokio::time::timeout(wait, sent).await {
             Err(_) => Err(timed_out()),
             Ok(Ok(resp)) => Ok(resp.map(Incoming::H1)),
-            Ok(Err(e)) => Err(classify(&e, e.is_timeout(), e.is_connect())),
+            Ok(Err(e)) => Err(classify(
+                &e,
+                e.is_timeout(),
+                e.is_connect() || e.is_connect_timeout(),
+            )),
         };
     }
     let mut req = Request::new(Full::new(body));

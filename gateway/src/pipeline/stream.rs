@@ -261,17 +261,6 @@ impl Body for ProxyBody {
                 Err("total_timeout")
             } else {
                 match this.inner.as_mut().poll_frame(cx) {
-                    // A stopping gateway's drain ran out: the stream ends
-                    // at its next piece with the shutdown event. One
-                    // relaxed load per piece (no lock, no registration):
-                    // a stream that sends nothing in the grace after the
-                    // deadline is cut with its connection instead.
-                    Poll::Ready(Some(Ok(_)))
-                        if matches!(this.mode, Mode::Sse { .. })
-                            && this.finish.shared.cut_streams.load(Ordering::Relaxed) =>
-                    {
-                        Err(SHUTDOWN)
-                    }
                     Poll::Ready(f) => Ok(f),
                     Poll::Pending if this.idle.as_mut().poll(cx).is_ready() => {
                         Err(if this.finish.ctx.first_byte.is_none() {
@@ -322,6 +311,23 @@ impl Body for ProxyBody {
                             this.finish.complete(None);
                             return Poll::Ready((!out.is_empty()).then(|| Ok(Frame::data(out))));
                         }
+                        // A stopping gateway's drain ran out: the stream
+                        // ends after this piece with the shutdown event (no
+                        // fault of the backend's; dropping the upstream
+                        // body cancels the generation). One relaxed load per
+                        // piece, no lock: a stream that sends nothing in the
+                        // grace after the deadline is cut with its
+                        // connection instead.
+                        if matches!(this.mode, Mode::Sse { .. })
+                            && this.finish.shared.cut_streams.load(Ordering::Relaxed)
+                        {
+                            *this.ended = true;
+                            let mut joined = BytesMut::from(&out[..]);
+                            joined.extend_from_slice(SHUTDOWN_EVENT);
+                            this.finish.ctx.bytes_out += joined.len() as u64;
+                            this.finish.complete(Some(SHUTDOWN));
+                            return Poll::Ready(Some(Ok(Frame::data(joined.freeze()))));
+                        }
                         if out.is_empty() {
                             continue;
                         }
@@ -342,12 +348,6 @@ impl Body for ProxyBody {
             let kind = failure.expect("set above");
             *this.ended = true;
             let f = &mut this.finish;
-            if kind == SHUTDOWN {
-                // No fault of the backend's; dropping the upstream body
-                // cancels the generation.
-                f.complete(Some(kind));
-                return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(SHUTDOWN_EVENT)))));
-            }
             let model = f.ctx.model.clone().unwrap_or_default();
             let backend = f.ctx.backend.clone().unwrap_or_default();
             f.shared

@@ -66,6 +66,11 @@ impl Error {
         matches!(self, Error::Resolve { .. } | Error::Connect { .. })
     }
 
+    /// No connection could be made in time (the request was not sent).
+    pub fn is_connect_timeout(&self) -> bool {
+        matches!(self, Error::ConnectTimeout(_))
+    }
+
     pub fn is_timeout(&self) -> bool {
         matches!(self, Error::ConnectTimeout(_))
             || matches!(self, Error::Io(e) if e.kind() == io::ErrorKind::TimedOut)

@@ -360,7 +360,7 @@ async fn a_freed_slot_reaches_the_waiter_of_its_group() {
         let q = queue.clone();
         tokio::spawn(async move {
             let deadline = std::time::Instant::now() + Duration::from_secs(3);
-            bal.acquire("m", &bs, &Tried::new(), 0, &q, deadline)
+            bal.acquire("m", &bs, &Tried::new(), 0, &q, deadline, false)
                 .await
                 .map(|(i, _)| i)
         })
@@ -423,13 +423,16 @@ async fn a_freed_slot_goes_to_the_longest_waiter_not_a_newcomer() {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let waiter = {
         let (bal, bs, q) = (Arc::clone(&bal), bs.clone(), queue.clone());
-        tokio::spawn(async move { bal.acquire("m", &bs, &Tried::new(), 0, &q, deadline).await })
+        tokio::spawn(async move {
+            bal.acquire("m", &bs, &Tried::new(), 0, &q, deadline, false)
+                .await
+        })
     };
     queued(&bs, 1).await;
     drop(held);
     // The newcomer looks before the waiter has run again.
     let none = Tried::new();
-    let mut newcomer = Box::pin(bal.acquire("m", &bs, &none, 0, &queue, deadline));
+    let mut newcomer = Box::pin(bal.acquire("m", &bs, &none, 0, &queue, deadline, false));
     let polled = newcomer
         .as_mut()
         .poll(&mut Context::from_waker(Waker::noop()));
@@ -457,7 +460,7 @@ async fn queued_requests_are_served_in_arrival_order() {
         );
         tasks.push(tokio::spawn(async move {
             let got = bal
-                .acquire("m", &mine, &Tried::new(), 0, &q, deadline)
+                .acquire("m", &mine, &Tried::new(), 0, &q, deadline, false)
                 .await;
             order.lock().unwrap().push(id);
             // Held a moment, then freed for the next.
@@ -494,15 +497,18 @@ async fn slots_freed_together_all_reach_the_queue() {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let first = {
         let (bal, bs, q) = (Arc::clone(&bal), bs.clone(), queue.clone());
-        tokio::spawn(async move { bal.acquire("m", &bs, &Tried::new(), 0, &q, deadline).await })
+        tokio::spawn(async move {
+            bal.acquire("m", &bs, &Tried::new(), 0, &q, deadline, false)
+                .await
+        })
     };
     queued(&bs, 1).await;
     // All three freed before the first waiter runs again.
     drop(held);
     let none = Tried::new();
     let mut cx = Context::from_waker(Waker::noop());
-    let mut a = Box::pin(bal.acquire("m", &bs, &none, 0, &queue, deadline));
-    let mut b = Box::pin(bal.acquire("m", &bs, &none, 0, &queue, deadline));
+    let mut a = Box::pin(bal.acquire("m", &bs, &none, 0, &queue, deadline, false));
+    let mut b = Box::pin(bal.acquire("m", &bs, &none, 0, &queue, deadline, false));
     let a_now = a.as_mut().poll(&mut cx);
     let b_now = b.as_mut().poll(&mut cx);
     let got = tokio::time::timeout(Duration::from_secs(2), async {
@@ -522,16 +528,26 @@ async fn slots_freed_together_all_reach_the_queue() {
 }
 
 /// With every backend out of rotation, a waiting request learns it at
-/// once (to go to panic mode, another group or a fallback model), not
-/// at the queue's timeout.
+/// once (to go to another group or a fallback model), not at the queue's
+/// timeout; where panic mode is the next step anyway, it waits for the
+/// resting backend's slot instead (and gets it when it frees).
 #[tokio::test]
 async fn an_ejection_ends_the_wait_of_queued_requests() {
+    for panic in [false, true] {
+        ejection_while_queued(panic).await;
+    }
+}
+
+async fn ejection_while_queued(panic: bool) {
     let (bal, bs, queue) = one_slot();
     let mut held = bal.pick(&bs, &[], 0).unwrap().1;
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let waiter = {
         let (bal, bs, q) = (Arc::clone(&bal), bs.clone(), queue.clone());
-        tokio::spawn(async move { bal.acquire("m", &bs, &Tried::new(), 0, &q, deadline).await })
+        tokio::spawn(async move {
+            bal.acquire("m", &bs, &Tried::new(), 0, &q, deadline, panic)
+                .await
+        })
     };
     queued(&bs, 1).await;
     bs[0].health.configure(
@@ -545,13 +561,29 @@ async fn an_ejection_ends_the_wait_of_queued_requests() {
     // The request in flight fails: the only backend is ejected (its slot
     // still held).
     held.report(false);
+    if panic {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !waiter.is_finished(),
+            "waits for the resting backend's slot"
+        );
+        drop(held);
+    }
     let got = tokio::time::timeout(Duration::from_secs(2), waiter)
         .await
         .expect("the waiter was told at once")
         .unwrap();
-    assert!(
-        matches!(got, Err(ProxyError::NoBackend(_))),
-        "{:?}",
-        got.err()
-    );
+    if panic {
+        assert!(
+            got.is_ok(),
+            "the freed slot, in panic mode: {:?}",
+            got.err()
+        );
+    } else {
+        assert!(
+            matches!(got, Err(ProxyError::NoBackend(_))),
+            "{:?}",
+            got.err()
+        );
+    }
 }
