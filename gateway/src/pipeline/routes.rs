@@ -125,9 +125,15 @@ impl Model {
         for (b, c) in backends.iter().zip(&m.backends) {
             b.set_weight(c.weight);
             b.set_max_connections(c.max_connections);
+            let was_up = b.health.is_up();
             b.health.configure(&m.outlier, m.slow_start);
             if m.health_check.is_none() {
                 b.health.clear_active(&b.label);
+            }
+            if was_up != b.health.is_up() {
+                // Back in rotation (ejection or checks turned off): requests
+                // waiting for a slot look again.
+                b.slots().wake_all();
             }
         }
         let groups = if m.groups.is_empty() {

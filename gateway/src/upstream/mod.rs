@@ -326,8 +326,9 @@ impl Backend {
     }
 
     pub fn set_drained(&self, on: bool) {
-        self.drained.store(on, Ordering::Relaxed);
-        if !on {
+        if self.drained.swap(on, Ordering::Relaxed) != on {
+            // Waiting requests look again: for its slots, or (drained) to
+            // learn whether any backend is left.
             self.slots.wake_all();
         }
     }
