@@ -349,12 +349,28 @@ impl Balancer {
                     Err(NoPick::Full) => {}
                 }
             }
+            // An ejected backend whose ejection ends before the wait does
+            // may take this request as its probe then: look again at that
+            // moment (nothing else wakes the queue for it).
+            let probe_at = backends
+                .iter()
+                .filter(|b| b.available())
+                .filter_map(|b| b.health.probe_at())
+                .min()
+                .filter(|at| *at < deadline);
+            let probe = async {
+                match probe_at {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 // A wake-up that came is used, never dropped for the timer:
                 // under FIFO it is this request's alone.
                 biased;
                 _ = &mut freed => {}
                 _ = &mut give_up => return Err(overloaded()),
+                _ = probe => {}
             }
         }
     }

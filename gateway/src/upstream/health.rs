@@ -159,6 +159,25 @@ impl Health {
         self.up.load(Ordering::Relaxed)
     }
 
+    /// When an ejection (not active checks) ends and the backend may take
+    /// its probe, if it is ejected now and can be probed then.
+    pub fn probe_at(&self) -> Option<Instant> {
+        if self.is_up() {
+            return None;
+        }
+        let g = self.lock();
+        if g.active_down || g.probing {
+            return None;
+        }
+        let until = g.ejected_until?;
+        // A millisecond late rather than a hair early (two clocks read).
+        Some(
+            Instant::now()
+                + Duration::from_nanos(until.saturating_sub(now_ns()))
+                + Duration::from_millis(1),
+        )
+    }
+
     /// Whether the balancer may pick this backend now.
     pub fn admit(&self, now: &mut Now) -> Admit {
         if self.up.load(Ordering::Relaxed) {

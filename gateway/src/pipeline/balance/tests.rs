@@ -587,3 +587,45 @@ async fn ejection_while_queued(panic: bool) {
         );
     }
 }
+
+/// A request queued while the backend with room is ejected takes it as its
+/// probe when the ejection ends, without waiting for another slot to free.
+#[tokio::test]
+async fn the_end_of_an_ejection_reaches_the_queue() {
+    let slots = Arc::new(Slots::default());
+    let busy = backend(0, 1, Some(1), &slots);
+    let resting = backend(1, 1, None, &slots);
+    resting.health.configure(
+        &Outlier {
+            consecutive_failures: 1,
+            ejection: Duration::from_millis(300),
+            max_ejection: Duration::from_millis(300),
+        },
+        Duration::ZERO,
+    );
+    let bs = vec![Arc::clone(&busy), Arc::clone(&resting)];
+    let bal = Arc::new(Balancer::new(Policy::LeastConnections, &bs));
+    let mut failed = resting.lease(false);
+    failed.report(false);
+    drop(failed);
+    assert!(!resting.health.is_up(), "ejected");
+    let _held = busy.lease(false);
+    let queue = crate::config::Queue {
+        size: 8,
+        timeout: Duration::from_secs(5),
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let t = std::time::Instant::now();
+    let got = tokio::time::timeout(
+        Duration::from_secs(2),
+        bal.acquire("m", &bs, &Tried::new(), 0, &queue, deadline, false),
+    )
+    .await
+    .expect("taken when the ejection ended, not at the queue's timeout");
+    assert_eq!(got.map(|(i, _)| i).ok(), Some(1), "the probe");
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t.elapsed()
+    );
+}
