@@ -388,14 +388,34 @@ async fn a_freed_slot_reaches_the_waiter_of_its_group() {
 
 /// A one-backend model whose only slot is taken, and the queue to wait in.
 fn one_slot() -> (Arc<Balancer>, Vec<Arc<Backend>>, crate::config::Queue) {
+    slots_of(1)
+}
+
+/// A one-backend model with `cap` slots, and a queue of 16 (5 s).
+fn slots_of(cap: u32) -> (Arc<Balancer>, Vec<Arc<Backend>>, crate::config::Queue) {
     let slots = Arc::new(Slots::default());
-    let bs = vec![backend(0, 1, Some(1), &slots)];
+    let bs = vec![backend(0, 1, Some(cap), &slots)];
     let bal = Arc::new(Balancer::new(Policy::LeastConnections, &bs));
     let queue = crate::config::Queue {
         size: 16,
         timeout: Duration::from_secs(5),
     };
     (bal, bs, queue)
+}
+
+/// A request acquiring a slot of `bs` in a task of its own (5 s at most).
+fn spawn_waiter(
+    bal: &Arc<Balancer>,
+    bs: &[Arc<Backend>],
+    queue: &crate::config::Queue,
+    panic: bool,
+) -> tokio::task::JoinHandle<Result<(usize, Lease), ProxyError>> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let (bal, bs, q) = (Arc::clone(bal), bs.to_vec(), queue.clone());
+    tokio::spawn(async move {
+        bal.acquire("m", &bs, &Tried::new(), 0, &q, deadline, panic)
+            .await
+    })
 }
 
 /// Waits until `n` requests wait in the queue of `bs`.
@@ -421,13 +441,7 @@ async fn a_freed_slot_goes_to_the_longest_waiter_not_a_newcomer() {
     let (bal, bs, queue) = one_slot();
     let held = bal.pick(&bs, &[], 0).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let waiter = {
-        let (bal, bs, q) = (Arc::clone(&bal), bs.clone(), queue.clone());
-        tokio::spawn(async move {
-            bal.acquire("m", &bs, &Tried::new(), 0, &q, deadline, false)
-                .await
-        })
-    };
+    let waiter = spawn_waiter(&bal, &bs, &queue, false);
     queued(&bs, 1).await;
     drop(held);
     // The newcomer looks before the waiter has run again.
@@ -486,22 +500,10 @@ async fn slots_freed_together_all_reach_the_queue() {
         future::Future as _,
         task::{Context, Waker},
     };
-    let slots = Arc::new(Slots::default());
-    let bs = vec![backend(0, 1, Some(3), &slots)];
-    let bal = Arc::new(Balancer::new(Policy::LeastConnections, &bs));
-    let queue = crate::config::Queue {
-        size: 16,
-        timeout: Duration::from_secs(5),
-    };
+    let (bal, bs, queue) = slots_of(3);
     let held: Vec<_> = (0..3).map(|_| bal.pick(&bs, &[], 0).unwrap()).collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let first = {
-        let (bal, bs, q) = (Arc::clone(&bal), bs.clone(), queue.clone());
-        tokio::spawn(async move {
-            bal.acquire("m", &bs, &Tried::new(), 0, &q, deadline, false)
-                .await
-        })
-    };
+    let first = spawn_waiter(&bal, &bs, &queue, false);
     queued(&bs, 1).await;
     // All three freed before the first waiter runs again.
     drop(held);
@@ -541,14 +543,7 @@ async fn an_ejection_ends_the_wait_of_queued_requests() {
 async fn ejection_while_queued(panic: bool) {
     let (bal, bs, queue) = one_slot();
     let mut held = bal.pick(&bs, &[], 0).unwrap().1;
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let waiter = {
-        let (bal, bs, q) = (Arc::clone(&bal), bs.clone(), queue.clone());
-        tokio::spawn(async move {
-            bal.acquire("m", &bs, &Tried::new(), 0, &q, deadline, panic)
-                .await
-        })
-    };
+    let waiter = spawn_waiter(&bal, &bs, &queue, panic);
     queued(&bs, 1).await;
     bs[0].health.configure(
         &Outlier {
