@@ -288,12 +288,16 @@ impl Balancer {
         // A request that could take any slot does not take one from under
         // the requests already queued for it: it queues behind them (FIFO).
         // (`fifo` holds only for a model without traffic groups.)
-        // With no backend in rotation it looks at once instead, to learn so
-        // (panic mode, another group or a fallback model then take over).
+        // With no backend in rotation (and no panic mode here) it looks at
+        // once instead, to learn so (another group or a fallback model then
+        // take over); in panic mode the resting backends' slots are queued
+        // for in order too.
         let behind = slots.waiting.load(Ordering::SeqCst) > 0
             && tried.is_empty()
             && slots.fifo()
-            && backends.iter().any(|b| b.health.is_up() && !b.drained());
+            && backends
+                .iter()
+                .any(|b| !b.drained() && (panic || b.health.is_up()));
         if !behind {
             match self.look(backends, tried, hash, panic) {
                 Ok(p) => return Ok(p),
@@ -334,7 +338,9 @@ impl Balancer {
                         // and others waiting, the next in line is woken, so
                         // no slot stays idle.
                         if slots.waiting.load(Ordering::SeqCst) > 1
-                            && backends.iter().any(|b| b.health.is_up() && b.available())
+                            && backends
+                                .iter()
+                                .any(|b| (panic || b.health.is_up()) && b.available())
                         {
                             slots.freed.notify_one();
                         }

@@ -9,8 +9,9 @@
 //! (under FastAPI, what vLLM reads forms with) where RFC 7578 / RFC 2046
 //! leave room, and refuses what the two could read differently: a second
 //! boundary parameter, a preamble, padding after a boundary, a lone CR or
-//! LF in a part's headers, a second Content-Disposition or field name, an
-//! RFC 2231 `name*`, a second `model` field.
+//! LF in a part's headers, a second Content-Disposition or field name,
+//! parameters Python's `email.message` splits otherwise (RFC 2231 `name*`
+//! and continuations, escapes, stray quotes), a second `model` field.
 
 use std::ops::Range;
 
@@ -44,6 +45,7 @@ fn boundary(content_type: &[u8]) -> Result<&[u8], ProxyError> {
     if !kind.trim().eq_ignore_ascii_case("multipart/form-data") {
         return Err(bad("this endpoint takes multipart/form-data"));
     }
+    check_params(params.as_bytes())?;
     let mut found =
         params_of(params.as_bytes()).filter(|(k, _)| k.eq_ignore_ascii_case(b"boundary"));
     let b = found
@@ -213,6 +215,7 @@ fn disposition(head: &[u8]) -> Result<(&[u8], bool), ProxyError> {
         if !kind.trim_ascii().eq_ignore_ascii_case(b"form-data") {
             return Err(bad("a part is not form-data"));
         }
+        check_params(params)?;
         let mut name = None;
         let mut file = false;
         for (k, v) in params_of(params) {
@@ -220,9 +223,7 @@ fn disposition(head: &[u8]) -> Result<(&[u8], bool), ProxyError> {
                 if name.replace(v).is_some() {
                     return Err(bad("a part's Content-Disposition names it twice"));
                 }
-            } else if k.eq_ignore_ascii_case(b"name*") {
-                return Err(bad("a part is named with name* (RFC 2231)"));
-            } else if k.eq_ignore_ascii_case(b"filename") || k.eq_ignore_ascii_case(b"filename*") {
+            } else if k.eq_ignore_ascii_case(b"filename") {
                 file = true;
             }
         }
@@ -230,6 +231,56 @@ fn disposition(head: &[u8]) -> Result<(&[u8], bool), ProxyError> {
         found = Some((name, file));
     }
     found.ok_or_else(|| bad("a part has no Content-Disposition"))
+}
+
+/// Refuses header parameters that Python's `email.message` (which
+/// python-multipart reads them with) could split or name otherwise than
+/// [`params_of`]: a `*` in a name (RFC 2231 `name*`, `name*0`
+/// continuations, which Python merges into `name`), a backslash in a
+/// quoted value (an escaped quote to Python, not to a reader that takes it
+/// as escaping the backslash), a quote inside an unquoted value, text after
+/// a quoted value, or a quote left open.
+fn check_params(mut s: &[u8]) -> Result<(), ProxyError> {
+    let odd = || bad("a form header has parameters its readers could split differently");
+    loop {
+        s = s.trim_ascii_start();
+        if s.is_empty() {
+            return Ok(());
+        }
+        let key_end = s
+            .iter()
+            .position(|b| *b == b'=' || *b == b';')
+            .unwrap_or(s.len());
+        if s[..key_end]
+            .iter()
+            .any(|b| matches!(b, b'*' | b'"' | b'\\'))
+        {
+            return Err(odd());
+        }
+        if s.get(key_end) != Some(&b'=') {
+            s = s.get(key_end + 1..).unwrap_or_default();
+            continue;
+        }
+        let v = s[key_end + 1..].trim_ascii_start();
+        let rest = if let Some(q) = v.strip_prefix(b"\"") {
+            let close = q.iter().position(|b| *b == b'"').ok_or_else(odd)?;
+            if q[..close].contains(&b'\\') {
+                return Err(odd());
+            }
+            let after = q[close + 1..].trim_ascii_start();
+            if !after.is_empty() && after[0] != b';' {
+                return Err(odd());
+            }
+            after
+        } else {
+            let end = v.iter().position(|b| *b == b';').unwrap_or(v.len());
+            if v[..end].iter().any(|b| matches!(b, b'"' | b'\\')) {
+                return Err(odd());
+            }
+            &v[end..]
+        };
+        s = rest.strip_prefix(b";").unwrap_or(rest);
+    }
 }
 
 /// The `key=value` parameters after a header's first `;`, values unquoted
@@ -353,7 +404,7 @@ mod tests {
             (
                 model_form.clone(),
                 b"multipart/form-data; boundary=\"X\\yZ\"",
-                "RFC 2046",
+                "split differently",
             ),
             // A preamble, which Python does not skip.
             (format!("junk\r\n{model_form}"), CT, "does not start"),
@@ -387,7 +438,39 @@ mod tests {
                     part(&cd("name=\"x\"; name*=utf-8''model"), "m")
                 ),
                 CT,
-                "name*",
+                "split differently",
+            ),
+            // Parameters Python splits otherwise: an escaped backslash before
+            // a closing quote, a quote in an unquoted value, RFC 2231
+            // continuations.
+            (
+                format!(
+                    "{}{close}",
+                    part(&cd(r#"a="\\"; name="x"; b="; name="model""#), "m")
+                ),
+                CT,
+                "split differently",
+            ),
+            (
+                format!(
+                    "{}{close}",
+                    part(&cd(r#"a=b"; name="x"; c="; name="model""#), "m")
+                ),
+                CT,
+                "split differently",
+            ),
+            (
+                format!("{}{close}", part(&cd(r#"name="x"; name*0="model""#), "m")),
+                CT,
+                "split differently",
+            ),
+            (
+                format!(
+                    "{}{close}",
+                    part(&cd(r#"name="model"; filename*0="a.wav""#), "m")
+                ),
+                CT,
+                "split differently",
             ),
             // A lone LF inside the headers: one line to Python, two here.
             (
