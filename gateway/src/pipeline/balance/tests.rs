@@ -557,7 +557,11 @@ async fn ejection_while_queued(panic: bool) {
     // still held).
     held.report(false);
     if panic {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Let the woken waiter run (this runtime has one thread): it looks,
+        // finds the resting backend full, and waits on.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
         assert!(
             !waiter.is_finished(),
             "waits for the resting backend's slot"
