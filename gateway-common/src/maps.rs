@@ -7,7 +7,7 @@
 
 /// Layout version of the pinned maps; pinned under `<pin_dir>/v<SCHEMA>/`.
 /// Bump whenever a key or value layout below changes.
-pub const SCHEMA_VERSION: u32 = 6;
+pub const SCHEMA_VERSION: u32 = 7;
 
 /// Name of the XDP program inside the object.
 pub const XDP_PROGRAM: &str = "gateway_xdp";
@@ -186,24 +186,24 @@ impl BlockValue {
     }
 }
 
-/// Token bucket state (`SYN_GLOBAL[0]`, and inside [`SourceBucket`]).
+/// The global SYN budget (`SYN_GLOBAL[0]`, schema 7): its bucket's
+/// theoretical arrival time, in [`crate::bucket`] units. Zero (never used)
+/// is a full bucket.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Bucket {
-    /// Tokens scaled by [`crate::bucket::TOKEN`].
-    pub tokens: u64,
-    /// Last refill, bpf_ktime_get_ns.
-    pub last_ns: u64,
+    pub tat: u64,
 }
 
-/// `SYN_BUCKETS` values (schema 3): a source key's token bucket and how
-/// many of its SYNs the bucket refused. The refusals reach `TOP_SOURCES`
-/// in batches ([`crate::bucket::rank_credit`]), so a flooding source costs
-/// one `TOP_SOURCES` update per batch instead of one per dropped SYN.
+/// `SYN_BUCKETS` values (schema 7): a source key's bucket (its theoretical
+/// arrival time, [`crate::bucket`]) and how many of its SYNs the bucket
+/// refused. The refusals reach `TOP_SOURCES` in batches
+/// ([`crate::bucket::rank_credit`]), so a flooding source costs one
+/// `TOP_SOURCES` update per batch instead of one per dropped SYN.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SourceBucket {
-    pub bucket: Bucket,
+    pub tat: u64,
     /// SYNs refused since the bucket was created.
     pub refused: u64,
 }
@@ -216,14 +216,17 @@ pub struct Limits {
     pub syn_rate: u64,
     /// Per-source bucket depth (SYNs accepted back to back).
     pub syn_burst: u64,
-    /// Derived: nanoseconds to refill an empty per-source bucket.
-    pub syn_fill_ns: u64,
+    /// Derived: [`crate::bucket::interval`] of `syn_rate`.
+    pub syn_interval: u64,
+    /// Derived: [`crate::bucket::tolerance`] of `syn_rate` and `syn_burst`.
+    pub syn_tolerance: u64,
     /// SYNs per second from all sources together; 0 disables the budget.
     pub global_rate: u64,
     /// Global bucket depth.
     pub global_burst: u64,
-    /// Derived: nanoseconds to refill the empty global bucket.
-    pub global_fill_ns: u64,
+    /// Derived, as for the per-source bucket.
+    pub global_interval: u64,
+    pub global_tolerance: u64,
     /// Mask applied to an IPv6 source to form its bucket key (from ipv6_prefix).
     pub v6_mask: [u8; 16],
     /// Mask applied to an IPv4 source to form its bucket key (from ipv4_prefix).
@@ -244,7 +247,7 @@ impl Limits {
         ipv4_prefix: u8,
         ipv6_prefix: u8,
     ) -> Self {
-        use crate::bucket::{fill_ns, MAX_RATE};
+        use crate::bucket::{interval, tolerance, MAX_RATE};
         let syn_rate = if syn_rate > MAX_RATE {
             MAX_RATE
         } else {
@@ -271,10 +274,12 @@ impl Limits {
         Limits {
             syn_rate,
             syn_burst,
-            syn_fill_ns: fill_ns(syn_rate, syn_burst),
+            syn_interval: interval(syn_rate),
+            syn_tolerance: tolerance(syn_rate, syn_burst),
             global_rate,
             global_burst,
-            global_fill_ns: fill_ns(global_rate, global_burst),
+            global_interval: interval(global_rate),
+            global_tolerance: tolerance(global_rate, global_burst),
             v6_mask,
             v4_mask,
             ipv4_prefix,
@@ -340,9 +345,9 @@ mod pod {
 }
 
 const _: () = assert!(core::mem::size_of::<BlockValue>() == 16);
-const _: () = assert!(core::mem::size_of::<Bucket>() == 16);
-const _: () = assert!(core::mem::size_of::<SourceBucket>() == 24);
-const _: () = assert!(core::mem::size_of::<Limits>() == 72);
+const _: () = assert!(core::mem::size_of::<Bucket>() == 8);
+const _: () = assert!(core::mem::size_of::<SourceBucket>() == 16);
+const _: () = assert!(core::mem::size_of::<Limits>() == 88);
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 
 #[cfg(test)]

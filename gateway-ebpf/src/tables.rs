@@ -212,6 +212,29 @@ pub fn add(dst: &mut u64, n: u64) {
     };
 }
 
+/// A bucket's theoretical arrival time in a map value, shared by the CPUs
+/// (`gateway_common::bucket`): read once per SYN, restarted with a plain
+/// store, moved on with an atomic add.
+struct MapTat(*mut u64);
+
+impl bucket::Tat for MapTat {
+    #[inline(always)]
+    fn load(&self) -> u64 {
+        // SAFETY: the pointer is to an aligned u64 in a map value.
+        unsafe { core::ptr::read_volatile(self.0) }
+    }
+    #[inline(always)]
+    fn store(&self, tat: u64) {
+        // SAFETY: as above.
+        unsafe { core::ptr::write_volatile(self.0, tat) }
+    }
+    #[inline(always)]
+    fn add(&self, n: u64) {
+        // SAFETY: as above.
+        add(unsafe { &mut *self.0 }, n)
+    }
+}
+
 /// Monotonic time for expiries and buckets. The coarse clock (jiffies
 /// resolution, >= 1 ms) costs a fraction of `bpf_ktime_get_ns` (measured
 /// 36 ns per call on the benchmark VM) and is plenty for both.
@@ -269,26 +292,27 @@ impl Tables for Maps {
 
     #[inline(always)]
     fn take_source(&self, key: &SourceKey, l: &Limits, now: u64) -> Option<Taken> {
-        Some(match SYN_BUCKETS.get_ptr_mut(key) {
-            // SAFETY: the pointer is into the map value; concurrent CPUs may
-            // race on the same source, which only blurs its rate slightly.
-            // The refusal count itself is atomic; two CPUs refusing the
-            // same source at once may both read the count after both adds
-            // and so blur its batches of `TOP_SOURCES` credit the same way.
-            // (Reading the old value in the add itself needs BPF ISA v3,
-            // which bpf-linker's default CPU does not emit.)
-            Some(b) => bucket::take_source(unsafe { &mut *b }, l, now, |n| {
-                add(n, 1);
-                // SAFETY: `n` is a valid, aligned u64 in the map value.
-                unsafe { core::ptr::read_volatile(n) }
-            }),
-            None => return None,
-        })
+        let b = SYN_BUCKETS.get_ptr_mut(key)?;
+        // SAFETY: the pointers are into the map value, which CPUs share:
+        // the bucket takes with an atomic add (`MapTat`), and so does the
+        // refusal count. Two CPUs refusing the same source at once may both
+        // read the count after both adds, which blurs its batches of
+        // `TOP_SOURCES` credit slightly. (Reading the old value in the add
+        // itself needs BPF ISA v3, which bpf-linker's default CPU does not
+        // emit.)
+        let (tat, refused) = unsafe { (&raw mut (*b).tat, &raw mut (*b).refused) };
+        Some(bucket::take_source(&MapTat(tat), l, now, || {
+            // SAFETY: `refused` is a valid, aligned u64 in the map value.
+            unsafe {
+                add(&mut *refused, 1);
+                core::ptr::read_volatile(refused)
+            }
+        }))
     }
 
     #[inline(always)]
     fn add_source(&self, key: &SourceKey, l: &Limits, now: u64) -> Taken {
-        let (b, taken) = bucket::fresh_source(l.syn_burst, now);
+        let (b, taken) = bucket::fresh_source(l, now);
         let _ = SYN_BUCKETS.insert(key, b, 0);
         taken
     }
@@ -296,15 +320,15 @@ impl Tables for Maps {
     #[inline(always)]
     fn take_global(&self, l: &Limits, now: u64) -> bool {
         match SYN_GLOBAL.get_ptr_mut(0) {
-            Some(b) => {
-                // SAFETY: as above; a zeroed (never used) bucket starts full.
-                let b = unsafe { &mut *b };
-                if b.last_ns == 0 {
-                    *b = bucket::fresh(l.global_burst, now);
-                    return l.global_burst > 0;
-                }
-                bucket::take(b, l.global_rate, l.global_burst, l.global_fill_ns, now)
-            }
+            // A zeroed (never used) bucket is full.
+            Some(b) => bucket::take(
+                // SAFETY: the pointer is into the map value.
+                &MapTat(unsafe { &raw mut (*b).tat }),
+                l.global_interval,
+                l.global_tolerance,
+                l.global_burst,
+                now,
+            ),
             None => true,
         }
     }

@@ -38,7 +38,7 @@ fn empty_file_gives_defaults() {
     assert!(!c.xdp.enabled, "no [xdp] section means no XDP");
     assert_eq!(c.xdp.syn_rate, DEFAULT_SYN_RATE);
     assert_eq!(c.xdp.protected_ports, vec![8443]);
-    assert_eq!(c.pin_path(), PathBuf::from("/sys/fs/bpf/gateway/v6"));
+    assert_eq!(c.pin_path(), PathBuf::from("/sys/fs/bpf/gateway/v7"));
 }
 
 #[test]

@@ -492,7 +492,7 @@ impl KernelMaps {
     /// Current limits; `None` before they were ever written.
     pub fn limits(&self) -> Result<Option<Limits>> {
         let l = self.limits.get(&0, 0).context("reading LIMITS")?;
-        Ok((l.syn_fill_ns != 0 || l.global_fill_ns != 0 || l.ipv4_prefix != 0).then_some(l))
+        Ok((l.syn_interval != 0 || l.global_interval != 0 || l.ipv4_prefix != 0).then_some(l))
     }
 
     pub fn set_limits(&mut self, l: &Limits) -> Result<()> {

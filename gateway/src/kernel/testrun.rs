@@ -55,6 +55,37 @@ impl Harness {
         Ok((r.return_value, r.duration))
     }
 
+    /// Runs a frame `repeat` times on each of `cpus` CPUs at once (a thread
+    /// pinned to each), as CPUs receiving one flood share its buckets.
+    /// Returns how many CPUs ran it: fewer than asked when the machine has
+    /// fewer.
+    pub fn run_on_cpus(&mut self, frame: &[u8], repeat: u32, cpus: usize) -> Result<usize> {
+        let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cpus = cpus.min(online).max(1);
+        let prog: &aya::programs::Xdp = loader::xdp_program(&mut self.ebpf)?;
+        std::thread::scope(|s| {
+            let runs: Vec<_> = (0..cpus)
+                .map(|cpu| {
+                    s.spawn(move || -> Result<()> {
+                        pin_to_cpu(cpu)?;
+                        let mut out = vec![0u8; frame.len() + 256];
+                        prog.test_run(TestRunOptions {
+                            data_in: Some(frame),
+                            data_out: Some(&mut out),
+                            repeat,
+                            ..TestRunOptions::default()
+                        })
+                        .with_context(|| format!("BPF_PROG_TEST_RUN on CPU {cpu}"))?;
+                        Ok(())
+                    })
+                })
+                .collect();
+            runs.into_iter()
+                .try_for_each(|r| r.join().expect("a test-run thread panicked"))
+        })?;
+        Ok(cpus)
+    }
+
     /// Packets counted under `reason` so far.
     pub fn count(&self, reason: Reason) -> Result<u64> {
         Ok(self
@@ -64,6 +95,21 @@ impl Harness {
             .find(|(r, _)| *r == reason)
             .map_or(0, |(_, c)| c.packets))
     }
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_to_cpu(cpu: usize) -> Result<()> {
+    // SAFETY: `set` is a plain bitmask the calls below fill in; the
+    // affinity call reads it with its own size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("pinning a test-run thread to CPU {cpu}"));
+        }
+    }
+    Ok(())
 }
 
 /// Whether kernel tests can run here. Under `CI=true` they are mandatory, so

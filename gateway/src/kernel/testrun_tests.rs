@@ -800,6 +800,53 @@ fn trusted_sources_pass_a_spent_global_budget() {
     );
 }
 
+/// CPUs that receive one flood at once share its buckets, and each CPU's
+/// take must count: a bucket refuses once spent however many CPUs take from
+/// it (a read-modify-write of the bucket lost the other CPU's takes, and
+/// let up to 4% more than the burst through).
+#[test]
+fn cpus_sharing_a_bucket_admit_no_more_than_its_burst() {
+    const BURST: u64 = 50_000;
+    const RUNS: u32 = 100_000;
+    // A source's bucket: 1 SYN/s (no refill to speak of while the test
+    // runs), a burst of BURST, no global budget.
+    let mut h = harness!(Limits::new(1, BURST, 0, 32, 64));
+    expect(&mut h, &syn(SRC), XDP_PASS, Reason::SynPass);
+    let start = Instant::now();
+    let cpus = h.run_on_cpus(&syn(SRC), RUNS, 2).unwrap() as u64;
+    let refill = start.elapsed().as_secs() + 1;
+    let admitted = h.count(Reason::SynPass).unwrap();
+    let refused = h.count(Reason::SynRate).unwrap();
+    assert_eq!(admitted + refused, 1 + cpus * RUNS as u64);
+    assert!(
+        admitted >= BURST && admitted <= BURST + refill + cpus,
+        "{cpus} CPUs took {admitted} SYNs from a bucket of {BURST}"
+    );
+}
+
+#[test]
+fn cpus_sharing_the_global_budget_admit_no_more_than_it_holds() {
+    const BURST: u64 = 50_000;
+    const RUNS: u32 = 100_000;
+    // 50,000 SYNs/s with as many in the bucket, no per-source limit. It
+    // refills while the test runs, by the time taken on the kernel's
+    // coarse clock (which ticks in jiffies: up to 10 ms more).
+    let mut h = harness!(Limits::new(0, 0, BURST, 32, 64));
+    let start = Instant::now();
+    let cpus = h.run_on_cpus(&syn(SRC), RUNS, 2).unwrap() as u64;
+    let ticked = start.elapsed() + Duration::from_millis(10);
+    let refill = (ticked.as_secs_f64() * BURST as f64).ceil() as u64;
+    let admitted = h.count(Reason::SynPass).unwrap();
+    assert_eq!(
+        admitted + h.count(Reason::SynGlobal).unwrap(),
+        cpus * RUNS as u64
+    );
+    assert!(
+        admitted >= BURST && admitted <= BURST + refill + cpus,
+        "{cpus} CPUs took {admitted} SYNs from a global budget of {BURST} (refill {refill})"
+    );
+}
+
 #[test]
 fn limits_change_at_runtime_without_reload() {
     let mut h = harness!(Limits::new(1, 1, 0, 32, 64));

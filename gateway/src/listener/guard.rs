@@ -1,7 +1,7 @@
 //! The kernel's job done at accept, for when there is no XDP program
 //! (disabled, or it could not load or attach): the blocklist (config, block
 //! files, persisted runtime entries and bans) and the per-source connection
-//! rate, with the same token bucket code the XDP program runs. Also holds
+//! rate, with the same bucket code the XDP program runs. Also holds
 //! bans made while degraded. Costs one lock per accepted connection.
 
 use std::{
@@ -11,9 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gateway_common::{
-    bucket, cidr::Cidr, packet::Source, verdict::bucket_key, Bucket, Limits, SourceKey,
-};
+use gateway_common::{bucket, cidr::Cidr, packet::Source, verdict::bucket_key, Limits, SourceKey};
 
 /// Why a connection was refused at accept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,7 +103,8 @@ struct Inner {
     allow: Prefixes<()>,
     bans_since_sweep: usize,
     limits: Option<Limits>,
-    buckets: HashMap<SourceKey, Bucket>,
+    /// Each source key's theoretical arrival time (`bucket`).
+    buckets: HashMap<SourceKey, u64>,
     epoch: Option<Instant>,
 }
 
@@ -196,16 +195,16 @@ impl Guard {
             g.buckets.clear();
         }
         let admitted = match g.buckets.get_mut(&key) {
-            Some(b) => bucket::take(
-                b,
-                limits.syn_rate,
+            Some(tat) => bucket::take(
+                std::cell::Cell::from_mut(tat),
+                limits.syn_interval,
+                limits.syn_tolerance,
                 limits.syn_burst,
-                limits.syn_fill_ns,
                 now_ns,
             ),
             None => {
                 g.buckets
-                    .insert(key, bucket::fresh(limits.syn_burst, now_ns));
+                    .insert(key, bucket::fresh(limits.syn_interval, now_ns));
                 limits.syn_burst > 0
             }
         };
