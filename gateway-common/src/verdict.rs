@@ -23,7 +23,8 @@ use crate::{
 
 /// Policy state the verdict consults. The kernel implements it over BPF maps.
 pub trait Tables {
-    /// The current time (bpf_ktime_get_ns); called only when needed.
+    /// The current time (the kernel's coarse monotonic clock,
+    /// `bpf_ktime_get_coarse_ns`); called only when needed.
     fn now(&self) -> u64;
     fn allowed(&self, src: &Source) -> bool;
     /// Whether an active (unexpired) blocklist entry covers `src`.
@@ -34,7 +35,8 @@ pub trait Tables {
     /// Takes a token from the per-source bucket keyed by `key`; `None`
     /// when the source has no bucket (nothing taken, nothing made).
     fn take_source(&self, key: &SourceKey, limits: &Limits, now_ns: u64) -> Option<Taken>;
-    /// Makes `key`'s bucket, charged for this SYN ([`crate::bucket::fresh_source`]).
+    /// Makes `key`'s bucket, charged for this SYN ([`crate::bucket::fresh_source`]);
+    /// takes from it instead where another CPU made it meanwhile.
     fn add_source(&self, key: &SourceKey, limits: &Limits, now_ns: u64) -> Taken;
     /// Takes a token from the global SYN budget.
     fn take_global(&self, limits: &Limits, now_ns: u64) -> bool;

@@ -212,6 +212,9 @@ pub fn add(dst: &mut u64, n: u64) {
     };
 }
 
+/// `bpf_map_update_elem` flag: fail if the key exists.
+const BPF_NOEXIST: u64 = 1;
+
 /// A bucket's theoretical arrival time in a map value, shared by the CPUs
 /// (`gateway_common::bucket`): read once per SYN, restarted with a plain
 /// store, moved on with an atomic add.
@@ -313,8 +316,12 @@ impl Tables for Maps {
     #[inline(always)]
     fn add_source(&self, key: &SourceKey, l: &Limits, now: u64) -> Taken {
         let (b, taken) = bucket::fresh_source(l, now);
-        let _ = SYN_BUCKETS.insert(key, b, 0);
-        taken
+        // Only where there is none: another CPU may have made this
+        // source's bucket since the lookup missed, and taken from it.
+        if SYN_BUCKETS.insert(key, b, BPF_NOEXIST).is_ok() {
+            return taken;
+        }
+        self.take_source(key, l, now).unwrap_or(taken)
     }
 
     #[inline(always)]

@@ -55,19 +55,23 @@ impl Harness {
         Ok((r.return_value, r.duration))
     }
 
-    /// Runs a frame `repeat` times on each of `cpus` CPUs at once (a thread
-    /// pinned to each), as CPUs receiving one flood share its buckets.
-    /// Returns how many CPUs ran it: fewer than asked when the machine has
-    /// fewer.
+    /// Runs a frame `repeat` times on each of up to `cpus` CPUs at once (a
+    /// thread pinned to each, released together), as CPUs receiving one
+    /// flood share its buckets. Returns how many CPUs ran it: fewer than
+    /// asked where this process may use fewer.
     pub fn run_on_cpus(&mut self, frame: &[u8], repeat: u32, cpus: usize) -> Result<usize> {
-        let online = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let cpus = cpus.min(online).max(1);
+        let cpus: Vec<usize> = allowed_cpus()?.into_iter().take(cpus).collect();
         let prog: &aya::programs::Xdp = loader::xdp_program(&mut self.ebpf)?;
+        let start = std::sync::Barrier::new(cpus.len());
         std::thread::scope(|s| {
-            let runs: Vec<_> = (0..cpus)
-                .map(|cpu| {
+            let runs: Vec<_> = cpus
+                .iter()
+                .map(|&cpu| {
+                    let start = &start;
                     s.spawn(move || -> Result<()> {
-                        pin_to_cpu(cpu)?;
+                        let pinned = pin_to_cpu(cpu);
+                        start.wait();
+                        pinned?;
                         let mut out = vec![0u8; frame.len() + 256];
                         prog.test_run(TestRunOptions {
                             data_in: Some(frame),
@@ -83,7 +87,7 @@ impl Harness {
             runs.into_iter()
                 .try_for_each(|r| r.join().expect("a test-run thread panicked"))
         })?;
-        Ok(cpus)
+        Ok(cpus.len())
     }
 
     /// Packets counted under `reason` so far.
@@ -94,6 +98,21 @@ impl Harness {
             .into_iter()
             .find(|(r, _)| *r == reason)
             .map_or(0, |(_, c)| c.packets))
+    }
+}
+
+/// The CPUs this process may run on.
+fn allowed_cpus() -> Result<Vec<usize>> {
+    // SAFETY: `set` is a plain bitmask the kernel fills in; it is read
+    // with the size passed.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Err(std::io::Error::last_os_error()).context("reading this process's CPUs");
+        }
+        Ok((0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect())
     }
 }
 
