@@ -1287,31 +1287,141 @@ async fn a_client_pausing_longer_than_idle_is_no_upstream_stall() {
     );
 }
 
+/// One HTTP/2 connection of its own (hyper's client, no pool): requests go
+/// on it, and the handle ends when the gateway closes it.
+async fn h2_connection(
+    gw: &TestGateway,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let addr = gw.url.trim_start_matches("http://");
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    (
+        send,
+        tokio::spawn(async move {
+            let _ = conn.await;
+        }),
+    )
+}
+
+fn h2_chat(
+    gw: &TestGateway,
+    headers: &[(&str, &str)],
+    stream: bool,
+) -> http::Request<http_body_util::Full<Bytes>> {
+    let mut b = http::Request::post(url(gw))
+        .header("authorization", format!("Bearer {KEY_A}"))
+        .header("content-type", "application/json");
+    for (n, v) in headers {
+        b = b.header(*n, *v);
+    }
+    b.body(http_body_util::Full::new(Bytes::from(
+        chat("m", stream).to_string(),
+    )))
+    .unwrap()
+}
+
 /// HTTP/2: a client that reads its connection but never opens a stream's
 /// flow-control window stops the gateway from polling that response; after
-/// `send_timeout` the stream's upstream request is cancelled anyway.
+/// `send_timeout` the stream's upstream request is cancelled anyway. The
+/// connection then takes no new stream (GOAWAY) and is closed once its
+/// other streams are done: hyper can never finish the cut one, and a
+/// client kept a connection (and the cut streams' state) open forever by
+/// answering pings. The client's next requests go on a new connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_stream_the_client_never_reads_is_cut_after_the_send_timeout() {
     let up = mock("a").await;
     let models = model_toml("m", "", &[(up.url(), 1, None)]);
     let gw = TestGateway::start("send_timeout = \"600ms\"", &models).await;
-    let c = Client::h2c();
-    let held = c
-        .post_raw(
-            &url(&gw),
-            Some(KEY_A),
+    let (mut send, conn) = h2_connection(&gw).await;
+    let held = send
+        .send_request(h2_chat(
+            &gw,
             &[("x-mock-tokens", "200000"), ("x-mock-interval-ms", "0")],
-            Bytes::from(chat("m", true).to_string()),
-        )
-        .await;
+            true,
+        ))
+        .await
+        .unwrap();
     assert_eq!(held.status(), 200);
-    assert_eq!(held.version(), http::Version::HTTP_2);
     // Its body is never read: the client's window for it stays shut.
     upstream_cancelled_once_stuck(&up).await;
-    // The same connection still serves other requests.
-    let r = c.post(&url(&gw), Some(KEY_A), &[], &chat("m", false)).await;
-    assert_eq!(r.status, 200);
+    tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("the stalled connection is closed after the cut")
+        .unwrap();
     drop(held);
+    let r = Client::h2c()
+        .post(&url(&gw), Some(KEY_A), &[], &chat("m", false))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(up.stats().snapshot().in_flight, 0);
+}
+
+/// HTTP/2 rapid reset: a client that opens streams and resets them once
+/// the gateway has taken them on (h2's own limit counts only resets of
+/// streams not yet taken on) has its connection closed when most of at
+/// least 200 streams were reset before their answer. The same number of
+/// streams answered in full keeps the connection open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_resetting_most_streams_is_disconnected() {
+    let up = mock("a").await;
+    let models = model_toml("m", "", &[(up.url(), 1, None)]);
+    let gw = TestGateway::start("", &models).await;
+
+    // Answered in full: 220 requests, 20 at a time.
+    let (send, conn) = h2_connection(&gw).await;
+    for _ in 0..11 {
+        let batch: Vec<_> = (0..20)
+            .map(|_| {
+                let mut send = send.clone();
+                let req = h2_chat(&gw, &[], false);
+                tokio::spawn(async move { send.send_request(req).await.unwrap().status() })
+            })
+            .collect();
+        for r in batch {
+            assert_eq!(r.await.unwrap(), 200);
+        }
+    }
+    assert!(
+        !conn.is_finished(),
+        "a client whose streams are answered keeps its connection"
+    );
+
+    // Reset: 220 requests whose answers take 2 s, each dropped (RST_STREAM)
+    // once the backend has it.
+    let (send, conn) = h2_connection(&gw).await;
+    let pending: Vec<_> = (0..220)
+        .map(|_| {
+            let mut send = send.clone();
+            let req = h2_chat(&gw, &[("x-mock-latency-ms", "2000")], false);
+            tokio::spawn(async move { send.send_request(req).await })
+        })
+        .collect();
+    eventually(
+        Duration::from_secs(10),
+        "the backend has the requests",
+        || up.stats().snapshot().in_flight >= 200,
+    )
+    .await;
+    for p in pending {
+        p.abort();
+    }
+    tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("the resetting client's connection is closed")
+        .unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "the reset requests are cancelled upstream",
+        || up.stats().snapshot().in_flight == 0,
+    )
+    .await;
 }
 
 /// A streaming server sends its head at once and its first token after

@@ -7,8 +7,11 @@
 //! hyper through a [`Watched`] slot; the connection's task looks at the
 //! slots on a coarse tick and takes back the body of a stream whose last
 //! frame has waited for the client longer than `send_timeout`. Dropping the
-//! body cancels the upstream request and frees what it held; hyper's next
-//! poll, if the window ever opens, resets the stream.
+//! body cancels the upstream request and frees what it held, and the
+//! stream no longer counts as open; hyper's next poll, if the window ever
+//! opens, resets the stream. The connection takes no new stream after a
+//! cut and is dropped once no stream is open (`serve_h2`): hyper could
+//! never finish the cut ones.
 
 use std::{
     pin::Pin,

@@ -18,7 +18,10 @@ use std::{
     io,
     net::SocketAddr,
     pin::{pin, Pin},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -213,6 +216,8 @@ impl Conn {
 
 /// Streams one HTTP/2 connection may have open at once.
 const MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Response bytes one HTTP/2 stream may queue for a slow client.
+const MAX_SEND_BUF: usize = 64 * 1024;
 
 fn spawn_connection(
     stream: TcpStream,
@@ -312,10 +317,47 @@ async fn sniff(io: &mut BoxIo, buf: &mut BytesMut) -> io::Result<bool> {
 }
 
 /// How many streams of an HTTP/2 connection are open, and since when none
-/// has been.
+/// has been; how many it opened, and how many of those the client reset
+/// before their answer.
 struct H2Activity {
     open: std::sync::atomic::AtomicUsize,
     idle_since: std::sync::Mutex<tokio::time::Instant>,
+    opened: AtomicU64,
+    reset_early: AtomicU64,
+    /// Told when the resets pass [`reset_flood`].
+    flood: tokio::sync::Notify,
+}
+
+/// Streams an HTTP/2 connection must have opened before its resets are
+/// judged, and the share of them reset before their answer that closes it.
+/// A client that opens streams and resets them once the server accepted
+/// them (so h2's own limit on resets of streams not yet accepted never
+/// sees them) makes the gateway start work it throws away, at the rate of
+/// its round trips; Envoy closes such a connection at the same share.
+const RESET_FLOOD_MIN: u64 = 200;
+
+fn reset_flood(opened: u64, reset_early: u64) -> bool {
+    opened >= RESET_FLOOD_MIN && 2 * reset_early > opened
+}
+
+/// A stream's request until its answer is ready: dropped before that (the
+/// client reset the stream), it counts as reset early.
+struct Answering<'a> {
+    activity: &'a H2Activity,
+    answered: bool,
+}
+
+impl Drop for Answering<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let a = self.activity;
+        let reset = a.reset_early.fetch_add(1, Ordering::Relaxed) + 1;
+        if reset_flood(a.opened.load(Ordering::Relaxed), reset) {
+            a.flood.notify_one();
+        }
+    }
 }
 
 /// One open stream; its end (the response body dropped) is counted.
@@ -355,16 +397,26 @@ async fn serve_h2(
     let activity = Arc::new(H2Activity {
         open: Default::default(),
         idle_since: std::sync::Mutex::new(tokio::time::Instant::now()),
+        opened: AtomicU64::new(0),
+        reset_early: AtomicU64::new(0),
+        flood: tokio::sync::Notify::new(),
     });
     let watch = Arc::new(h2_send::Watch::default());
     let svc = {
         let activity = Arc::clone(&activity);
         let watch = Arc::clone(&watch);
+        let shared = Arc::clone(&shared);
         hyper::service::service_fn(move |req| {
             let shared = Arc::clone(&shared);
             let open = StreamOpen::new(&activity);
+            activity.opened.fetch_add(1, Ordering::Relaxed);
+            let activity = Arc::clone(&activity);
             let watch = Arc::clone(&watch);
             async move {
+                let mut answering = Answering {
+                    activity: &activity,
+                    answered: false,
+                };
                 let head_only = req.method() == http::Method::HEAD;
                 let mut r = crate::pipeline::handle(shared, req, peer).await;
                 if head_only {
@@ -372,14 +424,18 @@ async fn serve_h2(
                     // and DATA on a HEAD answer is a protocol error.
                     r = without_body(r).await;
                 }
-                // The stream stays open until its response body is done.
+                answering.answered = true;
+                // The stream stays open until its response body is done,
+                // or the send timeout takes the body back from hyper.
                 Ok::<_, Infallible>(r.map(|b| {
                     watch
-                        .watched(b)
-                        .map_frame(move |f| {
-                            let _ = &open;
-                            f
-                        })
+                        .watched(
+                            b.map_frame(move |f| {
+                                let _ = &open;
+                                f
+                            })
+                            .boxed_unsync(),
+                        )
                         .boxed_unsync()
                 }))
             }
@@ -389,6 +445,9 @@ async fn serve_h2(
     b.timer(TokioTimer::new())
         .max_header_list_size(limits.max_header_bytes)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        // What one stream may queue for a client that reads slowly (h2's
+        // default is 400 KiB): a token stream never gets near it.
+        .max_send_buf_size(MAX_SEND_BUF)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let mut conn = pin!(b.serve_connection(TokioIo::new(Prefixed { read, io }), svc));
     let idle = limits.header_read_timeout;
@@ -396,10 +455,23 @@ async fn serve_h2(
     // The send timeout's tick (see `h2_send`).
     let period = h2_send::Watch::period(limits.send_timeout);
     let mut next_tick = tokio::time::Instant::now() + period;
+    // Whether a stream was cut for the send timeout: the connection then
+    // takes no new stream, and closes once the others are done.
+    let mut stalled = false;
     let drained = loop {
         tokio::select! {
             r = conn.as_mut() => return Ok(r?),
             _ = drain.wait_for(|d| *d) => break true,
+            _ = activity.flood.notified() => {
+                tracing::warn!(
+                    client = %peer.ip(),
+                    opened = activity.opened.load(Ordering::Relaxed),
+                    reset = activity.reset_early.load(Ordering::Relaxed),
+                    "HTTP/2 connection closed: the client reset most of its streams before their answer"
+                );
+                shared.abuse.record(peer.ip(), crate::pipeline::abuse::Cause::RateLimited);
+                return Ok(());
+            }
             _ = tokio::time::sleep_until(check.min(next_tick)) => {}
         }
         let now = tokio::time::Instant::now();
@@ -407,7 +479,16 @@ async fn serve_h2(
             next_tick = now + period;
             let cut = watch.tick();
             if cut > 0 {
-                tracing::info!(client = %peer.ip(), streams = cut, "HTTP/2 streams cut: the client took none of their response within the send timeout");
+                tracing::info!(client = %peer.ip(), streams = cut, "HTTP/2 streams cut: the client took none of their response within the send timeout; the connection takes no new stream");
+                if !stalled {
+                    stalled = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+            if stalled && activity.open.load(Ordering::Relaxed) == 0 {
+                // hyper still holds the cut streams, which it can never
+                // finish: dropping the connection ends them.
+                return Ok(());
             }
             if now < check {
                 continue;
