@@ -99,9 +99,11 @@ impl Daemon {
         self.shared
             .conn_limits
             .store(Arc::new(ConnLimits::new(&new.server)));
-        self.shared
-            .per_ip
-            .set(new.server.max_connections_per_ip, new.xdp.ipv6_prefix);
+        self.shared.per_ip.set(
+            new.server.max_connections_per_ip,
+            new.server.max_connections,
+            new.xdp.ipv6_prefix,
+        );
         let old = self.shared.routes.load_full();
         let routes = Arc::new(Routes::reload(&new, Some(&old)));
         self.shared.metrics.forget_removed(&old, &routes);

@@ -506,56 +506,76 @@ async fn drain_cut_short(server_extra: &str, signals: usize) {
     }
 }
 
+/// Past `max_connections_per_ip` (per client) or `max_connections` (all
+/// clients together) a new connection is closed unanswered; a slot that
+/// frees up takes the next one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn max_connections_per_ip_closes_the_extra_ones() {
+async fn max_connections_per_ip_and_in_all_close_the_extra_ones() {
     let up = MockLlm::start(MockOptions::default()).await.unwrap();
     let port = free_port();
-    let body = config(port, &up.url(), &up.url(), (1, 1))
-        .replace("[server]\n", "[server]\nmax_connections_per_ip = 2\n");
+    let body = config(port, &up.url(), &up.url(), (1, 1)).replace(
+        "[server]\n",
+        "[server]\nmax_connections_per_ip = 2\nmax_connections = 3\n",
+    );
     let gw = tokio::task::spawn_blocking(move || Daemon::start(None, &body))
         .await
         .unwrap()
         .expect("daemon");
     let dst: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let req = "GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n";
     let statuses = tokio::task::spawn_blocking(move || {
         use std::io::{Read as _, Write as _};
-        // Two connections held open from 127.0.0.5, then a third.
-        let open = || {
+        // A connection held open from 127.0.0.<from>, and the start of its
+        // first answer.
+        let open = |from: u8| {
             let mut s =
                 socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-            s.bind(&std::net::SocketAddr::from(([127, 0, 0, 5], 0)).into())
+            s.bind(&std::net::SocketAddr::from(([127, 0, 0, from], 0)).into())
                 .unwrap();
             s.connect(&dst.into()).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            s.write_all(req.as_bytes()).unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+                .unwrap();
             let mut buf = [0u8; 12];
             let got = s.read(&mut buf).unwrap_or(0);
             (s, std::str::from_utf8(&buf[..got]).unwrap_or("").to_owned())
         };
-        let (a, ra) = open();
-        let (b, rb) = open();
-        let (_c, rc) = open();
-        let other = gateway_tests::netns::http_status(
-            "127.0.0.6".parse().unwrap(),
-            dst,
-            req,
-            Duration::from_secs(1),
-        );
-        drop((a, b));
-        (ra, rb, rc, other)
+        let (a, ra) = open(5);
+        let (_b, rb) = open(5);
+        let (_c, rc) = open(5); // a third from one client
+        let (_d, rd) = open(6); // the third in all
+        let (_e, re) = open(8); // a fourth in all
+        drop(a);
+        // The freed slot is seen once the gateway has read the close.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let rf = loop {
+            let (f, rf) = open(8);
+            if !rf.is_empty() || std::time::Instant::now() > deadline {
+                break (f, rf).1;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        [ra, rb, rc, rd, re, rf]
     })
     .await
     .unwrap();
-    assert!(
-        statuses.0.starts_with("HTTP/1.1 200") && statuses.1.starts_with("HTTP/1.1 200"),
-        "{statuses:?}"
-    );
+    let ok = |s: &str| s.starts_with("HTTP/1.1 200");
+    assert!(ok(&statuses[0]) && ok(&statuses[1]), "{statuses:?}");
     assert_eq!(
-        statuses.2, "",
+        statuses[2], "",
         "the third connection from one address must be closed unanswered"
     );
-    assert_eq!(statuses.3, Some(200), "another address is unaffected");
+    assert!(
+        ok(&statuses[3]),
+        "another address is unaffected: {statuses:?}"
+    );
+    assert_eq!(
+        statuses[4], "",
+        "a fourth connection in all must be closed unanswered"
+    );
+    assert!(
+        ok(&statuses[5]),
+        "a closed connection frees its slot: {statuses:?}"
+    );
     drop(gw);
 }
 

@@ -105,6 +105,11 @@ pub struct ServerConfig {
     pub cors_origins: Vec<String>,
     /// Default: 256.
     pub max_connections_per_ip: u32,
+    /// Client connections open at once, all clients together; 0 = no
+    /// limit. `None` (the default): the open-file limit less what is kept
+    /// for upstream connections, health checks, metrics and the admin
+    /// socket ([`crate::listener::limit::auto_max_connections`]).
+    pub max_connections: Option<u32>,
     /// Request line plus headers, in bytes (HTTP/1.1; the header list for
     /// HTTP/2). Larger requests get 431. Default: 8 KiB.
     pub max_header_bytes: u32,
@@ -678,6 +683,7 @@ impl Validator {
             max_connections_per_ip: s
                 .max_connections_per_ip
                 .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_IP),
+            max_connections: s.max_connections,
             max_header_bytes: self.at_least(
                 "server.max_header_bytes",
                 s.max_header_bytes,

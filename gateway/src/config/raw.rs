@@ -190,6 +190,7 @@ pub struct Server {
     pub drain_timeout: Option<String>,
     pub cors_origins: Option<Vec<String>>,
     pub max_connections_per_ip: Option<u32>,
+    pub max_connections: Option<u32>,
     pub max_header_bytes: Option<u32>,
     pub max_headers: Option<u32>,
     pub state_dir: Option<String>,

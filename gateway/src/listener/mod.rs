@@ -110,6 +110,7 @@ impl Listeners {
         // every second too, not only when a connection closes: a worker
         // whose connections stay open (or that has none) would otherwise
         // keep what the program added for handshakes that never completed.
+        let mut full_warning = FullWarning::default();
         let mut publish = tokio::time::interval(LOAD_PUBLISH);
         publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -129,12 +130,22 @@ impl Listeners {
                         }
                         continue;
                     }
-                    let Some(slot) = shared.per_ip.acquire(peer.ip()) else {
-                        // Over max_connections_per_ip: close at once, and
-                        // count it towards a ban.
-                        drop(stream);
-                        shared.abuse.record(peer.ip(), crate::pipeline::abuse::Cause::RateLimited);
-                        continue;
+                    let slot = match shared.per_ip.acquire(peer.ip()) {
+                        Ok(slot) => slot,
+                        Err(limit::Full::Client) => {
+                            // Over max_connections_per_ip: close at once,
+                            // and count it towards a ban.
+                            drop(stream);
+                            shared.abuse.record(peer.ip(), crate::pipeline::abuse::Cause::RateLimited);
+                            continue;
+                        }
+                        Err(limit::Full::All) => {
+                            // Over max_connections: close at once; the
+                            // open files kept back serve the open ones.
+                            drop(stream);
+                            full_warning.note(shared.per_ip.max_total());
+                            continue;
+                        }
                     };
                     if let Some(t) = shared.trust.get() {
                         t.record(peer.ip());
@@ -211,6 +222,33 @@ impl Conn {
             }
         }
         self.gauge.add(delta);
+    }
+}
+
+/// Connections refused at `server.max_connections`, said in the log at
+/// most once a minute per worker.
+#[derive(Default)]
+struct FullWarning {
+    refused: u64,
+    said: Option<tokio::time::Instant>,
+}
+
+impl FullWarning {
+    fn note(&mut self, max: u32) {
+        self.refused += 1;
+        let now = tokio::time::Instant::now();
+        if self
+            .said
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60))
+        {
+            tracing::warn!(
+                max_connections = max,
+                refused = self.refused,
+                "new connections refused: server.max_connections are open"
+            );
+            self.said = Some(now);
+            self.refused = 0;
+        }
     }
 }
 

@@ -90,6 +90,7 @@ impl Shared {
             ready: ArcSwap::from_pointee(Readiness::default()),
             per_ip: crate::listener::limit::PerIp::new(
                 cfg.server.max_connections_per_ip,
+                cfg.server.max_connections,
                 cfg.xdp.ipv6_prefix,
             ),
             abuse: abuse::Tracker::new(cfg, bans),
