@@ -791,6 +791,26 @@ async fn hostile_requests_get_clear_errors_and_cost_nothing() {
         1,
         "only the chunked request reached upstream"
     );
+    // The header count over HTTP/2 too, where hyper bounds only the size of
+    // the header list.
+    let (mut send, _conn) = h2_connection(&gw).await;
+    let mut many = http::Request::get(format!("{}/healthz", gw.url));
+    for i in 0..150 {
+        many = many.header(format!("x-h{i}"), "v");
+    }
+    let r = send
+        .send_request(many.body(http_body_util::Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 431);
+    let body = http_body_util::BodyExt::collect(r.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains("header_too_large"),
+        "{body:?}"
+    );
 
     // A client that connects and says nothing is closed after the header
     // read timeout; so is one that stops halfway through its headers.

@@ -113,7 +113,7 @@ pub struct ServerConfig {
     /// Request line plus headers, in bytes (HTTP/1.1; the header list for
     /// HTTP/2). Larger requests get 431. Default: 8 KiB.
     pub max_header_bytes: u32,
-    /// Header fields per request (HTTP/1.1). Default: 100.
+    /// Header fields per request (HTTP/1.1 and HTTP/2). Default: 100.
     pub max_headers: u32,
     /// Persisted blocklist, allowlist, limits and bans. Default: /var/lib/gateway.
     pub state_dir: PathBuf,

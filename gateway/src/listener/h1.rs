@@ -156,27 +156,7 @@ async fn exchange(
         }
         Ok(Err(HeadError::Refused(status, why))) => {
             // Answered like any response, then the connection closes.
-            let body = crate::error::error_body(why, "invalid_request_error", refusal_code(status));
-            let mut resp = Response::new(crate::pipeline::full(body));
-            *resp.status_mut() = status;
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/json"),
-            );
-            // A fresh id: the head that might have carried one was refused.
-            let id = crate::pipeline::request_id(&http::HeaderMap::new());
-            if let Ok(v) = http::HeaderValue::from_str(&id) {
-                resp.headers_mut()
-                    .insert(crate::pipeline::proxy::X_REQUEST_ID, v);
-            }
-            tracing::info!(
-                target: "access",
-                request_id = %id,
-                client = %peer.ip(),
-                status = status.as_u16(),
-                outcome = "rejected",
-                "{why}"
-            );
+            let resp = refusal(status, why, peer);
             write_response(&mut conn, resp, false, Version::HTTP_11, false, limits).await?;
             return Ok(Next::Close(conn, true));
         }
@@ -260,6 +240,37 @@ fn boxed<F: std::future::Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
     slot.write(make());
     // SAFETY: written just above.
     Box::into_pin(unsafe { slot.assume_init() })
+}
+
+/// The answer to a request head refused before the pipeline (431, 400),
+/// logged like any request.
+pub(super) fn refusal(
+    status: StatusCode,
+    why: &str,
+    peer: std::net::SocketAddr,
+) -> Response<crate::pipeline::ResponseBody> {
+    let body = crate::error::error_body(why, "invalid_request_error", refusal_code(status));
+    let mut resp = Response::new(crate::pipeline::full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    // A fresh id: the head that might have carried one was refused.
+    let id = crate::pipeline::request_id(&http::HeaderMap::new());
+    if let Ok(v) = http::HeaderValue::from_str(&id) {
+        resp.headers_mut()
+            .insert(crate::pipeline::proxy::X_REQUEST_ID, v);
+    }
+    tracing::info!(
+        target: "access",
+        request_id = %id,
+        client = %peer.ip(),
+        status = status.as_u16(),
+        outcome = "rejected",
+        "{why}"
+    );
+    resp
 }
 
 fn refusal_code(status: StatusCode) -> &'static str {

@@ -440,6 +440,7 @@ async fn serve_h2(
         flood: tokio::sync::Notify::new(),
     });
     let watch = Arc::new(h2_send::Watch::default());
+    let max_headers = limits.max_headers as usize;
     let svc = {
         let activity = Arc::clone(&activity);
         let watch = Arc::clone(&watch);
@@ -456,7 +457,17 @@ async fn serve_h2(
                     answered: false,
                 };
                 let head_only = req.method() == http::Method::HEAD;
-                let mut r = crate::pipeline::handle(shared, req, peer).await;
+                // HTTP/1.1 counts header fields as it parses; hyper's
+                // HTTP/2 server bounds only the header list's size.
+                let mut r = if req.headers().len() > max_headers {
+                    h1::refusal(
+                        http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                        "more request headers than server.max_headers",
+                        peer,
+                    )
+                } else {
+                    crate::pipeline::handle(shared, req, peer).await
+                };
                 if head_only {
                     // hyper's HTTP/2 server sends whatever body it is given,
                     // and DATA on a HEAD answer is a protocol error.
