@@ -11,5 +11,6 @@ pub mod kernel;
 pub mod listener;
 pub mod metrics;
 pub mod pipeline;
+pub mod sd_notify;
 pub mod server;
 pub mod upstream;

@@ -454,6 +454,12 @@ impl Default for Metrics {
     }
 }
 
+/// Connections the metrics listener serves at once; more are closed.
+const MAX_SCRAPERS: usize = 64;
+/// How long a metrics connection may take to send a request head, and stay
+/// idle between requests.
+const SCRAPE_HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves `GET /metrics` on `addr` until the process ends. Runs on its own
 /// task so scrapes never wait behind proxy traffic.
 pub async fn serve(
@@ -465,14 +471,26 @@ pub async fn serve(
         .await
         .with_context(|| format!("binding the metrics listener on {addr} (metrics.listen)"))?;
     let local = listener.local_addr()?;
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPERS));
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!("metrics: accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = Arc::clone(&open).try_acquire_owned() else {
+                drop(stream);
                 continue;
             };
             let metrics = Arc::clone(&metrics);
             let before = Arc::clone(&before_scrape);
             tokio::spawn(async move {
+                let _permit = permit;
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let metrics = Arc::clone(&metrics);
                     let before = Arc::clone(&before);
@@ -490,7 +508,11 @@ pub async fn serve(
                         Ok::<_, Infallible>(resp.expect("static response parts"))
                     }
                 });
+                // A connection that sends no (complete) request head for
+                // this long, idle between scrapes included, is closed.
                 let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(SCRAPE_HEAD_TIMEOUT)
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                     .await;
             });

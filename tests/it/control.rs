@@ -45,6 +45,47 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Under systemd (`Type=notify`, dist/gateway.service): the daemon says
+/// READY=1 once it serves (so `systemctl start` returns then, and fails for
+/// a daemon that exits first), and STOPPING=1 when it starts to drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_tells_systemd_when_it_serves_and_when_it_stops() {
+    let up = MockLlm::start(MockOptions::default()).await.unwrap();
+    let dir = gateway_tests::TempDir::new("notify");
+    let path = dir.0.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let port = free_port();
+    let body = config(port, &up.url(), &up.url(), (1, 1));
+    let env = path.display().to_string();
+    let mut gw = tokio::task::spawn_blocking(move || {
+        Daemon::start_with_env(&body, &[("NOTIFY_SOCKET", &env)])
+    })
+    .await
+    .unwrap()
+    .expect("daemon");
+    let (gw, said) = tokio::task::spawn_blocking(move || {
+        let mut said = Vec::new();
+        let mut buf = [0u8; 512];
+        let n = sock.recv(&mut buf).expect("READY=1 within 10 s");
+        said.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        gw.terminate();
+        let n = sock.recv(&mut buf).expect("STOPPING=1 within 10 s");
+        said.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        let exit = gw.wait_exit(Duration::from_secs(30));
+        (gw, (said, exit))
+    })
+    .await
+    .unwrap();
+    let (said, exit) = said;
+    assert_eq!(said[0].lines().next(), Some("READY=1"), "{said:?}");
+    assert!(said[0].contains("STATUS=serving"), "{said:?}");
+    assert_eq!(said[1].lines().next(), Some("STOPPING=1"), "{said:?}");
+    assert!(exit.is_some_and(|s| s.success()), "{exit:?}");
+    drop(gw);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_reloads_under_load_fail_no_request() {
     let a = MockLlm::start(MockOptions {

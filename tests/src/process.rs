@@ -23,6 +23,8 @@ pub struct Daemon {
     netns: Option<String>,
     /// Run as the packaged service runs it (see `start_as_service`).
     service: Option<PathBuf>,
+    /// Environment given to the process beyond the test's own.
+    env: Vec<(String, String)>,
     _dir: TempDir,
 }
 
@@ -71,7 +73,12 @@ impl Daemon {
     /// Starts the daemon inside network namespace `netns` (a /run/netns
     /// path) with `config_body` plus the test's own state and pin dirs.
     pub fn start(netns: Option<&str>, config_body: &str) -> Result<Daemon> {
-        Daemon::start_with(netns, config_body, false)
+        Daemon::start_with(netns, config_body, false, &[])
+    }
+
+    /// As [`Daemon::start`], with `env` set for the process.
+    pub fn start_with_env(config_body: &str, env: &[(&str, &str)]) -> Result<Daemon> {
+        Daemon::start_with(None, config_body, false, env)
     }
 
     /// Starts the daemon as the packaged unit does: as an unprivileged
@@ -79,10 +86,19 @@ impl Daemon {
     /// directory made and handed to that user first, as the unit's
     /// `ExecStartPre` does. The binary is copied where that user can run it.
     pub fn start_as_service(netns: Option<&str>, config_body: &str) -> Result<Daemon> {
-        Daemon::start_with(netns, config_body, true)
+        Daemon::start_with(netns, config_body, true, &[])
     }
 
-    fn start_with(netns: Option<&str>, config_body: &str, service: bool) -> Result<Daemon> {
+    fn start_with(
+        netns: Option<&str>,
+        config_body: &str,
+        service: bool,
+        env: &[(&str, &str)],
+    ) -> Result<Daemon> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let dir = TempDir::new("daemon");
         let pin_dir = PathBuf::from(format!(
             "/sys/fs/bpf/gwtest-{}-{}",
@@ -125,7 +141,7 @@ impl Daemon {
         // and a daemon blocked on a full pipe stops serving.
         let log = dir.0.join("gateway.log");
         std::fs::File::create(&log).context("creating the daemon's log file")?;
-        let child = run_command(&config, &log, netns, service.as_deref())?
+        let child = run_command(&config, &log, netns, service.as_deref(), &env)?
             .spawn()
             .context("starting gateway run")?;
         let mut d = Daemon {
@@ -135,6 +151,7 @@ impl Daemon {
             pin_dir,
             log,
             service,
+            env,
             _dir: dir,
         };
         d.wait_ready()?;
@@ -175,6 +192,7 @@ impl Daemon {
             &self.log,
             self.netns.as_deref(),
             self.service.as_deref(),
+            &self.env,
         )?
         .spawn()
         .context("restarting gateway run")?;
@@ -271,6 +289,7 @@ fn run_command(
     log: &Path,
     netns: Option<&str>,
     service: Option<&Path>,
+    env: &[(String, String)],
 ) -> Result<Command> {
     let log = std::fs::OpenOptions::new().append(true).open(log)?;
     let mut cmd = match service {
@@ -287,7 +306,8 @@ fn run_command(
         }
         None => Command::new(gateway_bin()),
     };
-    cmd.arg("--config")
+    cmd.envs(env.iter().map(|(k, v)| (k, v)))
+        .arg("--config")
         .arg(config)
         .arg("run")
         .stdout(Stdio::null())

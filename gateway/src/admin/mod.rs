@@ -15,6 +15,13 @@ use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 
+/// The longest admin request line (a CLI command line in JSON).
+const MAX_REQUEST: u64 = 1 << 20;
+/// How long the daemon waits for a connected client's next request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the CLI waits for the daemon's answer.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// What the CLI asks the daemon.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -64,15 +71,22 @@ pub trait Handler: Send + Sync + 'static {
     fn handle(&self, req: Request) -> Reply;
 }
 
+/// A usage error (exit 2) when a daemon answers on `path` already.
+pub fn refuse_if_answering(path: &Path) -> Result<()> {
+    if StdUnixStream::connect(path).is_ok() {
+        return Err(crate::error::UsageError(format!(
+            "another gateway answers on {} (server.admin_socket); stop it first",
+            path.display()
+        ))
+        .into());
+    }
+    Ok(())
+}
+
 /// Listens on `path` until the process ends. A stale socket file from a
 /// previous run is replaced; a live one (another daemon) is an error.
 pub async fn serve(path: PathBuf, handler: Arc<dyn Handler>) -> Result<()> {
-    if StdUnixStream::connect(&path).is_ok() {
-        anyhow::bail!(
-            "another gateway answers on {} (server.admin_socket); stop it first",
-            path.display()
-        );
-    }
+    refuse_if_answering(&path)?;
     let _ = std::fs::remove_file(&path);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -87,15 +101,40 @@ pub async fn serve(path: PathBuf, handler: Arc<dyn Handler>) -> Result<()> {
         .with_context(|| format!("restricting {} to its owner", path.display()))?;
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!("admin socket: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
             };
             let handler = Arc::clone(&handler);
             tokio::spawn(async move {
                 let (r, mut w) = stream.into_split();
-                let mut lines = tokio::io::BufReader::new(r).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let reply = match serde_json::from_str::<Request>(&line) {
+                let mut r = tokio::io::BufReader::new(r);
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    // One request per line, each within a minute and a
+                    // bounded size: a client that sends nothing, or no end
+                    // of line, holds nothing for long.
+                    let mut limited = tokio::io::AsyncReadExt::take(&mut r, MAX_REQUEST + 1);
+                    match tokio::time::timeout(REQUEST_TIMEOUT, limited.read_line(&mut line)).await
+                    {
+                        Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+                        Ok(Ok(_)) if line.len() as u64 > MAX_REQUEST => {
+                            let _ = w
+                                .write_all(
+                                    b"{\"ok\":false,\"errors\":[\"admin request too large\"]}\n",
+                                )
+                                .await;
+                            break;
+                        }
+                        Ok(Ok(_)) => {}
+                    }
+                    let reply = match serde_json::from_str::<Request>(line.trim_end()) {
                         Ok(req) => {
                             let h = Arc::clone(&handler);
                             tokio::task::spawn_blocking(move || h.handle(req))
@@ -139,15 +178,99 @@ pub fn call(path: &Path, req: &Request) -> Result<Option<Reply>> {
             })
         }
     };
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
     stream.write_all(&line)?;
     let mut reply = String::new();
-    BufReader::new(stream)
-        .read_line(&mut reply)
-        .context("reading the daemon's reply")?;
+    match BufReader::new(stream).read_line(&mut reply) {
+        Ok(0) => anyhow::bail!(
+            "the daemon closed the admin connection without answering (did it exit? see its log)"
+        ),
+        Ok(_) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            anyhow::bail!(
+                "the daemon did not answer within {} s; the command may still take effect \
+                 (see `gateway status` and the daemon's log)",
+                REPLY_TIMEOUT.as_secs()
+            )
+        }
+        Err(e) => return Err(e).context("reading the daemon's reply"),
+    }
     Ok(Some(
         serde_json::from_str(&reply).context("the daemon's reply is not valid JSON")?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Echo;
+
+    impl Handler for Echo {
+        fn handle(&self, req: Request) -> Reply {
+            Reply::ok(serde_json::to_value(&req).unwrap())
+        }
+    }
+
+    fn socket(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("gw-admin-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir.join("admin.sock")
+    }
+
+    #[tokio::test]
+    async fn requests_are_answered_and_oversized_ones_refused() {
+        let path = socket("sizes");
+        serve(path.clone(), Arc::new(Echo)).await.unwrap();
+        let p = path.clone();
+        let reply = tokio::task::spawn_blocking(move || call(&p, &Request::Backends))
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("the daemon answers");
+        assert!(reply.ok, "{reply:?}");
+        // A second daemon on the same socket is refused before it serves.
+        let e = refuse_if_answering(&path).unwrap_err();
+        assert!(e.is::<crate::error::UsageError>(), "{e:#}");
+        // A line longer than any request, with no end: refused, and the
+        // connection closed, without reading on.
+        let p = path.clone();
+        let answer = tokio::task::spawn_blocking(move || {
+            let mut s = StdUnixStream::connect(&p).unwrap();
+            let _ = s.write_all(&vec![b'x'; (MAX_REQUEST + 4096) as usize]);
+            let mut out = String::new();
+            let _ = std::io::Read::read_to_string(&mut s, &mut out);
+            out
+        })
+        .await
+        .unwrap();
+        assert!(answer.contains("admin request too large"), "{answer}");
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn a_daemon_that_closes_without_answering_is_said_so() {
+        let path = socket("closes");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&mut s).read_line(&mut line).unwrap();
+        });
+        let e = call(&path, &Request::Reload).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("closed the admin connection without answering"),
+            "{e:#}"
+        );
+        t.join().unwrap();
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
 }

@@ -61,10 +61,19 @@ async fn serve(cfg: Config, path: &Path) -> Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
 
+    // Before anything is served: another daemon answering on the admin
+    // socket (with XDP off or degraded it has no maps to find it by)
+    // would have its traffic split with this one, whose listeners share
+    // its ports.
+    admin::refuse_if_answering(&cfg.server.admin_socket)?;
     // A block file that cannot be read is refused, as by `check` and
-    // `reload`, rather than taken for an empty feed.
+    // `reload`, rather than taken for an empty feed; so is a state file
+    // (the persisted blocks, allowlist, limits and bans) that cannot be
+    // read or parsed. Restarting fixes neither: exit 2.
     crate::kernel::policy::load_block_files(&cfg.xdp)
         .map_err(|e| crate::error::UsageError(format!("{e:#}")))?;
+    crate::kernel::state::State::load(&cfg.server.state_dir)
+        .map_err(|e| crate::error::UsageError(format!("server.state_dir: {e:#}")))?;
     let mut degraded = None;
     let kernel = if cfg.xdp.enabled {
         // A misspelt interface is a config error; anything else that stops
@@ -144,6 +153,10 @@ async fn serve(cfg: Config, path: &Path) -> Result<()> {
     )
     .await?;
     tracing::info!(pid = std::process::id(), admin = %admin_path.display(), "gateway running");
+    crate::sd_notify::notify(&match &daemon.degraded {
+        None => "READY=1\nSTATUS=serving".to_owned(),
+        Some(why) => format!("READY=1\nSTATUS=serving, degraded: {why}"),
+    });
 
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
     let mut ticks = 0u64;
@@ -189,6 +202,7 @@ async fn serve(cfg: Config, path: &Path) -> Result<()> {
     tracing::info!(
         "shutting down: no new connections; draining open requests (a second signal cuts them)"
     );
+    crate::sd_notify::notify("STOPPING=1\nSTATUS=draining open requests");
     // A second SIGTERM or Ctrl-C ends the drain at once, as nginx's fast
     // shutdown does; XDP is still detached and the socket removed below.
     tokio::select! {
