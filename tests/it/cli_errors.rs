@@ -235,3 +235,56 @@ fn keys_new_prints_a_key_and_its_digest_entry() {
     // A name that would be a bad metrics label is refused.
     assert_eq!(cli_with(&cfg, &["keys", "new", "--name", "a b"]).code, 2);
 }
+
+/// A state file (persisted blocks, allowlist, limits and bans) that cannot
+/// be parsed stops `gateway run` before it serves anything, with exit 2
+/// (the unit does not restart it) and the file named: the policy in it is
+/// never taken for empty.
+#[test]
+fn a_corrupt_state_file_stops_run_before_it_serves() {
+    let dir = TempDir::new("cli");
+    let state = dir.0.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(
+        state.join("xdp-state.json"),
+        "{\"version\": 1, \"blocks\": [",
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = write_config(
+        &dir,
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nstate_dir = \"{}\"\nadmin_socket = \"{}\"\n\
+             [metrics]\nlisten = \"127.0.0.1:0\"\n[xdp]\nenabled = false\n",
+            state.display(),
+            dir.0.join("admin.sock").display()
+        ),
+    );
+    let mut child = std::process::Command::new(gateway_tests::gateway_bin())
+        .arg("--config")
+        .arg(&cfg)
+        .arg("run")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("gateway run kept running with a corrupt state file");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("xdp-state.json is corrupt"), "{err}");
+}
