@@ -29,12 +29,22 @@ pub struct Daemon {
     /// Held by everything that writes the state file or the policy maps
     /// (CLI commands run here, bans), so no update is lost.
     pub state_writes: Mutex<()>,
+    /// Bans in force that the state file does not list yet: its write
+    /// failed (a full disk). Kept in the policy that reloads and changes
+    /// apply, so they are not lifted as entries the file does not list,
+    /// and written to the file as soon as it can be (each sweep).
+    pub unsaved: Mutex<Vec<crate::kernel::state::BlockEntry>>,
 }
 
 impl Daemon {
     /// Re-reads the config file; applies it only if it is valid. Requests
     /// already running keep the routing table they started with.
     pub fn reload(&self) -> Result<Vec<String>, Vec<String>> {
+        // Serialised with bans and CLI commands (other processes: the state
+        // directory's lock), which write the state file the kernel policy
+        // below is read from; and with other reloads, before the file is
+        // read, so the last one to read it is the last one applied.
+        let _serial = self.state_writes.lock().unwrap_or_else(|p| p.into_inner());
         let new = Config::load(&self.config_path).map_err(|e| {
             e.problems
                 .iter()
@@ -47,10 +57,6 @@ impl Daemon {
                 })
                 .collect::<Vec<_>>()
         })?;
-        // Serialised with bans and CLI commands (other processes: the state
-        // directory's lock), which write the state file the kernel policy
-        // below is read from.
-        let _serial = self.state_writes.lock().unwrap_or_else(|p| p.into_inner());
         let mut cfg = self.config.lock().unwrap_or_else(|p| p.into_inner());
         let _lock = crate::kernel::state::lock(&cfg.server.state_dir)
             .map_err(|e| vec![format!("{e:#}")])?;
@@ -77,13 +83,14 @@ impl Daemon {
         {
             // Read in full before any map changes (an unreadable block
             // file stops the reload here)...
-            let want = crate::kernel::policy::load(&new)
+            let want = self
+                .policy(&new)
                 .map_err(|e| vec![format!("loading the kernel policy: {e:#}")])?;
             if let Err(e) = k.reapply(&want) {
                 // ...so a failure here is a map write part of the way (a
                 // full map): the old policy is put back, as the answer says.
                 let mut problems = vec![format!("applying the kernel policy failed: {e:#}")];
-                if let Err(e) = crate::kernel::policy::load(&cfg).and_then(|old| k.reapply(&old)) {
+                if let Err(e) = self.policy(&cfg).and_then(|old| k.reapply(&old)) {
                     problems.push(format!("restoring the old kernel policy failed: {e:#}"));
                 }
                 return Err(problems);
@@ -220,8 +227,69 @@ impl Daemon {
     /// blocklist (bans included) and allowlist always, the SYN limits only
     /// when XDP should be there and is not (degraded); with XDP disabled in
     /// the config they are the operator's choice to go without.
-    pub fn enforce_at_accept(&self, cfg: &Config) -> anyhow::Result<()> {
+    /// The policy to enforce: the config's and the state file's
+    /// (`policy::load`), and the bans not yet written to the file.
+    fn policy(&self, cfg: &Config) -> anyhow::Result<crate::kernel::policy::Desired> {
         let mut want = crate::kernel::policy::load(cfg)?;
+        let now = crate::kernel::clock::unix_ms();
+        let unsaved = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
+        for e in unsaved.iter() {
+            let Some(until) = e.expires_unix_ms.filter(|&t| t > now) else {
+                continue;
+            };
+            let v = gateway_common::BlockValue::until(
+                crate::kernel::clock::monotonic_ns() + (until - now) * 1_000_000,
+            );
+            // A permanent entry, or a longer one, stays as it is.
+            let e = want.block.entry(e.cidr).or_insert(v);
+            if e.expires_ns != 0 && e.expires_ns < v.expires_ns {
+                *e = v;
+            }
+        }
+        Ok(want)
+    }
+
+    /// Writes the bans the state file missed to it, once it can be
+    /// written; drops those that lapsed meanwhile.
+    pub fn persist_unsaved(&self) {
+        use crate::kernel::state::State;
+        let _serial = self.state_writes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut unsaved = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
+        let now = crate::kernel::clock::unix_ms();
+        unsaved.retain(|e| e.expires_unix_ms.is_some_and(|t| t > now));
+        if unsaved.is_empty() {
+            return;
+        }
+        let dir = self
+            .config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .server
+            .state_dir
+            .clone();
+        let saved = crate::kernel::state::lock(&dir)
+            .map_err(|e| anyhow::anyhow!("{e:#}"))
+            .and_then(|_lock| {
+                let mut state = State::load(&dir)?;
+                for e in unsaved.iter() {
+                    state.upsert_block(e.clone());
+                }
+                state.save(&dir)
+            });
+        match saved {
+            Ok(()) => {
+                tracing::info!(
+                    bans = unsaved.len(),
+                    "bans that could not be written before are persisted now"
+                );
+                unsaved.clear();
+            }
+            Err(e) => tracing::debug!("bans still not persisted: {e:#}"),
+        }
+    }
+
+    pub fn enforce_at_accept(&self, cfg: &Config) -> anyhow::Result<()> {
+        let mut want = self.policy(cfg)?;
         if self.degraded.is_none() {
             let l = want.limits;
             want.limits = gateway_common::Limits::new(0, 0, 0, l.ipv4_prefix, l.ipv6_prefix);
@@ -290,16 +358,21 @@ impl Daemon {
                 tracing::info!(source = %cidr, cause = b.cause.name(), "not banning a source blocked permanently");
                 continue;
             }
+            let entry = BlockEntry {
+                cidr,
+                expires_unix_ms: Some(now + b.duration.as_millis() as u64),
+                cause: b.cause.name().into(),
+                comment: Some("banned by the gateway for L7 abuse".into()),
+                added_unix_ms: now,
+            };
             if let Some(state) = &mut state {
-                state.upsert_block(BlockEntry {
-                    cidr,
-                    expires_unix_ms: Some(now + b.duration.as_millis() as u64),
-                    cause: b.cause.name().into(),
-                    comment: Some("banned by the gateway for L7 abuse".into()),
-                    added_unix_ms: now,
-                });
+                state.upsert_block(entry.clone());
             }
-            enforce.push((b, BlockValue::until(now_ns + b.duration.as_nanos() as u64)));
+            enforce.push((
+                b,
+                BlockValue::until(now_ns + b.duration.as_nanos() as u64),
+                entry,
+            ));
         }
         if enforce.is_empty() {
             return;
@@ -313,7 +386,7 @@ impl Daemon {
             .as_mut()
         {
             Some(k) => {
-                let entries: Vec<_> = enforce.iter().map(|(b, v)| (b.source, *v)).collect();
+                let entries: Vec<_> = enforce.iter().map(|(b, v, _)| (b.source, *v)).collect();
                 k.block_many(&entries)
                     .map_err(|e| {
                         tracing::error!("banning {} source(s) in the kernel: {e:#}", entries.len())
@@ -321,21 +394,34 @@ impl Daemon {
                     .is_ok()
             }
             None => {
-                for (b, _) in &enforce {
+                for (b, _, _) in &enforce {
                     self.shared.guard.ban(b.source, b.duration);
                 }
                 true
             }
         };
-        if let Some(state) = &state {
-            if let Err(e) = state.save(&cfg.server.state_dir) {
-                tracing::error!("persisting {} ban(s): {e:#}", enforce.len());
-            }
+        let saved = match &state {
+            Some(state) => match state.save(&cfg.server.state_dir) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!("persisting {} ban(s): {e:#}", enforce.len());
+                    false
+                }
+            },
+            None => false,
+        };
+        if enforced && !saved {
+            // In force, but not in the file: kept so a reload does not
+            // lift them, and written when the file can be.
+            self.unsaved
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(enforce.iter().map(|(_, _, e)| e.clone()));
         }
         if !enforced {
             return;
         }
-        for (b, _) in &enforce {
+        for (b, _, _) in &enforce {
             self.shared
                 .metrics
                 .bans

@@ -704,6 +704,113 @@ async fn a_reload_applies_connection_limits_and_names_what_waits_for_a_restart()
     std::fs::write(&g.config, text).unwrap();
 }
 
+/// Makes a directory immutable (no file can be made in it, even by root:
+/// a state write fails as on a full disk) until dropped.
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn new(dir: &std::path::Path) -> Immutable {
+        let ok = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(dir)
+            .status()
+            .expect("running chattr (e2fsprogs)")
+            .success();
+        assert!(
+            ok,
+            "chattr +i {} failed (a file system without the flag?)",
+            dir.display()
+        );
+        Immutable(dir.to_owned())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A ban the state file could not take (a full disk) stays in force: a
+/// reload, which applies what the file lists, does not lift it, and it is
+/// written to the file once the file can be written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ban_that_could_not_be_saved_survives_a_reload_and_is_saved_later() {
+    crate::require_root!();
+    let up = MockLlm::start(MockOptions::default()).await.unwrap();
+    let port = free_port();
+    let body = config(port, &up.url(), &up.url(), (1, 1)).replace(
+        "[metrics]",
+        "[abuse]\nauth_failures = { max = 2, window = \"1m\", ban = \"10m\" }\n[metrics]",
+    );
+    let gw = tokio::task::spawn_blocking(move || Daemon::start(None, &body))
+        .await
+        .unwrap()
+        .expect("daemon");
+    let g = Arc::new(gw);
+    let state = g.config.parent().unwrap().join("state");
+    let dst: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let get = move |key: &str| {
+        let req = format!(
+            "GET /v1/models HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"
+        );
+        gateway_tests::netns::http_status(
+            "127.0.0.31".parse().unwrap(),
+            dst,
+            &req,
+            Duration::from_secs(1),
+        )
+    };
+    // The state file and its lock exist; then no file can be made beside
+    // them, so the next state write fails.
+    let g2 = Arc::clone(&g);
+    let r = tokio::task::spawn_blocking(move || g2.cli(&["block", "add", "192.0.2.99"]))
+        .await
+        .unwrap();
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let frozen = Immutable::new(&state);
+    let banned = tokio::task::spawn_blocking(move || {
+        let bad = [get("sk-wrong"), get("sk-wrong")];
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while get(KEY_A).is_some() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (bad, get(KEY_A))
+    })
+    .await
+    .unwrap();
+    assert_eq!(banned, ([Some(401), Some(401)], None), "banned at accept");
+    let listed = std::fs::read_to_string(state.join("xdp-state.json")).unwrap();
+    assert!(
+        !listed.contains("auth_failures"),
+        "the write failed: {listed}"
+    );
+
+    let g2 = Arc::clone(&g);
+    let r = tokio::task::spawn_blocking(move || g2.cli(&["reload"]))
+        .await
+        .unwrap();
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let after_reload = tokio::task::spawn_blocking(move || get(KEY_A))
+        .await
+        .unwrap();
+    assert_eq!(after_reload, None, "the reload kept the unsaved ban");
+
+    drop(frozen);
+    eventually(
+        Duration::from_secs(5),
+        "the ban is written to the state file",
+        || {
+            std::fs::read_to_string(state.join("xdp-state.json"))
+                .is_ok_and(|s| s.contains("auth_failures") && s.contains("127.0.0.31"))
+        },
+    )
+    .await;
+}
+
 /// With `xdp.enabled = false` there is no kernel program, and bans are
 /// enforced at accept: also after a restart (they are persisted), while the
 /// SYN limits, which the operator chose to go without, are not. `gateway

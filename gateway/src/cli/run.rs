@@ -121,6 +121,7 @@ async fn serve(cfg: Config, path: &Path) -> Result<()> {
         degraded: degraded.clone(),
         exported: Mutex::new(Vec::new()),
         state_writes: Mutex::new(()),
+        unsaved: Mutex::new(Vec::new()),
     });
     {
         let cfg = daemon
@@ -173,6 +174,10 @@ async fn serve(cfg: Config, path: &Path) -> Result<()> {
                             tracing::warn!("sweeping lapsed blocks failed: {e:#}");
                         }
                     }
+                }
+                if !daemon.unsaved.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+                    let d = Arc::clone(&daemon);
+                    let _ = tokio::task::spawn_blocking(move || d.persist_unsaved()).await;
                 }
                 // Counters every second; map sizes (a walk) every 10 s.
                 ticks += 1;
