@@ -82,6 +82,8 @@ async fn the_daemon_tells_systemd_when_it_serves_and_when_it_stops() {
     assert_eq!(said[0].lines().next(), Some("READY=1"), "{said:?}");
     assert!(said[0].contains("STATUS=serving"), "{said:?}");
     assert_eq!(said[1].lines().next(), Some("STOPPING=1"), "{said:?}");
+    // The default drain_timeout (30 s) and 15 s more.
+    assert!(said[1].contains("EXTEND_TIMEOUT_USEC=45000000"), "{said:?}");
     assert!(exit.is_some_and(|s| s.success()), "{exit:?}");
     drop(gw);
 }

@@ -207,7 +207,13 @@ async fn serve(cfg: Config, path: &Path) -> Result<()> {
     tracing::info!(
         "shutting down: no new connections; draining open requests (a second signal cuts them)"
     );
-    crate::sd_notify::notify("STOPPING=1\nSTATUS=draining open requests");
+    // systemd's stop timeout (TimeoutStopSec) would cut a drain_timeout
+    // longer than it: the drain, the cut grace and detaching get theirs.
+    let drain = gateway.shared.conn_limits.load().drain_timeout + Duration::from_secs(15);
+    crate::sd_notify::notify(&format!(
+        "STOPPING=1\nSTATUS=draining open requests\nEXTEND_TIMEOUT_USEC={}",
+        drain.as_micros()
+    ));
     // A second SIGTERM or Ctrl-C ends the drain at once, as nginx's fast
     // shutdown does; XDP is still detached and the socket removed below.
     tokio::select! {
