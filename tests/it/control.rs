@@ -706,36 +706,6 @@ async fn a_reload_applies_connection_limits_and_names_what_waits_for_a_restart()
     std::fs::write(&g.config, text).unwrap();
 }
 
-/// Makes a directory immutable (no file can be made in it, even by root:
-/// a state write fails as on a full disk) until dropped.
-struct Immutable(std::path::PathBuf);
-
-impl Immutable {
-    fn new(dir: &std::path::Path) -> Immutable {
-        let ok = std::process::Command::new("chattr")
-            .arg("+i")
-            .arg(dir)
-            .status()
-            .expect("running chattr (e2fsprogs)")
-            .success();
-        assert!(
-            ok,
-            "chattr +i {} failed (a file system without the flag?)",
-            dir.display()
-        );
-        Immutable(dir.to_owned())
-    }
-}
-
-impl Drop for Immutable {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("chattr")
-            .arg("-i")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 /// A ban the state file could not take (a full disk) stays in force: a
 /// reload, which applies what the file lists, does not lift it, and it is
 /// written to the file once the file can be written.
@@ -773,7 +743,7 @@ async fn a_ban_that_could_not_be_saved_survives_a_reload_and_is_saved_later() {
         .await
         .unwrap();
     assert_eq!(r.code, 0, "{}", r.stderr);
-    let frozen = Immutable::new(&state);
+    let frozen = gateway_tests::Immutable::new(&state);
     let banned = tokio::task::spawn_blocking(move || {
         let bad = [get("sk-wrong"), get("sk-wrong")];
         let deadline = std::time::Instant::now() + Duration::from_secs(3);

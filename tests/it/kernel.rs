@@ -712,6 +712,58 @@ fn accepted_sources_connect_through_a_spent_global_syn_budget() {
     }
 }
 
+/// A daemon that cannot start its kernel path (here: its state directory
+/// takes no new file, so the status file cannot be written) serves
+/// degraded, enforcing the blocklist at accept. A program kept attached by
+/// the daemon before would go on enforcing maps nobody updates (a block
+/// removed with the CLI stayed in force there): it is detached.
+#[test]
+fn a_degraded_start_detaches_the_kept_program() {
+    require_root!();
+    let t = Topology::new().expect("creating the test topology");
+    let v4 = SocketAddr::new(t.server_v4(), PORT);
+    let _l = t.listen(v4);
+    let body = config(&t, 1000, 1000).replace(
+        "pin_dir = \"@PIN_DIR@\"",
+        "pin_dir = \"@PIN_DIR@\"\nkeep_attached = true",
+    );
+    let mut gw = Daemon::start(Some(&t.server.path()), &body).expect("starting the gateway");
+    let bad = t.client_v4(3);
+    gw.cli(&["block", "add", &bad.to_string()]).ok();
+    assert!(!t.connect(bad, v4, CONNECT), "{bad} is blocked");
+    gw.stop_process();
+    assert!(
+        !t.connect(bad, v4, CONNECT),
+        "the kept program still drops {bad}"
+    );
+
+    let state = gw.config.parent().unwrap().join("state");
+    let frozen = gateway_tests::Immutable::new(&state);
+    gw.respawn().expect("restarting the gateway");
+    drop(frozen);
+    let stats = gw.cli(&["stats", "--json"]).json();
+    assert!(
+        stats["xdp"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("degraded: xdp unavailable")),
+        "serving degraded: {stats}"
+    );
+    let link = gw
+        .pin_dir
+        .join(format!("v{}", gateway_common::SCHEMA_VERSION))
+        .join(format!("link_{}", t.server_if));
+    assert!(
+        !link.exists(),
+        "the kept link is unpinned: {}",
+        link.display()
+    );
+    gw.cli(&["block", "del", &bad.to_string()]).ok();
+    assert!(
+        t.connect(bad, v4, CONNECT),
+        "{bad} is no longer blocked anywhere"
+    );
+}
+
 #[test]
 fn keep_attached_protects_while_the_daemon_restarts() {
     require_root!();

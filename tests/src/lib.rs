@@ -51,3 +51,33 @@ pub fn unique() -> u32 {
     static NEXT: AtomicU32 = AtomicU32::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
+
+/// Makes a directory immutable (`chattr +i`: no file can be made in it,
+/// even by root, so a write fails as on a full disk) until dropped.
+pub struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    pub fn new(dir: &std::path::Path) -> Immutable {
+        let ok = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(dir)
+            .status()
+            .expect("running chattr (e2fsprogs)")
+            .success();
+        assert!(
+            ok,
+            "chattr +i {} failed (a file system without the flag?)",
+            dir.display()
+        );
+        Immutable(dir.to_owned())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}

@@ -89,6 +89,16 @@ async fn serve(cfg: Config, path: &Path) -> Result<()> {
                 tracing::warn!(
                     "XDP unavailable, serving in degraded mode (blocklist and connection limits enforced at accept): {e:#}"
                 );
+                // A program kept attached (keep_attached, by this start
+                // before it failed, or by a previous daemon) would go on
+                // enforcing maps this daemon no longer updates: a block
+                // removed here would stay in force there. Detached: what
+                // is enforced is what the daemon says it enforces.
+                crate::kernel::loader::remove_links(
+                    &cfg.pin_path(),
+                    &[],
+                    "detached the kept XDP program: serving degraded, this daemon could not keep its maps up to date",
+                );
                 degraded = Some(format!("xdp unavailable: {e:#}"));
                 None
             }

@@ -192,6 +192,17 @@ fn older_link_pins(pin_path: &Path, iface: &str) -> Vec<PathBuf> {
 /// program, whose maps nobody updates any more, from that interface.
 /// Returns the interfaces it detached from.
 pub fn drop_stale_links(pin_path: &Path, interfaces: &[String]) -> Vec<String> {
+    remove_links(
+        pin_path,
+        interfaces,
+        "detached from an interface no longer in xdp.interfaces",
+    )
+}
+
+/// Removes every pinned link (this schema's and older ones') but those of
+/// `keep`, saying `why` for each. Returns the interfaces it detached from.
+pub fn remove_links(pin_path: &Path, keep: &[String], why: &str) -> Vec<String> {
+    let interfaces = keep;
     let older = pin_path.parent().into_iter().flat_map(|parent| {
         (1..gateway_common::SCHEMA_VERSION).map(move |v| parent.join(format!("v{v}")))
     });
@@ -210,11 +221,7 @@ pub fn drop_stale_links(pin_path: &Path, interfaces: &[String]) -> Vec<String> {
             }
             match std::fs::remove_file(e.path()) {
                 Ok(()) => {
-                    tracing::info!(
-                        interface = iface,
-                        pin = %e.path().display(),
-                        "detached from an interface no longer in xdp.interfaces"
-                    );
+                    tracing::warn!(interface = iface, pin = %e.path().display(), "{why}");
                     dropped.push(iface.to_owned());
                 }
                 Err(err) => tracing::warn!(
