@@ -66,6 +66,37 @@ impl Daemon {
             .into_iter()
             .map(|what| format!("{what} changed: takes effect at the next restart"))
             .collect();
+        // A changed SYN limit that a runtime override (`gateway limits
+        // set`) hides would look applied while the override stays.
+        if let Ok(state) = crate::kernel::state::State::load(&cfg.server.state_dir) {
+            let o = &state.limits;
+            for (name, old, new, over) in [
+                (
+                    "xdp.syn_rate",
+                    cfg.xdp.syn_rate,
+                    new.xdp.syn_rate,
+                    o.syn_rate,
+                ),
+                (
+                    "xdp.syn_burst",
+                    cfg.xdp.syn_burst,
+                    new.xdp.syn_burst,
+                    o.syn_burst,
+                ),
+                (
+                    "xdp.global_syn_rate",
+                    cfg.xdp.global_syn_rate,
+                    new.xdp.global_syn_rate,
+                    o.global_syn_rate,
+                ),
+            ] {
+                if let (true, Some(v)) = (old != new, over) {
+                    notes.push(format!(
+                        "{name} changed to {new}, but the runtime override {v} (`gateway limits set`) stays in force; `gateway limits set --reset` returns to the config's"
+                    ));
+                }
+            }
+        }
         // The certificate files are read again (a renewal in place, or new
         // paths): a pair that does not load rejects the reload, and the
         // old certificate keeps serving.

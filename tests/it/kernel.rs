@@ -384,16 +384,29 @@ fn limits_change_on_the_running_program_and_persist() {
         results[2..].iter().any(|ok| !ok),
         "beyond the burst connects must be dropped: {results:?}"
     );
+    // A reload that changes a limit the override hides says so.
+    let text = std::fs::read_to_string(&gw.config).unwrap();
+    std::fs::write(
+        &gw.config,
+        text.replace("syn_rate = 1000", "syn_rate = 900"),
+    )
+    .unwrap();
+    let said = gw.cli(&["reload"]).ok();
+    assert!(
+        said.contains("xdp.syn_rate changed to 900, but the runtime override 1"),
+        "{said}"
+    );
+    assert!(!said.contains("xdp.syn_burst"), "{said}");
     gw.cli(&["limits", "set", "--reset"]).ok();
     assert_eq!(
         gw.cli(&["limits", "show", "--json"]).json()["syn_rate"],
-        1000
+        900
     );
     gw.stop_process();
     gw.respawn().expect("restarting");
     assert_eq!(
         gw.cli(&["limits", "show", "--json"]).json()["syn_rate"],
-        1000,
+        900,
         "the reset is persisted too"
     );
 }
