@@ -29,9 +29,11 @@
 //!   per such restart. A bucket idle for less moves on by an add of the
 //!   time it was idle plus the interval: CPUs racing there charge it more
 //!   than they took, never less;
-//! - a bucket further ahead than the tolerance and [`SLACK`] intervals
-//!   (charged twice by such a race, or spent under limits that changed
-//!   since) is set back to exactly spent when it refuses, once, so no
+//! - a bucket further ahead than the tolerance, [`SLACK`] intervals and
+//!   20 ms (charged twice by such a race, or spent under limits that
+//!   changed since; the 20 ms cover a CPU whose clock reading is a jiffy
+//!   older than the one that took from it last, which must not take this
+//!   for a debt) is set back to exactly spent when it refuses, once, so no
 //!   source waits out debts the limits in force would not have let it run
 //!   up: a source drained at 1/s with a burst of 1,000 is admitted again
 //!   at 100/s after a raise, not 999 s later.
@@ -53,9 +55,9 @@ pub const MAX_RATE: u64 = 1_000_000_000;
 /// 52 days' worth of the rate is cut there): with the clock capped at 2^63
 /// units, a TAT cannot overflow even when 64 CPUs overcharge it at once.
 pub const MAX_TOLERANCE: u64 = 1 << 56;
-/// How many intervals past its tolerance a bucket may be before a refusal
-/// sets it back, and how many (plus [`RECENT_NS`]) past it an idle bucket's
-/// restart is still an add (module doc).
+/// How many intervals (plus [`RECENT_NS`]) past its tolerance a bucket may
+/// be before a refusal sets it back, and an idle bucket's restart is still
+/// an add (module doc).
 pub const SLACK: u64 = 64;
 /// The kernel's coarse clock moves in jiffies (up to 10 ms): a bucket idle
 /// for up to this long past its tolerance restarts with an add.
@@ -130,11 +132,13 @@ pub fn take(tat: &impl Tat, interval: u64, tolerance: u64, burst: u64, now_ns: u
         return false;
     }
     let now = clock(now_ns);
-    let slack = SLACK * interval;
+    // What CPUs racing on the bucket, or a CPU whose clock reading is a
+    // jiffy older than another's, can put it past its tolerance.
+    let slack = SLACK * interval + (RECENT_NS << SHIFT);
     let t = tat.load();
     if t <= now {
         let idle = now - t;
-        if idle <= tolerance + slack + (RECENT_NS << SHIFT) {
+        if idle <= tolerance + slack {
             tat.add(idle + interval);
         } else {
             // Full: start again from now.
@@ -372,13 +376,13 @@ mod tests {
         }
 
         // Such a race can overcharge a bucket far past its tolerance (here
-        // idle 20 ms past it, restarted four times over): the first
+        // idle 80 ms past it, restarted four times over): the first
         // refusal sets it back to spent, so the source waits an interval,
         // not the overcharge.
         let b = B::fresh(1_000, 10, 0);
-        let now = 30 * 1_000_000;
+        let now = 90 * 1_000_000;
         assert_eq!(race(&b, now), 4);
-        assert!(b.tat.get() > clock(now) + 3 * clock(20_000_000));
+        assert!(b.tat.get() > clock(now) + 3 * clock(80_000_000));
         assert!(!b.take(now));
         assert_eq!(
             b.tat.get(),

@@ -281,16 +281,11 @@ impl Daemon {
     }
 
     /// Writes the bans the state file missed to it, once it can be
-    /// written; drops those that lapsed meanwhile.
+    /// written; drops those that lapsed meanwhile, and those the file
+    /// holds already (for good or for longer).
     pub fn persist_unsaved(&self) {
         use crate::kernel::state::State;
         let _serial = self.state_writes.lock().unwrap_or_else(|p| p.into_inner());
-        let mut unsaved = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
-        let now = crate::kernel::clock::unix_ms();
-        unsaved.retain(|e| e.expires_unix_ms.is_some_and(|t| t > now));
-        if unsaved.is_empty() {
-            return;
-        }
         let dir = self
             .config
             .lock()
@@ -298,25 +293,53 @@ impl Daemon {
             .server
             .state_dir
             .clone();
+        let now = crate::kernel::clock::unix_ms();
+        let pending: Vec<_> = {
+            let mut unsaved = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
+            unsaved.retain(|e| e.expires_unix_ms.is_some_and(|t| t > now));
+            unsaved.clone()
+        };
+        if pending.is_empty() {
+            return;
+        }
         let saved = crate::kernel::state::lock(&dir)
             .map_err(|e| anyhow::anyhow!("{e:#}"))
             .and_then(|_lock| {
                 let mut state = State::load(&dir)?;
-                for e in unsaved.iter() {
-                    state.upsert_block(e.clone());
+                for e in &pending {
+                    let held = state.block.iter().any(|b| {
+                        b.cidr == e.cidr
+                            && b.expires_unix_ms
+                                .is_none_or(|t| e.expires_unix_ms.is_some_and(|u| t >= u))
+                    });
+                    if !held {
+                        state.upsert_block(e.clone());
+                    }
                 }
                 state.save(&dir)
             });
         match saved {
             Ok(()) => {
                 tracing::info!(
-                    bans = unsaved.len(),
+                    bans = pending.len(),
                     "bans that could not be written before are persisted now"
                 );
-                unsaved.clear();
+                self.unsaved
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .retain(|e| !pending.contains(e));
             }
             Err(e) => tracing::debug!("bans still not persisted: {e:#}"),
         }
+    }
+
+    /// The operator's own change to `cidr` (`block add`, `block del`)
+    /// replaces a ban of it the state file missed.
+    fn forget_unsaved(&self, cidr: &gateway_common::cidr::Cidr) {
+        self.unsaved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|e| e.cidr != *cidr);
     }
 
     pub fn enforce_at_accept(&self, cfg: &Config) -> anyhow::Result<()> {
@@ -522,6 +545,12 @@ impl Daemon {
                     | Command::Limits(LimitsCmd::Set(_))
             )
         };
+        let blocked = match &parsed.command {
+            crate::cli::Command::Block(
+                crate::cli::BlockCmd::Add { cidr, .. } | crate::cli::BlockCmd::Del { cidr },
+            ) => Some(*cidr),
+            _ => None,
+        };
         let no_kernel = self
             .kernel
             .lock()
@@ -543,6 +572,9 @@ impl Daemon {
             },
             no_kernel,
         );
+        if let (Some(cidr), Ok(())) = (&blocked, &result) {
+            self.forget_unsaved(cidr);
+        }
         // Without a kernel program the lists and limits are enforced at
         // accept, from the state a changing command wrote.
         let result = match result {

@@ -55,10 +55,10 @@ pub struct Slot {
 const KEEP_FILES: u64 = 1024;
 
 /// The default of `server.max_connections`: the process's open-file limit
-/// less a tenth of it (at least 1,024) for upstream connections, health
-/// checks, metrics, the admin socket and state files, so that clients
-/// alone cannot take every descriptor (then every upstream connect fails,
-/// and the CLI cannot reach the daemon). At least 1,024 itself.
+/// less a tenth of it (at least 1,024, or half of a limit below 2,048) for
+/// upstream connections, health checks, metrics, the admin socket and
+/// state files, so that clients alone cannot take every descriptor (then
+/// every upstream connect fails, and the CLI cannot reach the daemon).
 pub fn auto_max_connections() -> u32 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -70,10 +70,9 @@ pub fn auto_max_connections() -> u32 {
     } else {
         KEEP_FILES * 2
     };
-    let keep = (files / 10).max(KEEP_FILES);
-    files
-        .saturating_sub(keep)
-        .clamp(KEEP_FILES, u32::MAX as u64) as u32
+    // A tenth, at least 1,024; half of a limit below 2,048.
+    let keep = (files / 10).max(KEEP_FILES.min(files / 2));
+    files.saturating_sub(keep).clamp(1, u32::MAX as u64) as u32
 }
 
 impl PerIp {
@@ -215,8 +214,8 @@ mod tests {
         assert!(l.acquire(ip(4)).is_ok(), "slots came back");
         l.set(2, Some(0), 64);
         let _held: Vec<Slot> = (1..=100).map(|i| l.acquire(ip(i)).unwrap()).collect();
-        // The default keeps a tenth of the open-file limit (at least 1,024)
-        // for everything else, and is at least 1,024.
+        // The default keeps a tenth of the open-file limit (at least 1,024,
+        // or half of a smaller limit) for everything else.
         l.set(2, None, 64);
         assert_eq!(l.max_total(), auto_max_connections());
         let mut lim = libc::rlimit {
@@ -225,14 +224,12 @@ mod tests {
         };
         assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
         let auto = auto_max_connections() as u64;
-        assert!(auto >= 1024);
-        if lim.rlim_cur >= 2048 {
-            assert!(
-                auto + (lim.rlim_cur / 10).max(1024) <= lim.rlim_cur,
-                "{auto} of {}",
-                lim.rlim_cur
-            );
-        }
+        let keep = lim.rlim_cur.saturating_sub(auto);
+        assert!(
+            auto >= 1 && keep >= lim.rlim_cur / 10 && keep >= 1024.min(lim.rlim_cur / 2),
+            "{auto} of {}",
+            lim.rlim_cur
+        );
     }
 
     #[test]

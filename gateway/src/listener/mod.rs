@@ -378,16 +378,23 @@ fn reset_flood(opened: u64, reset_early: u64) -> bool {
     opened >= RESET_FLOOD_MIN && 2 * reset_early > opened
 }
 
+/// How soon after it opened a stream reset before its answer counts:
+/// Envoy's `premature_reset_min_stream_lifetime`. A client whose own
+/// timeout gives up on a slow answer resets later than this.
+const RESET_EARLY: Duration = Duration::from_secs(1);
+
 /// A stream's request until its answer is ready: dropped before that (the
-/// client reset the stream), it counts as reset early.
+/// client reset the stream) within [`RESET_EARLY`], it counts as reset
+/// early.
 struct Answering<'a> {
     activity: &'a H2Activity,
+    opened: tokio::time::Instant,
     answered: bool,
 }
 
 impl Drop for Answering<'_> {
     fn drop(&mut self) {
-        if self.answered {
+        if self.answered || self.opened.elapsed() >= RESET_EARLY {
             return;
         }
         let a = self.activity;
@@ -454,20 +461,29 @@ async fn serve_h2(
             async move {
                 let mut answering = Answering {
                     activity: &activity,
+                    opened: tokio::time::Instant::now(),
                     answered: false,
                 };
                 let head_only = req.method() == http::Method::HEAD;
                 // HTTP/1.1 counts header fields as it parses; hyper's
-                // HTTP/2 server bounds only the header list's size.
-                let mut r = if req.headers().len() > max_headers {
-                    h1::refusal(
-                        http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                        "more request headers than server.max_headers",
-                        peer,
-                    )
-                } else {
-                    crate::pipeline::handle(shared, req, peer).await
+                // HTTP/2 server bounds only the header list's size. A
+                // browser sends each cookie as a field of its own over
+                // HTTP/2 (RFC 9113 8.2.3): they count as the one field
+                // they are over HTTP/1.1.
+                let fields = |h: &http::HeaderMap| {
+                    let cookies = h.get_all(http::header::COOKIE).iter().count();
+                    h.len() - cookies.saturating_sub(1)
                 };
+                let mut r =
+                    if req.headers().len() > max_headers && fields(req.headers()) > max_headers {
+                        h1::refusal(
+                            http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                            "more request headers than server.max_headers",
+                            peer,
+                        )
+                    } else {
+                        crate::pipeline::handle(shared, req, peer).await
+                    };
                 if head_only {
                     // hyper's HTTP/2 server sends whatever body it is given,
                     // and DATA on a HEAD answer is a protocol error.
@@ -504,11 +520,11 @@ async fn serve_h2(
     // The send timeout's tick (see `h2_send`).
     let period = h2_send::Watch::period(limits.send_timeout);
     let mut next_tick = tokio::time::Instant::now() + period;
-    // Whether a stream was cut for the send timeout: the connection then
-    // takes no new stream, and closes once the others are done.
-    let mut stalled = false;
     let drained = loop {
         tokio::select! {
+            // The connection's end first: a client that leaves with streams
+            // in flight drops them all at once, which is no reset flood.
+            biased;
             r = conn.as_mut() => return Ok(r?),
             _ = drain.wait_for(|d| *d) => break true,
             _ = activity.flood.notified() => {
@@ -528,16 +544,10 @@ async fn serve_h2(
             next_tick = now + period;
             let cut = watch.tick();
             if cut > 0 {
+                // The connection takes no new stream, and closes once the
+                // others are done.
                 tracing::info!(client = %peer.ip(), streams = cut, "HTTP/2 streams cut: the client took none of their response within the send timeout; the connection takes no new stream");
-                if !stalled {
-                    stalled = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-            }
-            if stalled && activity.open.load(Ordering::Relaxed) == 0 {
-                // hyper still holds the cut streams, which it can never
-                // finish: dropping the connection ends them.
-                return Ok(());
+                break true;
             }
             if now < check {
                 continue;
@@ -561,7 +571,31 @@ async fn serve_h2(
     };
     conn.as_mut().graceful_shutdown();
     if drained {
-        return Ok(conn.await?);
+        // Open streams finish (more may be cut meanwhile). Streams cut for
+        // the send timeout never do: hyper holds them, waiting for window.
+        // Once no other stream is open, hyper gets a send timeout to write
+        // out what it holds, and the connection is then dropped, which
+        // ends the cut streams.
+        let mut flushed_by = None;
+        loop {
+            let wake = flushed_by.unwrap_or(next_tick).min(next_tick);
+            tokio::select! {
+                biased;
+                r = conn.as_mut() => return Ok(r?),
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+            let now = tokio::time::Instant::now();
+            if flushed_by.is_some_and(|t| now >= t) {
+                return Ok(());
+            }
+            if now >= next_tick {
+                next_tick = now + period;
+                watch.tick();
+            }
+            if flushed_by.is_none() && activity.open.load(Ordering::Relaxed) == 0 {
+                flushed_by = Some(now + limits.send_timeout);
+            }
+        }
     }
     // Idle: GOAWAY, then hyper waits for the client to acknowledge a ping
     // before it closes. A client that never does is cut after one more
