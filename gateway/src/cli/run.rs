@@ -65,6 +65,10 @@ async fn serve(cfg: Config, path: &Path) -> Result<()> {
     // socket (with XDP off or degraded it has no maps to find it by)
     // would have its traffic split with this one, whose listeners share
     // its ports.
+    // (With XDP on, the maps say it first, and more precisely.)
+    if cfg.xdp.enabled {
+        Kernel::refuse_if_running(&cfg)?;
+    }
     admin::refuse_if_answering(&cfg.server.admin_socket)?;
     // A block file that cannot be read is refused, as by `check` and
     // `reload`, rather than taken for an empty feed; so is a state file
