@@ -17,6 +17,29 @@ use prometheus::{
 /// Label used where a request never reached a model or key.
 pub const NONE: &str = "-";
 
+/// Why a client connection was closed unserved
+/// (`gateway_connections_refused_total{reason}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    Blocked,
+    Rate,
+    PerIp,
+    Total,
+    Http2Resets,
+}
+
+impl Refusal {
+    pub fn name(self) -> &'static str {
+        match self {
+            Refusal::Blocked => "blocked",
+            Refusal::Rate => "rate",
+            Refusal::PerIp => "per_ip",
+            Refusal::Total => "total",
+            Refusal::Http2Resets => "http2_resets",
+        }
+    }
+}
+
 pub struct Metrics {
     /// Tells this registry's series apart in the per-thread series cache.
     id: u64,
@@ -37,6 +60,8 @@ pub struct Metrics {
     pub group_requests: IntCounterVec,
     pub backend_requests: IntCounterVec,
     pub connections: IntGaugeVec,
+    /// `gateway_connections_refused_total{reason}`: see [`Refusal`].
+    pub connections_refused: IntCounterVec,
     pub bans: IntCounterVec,
     pub xdp_packets: IntCounterVec,
     pub xdp_map_entries: IntGaugeVec,
@@ -153,6 +178,13 @@ fn buckets(v: &[f64]) -> Vec<f64> {
 }
 
 impl Metrics {
+    /// Counts a connection closed unserved.
+    pub fn refused(&self, why: Refusal) {
+        self.connections_refused
+            .with_label_values(&[why.name()])
+            .inc();
+    }
+
     /// Runs `f` with the series of a finished request. They are resolved
     /// through each vector's label hash once per worker thread and label
     /// set, then kept: a request's five label lookups cost one hash of its
@@ -349,6 +381,13 @@ impl Metrics {
             "Open client connections per worker.",
             &["worker"],
         );
+        let connections_refused = counter(
+            "gateway_connections_refused_total",
+            "Client connections closed at accept, or HTTP/2 connections closed for abuse, by reason: \
+             blocked (the blocklist, enforced at accept without XDP), rate (the SYN rate at accept without XDP), \
+             per_ip (max_connections_per_ip), total (max_connections), http2_resets (most streams reset early).",
+            &["reason"],
+        );
         let bans = counter(
             "gateway_bans_total",
             "Sources banned in the kernel for L7 abuse, by cause.",
@@ -380,6 +419,7 @@ impl Metrics {
             xdp_attached,
             bans,
             connections,
+            connections_refused,
             registry,
             requests,
             duration,

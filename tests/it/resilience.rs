@@ -1451,6 +1451,16 @@ async fn an_http2_client_resetting_most_streams_is_disconnected() {
         .await
         .expect("the resetting client's connection is closed")
         .unwrap();
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "gateway_connections_refused_total",
+            r#"reason="http2_resets""#
+        ),
+        Some(1.0),
+        "{m}"
+    );
     eventually(
         Duration::from_secs(5),
         "the reset requests are cancelled upstream",
@@ -1670,4 +1680,58 @@ async fn canned_tls_backend(cert: &rcgen::CertifiedKey) -> SocketAddr {
         }
     });
     addr
+}
+
+/// Connections closed unserved at accept are counted by reason, so an
+/// operator can alert on a gateway that is full (`total`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_refused_at_accept_are_counted_by_reason() {
+    let up = mock("a").await;
+    let models = model_toml("m", "", &[(up.url(), 1, None)]);
+    let gw = TestGateway::start("max_connections_per_ip = 1\nmax_connections = 2", &models).await;
+    let dst: SocketAddr = gw.url.trim_start_matches("http://").parse().unwrap();
+    let answers = tokio::task::spawn_blocking(move || {
+        // A connection held open from 127.0.0.<from>, and the start of its
+        // first answer ("" when it was closed unanswered).
+        let open = |from: u8| {
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.bind(&SocketAddr::from(([127, 0, 0, from], 0)).into())
+                .unwrap();
+            s.connect(&dst.into()).unwrap();
+            let mut s: std::net::TcpStream = s.into();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+                .unwrap();
+            let mut buf = [0u8; 12];
+            let n = s.read(&mut buf).unwrap_or(0);
+            (s, String::from_utf8_lossy(&buf[..n]).into_owned())
+        };
+        let (_a, a) = open(41);
+        let (_b, b) = open(41); // a second from one client
+        let (_c, c) = open(42);
+        let (_d, d) = open(43); // a third in all
+        [a, b, c, d]
+    })
+    .await
+    .unwrap();
+    let ok = |s: &str| s.starts_with("HTTP/1.1 200");
+    assert!(ok(&answers[0]) && ok(&answers[2]), "{answers:?}");
+    assert_eq!(
+        (answers[1].as_str(), answers[3].as_str()),
+        ("", ""),
+        "{answers:?}"
+    );
+    let m = gw.metrics().await;
+    for reason in ["per_ip", "total"] {
+        assert_eq!(
+            metric(
+                &m,
+                "gateway_connections_refused_total",
+                &format!(r#"reason="{reason}""#)
+            ),
+            Some(1.0),
+            "{reason}\n{m}"
+        );
+    }
 }

@@ -36,6 +36,7 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 
 use self::h1::BoxIo;
+use crate::metrics::Refusal;
 use crate::{http1, pipeline::Shared};
 
 /// One worker's listening sockets and connection settings.
@@ -126,7 +127,10 @@ impl Listeners {
                     if let Err(why) = shared.guard.check(peer.ip()) {
                         drop(stream);
                         if why == guard::Refused::RateLimited {
+                            shared.metrics.refused(Refusal::Rate);
                             shared.abuse.record(peer.ip(), crate::pipeline::abuse::Cause::RateLimited);
+                        } else {
+                            shared.metrics.refused(Refusal::Blocked);
                         }
                         continue;
                     }
@@ -136,6 +140,7 @@ impl Listeners {
                             // Over max_connections_per_ip: close at once,
                             // and count it towards a ban.
                             drop(stream);
+                            shared.metrics.refused(Refusal::PerIp);
                             shared.abuse.record(peer.ip(), crate::pipeline::abuse::Cause::RateLimited);
                             continue;
                         }
@@ -143,6 +148,7 @@ impl Listeners {
                             // Over max_connections: close at once; the
                             // open files kept back serve the open ones.
                             drop(stream);
+                            shared.metrics.refused(Refusal::Total);
                             full_warning.note(shared.per_ip.max_total());
                             continue;
                         }
@@ -534,6 +540,7 @@ async fn serve_h2(
                     reset = activity.reset_early.load(Ordering::Relaxed),
                     "HTTP/2 connection closed: the client reset most of its streams before their answer"
                 );
+                shared.metrics.refused(Refusal::Http2Resets);
                 shared.abuse.record(peer.ip(), crate::pipeline::abuse::Cause::RateLimited);
                 return Ok(());
             }
