@@ -60,7 +60,7 @@ async fn the_daemon_tells_systemd_when_it_serves_and_when_it_stops() {
     let body = config(port, &up.url(), &up.url(), (1, 1));
     let env = path.display().to_string();
     let mut gw = tokio::task::spawn_blocking(move || {
-        Daemon::start_with_env(&body, &[("NOTIFY_SOCKET", &env)])
+        Daemon::start_with_env(None, &body, &[("NOTIFY_SOCKET", &env)])
     })
     .await
     .unwrap()

@@ -77,8 +77,12 @@ impl Daemon {
     }
 
     /// As [`Daemon::start`], with `env` set for the process.
-    pub fn start_with_env(config_body: &str, env: &[(&str, &str)]) -> Result<Daemon> {
-        Daemon::start_with(None, config_body, false, env)
+    pub fn start_with_env(
+        netns: Option<&str>,
+        config_body: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Daemon> {
+        Daemon::start_with(netns, config_body, false, env)
     }
 
     /// Starts the daemon as the packaged unit does: as an unprivileged

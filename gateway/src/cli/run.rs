@@ -55,6 +55,37 @@ fn raise_fd_limit() {
     }
 }
 
+/// How long a daemon started by systemd waits for `xdp.interfaces` that do
+/// not exist yet.
+const INTERFACE_WAIT: Duration = Duration::from_secs(30);
+
+/// Under systemd (`$NOTIFY_SOCKET`: the unit's `Type=notify`), waits up to
+/// [`INTERFACE_WAIT`] for `xdp.interfaces` to exist: a VLAN, a bond or a
+/// slow driver may come up after `network-online.target`, and a missing
+/// interface is a usage error (exit 2), which the unit does not restart.
+/// Run by hand, a missing interface (a typo) fails at once.
+async fn wait_for_interfaces(interfaces: &[String]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + INTERFACE_WAIT;
+    let mut said = false;
+    while let Err(e) = crate::kernel::loader::check_interfaces(interfaces) {
+        if tokio::time::Instant::now() >= deadline {
+            return;
+        }
+        if !said {
+            tracing::warn!(
+                "waiting up to {} s for the interface to appear: {e:#}",
+                INTERFACE_WAIT.as_secs()
+            );
+            crate::sd_notify::notify("STATUS=waiting for xdp.interfaces to appear");
+            said = true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn serve(cfg: Config, path: &Path) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -82,6 +113,7 @@ async fn serve(cfg: Config, path: &Path) -> Result<()> {
     let kernel = if cfg.xdp.enabled {
         // A misspelt interface is a config error; anything else that stops
         // XDP (privileges, driver, bpffs) degrades to userspace enforcement.
+        wait_for_interfaces(&cfg.xdp.interfaces).await;
         crate::kernel::loader::check_interfaces(&cfg.xdp.interfaces)?;
         // Another daemon already running on these maps is no reason to
         // degrade: serving beside it (its listen ports are SO_REUSEPORT)
