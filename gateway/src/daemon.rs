@@ -212,13 +212,7 @@ impl Daemon {
             return r;
         }
         let _serial = self.state_writes.lock().unwrap_or_else(|p| p.into_inner());
-        let state_dir = self
-            .config
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .server
-            .state_dir
-            .clone();
+        let state_dir = self.state_dir();
         let persisted = state::lock(&state_dir).and_then(|_lock| {
             let mut s = State::load(&state_dir)?;
             s.drained.retain(|u| u != want);
@@ -286,13 +280,7 @@ impl Daemon {
     pub fn persist_unsaved(&self) {
         use crate::kernel::state::State;
         let _serial = self.state_writes.lock().unwrap_or_else(|p| p.into_inner());
-        let dir = self
-            .config
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .server
-            .state_dir
-            .clone();
+        let dir = self.state_dir();
         let now = crate::kernel::clock::unix_ms();
         let pending: Vec<_> = {
             let mut unsaved = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
@@ -331,6 +319,16 @@ impl Daemon {
             }
             Err(e) => tracing::debug!("bans still not persisted: {e:#}"),
         }
+    }
+
+    /// `server.state_dir` of the config in force.
+    fn state_dir(&self) -> PathBuf {
+        self.config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .server
+            .state_dir
+            .clone()
     }
 
     /// The operator's own change to `cidr` (`block add`, `block del`)

@@ -725,6 +725,20 @@ fn accepted_sources_connect_through_a_spent_global_syn_budget() {
     }
 }
 
+/// A daemon with `keep_attached` on `t`, and a client address it blocks
+/// (checked against the listener at `v4`).
+fn kept_with_a_block(t: &Topology, v4: SocketAddr) -> (Daemon, std::net::IpAddr) {
+    let body = config(t, 1000, 1000).replace(
+        "pin_dir = \"@PIN_DIR@\"",
+        "pin_dir = \"@PIN_DIR@\"\nkeep_attached = true",
+    );
+    let gw = Daemon::start(Some(&t.server.path()), &body).expect("starting the gateway");
+    let bad = t.client_v4(3);
+    gw.cli(&["block", "add", &bad.to_string()]).ok();
+    assert!(!t.connect(bad, v4, CONNECT), "{bad} is blocked");
+    (gw, bad)
+}
+
 /// A daemon that cannot start its kernel path (here: its state directory
 /// takes no new file, so the status file cannot be written) serves
 /// degraded, enforcing the blocklist at accept. A program kept attached by
@@ -736,14 +750,7 @@ fn a_degraded_start_detaches_the_kept_program() {
     let t = Topology::new().expect("creating the test topology");
     let v4 = SocketAddr::new(t.server_v4(), PORT);
     let _l = t.listen(v4);
-    let body = config(&t, 1000, 1000).replace(
-        "pin_dir = \"@PIN_DIR@\"",
-        "pin_dir = \"@PIN_DIR@\"\nkeep_attached = true",
-    );
-    let mut gw = Daemon::start(Some(&t.server.path()), &body).expect("starting the gateway");
-    let bad = t.client_v4(3);
-    gw.cli(&["block", "add", &bad.to_string()]).ok();
-    assert!(!t.connect(bad, v4, CONNECT), "{bad} is blocked");
+    let (mut gw, bad) = kept_with_a_block(&t, v4);
     gw.stop_process();
     assert!(
         !t.connect(bad, v4, CONNECT),
@@ -785,14 +792,7 @@ fn keep_attached_protects_while_the_daemon_restarts() {
     let t = Topology::new().expect("creating the test topology");
     let v4 = SocketAddr::new(t.server_v4(), PORT);
     let _l = t.listen(v4);
-    let body = config(&t, 1000, 1000).replace(
-        "pin_dir = \"@PIN_DIR@\"",
-        "pin_dir = \"@PIN_DIR@\"\nkeep_attached = true",
-    );
-    let mut gw = Daemon::start(Some(&t.server.path()), &body).expect("starting the gateway");
-    let bad = t.client_v4(3);
-    gw.cli(&["block", "add", &bad.to_string()]).ok();
-    assert!(!t.connect(bad, v4, CONNECT), "{bad} is blocked");
+    let (mut gw, bad) = kept_with_a_block(&t, v4);
 
     gw.stop_process();
     // No daemon: the program stays attached with its maps.
