@@ -122,32 +122,43 @@ fn unknown_interface_fails_before_touching_the_kernel() {
 }
 
 /// Started by systemd (`$NOTIFY_SOCKET`), the daemon waits for an
-/// interface made after it started (a VLAN or bond made late at boot)
-/// instead of exiting 2, which the unit would not restart.
+/// interface made after it started (a VLAN or bond made late at boot), and
+/// for a block file that appears after it started (a mount that comes
+/// later), instead of exiting 2, which the unit would not restart.
 #[test]
-fn under_systemd_a_late_interface_is_waited_for() {
+fn under_systemd_a_late_interface_and_block_file_are_waited_for() {
     require_root!();
     let ns = gateway_tests::netns::Netns::new(format!("gwlate{}", std::process::id()))
         .expect("creating a test namespace");
     let dir = TempDir::new("late");
     let sock = dir.0.join("notify.sock");
     let _listen = std::os::unix::net::UnixDatagram::bind(&sock).unwrap();
-    let body = "[server]\nlisten = [\"127.0.0.1:0\"]\nstate_dir = \"@STATE_DIR@\"\n\
-                [metrics]\nlisten = \"127.0.0.1:0\"\n\
-                [xdp]\ninterfaces = [\"gwlate0\"]\nmode = \"skb\"\npin_dir = \"@PIN_DIR@\"\n";
+    let feed = dir.0.join("late-feed.txt");
+    let body = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nstate_dir = \"@STATE_DIR@\"\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\n\
+         [xdp]\ninterfaces = [\"gwlate0\"]\nmode = \"skb\"\npin_dir = \"@PIN_DIR@\"\n\
+         block_files = [\"{}\"]\n",
+        feed.display()
+    );
     let ns_name = ns.name.clone();
+    let late_feed = feed.clone();
     let made = std::thread::spawn(move || {
         std::thread::sleep(std::time::Duration::from_secs(1));
+        std::fs::write(&late_feed, "203.0.113.0/24\n").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(500));
         gateway_tests::netns::ip(&[
             "-n", &ns_name, "link", "add", "gwlate0", "type", "veth", "peer", "name", "gwlate1",
         ])
     });
     let sock_env = sock.display().to_string();
-    let gw = Daemon::start_with_env(Some(&ns.path()), body, &[("NOTIFY_SOCKET", &sock_env)])
-        .expect("the daemon waits for the interface, then starts");
+    let gw = Daemon::start_with_env(Some(&ns.path()), &body, &[("NOTIFY_SOCKET", &sock_env)])
+        .expect("the daemon waits for the file and the interface, then starts");
     made.join().unwrap().expect("making the interface");
     let stats = gw.cli(&["stats", "--json"]).json();
     assert_eq!(stats["xdp"], "attached", "{stats}");
+    let listed = gw.cli(&["block", "list"]).ok();
+    assert!(listed.contains("203.0.113.0/24"), "{listed}");
     drop(gw);
 }
 

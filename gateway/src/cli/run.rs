@@ -55,35 +55,43 @@ fn raise_fd_limit() {
     }
 }
 
-/// How long a daemon started by systemd waits for `xdp.interfaces` that do
-/// not exist yet.
-const INTERFACE_WAIT: Duration = Duration::from_secs(30);
+/// How long a daemon started by systemd waits for what boot may bring up
+/// after it (see [`wait_under_systemd`]).
+const BOOT_WAIT: Duration = Duration::from_secs(30);
 
 /// Under systemd (`$NOTIFY_SOCKET`: the unit's `Type=notify`), waits up to
-/// [`INTERFACE_WAIT`] for `xdp.interfaces` to exist: a VLAN, a bond or a
-/// slow driver may come up after `network-online.target`, and a missing
-/// interface is a usage error (exit 2), which the unit does not restart.
-/// Run by hand, a missing interface (a typo) fails at once.
-async fn wait_for_interfaces(interfaces: &[String]) {
+/// [`BOOT_WAIT`] for `ready` to hold: a VLAN, a bond or a slow driver may
+/// come up after `network-online.target`, a block file or certificate may
+/// sit on a mount that comes later, and what is missing is a usage error
+/// (exit 2), which the unit does not restart. Run by hand, a missing one
+/// (a typo) fails at once.
+async fn wait_under_systemd(what: &str, ready: impl Fn() -> Result<()>) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
     }
-    let deadline = tokio::time::Instant::now() + INTERFACE_WAIT;
+    let deadline = tokio::time::Instant::now() + BOOT_WAIT;
     let mut said = false;
-    while let Err(e) = crate::kernel::loader::check_interfaces(interfaces) {
+    while let Err(e) = ready() {
         if tokio::time::Instant::now() >= deadline {
             return;
         }
         if !said {
-            tracing::warn!(
-                "waiting up to {} s for the interface to appear: {e:#}",
-                INTERFACE_WAIT.as_secs()
-            );
-            crate::sd_notify::notify("STATUS=waiting for xdp.interfaces to appear");
+            tracing::warn!("waiting up to {} s for {what}: {e:#}", BOOT_WAIT.as_secs());
+            crate::sd_notify::notify(&format!("STATUS=waiting for {what}"));
             said = true;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The files the config names that must be readable at start: block
+/// files and the TLS certificate and key.
+fn files_readable(cfg: &Config) -> Result<()> {
+    let tls = cfg.server.tls.iter().flat_map(|t| [&t.cert, &t.key]);
+    for f in cfg.xdp.block_files.iter().chain(tls) {
+        std::fs::File::open(f).with_context(|| format!("opening {}", f.display()))?;
+    }
+    Ok(())
 }
 
 async fn serve(cfg: Config, path: &Path) -> Result<()> {
@@ -101,6 +109,10 @@ async fn serve(cfg: Config, path: &Path) -> Result<()> {
         Kernel::refuse_if_running(&cfg)?;
     }
     admin::refuse_if_answering(&cfg.server.admin_socket)?;
+    wait_under_systemd("the block files and TLS files to be readable", || {
+        files_readable(&cfg)
+    })
+    .await;
     // A block file that cannot be read is refused, as by `check` and
     // `reload`, rather than taken for an empty feed; so is a state file
     // (the persisted blocks, allowlist, limits and bans) that cannot be
@@ -113,7 +125,10 @@ async fn serve(cfg: Config, path: &Path) -> Result<()> {
     let kernel = if cfg.xdp.enabled {
         // A misspelt interface is a config error; anything else that stops
         // XDP (privileges, driver, bpffs) degrades to userspace enforcement.
-        wait_for_interfaces(&cfg.xdp.interfaces).await;
+        wait_under_systemd("xdp.interfaces to appear", || {
+            crate::kernel::loader::check_interfaces(&cfg.xdp.interfaces)
+        })
+        .await;
         crate::kernel::loader::check_interfaces(&cfg.xdp.interfaces)?;
         // Another daemon already running on these maps is no reason to
         // degrade: serving beside it (its listen ports are SO_REUSEPORT)
