@@ -1735,3 +1735,30 @@ async fn connections_refused_at_accept_are_counted_by_reason() {
         );
     }
 }
+
+/// `server.keepalive_requests` over HTTP/2: once a connection has opened
+/// that many streams it gets a GOAWAY, its streams finish, and it closes;
+/// the client goes on over a new connection (which may reach another
+/// worker).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_closes_after_its_share_of_requests() {
+    let up = mock("a").await;
+    let models = model_toml("m", "", &[(up.url(), 1, None)]);
+    let gw = TestGateway::start("keepalive_requests = 3", &models).await;
+    let (mut send, conn) = h2_connection(&gw).await;
+    for _ in 0..3 {
+        let r = send.send_request(h2_chat(&gw, &[], false)).await.unwrap();
+        assert_eq!(r.status(), 200);
+        http_body_util::BodyExt::collect(r.into_body())
+            .await
+            .unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("the connection is closed after its third stream")
+        .unwrap();
+    let r = Client::h2c()
+        .post(&url(&gw), Some(KEY_A), &[], &chat("m", false))
+        .await;
+    assert_eq!(r.status, 200);
+}

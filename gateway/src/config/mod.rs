@@ -33,6 +33,8 @@ pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a stopping gateway lets open requests and streams finish.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 256;
+/// nginx's `keepalive_requests` default.
+pub const DEFAULT_KEEPALIVE_REQUESTS: u32 = 1000;
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/gateway";
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/gateway/admin.sock";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/gateway";
@@ -110,6 +112,11 @@ pub struct ServerConfig {
     /// for upstream connections, health checks, metrics and the admin
     /// socket ([`crate::listener::limit::auto_max_connections`]).
     pub max_connections: Option<u32>,
+    /// Requests one client connection serves before the gateway closes it
+    /// (HTTP/1.1: `Connection: close` on the last answer; HTTP/2: GOAWAY
+    /// once that many streams were opened), so long-lived connections
+    /// are spread over the workers again; 0 = no limit. Default: 1000.
+    pub keepalive_requests: u32,
     /// Request line plus headers, in bytes (HTTP/1.1; the header list for
     /// HTTP/2). Larger requests get 431. Default: 8 KiB.
     pub max_header_bytes: u32,
@@ -684,6 +691,7 @@ impl Validator {
                 .max_connections_per_ip
                 .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_IP),
             max_connections: s.max_connections,
+            keepalive_requests: s.keepalive_requests.unwrap_or(DEFAULT_KEEPALIVE_REQUESTS),
             max_header_bytes: self.at_least(
                 "server.max_header_bytes",
                 s.max_header_bytes,

@@ -191,6 +191,7 @@ pub struct Server {
     pub cors_origins: Option<Vec<String>>,
     pub max_connections_per_ip: Option<u32>,
     pub max_connections: Option<u32>,
+    pub keepalive_requests: Option<u32>,
     pub max_header_bytes: Option<u32>,
     pub max_headers: Option<u32>,
     pub state_dir: Option<String>,

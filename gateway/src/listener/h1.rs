@@ -95,8 +95,13 @@ pub async fn serve(
         body_done: true,
     };
     let mut head_by = first_head_by;
+    let mut left = limits.keepalive_requests;
     loop {
-        match exchange(conn, &shared, peer, &limits, &mut drain, head_by).await? {
+        // The connection's last request (`server.keepalive_requests`) is
+        // answered with `Connection: close`.
+        left = left.saturating_sub(1);
+        let last = limits.keepalive_requests != 0 && left == 0;
+        match exchange(conn, &shared, peer, &limits, &mut drain, head_by, last).await? {
             Next::KeepAlive(c) => {
                 conn = c;
                 head_by = tokio::time::Instant::now() + limits.header_read_timeout;
@@ -142,6 +147,7 @@ async fn exchange(
     limits: &ConnLimits,
     drain: &mut watch::Receiver<bool>,
     head_by: tokio::time::Instant,
+    last: bool,
 ) -> io::Result<Next> {
     let read = tokio::time::timeout_at(head_by, read_head(&mut conn, limits, drain)).await;
     let head = match read {
@@ -222,7 +228,7 @@ async fn exchange(
         (None, None) => return Ok(Next::Gone),
     };
     let unread = !conn.body_done;
-    keep_alive &= conn.body_done && !*drain.borrow();
+    keep_alive &= conn.body_done && !*drain.borrow() && !last;
     let keep_alive =
         write_response(&mut conn, resp, head_only, version, keep_alive, limits).await?;
     Ok(if keep_alive {

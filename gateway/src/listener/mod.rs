@@ -56,6 +56,8 @@ pub struct ConnLimits {
     pub max_header_bytes: u32,
     pub max_headers: u32,
     pub drain_timeout: Duration,
+    /// `server.keepalive_requests` (0 = no limit).
+    pub keepalive_requests: u32,
 }
 
 impl ConnLimits {
@@ -66,6 +68,7 @@ impl ConnLimits {
             max_header_bytes: s.max_header_bytes,
             max_headers: s.max_headers,
             drain_timeout: s.drain_timeout,
+            keepalive_requests: s.keepalive_requests,
         }
     }
 }
@@ -370,6 +373,8 @@ struct H2Activity {
     reset_early: AtomicU64,
     /// Told when the resets pass [`reset_flood`].
     flood: tokio::sync::Notify,
+    /// Told when `server.keepalive_requests` streams were opened.
+    enough: tokio::sync::Notify,
 }
 
 /// Streams an HTTP/2 connection must have opened before its resets are
@@ -451,7 +456,9 @@ async fn serve_h2(
         opened: AtomicU64::new(0),
         reset_early: AtomicU64::new(0),
         flood: tokio::sync::Notify::new(),
+        enough: tokio::sync::Notify::new(),
     });
+    let keepalive_requests = u64::from(limits.keepalive_requests);
     let watch = Arc::new(h2_send::Watch::default());
     let max_headers = limits.max_headers as usize;
     let svc = {
@@ -461,7 +468,9 @@ async fn serve_h2(
         hyper::service::service_fn(move |req| {
             let shared = Arc::clone(&shared);
             let open = StreamOpen::new(&activity);
-            activity.opened.fetch_add(1, Ordering::Relaxed);
+            if activity.opened.fetch_add(1, Ordering::Relaxed) + 1 == keepalive_requests {
+                activity.enough.notify_one();
+            }
             let activity = Arc::clone(&activity);
             let watch = Arc::clone(&watch);
             async move {
@@ -544,6 +553,10 @@ async fn serve_h2(
                 shared.abuse.record(peer.ip(), crate::pipeline::abuse::Cause::RateLimited);
                 return Ok(());
             }
+            // The connection served its share: GOAWAY, the open streams
+            // finish, and the client opens a new connection (which may go
+            // to another worker).
+            _ = activity.enough.notified() => break true,
             _ = tokio::time::sleep_until(check.min(next_tick)) => {}
         }
         let now = tokio::time::Instant::now();

@@ -29,6 +29,7 @@ fn limits() -> ConnLimits {
         drain_timeout: Duration::from_secs(1),
         max_header_bytes: 8192,
         max_headers: 20,
+        keepalive_requests: 1000,
     }
 }
 
@@ -215,6 +216,33 @@ async fn keep_alive_and_pipelined_requests() {
         .send("GET /healthz HTTP/1.1\r\nconnection: close\r\n\r\n")
         .await;
     p.closes_after(&r).await;
+}
+
+/// `server.keepalive_requests`: the connection's last request is answered
+/// with `Connection: close`, and the connection closes after it.
+#[tokio::test]
+async fn a_connection_closes_after_its_share_of_requests() {
+    let mut p = Peer::with(ConnLimits {
+        keepalive_requests: 3,
+        ..limits()
+    });
+    let get = "GET /healthz HTTP/1.1\r\nhost: gw\r\n\r\n";
+    for _ in 0..2 {
+        let r = p.send(get).await;
+        assert_eq!((r.status, r.header("connection")), (200, None), "{r:?}");
+    }
+    let r = p.send(get).await;
+    assert_eq!(r.status, 200);
+    p.closes_after(&r).await;
+    // 0 = no limit.
+    let mut p = Peer::with(ConnLimits {
+        keepalive_requests: 0,
+        ..limits()
+    });
+    for _ in 0..5 {
+        let r = p.send(get).await;
+        assert_eq!((r.status, r.header("connection")), (200, None), "{r:?}");
+    }
 }
 
 #[tokio::test]
