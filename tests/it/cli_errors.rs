@@ -132,7 +132,10 @@ fn under_systemd_a_late_interface_and_block_file_are_waited_for() {
         .expect("creating a test namespace");
     let dir = TempDir::new("late");
     let sock = dir.0.join("notify.sock");
-    let _listen = std::os::unix::net::UnixDatagram::bind(&sock).unwrap();
+    let notify = std::os::unix::net::UnixDatagram::bind(&sock).unwrap();
+    notify
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
     let feed = dir.0.join("late-feed.txt");
     let body = format!(
         "[server]\nlisten = [\"127.0.0.1:0\"]\nstate_dir = \"@STATE_DIR@\"\n\
@@ -143,10 +146,20 @@ fn under_systemd_a_late_interface_and_block_file_are_waited_for() {
     );
     let ns_name = ns.name.clone();
     let late_feed = feed.clone();
+    // Each thing is made once the daemon tells systemd it waits for it.
     let made = std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_secs(1));
+        let next = || {
+            let mut buf = [0u8; 256];
+            let n = notify
+                .recv(&mut buf)
+                .expect("a word to systemd within 10 s");
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        };
+        let first = next();
+        assert!(first.contains("waiting for the block files"), "{first}");
         std::fs::write(&late_feed, "203.0.113.0/24\n").unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(500));
+        let second = next();
+        assert!(second.contains("waiting for xdp.interfaces"), "{second}");
         gateway_tests::netns::ip(&[
             "-n", &ns_name, "link", "add", "gwlate0", "type", "veth", "peer", "name", "gwlate1",
         ])
