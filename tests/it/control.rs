@@ -37,6 +37,15 @@ fn config(port: u16, a: &str, b: &str, weights: (u32, u32)) -> String {
     )
 }
 
+/// Starts a daemon on `body`, off the async runtime (it waits for the
+/// daemon to be ready).
+async fn start_daemon(body: String) -> Daemon {
+    tokio::task::spawn_blocking(move || Daemon::start(None, &body))
+        .await
+        .unwrap()
+        .expect("daemon")
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -106,10 +115,7 @@ async fn ten_reloads_under_load_fail_no_request() {
     .unwrap();
     let port = free_port();
     let body = config(port, &a.url(), &b.url(), (1, 1));
-    let gw = tokio::task::spawn_blocking(move || Daemon::start(None, &body))
-        .await
-        .unwrap()
-        .expect("daemon");
+    let gw = start_daemon(body).await;
     let gw = Arc::new(gw);
     let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
 
@@ -331,10 +337,7 @@ async fn without_xdp_the_daemon_serves_degraded_and_enforces_at_accept() {
          [xdp]\ninterfaces = [\"lo\"]\nmode = \"driver\"\nprotected_ports = [{port}]\n\
          syn_rate = 5\nsyn_burst = 5\nblock = [\"127.0.0.2/32\"]\npin_dir = \"@PIN_DIR@\"\n"
     );
-    let gw = tokio::task::spawn_blocking(move || Daemon::start(None, &body))
-        .await
-        .unwrap()
-        .expect("daemon");
+    let gw = start_daemon(body).await;
     let c = Client::http1();
     let ready = c
         .get(&format!("http://127.0.0.1:{port}/readyz"), None)
@@ -430,10 +433,7 @@ async fn sigterm_drains_open_streams_then_exits() {
     .unwrap();
     let port = free_port();
     let body = config(port, &up.url(), &up.url(), (1, 1));
-    let gw = tokio::task::spawn_blocking(move || Daemon::start(None, &body))
-        .await
-        .unwrap()
-        .expect("daemon");
+    let gw = start_daemon(body).await;
     let stream = open_stream(port, "12").await;
     let reading = tokio::spawn(gateway_tests::l7::collect(stream));
     gw.terminate();
@@ -513,10 +513,7 @@ async fn drain_cut_short(server_extra: &str, signals: usize) {
     let port = free_port();
     let body = config(port, &up.url(), &up.url(), (1, 1))
         .replace("[server]\n", &format!("[server]\n{server_extra}"));
-    let gw = tokio::task::spawn_blocking(move || Daemon::start(None, &body))
-        .await
-        .unwrap()
-        .expect("daemon");
+    let gw = start_daemon(body).await;
     // 20 s of stream: far past the test's patience.
     let stream = open_stream(port, "200").await;
     let reading =
@@ -560,10 +557,7 @@ async fn max_connections_per_ip_and_in_all_close_the_extra_ones() {
         "[server]\n",
         "[server]\nmax_connections_per_ip = 2\nmax_connections = 3\n",
     );
-    let gw = tokio::task::spawn_blocking(move || Daemon::start(None, &body))
-        .await
-        .unwrap()
-        .expect("daemon");
+    let gw = start_daemon(body).await;
     let dst: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let statuses = tokio::task::spawn_blocking(move || {
         use std::io::{Read as _, Write as _};
@@ -591,9 +585,9 @@ async fn max_connections_per_ip_and_in_all_close_the_extra_ones() {
         // The freed slot is seen once the gateway has read the close.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         let rf = loop {
-            let (f, rf) = open(8);
+            let (_f, rf) = open(8);
             if !rf.is_empty() || std::time::Instant::now() > deadline {
-                break (f, rf).1;
+                break rf;
             }
             std::thread::sleep(Duration::from_millis(20));
         };
@@ -630,10 +624,7 @@ async fn a_reload_applies_connection_limits_and_names_what_waits_for_a_restart()
     let port = free_port();
     let body = config(port, &up.url(), &up.url(), (1, 1))
         .replace("[server]\n", "[server]\nmax_connections_per_ip = 1\n");
-    let gw = tokio::task::spawn_blocking(move || Daemon::start(None, &body))
-        .await
-        .unwrap()
-        .expect("daemon");
+    let gw = start_daemon(body).await;
     let dst: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     // Connections held open from 127.0.0.7; how each first answered, and
     // how long a silent one took to be closed.
@@ -718,10 +709,7 @@ async fn a_ban_that_could_not_be_saved_survives_a_reload_and_is_saved_later() {
         "[metrics]",
         "[abuse]\nauth_failures = { max = 2, window = \"1m\", ban = \"10m\" }\n[metrics]",
     );
-    let gw = tokio::task::spawn_blocking(move || Daemon::start(None, &body))
-        .await
-        .unwrap()
-        .expect("daemon");
+    let gw = start_daemon(body).await;
     let g = Arc::new(gw);
     let state = g.config.parent().unwrap().join("state");
     let dst: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -797,10 +785,7 @@ async fn without_xdp_bans_hold_at_accept_across_a_restart() {
         "[metrics]",
         "[abuse]\nauth_failures = { max = 2, window = \"1m\", ban = \"10m\" }\n[metrics]",
     );
-    let mut gw = tokio::task::spawn_blocking(move || Daemon::start(None, &body))
-        .await
-        .unwrap()
-        .expect("daemon");
+    let mut gw = start_daemon(body).await;
     let dst: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let get = move |src: &str, key: &str| {
         let req = format!(
@@ -955,10 +940,7 @@ async fn a_ban_holds_when_the_state_file_is_unreadable() {
         "[metrics]",
         "[abuse]\nauth_failures = { max = 2, window = \"1m\", ban = \"10m\" }\n[metrics]",
     );
-    let gw = tokio::task::spawn_blocking(move || Daemon::start(None, &body))
-        .await
-        .unwrap()
-        .expect("daemon");
+    let gw = start_daemon(body).await;
     let state = gw.config.parent().unwrap().join("state/xdp-state.json");
     std::fs::create_dir_all(state.parent().unwrap()).unwrap();
     std::fs::write(&state, "{ not json").unwrap();
@@ -1005,10 +987,7 @@ async fn a_storm_of_bans_is_applied_in_full() {
         "[metrics]",
         "[abuse]\nauth_failures = { max = 1, window = \"1m\", ban = \"10m\" }\n[metrics]",
     );
-    let gw = tokio::task::spawn_blocking(move || Daemon::start(None, &body))
-        .await
-        .unwrap()
-        .expect("daemon");
+    let gw = start_daemon(body).await;
     let dst: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let src = |i: usize| format!("127.2.{}.{}", i / 250, i % 250 + 1);
     let get = move |src: String, key: &str| {
@@ -1066,10 +1045,7 @@ async fn a_reload_serves_a_renewed_certificate() {
             key.display()
         ),
     );
-    let gw = tokio::task::spawn_blocking(move || Daemon::start(None, &body))
-        .await
-        .unwrap()
-        .expect("daemon");
+    let gw = start_daemon(body).await;
     let gw = Arc::new(gw);
     let url = format!("https://127.0.0.1:{port}/healthz");
     // A fresh client per check: a new connection, a new handshake.
