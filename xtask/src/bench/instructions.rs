@@ -10,10 +10,12 @@
 //!
 //! The gateway (release) runs under `valgrind --tool=callgrind` in front of
 //! the release mock; wrk warms it, the counters are zeroed, wrk drives
-//! `seconds` of load over 8 connections, and the counters are dumped.
+//! `seconds` of load over 8 connections, and the counters are dumped. nginx,
+//! the peer, is counted the same way after it, as one process, so the two
+//! figures come from the same run on the same load.
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
 };
 
@@ -40,18 +42,100 @@ pub fn run(seconds: u64) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let mut procs = Children::default();
     let mock = l7::start_mock(&bin, &mut procs, "bench")?;
+    let script = dir.join("post.lua");
+    l7::post_script(
+        &script,
+        r#"{"model":"bench-model","messages":[{"role":"user","content":"hello from the benchmark"}]}"#,
+    )?;
+
     let (conf, port) = l7::gateway_config(&dir, &format!("http://{mock}"), "")?;
-    step("bench: starting the gateway under callgrind");
-    let out = dir.join("callgrind.out");
+    let mut gateway = Command::new(bin.join("gateway"));
+    gateway
+        .arg("--config")
+        .arg(&conf)
+        .arg("run")
+        .env("GATEWAY_LOG", "warn");
+    let gw = count(
+        "the gateway",
+        &dir.join("gateway"),
+        gateway,
+        port,
+        &script,
+        seconds,
+    )?;
+
+    // nginx as the bench's peer, configured as in `bench l7` (least_conn,
+    // keepalive upstream, the key checked by a map) but as one process,
+    // so that one callgrind counts all of its work.
+    let ngx_dir = dir.join("nginx");
+    let (ngx_conf, (ngx_port, ..)) =
+        l7::nginx_config(&ngx_dir, mock, "master_process off;\nworker_processes 1;")?;
+    let mut nginx = Command::new("nginx");
+    nginx.arg("-p").arg(&ngx_dir).arg("-c").arg(&ngx_conf);
+    let ngx = count("nginx", &ngx_dir, nginx, ngx_port, &script, seconds)?;
+    drop(procs);
+
+    let top = top_functions(&gw.dump, gw.total, gw.requests)?;
+    let body = format!(
+        "## Instructions per request (callgrind)\n\nCommand: `cargo xtask bench instructions` (seconds: {seconds}). \
+         Machine: {}. Each proxy (release gateway; Debian's nginx as one process, otherwise configured as in \
+         `bench l7`: least_conn, keepalive upstream, the API key checked by a map) under callgrind in turn, in \
+         front of the release mock-llm; wrk, 8 connections, the same 16-token non-stream chat completion as \
+         `bench l7`. User space only: the kernel's TCP work, which both pay alike, is not counted.\n\n\
+         | proxy | instructions per proxied request | requests | instructions |\n|---|---:|---:|---:|\n\
+         | nginx | {} | {} | {} |\n| gateway | {} | {} | {} |\n\n\
+         **Gateway / nginx: {:.2}x the user-space instructions per request.**\n\n\
+         The gateway's own functions, inclusive of what they call (the runtime and the code that polls them are outside them):\n\n| function | instructions per request | share |\n|---|---:|---:|\n{top}",
+        record::machine(),
+        ngx.per_request(),
+        ngx.requests,
+        ngx.total,
+        gw.per_request(),
+        gw.requests,
+        gw.total,
+        gw.per_request() as f64 / ngx.per_request() as f64,
+    );
+    println!("\n{body}");
+    record::section("instructions", &body)
+}
+
+/// What callgrind counted over one proxy's measured load.
+struct Counted {
+    requests: u64,
+    total: u64,
+    dump: PathBuf,
+}
+
+impl Counted {
+    fn per_request(&self) -> u64 {
+        self.total / self.requests
+    }
+}
+
+/// Runs `program` (a proxy listening on 127.0.0.1:`port`) under callgrind
+/// with its dumps in `dir`: wrk warms it for 3 s, the counters are zeroed,
+/// wrk drives `seconds` of load, and the counters are dumped.
+fn count(
+    name: &str,
+    dir: &Path,
+    program: Command,
+    port: u16,
+    script: &Path,
+    seconds: u64,
+) -> Result<Counted> {
+    std::fs::create_dir_all(dir)?;
+    step(&format!("bench: starting {name} under callgrind"));
+    let mut procs = Children::default();
     procs.0.push(
         Command::new("valgrind")
             .args(["--tool=callgrind", "--dump-instr=no"])
-            .arg(format!("--callgrind-out-file={}", out.display()))
-            .arg(bin.join("gateway"))
-            .arg("--config")
-            .arg(&conf)
-            .arg("run")
-            .env("GATEWAY_LOG", "warn")
+            .arg(format!(
+                "--callgrind-out-file={}",
+                dir.join("callgrind.out").display()
+            ))
+            .arg(program.get_program())
+            .args(program.get_args())
+            .envs(program.get_envs().filter_map(|(k, v)| Some((k, v?))))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -60,36 +144,24 @@ pub fn run(seconds: u64) -> Result<()> {
     let pid = procs.0.last().expect("valgrind").id().to_string();
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     wait_for_port(addr, &mut procs)?;
-    let script = dir.join("post.lua");
-    l7::post_script(
-        &script,
-        r#"{"model":"bench-model","messages":[{"role":"user","content":"hello from the benchmark"}]}"#,
-    )?;
     let url = format!("http://{addr}/v1/chat/completions");
-    step("bench: warming up (3 s)");
-    let _ = wrk8(&url, &script, 3)?;
+    step(&format!("bench: warming {name} up (3 s)"));
+    let _ = wrk8(&url, script, 3)?;
     callgrind_control(&["-z", &pid])?;
-    step(&format!("bench: counting over {seconds} s of load"));
-    let requests = wrk8(&url, &script, seconds)?;
+    step(&format!("bench: counting {name} over {seconds} s of load"));
+    let requests = wrk8(&url, script, seconds)?;
     callgrind_control(&["-d", &pid])?;
     drop(procs);
-    let dump = newest_dump(&dir)?;
-    let total = totals(&dump)?;
     if requests == 0 {
-        bail!("no requests completed under callgrind");
+        bail!("no requests completed through {name} under callgrind");
     }
-    let per = total / requests;
-    let top = top_functions(&dump, total, requests)?;
-    let body = format!(
-        "## Instructions per request (callgrind)\n\nCommand: `cargo xtask bench instructions` (seconds: {seconds}). \
-         Machine: {}. The gateway (release) under callgrind, in front of the release mock-llm; wrk, 8 \
-         connections, the same 16-token non-stream chat completion as `bench l7`. User space only.\n\n\
-         **{per} instructions per proxied request** ({requests} requests, {total} instructions).\n\n\
-         The gateway's own functions, inclusive of what they call (the runtime and the code that polls them are outside them):\n\n| function | instructions per request | share |\n|---|---:|---:|\n{top}",
-        record::machine()
-    );
-    println!("\n{body}");
-    record::section("instructions", &body)
+    let dump = newest_dump(dir)?;
+    let total = totals(&dump)?;
+    Ok(Counted {
+        requests,
+        total,
+        dump,
+    })
 }
 
 /// One wrk run with 8 connections; returns the requests completed.
@@ -125,7 +197,7 @@ fn callgrind_control(args: &[&str]) -> Result<()> {
 }
 
 /// The dump `callgrind_control -d` wrote (`callgrind.out.N`, newest).
-fn newest_dump(dir: &Path) -> Result<std::path::PathBuf> {
+fn newest_dump(dir: &Path) -> Result<PathBuf> {
     std::fs::read_dir(dir)?
         .flatten()
         .filter(|e| {

@@ -214,6 +214,27 @@ pub(super) fn start_nginx(
     procs: &mut Children,
     upstream: SocketAddr,
 ) -> Result<(u16, u16, u16)> {
+    let (conf, ports) = nginx_config(dir, upstream, "worker_processes auto;")?;
+    procs.0.push(
+        Command::new("nginx")
+            .arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(&conf)
+            .spawn()
+            .context("starting nginx (cargo xtask setup installs it)")?,
+    );
+    Ok(ports)
+}
+
+/// Writes the benches' nginx configuration (see [`start_nginx`]) into
+/// `dir`, with `processes` as its process directives; returns its path and
+/// the (plain, h2c, TLS) ports.
+pub(super) fn nginx_config(
+    dir: &Path,
+    upstream: SocketAddr,
+    processes: &str,
+) -> Result<(std::path::PathBuf, (u16, u16, u16))> {
     std::fs::create_dir_all(dir)?;
     let (cert, key) = test_cert(&dir.join("tls"))?;
     let (port, h2c, tls) = (free_port()?, free_port()?, free_port()?);
@@ -221,7 +242,7 @@ pub(super) fn start_nginx(
     std::fs::write(
         &conf,
         format!(
-            "worker_processes auto;\nworker_rlimit_nofile 65536;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+            "{processes}\nworker_rlimit_nofile 65536;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
              events {{ worker_connections 30000; }}\n\
              http {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
                fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
@@ -236,16 +257,7 @@ pub(super) fn start_nginx(
             key = key.display(),
         ),
     )?;
-    procs.0.push(
-        Command::new("nginx")
-            .arg("-p")
-            .arg(dir)
-            .arg("-c")
-            .arg(&conf)
-            .spawn()
-            .context("starting nginx (cargo xtask setup installs it)")?,
-    );
-    Ok((port, h2c, tls))
+    Ok((conf, (port, h2c, tls)))
 }
 
 /// CPU seconds per 10,000 requests.
