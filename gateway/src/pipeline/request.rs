@@ -343,21 +343,14 @@ fn scan(body: &[u8], max: usize) -> Scan {
         match body[i] {
             b'"' => {
                 // Skip the string: to the next quote not escaped.
-                i += 1;
-                let start = i;
-                while i < body.len() {
-                    match memchr::memchr2(b'"', b'\\', &body[i..]) {
-                        Some(j) if body[i + j] == b'\\' => i += j + 2,
-                        Some(j) => {
-                            i += j;
-                            break;
-                        }
-                        None => return out, // unterminated: the parser says so
-                    }
-                }
+                let start = i + 1;
+                let Some(end) = super::usage::string_end(body, start) else {
+                    return out; // unterminated: the parser says so
+                };
+                i = end;
                 if body[start..].starts_with(b"data:") {
                     out.media.count += 1;
-                    out.media.bytes += i.min(body.len()) - start;
+                    out.media.bytes += i - start;
                 }
             }
             b'[' | b'{' => {
