@@ -129,8 +129,11 @@ impl Daemon {
         } else if let Err(e) = self.enforce_at_accept(&new) {
             return Err(vec![format!("loading the blocklist: {e:#}")]);
         }
-        if let (Some(acceptor), Some(current)) = (certs, self.shared.tls_certs.get()) {
-            current.store(Arc::new(acceptor));
+        if let (Some(loaded), Some(current), Some(t)) =
+            (certs, self.shared.tls_certs.get(), &new.server.tls)
+        {
+            notes.extend(loaded.report(t, &self.shared.metrics));
+            current.store(Arc::new(loaded.acceptor));
             notes.push("TLS certificate reloaded: new connections get it".into());
         }
         self.shared.abuse.configure(&new);

@@ -67,6 +67,9 @@ pub struct Metrics {
     pub xdp_map_entries: IntGaugeVec,
     /// 1 while the XDP program is attached, 0 when disabled or degraded.
     pub xdp_attached: prometheus::IntGauge,
+    /// `gateway_tls_certificate_expiry_timestamp_seconds`: when the served
+    /// certificate ends (Unix seconds), for an alert ahead of it.
+    pub tls_cert_expiry: prometheus::IntGauge,
 }
 
 /// The series a finished request writes, for one (model, key, status
@@ -411,8 +414,17 @@ impl Metrics {
         registry
             .register(Box::new(xdp_attached.clone()))
             .expect("unique metric");
+        let tls_cert_expiry = prometheus::IntGauge::new(
+            "gateway_tls_certificate_expiry_timestamp_seconds",
+            "When the served TLS certificate stops being valid (Unix seconds; 0 without TLS or when it cannot be read).",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(tls_cert_expiry.clone()))
+            .expect("unique metric");
         static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Metrics {
+            tls_cert_expiry,
             id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             xdp_packets,
             xdp_map_entries,

@@ -76,8 +76,11 @@ impl Gateway {
         if let Some(b) = balancer {
             let _ = shared.balancer.set(b);
         }
-        if let Some(tls) = tls {
-            let _ = shared.tls_certs.set(arc_swap::ArcSwap::from_pointee(tls));
+        if let (Some(tls), Some(t)) = (tls, &cfg.server.tls) {
+            tls.report(t, &shared.metrics);
+            let _ = shared
+                .tls_certs
+                .set(arc_swap::ArcSwap::from_pointee(tls.acceptor));
         }
         let workers = Workers::start(sockets, Arc::clone(&shared))?;
         for a in &addrs {

@@ -1079,4 +1079,25 @@ async fn a_reload_serves_a_renewed_certificate() {
     assert_eq!(r.code, 2, "{}{}", r.stdout, r.stderr);
     assert!(r.stderr.contains("server.tls.cert"), "{}", r.stderr);
     assert_eq!(status(renewed).await, Ok(http::StatusCode::OK));
+    // An expired pair (a renewal that copied the old files back): loaded,
+    // as nginx would, and the answer and `check` say what clients will
+    // make of it.
+    let mut p = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    p.not_before = rcgen::date_time_ymd(2019, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2020, 1, 1);
+    let k = rcgen::KeyPair::generate().unwrap();
+    std::fs::write(&crt, p.self_signed(&k).unwrap().pem()).unwrap();
+    std::fs::write(&key, k.serialize_pem()).unwrap();
+    for verb in ["reload", "check"] {
+        let g = Arc::clone(&gw);
+        let r = tokio::task::spawn_blocking(move || g.cli(&[verb]))
+            .await
+            .unwrap();
+        assert_eq!(r.code, 0, "{verb}: {}{}", r.stdout, r.stderr);
+        let said = format!("{}{}", r.stdout, r.stderr);
+        assert!(
+            said.contains("expired") && said.contains("Wed, 01 Jan 2020 00:00:00 GMT"),
+            "{verb}: {said}"
+        );
+    }
 }

@@ -344,8 +344,17 @@ fn check(path: &std::path::Path) -> Result<()> {
     // that do not load, interfaces this host does not have.
     let mut refused = Vec::new();
     if let Some(tls) = &cfg.server.tls {
-        if let Err(e) = crate::listener::tls::acceptor(tls) {
-            refused.push(format!("{e:#}"));
+        match crate::listener::tls::acceptor(tls) {
+            Err(e) => refused.push(format!("{e:#}")),
+            Ok(loaded) => {
+                // Served all the same, but the operator must hear it.
+                let now = std::time::SystemTime::now();
+                if let Some(w) =
+                    crate::listener::tls::validity_warning(&tls.cert, loaded.validity, now)
+                {
+                    eprintln!("warning: {w}");
+                }
+            }
         }
     }
     if cfg.xdp.enabled {

@@ -6,6 +6,7 @@ use std::{
     io::BufReader,
     path::Path,
     sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -61,9 +62,117 @@ fn resumption(
     Ok((Arc::clone(&r.tickets), Arc::clone(&r.sessions)))
 }
 
+/// A certificate and key loaded for serving.
+pub struct Loaded {
+    pub acceptor: TlsAcceptor,
+    /// The leaf certificate's validity; `None` when it could not be read
+    /// (rustls serves the certificate all the same).
+    pub validity: Option<Validity>,
+}
+
+/// When a certificate is valid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+/// Within this of its end a certificate is warned about, as the renewal
+/// that should have happened by then (ACME clients renew 30 days ahead)
+/// has not.
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
+
+impl Validity {
+    /// The validity of a DER certificate, if it parses as X.509.
+    pub fn of(cert: &[u8]) -> Option<Validity> {
+        use x509_cert::der::Decode as _;
+        let c = x509_cert::Certificate::from_der(cert).ok()?;
+        let v = &c.tbs_certificate.validity;
+        Some(Validity {
+            not_before: v.not_before.to_system_time(),
+            not_after: v.not_after.to_system_time(),
+        })
+    }
+
+    /// Seconds since the Unix epoch at which it ends (the metric).
+    pub fn not_after_unix(&self) -> i64 {
+        self.not_after
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64)
+    }
+}
+
+/// What an operator must hear about `cert`'s validity at `now`: expired,
+/// not valid yet, or ending within [`EXPIRY_WARNING`]; `None` when it is
+/// fine. Clients refuse a certificate outside its validity, so the gateway
+/// would serve TLS that no client accepts; it still loads it (a renewal
+/// may be on its way, and plain listeners and the rest keep working).
+pub fn validity_warning(
+    cert: &Path,
+    validity: Option<Validity>,
+    now: SystemTime,
+) -> Option<String> {
+    let at = |t: SystemTime| httpdate::fmt_http_date(t);
+    let Some(v) = validity else {
+        return Some(format!(
+            "server.tls.cert: the validity of {} could not be read; its expiry is not checked",
+            cert.display()
+        ));
+    };
+    if let Ok(ago) = now.duration_since(v.not_after) {
+        return Some(format!(
+            "server.tls.cert: {} expired {} ago ({}); clients refuse it until it is renewed",
+            cert.display(),
+            span(ago),
+            at(v.not_after)
+        ));
+    }
+    if let Ok(until) = v.not_before.duration_since(now) {
+        return Some(format!(
+            "server.tls.cert: {} is not valid for another {} ({}); clients refuse it until then",
+            cert.display(),
+            span(until),
+            at(v.not_before)
+        ));
+    }
+    let left = v.not_after.duration_since(now).unwrap_or_default();
+    (left < EXPIRY_WARNING).then(|| {
+        format!(
+            "server.tls.cert: {} expires in {} ({}); renew it",
+            cert.display(),
+            span(left),
+            at(v.not_after)
+        )
+    })
+}
+
+impl Loaded {
+    /// Publishes the certificate's end as a metric, and logs and returns
+    /// what the operator must hear about its validity (see
+    /// [`validity_warning`]).
+    pub fn report(&self, cfg: &TlsConfig, metrics: &crate::metrics::Metrics) -> Option<String> {
+        metrics
+            .tls_cert_expiry
+            .set(self.validity.map_or(0, |v| v.not_after_unix()));
+        let warning = validity_warning(&cfg.cert, self.validity, SystemTime::now())?;
+        tracing::warn!("{warning}");
+        Some(warning)
+    }
+}
+
+/// A duration in whole days, or hours under two days.
+fn span(d: Duration) -> String {
+    let hours = d.as_secs() / 3600;
+    match hours {
+        0..=47 => format!("{hours} h"),
+        _ => format!("{} days", hours / 24),
+    }
+}
+
 /// Builds the acceptor; a missing or unreadable file is an error naming it.
-pub fn acceptor(cfg: &TlsConfig) -> Result<TlsAcceptor> {
+pub fn acceptor(cfg: &TlsConfig) -> Result<Loaded> {
     let certs = read_certs(&cfg.cert)?;
+    let validity = Validity::of(&certs[0]);
     let key = read_key(&cfg.key)?;
     let (tickets, sessions) = resumption(&certs, &key)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -82,7 +191,10 @@ pub fn acceptor(cfg: &TlsConfig) -> Result<TlsAcceptor> {
     sc.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     sc.ticketer = tickets;
     sc.session_storage = sessions;
-    Ok(TlsAcceptor::from(Arc::new(sc)))
+    Ok(Loaded {
+        acceptor: TlsAcceptor::from(Arc::new(sc)),
+        validity,
+    })
 }
 
 fn open(path: &Path, what: &str) -> Result<BufReader<File>> {
@@ -138,6 +250,77 @@ mod tests {
             e.contains("holds no PEM certificate") && e.contains(&cert.display().to_string()),
             "{e}"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A certificate valid through 2026 (2027-01-01T00:00:00Z is
+    /// 1,798,761,600), and its key.
+    fn dated() -> (rcgen::Certificate, rcgen::KeyPair) {
+        let mut p = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        p.not_before = rcgen::date_time_ymd(2026, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2027, 1, 1);
+        let key = rcgen::KeyPair::generate().unwrap();
+        (p.self_signed(&key).unwrap(), key)
+    }
+
+    #[test]
+    fn validity_is_read_and_warned_about() {
+        let v = Validity::of(dated().0.der()).expect("an X.509 certificate");
+        assert_eq!(v.not_after_unix(), 1_798_761_600);
+        let end = UNIX_EPOCH + Duration::from_secs(1_798_761_600);
+        let (day, hour) = (Duration::from_secs(86_400), Duration::from_secs(3600));
+        let path = Path::new("/etc/gateway/tls/cert.pem");
+        let warn = |now| validity_warning(path, Some(v), now);
+        // Well inside, and just outside the warning's reach: nothing.
+        assert_eq!(warn(end - 200 * day), None);
+        assert_eq!(warn(end - 15 * day), None);
+        let w = warn(end - 3 * day - hour).expect("ends soon");
+        assert!(
+            w.contains("/etc/gateway/tls/cert.pem expires in 3 days")
+                && w.contains("Fri, 01 Jan 2027 00:00:00 GMT"),
+            "{w}"
+        );
+        let w = warn(end - 5 * hour).expect("ends soon");
+        assert!(w.contains("expires in 5 h"), "{w}");
+        let w = warn(end + 40 * day).expect("expired");
+        assert!(
+            w.contains("expired 40 days ago") && w.contains("refuse"),
+            "{w}"
+        );
+        let w = warn(end - 366 * day).expect("not valid yet");
+        assert!(
+            w.contains("not valid for another 24 h") && w.contains("Thu, 01 Jan 2026"),
+            "{w}"
+        );
+        let w = validity_warning(path, None, end).expect("unread");
+        assert!(w.contains("could not be read"), "{w}");
+        assert_eq!(Validity::of(b"not a certificate"), None);
+    }
+
+    /// An expired certificate still loads (clients will refuse it; the
+    /// operator is told), with its validity read from the file.
+    #[test]
+    fn an_expired_certificate_loads_with_its_validity() {
+        let dir = std::env::temp_dir().join(format!("gw-tls-dated-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = dated();
+        let cfg = TlsConfig {
+            cert: dir.join("old.crt"),
+            key: dir.join("old.key"),
+        };
+        std::fs::write(&cfg.cert, cert.pem()).unwrap();
+        std::fs::write(&cfg.key, key.serialize_pem()).unwrap();
+        let loaded = acceptor(&cfg).unwrap();
+        assert_eq!(
+            loaded.validity.map(|v| v.not_after_unix()),
+            Some(1_798_761_600)
+        );
+        let metrics = crate::metrics::Metrics::new();
+        loaded.report(&cfg, &metrics);
+        assert_eq!(metrics.tls_cert_expiry.get(), 1_798_761_600);
+        let later = UNIX_EPOCH + Duration::from_secs(1_900_000_000);
+        assert!(validity_warning(&cfg.cert, loaded.validity, later)
+            .is_some_and(|w| w.contains("expired")));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -203,11 +386,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("gw-tls-resume-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let (one, two) = (pair(&dir, "one"), pair(&dir, "two"));
-        let first = acceptor(&one).unwrap();
+        let first = acceptor(&one).unwrap().acceptor;
         // A reload that reads the same pair again: returning clients resume.
-        let reloaded = acceptor(&one).unwrap();
+        let reloaded = acceptor(&one).unwrap().acceptor;
         // A new pair: its sessions start anew.
-        let renewed = acceptor(&two).unwrap();
+        let renewed = acceptor(&two).unwrap().acceptor;
         assert_eq!(
             handshakes(&[&first, &first, &reloaded, &renewed], &[&one, &two]),
             vec![Full, Resumed, Resumed, Full]
