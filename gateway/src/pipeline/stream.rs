@@ -84,8 +84,14 @@ pin_project! {
     pub struct ProxyBody {
         #[pin]
         inner: upstream::Incoming,
+        // Armed (moved to `idle_at`) only when upstream has nothing: a
+        // body that is ready when asked, as a one-piece JSON answer is,
+        // registers no timer at all.
         #[pin]
         idle: Sleep,
+        // When the wait for the next piece times out: `idle_timeout` after
+        // the last one (or the first byte's deadline before it).
+        idle_at: Instant,
         #[pin]
         total: Sleep,
         idle_timeout: Duration,
@@ -120,11 +126,11 @@ impl ProxyBody {
                 scan: None,
             }
         };
+        let idle_at = (Instant::now() + idle_timeout).max(first_data_by);
         ProxyBody {
             inner,
-            idle: tokio::time::sleep_until(
-                (Instant::now() + idle_timeout).max(first_data_by).into(),
-            ),
+            idle: tokio::time::sleep_until(idle_at.into()),
+            idle_at,
             total: tokio::time::sleep_until(deadline.into()),
             idle_timeout,
             mode,
@@ -256,20 +262,36 @@ impl Body for ProxyBody {
             // The upstream is asked before the idle timer: a client that
             // stopped reading for a while leaves data waiting upstream,
             // which is no stall of the backend's. Idle is a wait on
-            // upstream that found nothing for that long.
-            let polled = if this.total.as_mut().poll(cx).is_ready() {
-                Err("total_timeout")
-            } else {
-                match this.inner.as_mut().poll_frame(cx) {
-                    Poll::Ready(f) => Ok(f),
-                    Poll::Pending if this.idle.as_mut().poll(cx).is_ready() => {
-                        Err(if this.finish.ctx.first_byte.is_none() {
+            // upstream that found nothing for that long. The timers are
+            // polled (registered) only when upstream has nothing; what it
+            // has is checked against the total deadline by the clock.
+            let (polled, now) = match this.inner.as_mut().poll_frame(cx) {
+                Poll::Ready(f) => {
+                    let now = Instant::now();
+                    if this.total.deadline() <= now.into() {
+                        (Err("total_timeout"), now)
+                    } else {
+                        (Ok(f), now)
+                    }
+                }
+                Poll::Pending => {
+                    if this.total.as_mut().poll(cx).is_ready() {
+                        (Err("total_timeout"), Instant::now())
+                    } else {
+                        let at = (*this.idle_at).into();
+                        if this.idle.deadline() != at {
+                            this.idle.as_mut().reset(at);
+                        }
+                        if this.idle.as_mut().poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                        let kind = if this.finish.ctx.first_byte.is_none() {
                             "first_byte_timeout"
                         } else {
                             "idle_timeout"
-                        })
+                        };
+                        (Err(kind), Instant::now())
                     }
-                    Poll::Pending => return Poll::Pending,
                 }
             };
             let failure = match polled {
@@ -281,8 +303,7 @@ impl Body for ProxyBody {
                             // Trailers: pass through.
                             Err(frame) => return Poll::Ready(Some(Ok(frame))),
                         };
-                        let now = Instant::now();
-                        this.idle.as_mut().reset((now + *this.idle_timeout).into());
+                        *this.idle_at = now + *this.idle_timeout;
                         let ctx = &mut this.finish.ctx;
                         if ctx.first_byte.is_none() {
                             ctx.first_byte = Some(now);
