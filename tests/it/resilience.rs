@@ -927,6 +927,70 @@ async fn idle_http2_connections_are_closed_and_long_streams_are_not() {
     assert!(types.contains(&7), "frame types sent: {types:?}");
 }
 
+/// Each request head on a keep-alive connection gets `header_read_timeout`
+/// from the answer before it (one timer per connection, moved forward):
+/// a request sent after an earlier deadline passed is served, and a head
+/// left unfinished is cut at its own deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_keep_alive_request_gets_its_own_head_deadline() {
+    let up = mock("a").await;
+    let models = model_toml("m", "", &[(up.url(), 1, None)]);
+    let gw = TestGateway::start("header_read_timeout = \"500ms\"", &models).await;
+    let addr = gw.url.trim_start_matches("http://").to_owned();
+    let (answers, cut_after) = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut answers = 0;
+        // Requests 300 ms apart: the third comes 600 ms after the first
+        // answer, past the first head's deadline but within its own.
+        for _ in 0..3 {
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+                .unwrap();
+            // One whole answer: its head, then Content-Length bytes.
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1024];
+            let whole = |got: &[u8]| {
+                let text = String::from_utf8_lossy(got);
+                let (head, body) = text.split_once("\r\n\r\n")?;
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().to_owned())
+                    })?
+                    .parse()
+                    .ok()?;
+                (body.len() >= len).then_some(head.starts_with("HTTP/1.1 200"))
+            };
+            let ok = loop {
+                if let Some(ok) = whole(&got) {
+                    break ok;
+                }
+                let n = s.read(&mut buf).unwrap();
+                assert!(n > 0, "closed after {answers} answers");
+                got.extend_from_slice(&buf[..n]);
+            };
+            assert!(ok, "{}", String::from_utf8_lossy(&got));
+            answers += 1;
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        // Half a head, then nothing: cut 500 ms after the last answer.
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHo").unwrap();
+        let t = Instant::now();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        (answers, t.elapsed())
+    })
+    .await
+    .unwrap();
+    assert_eq!(answers, 3);
+    assert!(
+        cut_after < Duration::from_millis(1500),
+        "an unfinished head was cut after {cut_after:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_slowloris_connections_neither_starve_clients_nor_grow_memory() {
     let up = mock("a").await;

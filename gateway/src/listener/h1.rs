@@ -95,13 +95,21 @@ pub async fn serve(
         body_done: true,
     };
     let mut head_by = first_head_by;
+    // One timer for every request head of the connection, moved forward
+    // for each: a later deadline is one store into a registered timer,
+    // where a timer per request cost a registration and a removal each.
+    let mut head_timer = pin!(tokio::time::sleep_until(first_head_by));
     let mut left = limits.keepalive_requests;
     loop {
         // The connection's last request (`server.keepalive_requests`) is
         // answered with `Connection: close`.
         left = left.saturating_sub(1);
         let last = limits.keepalive_requests != 0 && left == 0;
-        match exchange(conn, &shared, peer, &limits, &mut drain, head_by, last).await? {
+        if head_timer.deadline() != head_by {
+            head_timer.as_mut().reset(head_by);
+        }
+        let timer = head_timer.as_mut();
+        match exchange(conn, &shared, peer, &limits, &mut drain, timer, last).await? {
             Next::KeepAlive(c) => {
                 conn = c;
                 head_by = tokio::time::Instant::now() + limits.header_read_timeout;
@@ -146,10 +154,19 @@ async fn exchange(
     peer: SocketAddr,
     limits: &ConnLimits,
     drain: &mut watch::Receiver<bool>,
-    head_by: tokio::time::Instant,
+    mut head_by: Pin<&mut tokio::time::Sleep>,
     last: bool,
 ) -> io::Result<Next> {
-    let read = tokio::time::timeout_at(head_by, read_head(&mut conn, limits, drain)).await;
+    // The head first, as `timeout` would: the timer is polled (armed)
+    // only while the head is not all there.
+    let read = {
+        let mut reading = pin!(read_head(&mut conn, limits, drain));
+        poll_fn(|cx| match reading.as_mut().poll(cx) {
+            Poll::Ready(r) => Poll::Ready(Ok(r)),
+            Poll::Pending => head_by.as_mut().poll(cx).map(Err),
+        })
+        .await
+    };
     let head = match read {
         Ok(Ok(h)) => h,
         Ok(Err(HeadError::Closed)) => return Ok(Next::Gone),
