@@ -58,11 +58,22 @@ pub fn connection_has(h: &HeaderMap, token: &[u8]) -> bool {
 
 /// The `Content-Length`, if any: every value must be the same run of digits.
 pub fn content_length(h: &HeaderMap) -> Result<Option<u64>, &'static str> {
+    let all = h.get_all(header::CONTENT_LENGTH);
+    let mut values = all.iter();
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    // The common case, one field of one number, without the general
+    // path's splitting (a third of the cost of a call).
+    if values.next().is_none() && !first.as_bytes().contains(&b',') {
+        return digits(first.as_bytes().trim_ascii())
+            .map(Some)
+            .ok_or("bad content-length");
+    }
     let mut len = None;
     // Every element must be digits: an empty value or element (`""`,
     // `"5,"`) is invalid, not absent (RFC 9112 section 6.3).
-    let values = h.get_all(header::CONTENT_LENGTH).into_iter();
-    for t in values.flat_map(|v| v.as_bytes().split(|&b| b == b',')) {
+    for t in all.iter().flat_map(|v| v.as_bytes().split(|&b| b == b',')) {
         let n = digits(t.trim_ascii()).ok_or("bad content-length")?;
         if len.is_some_and(|l| l != n) {
             return Err("conflicting content-length values");
@@ -431,6 +442,8 @@ mod tests {
         assert_eq!(lengths(&["0"]), Ok(Some(0)));
         assert_eq!(lengths(&["42"]), Ok(Some(42)));
         assert_eq!(lengths(&["42, 42", "42"]), Ok(Some(42)));
+        assert_eq!(lengths(&["7", "7"]), Ok(Some(7)));
+        assert_eq!(lengths(&[" 7\t"]), Ok(Some(7)), "whitespace around it");
         assert_eq!(
             lengths(&["18446744073709551615"]),
             Ok(Some(u64::MAX)),
