@@ -364,7 +364,8 @@ async fn read_head(
             if conn.buf.is_empty() {
                 conn.buf = BytesMut::new();
             }
-            return head.into_head(&bytes);
+            // SAFETY: `bytes` is the head just parsed, split off unchanged.
+            return unsafe { head.into_head(&bytes) };
         }
         if conn.buf.len() > max {
             return Err(HeadError::Refused(
@@ -473,7 +474,11 @@ fn parse_head(buf: &[u8], max_headers: usize) -> Result<Option<(usize, Parsed)>,
 }
 
 impl Parsed {
-    fn into_head(self, bytes: &Bytes) -> Result<Head, HeadError> {
+    /// # Safety
+    ///
+    /// `bytes` holds the head this was parsed from (or a copy of it),
+    /// unchanged: see [`http1::fill_headers`].
+    unsafe fn into_head(self, bytes: &Bytes) -> Result<Head, HeadError> {
         let bad = |why| HeadError::Refused(StatusCode::BAD_REQUEST, why);
         let mut req = Request::new(());
         *req.method_mut() =
@@ -481,7 +486,8 @@ impl Parsed {
         *req.uri_mut() = Uri::from_maybe_shared(bytes.slice(self.target))
             .map_err(|_| bad("bad request target"))?;
         *req.version_mut() = self.version;
-        http1::fill_headers(req.headers_mut(), bytes, self.fields).map_err(bad)?;
+        // SAFETY: the caller's promise.
+        unsafe { http1::fill_headers(req.headers_mut(), bytes, self.fields) }.map_err(bad)?;
         let (framing, close) = request_framing(req.headers(), self.version).map_err(bad)?;
         let h = req.headers();
         let keep_alive = !close
@@ -975,9 +981,9 @@ pub fn inspect_head(buf: &[u8], max_headers: usize) -> Result<Option<RequestSumm
     let Some((len, parsed)) = parse_head(buf, max_headers).map_err(refused)? else {
         return Ok(None);
     };
-    let head = parsed
-        .into_head(&Bytes::copy_from_slice(&buf[..len]))
-        .map_err(refused)?;
+    // SAFETY: a copy of the head just parsed.
+    let head =
+        unsafe { parsed.into_head(&Bytes::copy_from_slice(&buf[..len])) }.map_err(refused)?;
     Ok(Some(RequestSummary {
         len,
         body: match head.framing {

@@ -164,7 +164,8 @@ impl Loaded {
 fn span(d: Duration) -> String {
     let hours = d.as_secs() / 3600;
     match hours {
-        0..=47 => format!("{hours} h"),
+        0 => "less than an hour".into(),
+        1..=47 => format!("{hours} h"),
         _ => format!("{} days", hours / 24),
     }
 }
@@ -282,6 +283,8 @@ mod tests {
         );
         let w = warn(end - 5 * hour).expect("ends soon");
         assert!(w.contains("expires in 5 h"), "{w}");
+        let w = warn(end - hour / 2).expect("ends soon");
+        assert!(w.contains("expires in less than an hour"), "{w}");
         let w = warn(end + 40 * day).expect("expired");
         assert!(
             w.contains("expired 40 days ago") && w.contains("refuse"),

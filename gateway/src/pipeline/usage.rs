@@ -127,8 +127,9 @@ fn usage_obj(value: &[u8]) -> Option<Usage> {
 /// (strings and nesting), so an ill-formed value of a key the gateway does
 /// not read is not refused here.
 fn plain_usage(v: &[u8]) -> Option<UsageObj> {
+    // JSON's whitespace (not form feed, which serde refuses).
     let ws = |mut i: usize| {
-        while v.get(i).is_some_and(u8::is_ascii_whitespace) {
+        while matches!(v.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
             i += 1;
         }
         i
@@ -255,6 +256,10 @@ fn top_level_value<'a>(body: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
 /// byte only if it was one; a nested key closes its own object first. The
 /// walk also sees any later top-level key spelled with escapes.
 fn usage_near_end(body: &[u8]) -> Option<Option<&[u8]>> {
+    // Not an object at the top: the whole scan says so.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return None;
+    }
     static FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
         std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"usage\""));
     let at = FINDER
@@ -807,6 +812,9 @@ mod tests {
         // Not an object at the top, or cut short: the whole scan decides.
         for b in [
             &br#"[{"usage":{"prompt_tokens":1}}]"#[..],
+            b"\xef\xbb\xbf{\"usage\":{\"prompt_tokens\":5}}",
+            br#"junk{"usage":{"prompt_tokens":5}}"#,
+            br#"[1,{"usage":{"prompt_tokens":5}}"#,
             br#"{"usage":{"prompt_tokens":1}"#,
             br#"{"usage":{"prompt_tokens":1}} x"#,
             br#"{"usage""#,
@@ -859,6 +867,7 @@ mod tests {
             br#"{"prompt_tokens":5"#,
             br#"[1,2]"#,
             br#"null"#,
+            b"{\x0c\"prompt_tokens\":5}",
         ] {
             assert_eq!(plain(v), None, "{}", String::from_utf8_lossy(v));
         }

@@ -385,7 +385,8 @@ async fn read_head(
     loop {
         if let Some((head_len, parsed)) = parse_head(&buf)? {
             let head = buf.split_to(head_len).freeze();
-            let mut resp = parsed.into_response(&head)?;
+            // SAFETY: `head` is the head just parsed, split off unchanged.
+            let mut resp = unsafe { parsed.into_response(&head) }?;
             let status = resp.status();
             if status.is_informational() {
                 if status == StatusCode::SWITCHING_PROTOCOLS {
@@ -442,7 +443,8 @@ pub fn inspect_head(buf: &[u8]) -> Result<Option<HeadSummary>, Error> {
     let Some((len, parsed)) = parse_head(buf)? else {
         return Ok(None);
     };
-    let resp = parsed.into_response(&Bytes::copy_from_slice(&buf[..len]))?;
+    // SAFETY: a copy of the head just parsed.
+    let resp = unsafe { parsed.into_response(&Bytes::copy_from_slice(&buf[..len])) }?;
     let (f, keep) = framing(&resp, false)?;
     let body = match f {
         Framing::Length(n) => Some(n),
@@ -495,12 +497,19 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Parsed)>, Error> {
 
 impl Parsed {
     /// The response, its header values sharing the head's bytes.
-    fn into_response(self, head: &Bytes) -> Result<Response<()>, Error> {
+    ///
+    /// # Safety
+    ///
+    /// `head` holds the head this was parsed from (or a copy of it),
+    /// unchanged: see [`http1::fill_headers`].
+    unsafe fn into_response(self, head: &Bytes) -> Result<Response<()>, Error> {
         let mut resp = Response::new(());
         *resp.status_mut() =
             StatusCode::from_u16(self.status).map_err(|_| Error::Invalid("bad status code"))?;
         *resp.version_mut() = self.version;
-        http1::fill_headers(resp.headers_mut(), head, self.headers).map_err(Error::Invalid)?;
+        // SAFETY: the caller's promise.
+        unsafe { http1::fill_headers(resp.headers_mut(), head, self.headers) }
+            .map_err(Error::Invalid)?;
         Ok(resp)
     }
 }

@@ -48,7 +48,9 @@ pub fn run(seconds: u64) -> Result<()> {
         r#"{"model":"bench-model","messages":[{"role":"user","content":"hello from the benchmark"}]}"#,
     )?;
 
-    let (conf, port) = l7::gateway_config(&dir, &format!("http://{mock}"), "")?;
+    // One worker, as nginx runs one process here: each event loop then
+    // batches the same share of the load.
+    let (conf, port) = l7::gateway_config(&dir, &format!("http://{mock}"), "workers = 1")?;
     let mut gateway = Command::new(bin.join("gateway"));
     gateway
         .arg("--config")
@@ -78,8 +80,9 @@ pub fn run(seconds: u64) -> Result<()> {
     let top = top_functions(&gw.dump, gw.total, gw.requests)?;
     let body = format!(
         "## Instructions per request (callgrind)\n\nCommand: `cargo xtask bench instructions` (seconds: {seconds}). \
-         Machine: {}. Each proxy (release gateway; Debian's nginx as one process, otherwise configured as in \
-         `bench l7`: least_conn, keepalive upstream, the API key checked by a map) under callgrind in turn, in \
+         Machine: {}. Each proxy (the release gateway with one worker; Debian's nginx as one process, otherwise \
+         configured as in `bench l7`: least_conn, keepalive upstream, the API key checked by a map) under \
+         callgrind in turn, in \
          front of the release mock-llm; wrk, 8 connections, the same 16-token non-stream chat completion as \
          `bench l7`. User space only: the kernel's TCP work, which both pay alike, is not counted.\n\n\
          | proxy | instructions per proxied request | requests | instructions |\n|---|---:|---:|---:|\n\
