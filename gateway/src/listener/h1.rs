@@ -98,6 +98,8 @@ pub async fn serve(
     // One timer for every request head of the connection, moved forward
     // for each: a later deadline is one store into a registered timer,
     // where a timer per request cost a registration and a removal each.
+    // (A request served for longer than the header timeout, a stream, sees
+    // it fire once meanwhile: one spurious wake, then a registration.)
     let mut head_timer = pin!(tokio::time::sleep_until(first_head_by));
     let mut left = limits.keepalive_requests;
     loop {
