@@ -416,7 +416,7 @@ impl Metrics {
             .expect("unique metric");
         let tls_cert_expiry = prometheus::IntGauge::new(
             "gateway_tls_certificate_expiry_timestamp_seconds",
-            "When the served TLS certificate stops being valid (Unix seconds; 0 without TLS or when it cannot be read).",
+            "When the served TLS certificate chain stops being valid: its first certificate to end (Unix seconds; 0 without TLS or when it cannot be read).",
         )
         .expect("valid metric");
         registry

@@ -65,16 +65,21 @@ fn resumption(
 /// A certificate and key loaded for serving.
 pub struct Loaded {
     pub acceptor: TlsAcceptor,
-    /// The leaf certificate's validity; `None` when it could not be read
-    /// (rustls serves the certificate all the same).
+    /// The certificate chain's validity; `None` when a certificate's could
+    /// not be read (rustls serves the chain all the same).
     pub validity: Option<Validity>,
 }
 
-/// When a certificate is valid.
+/// When a certificate, or a chain of them, is valid: clients refuse a
+/// chain before its latest start or after its earliest end (an expired
+/// intermediate as much as an expired leaf).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Validity {
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// Position in the chain of the certificate that ends first (0: the
+    /// server's own).
+    pub ends_first: usize,
 }
 
 /// Within this of its end a certificate is warned about, as the renewal
@@ -91,7 +96,30 @@ impl Validity {
         Some(Validity {
             not_before: v.not_before.to_system_time(),
             not_after: v.not_after.to_system_time(),
+            ends_first: 0,
         })
+    }
+
+    /// The validity of a chain (the server's certificate first), if every
+    /// certificate in it parses.
+    pub fn of_chain(certs: &[rustls::pki_types::CertificateDer<'_>]) -> Option<Validity> {
+        let mut chain: Option<Validity> = None;
+        for (i, c) in certs.iter().enumerate() {
+            let v = Validity::of(c)?;
+            chain = Some(match chain {
+                None => v,
+                Some(a) => Validity {
+                    not_before: a.not_before.max(v.not_before),
+                    not_after: a.not_after.min(v.not_after),
+                    ends_first: if v.not_after < a.not_after {
+                        i
+                    } else {
+                        a.ends_first
+                    },
+                },
+            });
+        }
+        chain
     }
 
     /// Seconds since the Unix epoch at which it ends (the metric).
@@ -119,10 +147,14 @@ pub fn validity_warning(
             cert.display()
         ));
     };
+    // The certificate that ends first, if not the server's own.
+    let ending = match v.ends_first {
+        0 => cert.display().to_string(),
+        i => format!("certificate {} in the chain of {}", i + 1, cert.display()),
+    };
     if let Ok(ago) = now.duration_since(v.not_after) {
         return Some(format!(
-            "server.tls.cert: {} expired {} ago ({}); clients refuse it until it is renewed",
-            cert.display(),
+            "server.tls.cert: {ending} expired {} ago ({}); clients refuse it until it is renewed",
             span(ago),
             at(v.not_after)
         ));
@@ -138,8 +170,7 @@ pub fn validity_warning(
     let left = v.not_after.duration_since(now).unwrap_or_default();
     (left < EXPIRY_WARNING).then(|| {
         format!(
-            "server.tls.cert: {} expires in {} ({}); renew it",
-            cert.display(),
+            "server.tls.cert: {ending} expires in {} ({}); renew it",
             span(left),
             at(v.not_after)
         )
@@ -173,7 +204,7 @@ fn span(d: Duration) -> String {
 /// Builds the acceptor; a missing or unreadable file is an error naming it.
 pub fn acceptor(cfg: &TlsConfig) -> Result<Loaded> {
     let certs = read_certs(&cfg.cert)?;
-    let validity = Validity::of(&certs[0]);
+    let validity = Validity::of_chain(&certs);
     let key = read_key(&cfg.key)?;
     let (tickets, sessions) = resumption(&certs, &key)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -298,6 +329,44 @@ mod tests {
         let w = validity_warning(path, None, end).expect("unread");
         assert!(w.contains("could not be read"), "{w}");
         assert_eq!(Validity::of(b"not a certificate"), None);
+    }
+
+    /// A chain ends with its first certificate to end: an intermediate
+    /// that expires before the server's certificate is the one named.
+    #[test]
+    fn a_chain_is_valid_until_its_first_certificate_ends() {
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.not_before = rcgen::date_time_ymd(2025, 1, 1);
+        ca.not_after = rcgen::date_time_ymd(2027, 1, 1);
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca = ca.self_signed(&ca_key).unwrap();
+        let mut leaf = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        leaf.not_before = rcgen::date_time_ymd(2026, 1, 1);
+        leaf.not_after = rcgen::date_time_ymd(2030, 1, 1);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let leaf = leaf.signed_by(&key, &ca, &ca_key).unwrap();
+
+        let dir = std::env::temp_dir().join(format!("gw-tls-chain-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = TlsConfig {
+            cert: dir.join("chain.crt"),
+            key: dir.join("chain.key"),
+        };
+        std::fs::write(&cfg.cert, format!("{}{}", leaf.pem(), ca.pem())).unwrap();
+        std::fs::write(&cfg.key, key.serialize_pem()).unwrap();
+        let v = acceptor(&cfg).unwrap().validity.expect("read");
+        assert_eq!((v.not_after_unix(), v.ends_first), (1_798_761_600, 1));
+        // 2026-01-01, the leaf's start and the chain's.
+        let start = UNIX_EPOCH + Duration::from_secs(1_767_225_600);
+        assert_eq!(v.not_before, start);
+        let later = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let w = validity_warning(&cfg.cert, Some(v), later).expect("expired");
+        assert!(
+            w.contains("certificate 2 in the chain of") && w.contains("expired"),
+            "{w}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// An expired certificate still loads (clients will refuse it; the
