@@ -199,28 +199,12 @@ fn plain_u64(v: &[u8], i: usize) -> Option<(u64, usize)> {
 }
 
 /// The index after the value starting at `i`: a string, an object or
-/// array (its strings and nesting tracked), or a bare scalar (up to the
-/// next delimiter).
+/// array (stepped over by [`walk`]), or a bare scalar (up to the next
+/// delimiter).
 fn skip_value(v: &[u8], mut i: usize) -> Option<usize> {
     match v.get(i)? {
         b'"' => Some(string_end(v, i + 1)? + 1),
-        b'{' | b'[' => {
-            let mut depth = 0usize;
-            loop {
-                match v.get(i)? {
-                    b'"' => i = string_end(v, i + 1)?,
-                    b'{' | b'[' => depth += 1,
-                    b'}' | b']' => {
-                        depth -= 1;
-                        if depth == 0 {
-                            return Some(i + 1);
-                        }
-                    }
-                    _ => {}
-                }
-                i += 1;
-            }
-        }
+        b'{' | b'[' => Some(walk(v, i + 1, false, None, None)?.1? + 1),
         _ => {
             let start = i;
             while !matches!(v.get(i), None | Some(b',' | b'}' | b']'))
@@ -242,7 +226,7 @@ fn top_level_value<'a>(body: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
     if body[i] != b'{' {
         return None;
     }
-    walk(body, i + 1, true, key, None).map(|(found, _)| found)?
+    walk(body, i + 1, true, Some(key), None).map(|(found, _)| found)?
 }
 
 /// [`top_level_value`] for `usage`, decided from the body's last plain
@@ -272,7 +256,7 @@ fn usage_near_end(body: &[u8]) -> Option<Option<&[u8]>> {
         return None;
     }
     let found = Some(&body[colon + 1..]);
-    let (found, closed) = walk(body, colon + 1, false, b"usage", found)?;
+    let (found, closed) = walk(body, colon + 1, false, Some(b"usage"), found)?;
     let closed = closed?;
     body[closed + 1..]
         .iter()
@@ -285,16 +269,16 @@ fn escaped(body: &[u8], at: usize) -> bool {
     body[..at].iter().rev().take_while(|&&b| b == b'\\').count() % 2 == 1
 }
 
-/// Steps through an object's members from `i`, one level inside it (at a
-/// key if `want_key`, else at a value), tracking strings and nesting:
-/// returns the value of its last key equal to `key` (or `found`, if none
-/// comes), and the index of the brace that closes the object if the body
-/// reaches it; `None` for a string left open.
+/// Steps through an object's members (or an array's) from `i`, one level
+/// inside it (at a key if `want_key`, else at a value), tracking strings
+/// and nesting: returns the value of its last key equal to `key` (or
+/// `found`, if none comes), and the index of the bracket that closes it if
+/// the body reaches it; `None` for a string left open.
 fn walk<'a>(
     body: &'a [u8],
     mut i: usize,
     mut want_key: bool,
-    key: &[u8],
+    key: Option<&[u8]>,
     mut found: Option<&'a [u8]>,
 ) -> Option<(Option<&'a [u8]>, Option<usize>)> {
     let mut depth = 1usize;
@@ -302,7 +286,7 @@ fn walk<'a>(
         match body[i] {
             b'"' => {
                 let end = string_end(body, i + 1)?;
-                if depth == 1 && want_key {
+                if let (1, true, Some(key)) = (depth, want_key, key) {
                     want_key = false;
                     let raw = &body[i + 1..end];
                     // A key spelled with escapes ("us\u0061ge") is decoded
