@@ -280,6 +280,13 @@ impl Metrics {
                 .expect("unique metric");
             g
         };
+        let single_gauge = |name: &str, help: &str| {
+            let g = prometheus::IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
         let histogram = |name: &str, help: &str, labels: &[&str], b: &[f64]| {
             let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets(b)), labels)
                 .expect("valid metric");
@@ -406,22 +413,14 @@ impl Metrics {
             "Entries in the XDP program's maps.",
             &["map"],
         );
-        let xdp_attached = prometheus::IntGauge::new(
+        let xdp_attached = single_gauge(
             "gateway_xdp_attached",
             "1 while the XDP program is attached.",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(xdp_attached.clone()))
-            .expect("unique metric");
-        let tls_cert_expiry = prometheus::IntGauge::new(
+        );
+        let tls_cert_expiry = single_gauge(
             "gateway_tls_certificate_expiry_timestamp_seconds",
             "When the served TLS certificate chain stops being valid: its first certificate to end (Unix seconds; 0 without TLS or when it cannot be read).",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(tls_cert_expiry.clone()))
-            .expect("unique metric");
+        );
         static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Metrics {
             tls_cert_expiry,
