@@ -139,9 +139,24 @@ fn busy_seconds() -> f64 {
     (total - f[3] - f[4]) / 100.0
 }
 
-/// The CPU the generator runs on; the receiver's NAPI thread gets the other.
+/// The CPU the generator runs on, and the receiver's own core (the SYN
+/// flood's receiver runs there).
 const GEN_CPU: usize = 0;
 const RX_CPU: usize = 1;
+
+/// Where the receiver's NAPI thread runs, each dropper measured in both:
+/// on a core of its own, as a NIC queue's softirq core would be, and on
+/// the generator's core. The generator's frames come from its own page
+/// pool; a receiver on another CPU returns each dropped page to that pool
+/// across CPUs, under a lock the generator takes too, and on a VM meets it
+/// in a paravirtual spinlock's slow path. On the generator's core the
+/// return is local, as a NIC's receive queue recycles its pages on its own
+/// core; the frame's bytes are then also still in that core's cache, which
+/// a NIC's DMA does not give.
+const LAYOUTS: [(usize, &str); 2] = [
+    (RX_CPU, "Receiver on a core of its own (CPU 1)"),
+    (GEN_CPU, "Receiver on the generator's core (CPU 0)"),
+];
 
 fn set_affinity(pid: i32, cpu: usize) -> Result<()> {
     // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
@@ -180,8 +195,8 @@ fn task_cpu(stat: &str) -> Option<f64> {
 }
 
 /// The NAPI threads of vd (one per receive queue; re-created when XDP is
-/// attached or detached), pinned to `RX_CPU`.
-fn pin_receiver() -> Result<Vec<i32>> {
+/// attached or detached), pinned to `cpu`.
+fn pin_receiver(cpu: usize) -> Result<Vec<i32>> {
     let mut pids = Vec::new();
     for e in std::fs::read_dir("/proc")?.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
@@ -189,7 +204,7 @@ fn pin_receiver() -> Result<Vec<i32>> {
         };
         let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
         if comm.trim_end().starts_with("napi/vd-") {
-            set_affinity(pid, RX_CPU)?;
+            set_affinity(pid, cpu)?;
             pids.push(pid);
         }
     }
@@ -279,16 +294,21 @@ fn flood(frame: &[u8], prog: &str, done: impl Fn(Duration) -> bool) -> Result<Fl
 /// the old ones may still be exiting when a row starts: a row whose set of
 /// NAPI threads changed while it ran is run again rather than reported
 /// with a CPU time that misses a thread.
-fn row(what: &'static str, frame: &[u8], dropped: impl Fn() -> Result<u64>) -> Result<Row> {
+fn row(
+    what: &'static str,
+    frame: &[u8],
+    cpu: usize,
+    dropped: &impl Fn() -> Result<u64>,
+) -> Result<Row> {
     const TRIES: u32 = 3;
     for attempt in 1..=TRIES {
-        let rx = pin_receiver()?;
+        let rx = pin_receiver(cpu)?;
         let before = dropped()?;
         let rx0 = receiver_cpu_seconds(&rx);
         let run = flood(frame, "gateway_bench_tx", for_seconds)?;
         let count = dropped()? - before;
         let rx1 = receiver_cpu_seconds(&rx);
-        if let (Some(rx0), Some(rx1), true) = (rx0, rx1, pin_receiver()? == rx) {
+        if let (Some(rx0), Some(rx1), true) = (rx0, rx1, pin_receiver(cpu)? == rx) {
             return Ok(Row {
                 what,
                 dropped: count,
@@ -301,6 +321,24 @@ fn row(what: &'static str, frame: &[u8], dropped: impl Fn() -> Result<u64>) -> R
         std::thread::sleep(Duration::from_millis(500));
     }
     bail!("{what}: vd's NAPI threads kept changing; no receiver CPU time to report")
+}
+
+/// The row of `what` in each of the `LAYOUTS`, with the attached XDP
+/// program's own time per frame when there is one (`prog`).
+fn rows(
+    what: &'static str,
+    frame: &[u8],
+    prog: Option<&aya::programs::Xdp>,
+    dropped: impl Fn() -> Result<u64>,
+) -> Result<[Row; 2]> {
+    let one = |(cpu, _): (usize, &str)| -> Result<Row> {
+        let mut r = row(what, frame, cpu, &dropped)?;
+        if let Some(prog) = prog {
+            r.program_ns = Some(program_ns(prog, frame)?);
+        }
+        Ok(r)
+    };
+    Ok([one(LAYOUTS[0])?, one(LAYOUTS[1])?])
 }
 
 /// Nanoseconds per run of the attached program `prog`, from the kernel's
@@ -396,7 +434,7 @@ fn syn_flood(home: &File) -> Result<String> {
             loader::xdp_program(&mut e)?
                 .attach("vd", XdpMode::Driver)
                 .context("attaching XDP to vd in native mode")?;
-            pin_receiver()?;
+            pin_receiver(RX_CPU)?;
             trust = Some(gateway::kernel::trust::Trust::open(&pin)?);
             dut = Some((e, maps));
         }
@@ -423,7 +461,7 @@ fn syn_flood(home: &File) -> Result<String> {
             })
         };
         if !xdp_on {
-            pin_receiver()?;
+            pin_receiver(RX_CPU)?;
         }
         let flooding = Arc::new(AtomicBool::new(true));
         let flooder = {
@@ -505,118 +543,18 @@ struct Row {
     program_ns: Option<f64>,
 }
 
-fn main() -> Result<()> {
-    let topo = Topology::create()?;
-    let src = [10, 200, 0, 1];
-    let mut frame = Frame::v4(src, [10, 200, 0, 2]).tcp(PORT, TCP_SYN).build();
-    frame[0..6].copy_from_slice(&mac(DUT, "vd")?);
-    frame[6..12].copy_from_slice(&mac(GEN, "vg")?);
-    // The kernel's IP layer checks the header checksum before netfilter
-    // sees the packet (XDP does not care); set it so both see the same flood.
-    set_checksums(&mut frame);
-    let home = File::open("/proc/self/ns/net")?;
-    let mut rows = Vec::new();
-
-    // 0. Two floors, counted by the veth itself: read the source address
-    // and drop; and look it up in the blocklist's host table, drop on a hit.
-    let blocked = Cidr::V4 { addr: src, len: 32 };
-    for (prog, what) in [
-        ("gateway_bench_drop", "floor: read the source address, drop"),
-        (
-            "gateway_bench_lookup",
-            "floor: source looked up in the host table, drop",
-        ),
-    ] {
-        enter(DUT)?;
-        let mut floor = loader::load(None)?;
-        let mut maps = gateway::kernel::maps::KernelMaps::from_ebpf(&mut floor, None)?;
-        maps.block_insert(&blocked, BlockValue::permanent())?;
-        let xdp = loader::bench_program(&mut floor, prog)?;
-        xdp.attach("vd", XdpMode::Driver)
-            .with_context(|| format!("attaching {prog} to vd in native mode"))?;
-        let mut r = row(what, &frame, veth_xdp_drops)?;
-        r.program_ns = Some(program_ns(xdp, &frame)?);
-        rows.push(r);
-    } // each floor detaches when its object drops
-
-    // 1. The gateway's XDP program on vd, native mode, source blocked.
-    enter(DUT)?;
-    let mut dut = loader::load(None)?;
-    let mut maps = gateway::kernel::maps::KernelMaps::from_ebpf(&mut dut, None)?;
-    maps.set_limits(&Limits::new(1_000_000_000, 1_000_000_000, 0, 32, 64))?;
-    maps.set_ports(&[PORT])?;
-    maps.block_insert(&blocked, BlockValue::permanent())?;
-    // As the daemon leaves them after applying its policy.
-    maps.hint_rebuild([&blocked], [])?;
-    let xdp = loader::xdp_program(&mut dut)?;
-    xdp.attach("vd", XdpMode::Driver)
-        .context("attaching XDP to vd in native mode")?;
-    let mut r = row(
-        "XDP (gateway program, native, blocklist hit)",
-        &frame,
-        || {
-            Ok(maps
-                .stats()?
-                .into_iter()
-                .find(|(r, _)| *r == Reason::Blocklist)
-                .map_or(0, |(_, c)| c.packets))
-        },
-    )?;
-    r.program_ns = Some(program_ns(xdp, &frame)?);
-    rows.push(r);
-    drop(maps);
-    drop(dut); // detaches
-
-    // 2. No XDP: GRO gives the veth a NAPI path, nftables drops in raw prerouting.
-    let ns = |args: &[&str]| {
-        let mut v = vec!["ip", "netns", "exec", DUT];
-        v.extend_from_slice(args);
-        sh(&v)
-    };
-    ns(&["nft", "add", "table", "ip", "gwbench"])?;
-    ns(&[
-        "nft",
-        "add chain ip gwbench prerouting { type filter hook prerouting priority raw; }",
-    ])?;
-    ns(&[
-        "nft",
-        "add rule ip gwbench prerouting ip saddr 10.200.0.1 counter drop",
-    ])?;
-    let nft = row("nftables (raw prerouting drop, GRO on)", &frame, || {
-        let listing = ns(&["nft", "list", "chain", "ip", "gwbench", "prerouting"])?;
-        listing
-            .split("counter packets ")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .with_context(|| format!("no nft counter in {listing}"))
-    })?;
-    if nft.dropped == 0 {
-        let link = ns(&["ip", "-s", "link", "show", "vd"])?;
-        bail!("nftables saw nothing; vd: {link}");
-    }
-    rows.push(nft);
-    // SAFETY: back to the namespace this thread started in.
-    unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) };
-    let syn = syn_flood(&home)?;
-    drop(topo);
-
-    let mut out = format!(
-        "Flood: one generator thread on CPU {GEN_CPU}, `BPF_PROG_TEST_RUN` live frames (batch {BATCH}) of a 54-byte \
-         IPv4 TCP SYN from 10.200.0.1, {SECONDS} s per row. The receiving veth runs threaded NAPI pinned to CPU \
-         {RX_CPU}, so the dropping work is on a core of its own, as a NIC queue's softirq would be. Receiver core: \
-         the CPU time of vd's NAPI thread over the run, divided by wall time; busy cores: all non-idle CPU time \
-         (generator included) divided by wall time; the XDP program's own time per frame: the kernel's BPF run-time \
-         statistics over one more second of the same flood, enabled for that second only (they add a clock read \
-         per run, which the other columns do not pay).\n\n\
-         | dropper | frames sent | dropped | dropped/s | receiver core busy | dropped/s per receiver core | busy cores | XDP program's own time per frame |\n|---|---:|---:|---:|---:|---:|---:|---:|\n"
+/// The table of one layout's rows (the two floors, the gateway's program,
+/// nftables, in that order) and the ratios read from it.
+fn drop_table(rows: &[&Row], layout: &str) -> String {
+    let mut out = String::from(
+        "| dropper | frames sent | dropped | dropped/s | receiver core busy | dropped/s per receiver core | busy cores | XDP program's own time per frame |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
-    for r in &rows {
+    for r in rows {
         let secs = r.run.elapsed.as_secs_f64();
         let pps = r.dropped as f64 / secs;
         let rx_busy = r.receiver / secs;
         println!(
-            "{}: {} sent, {} dropped, {:.2} Mpps, receiver core {:.0}% busy, generator {:.2} CPU s, {:.2} busy cores",
+            "{} ({layout}): {} sent, {} dropped, {:.2} Mpps, receiver core {:.0}% busy, generator {:.2} CPU s, {:.2} busy cores",
             r.what,
             r.run.sent,
             r.dropped,
@@ -638,7 +576,7 @@ fn main() -> Result<()> {
         ));
     }
     let per_core = |r: &Row| r.dropped as f64 / r.receiver;
-    let [floor, lookup, xdp, nft] = [0, 1, 2, 3].map(|i| per_core(&rows[i]));
+    let [floor, lookup, xdp, nft] = [0, 1, 2, 3].map(|i| per_core(rows[i]));
     let ns = |pps: f64| 1e9 / pps;
     out.push_str(&format!(
         "\nXDP / nftables, dropped per receiver-core second: **{:.1}x** (target >= 5x); XDP: **{:.2} Mpps per core** \
@@ -658,6 +596,127 @@ fn main() -> Result<()> {
         (ns(xdp) - ns(lookup)).max(0.0),
         ns(nft),
     ));
+    out
+}
+
+fn main() -> Result<()> {
+    let topo = Topology::create()?;
+    let src = [10, 200, 0, 1];
+    let mut frame = Frame::v4(src, [10, 200, 0, 2]).tcp(PORT, TCP_SYN).build();
+    frame[0..6].copy_from_slice(&mac(DUT, "vd")?);
+    frame[6..12].copy_from_slice(&mac(GEN, "vg")?);
+    // The kernel's IP layer checks the header checksum before netfilter
+    // sees the packet (XDP does not care); set it so both see the same flood.
+    set_checksums(&mut frame);
+    let home = File::open("/proc/self/ns/net")?;
+    // Per dropper, its row in each of the `LAYOUTS`.
+    let mut measured = Vec::new();
+
+    // 0. Two floors, counted by the veth itself: read the source address
+    // and drop; and look it up in the blocklist's host table, drop on a hit.
+    let blocked = Cidr::V4 { addr: src, len: 32 };
+    for (prog, what) in [
+        ("gateway_bench_drop", "floor: read the source address, drop"),
+        (
+            "gateway_bench_lookup",
+            "floor: source looked up in the host table, drop",
+        ),
+    ] {
+        enter(DUT)?;
+        let mut floor = loader::load(None)?;
+        let mut maps = gateway::kernel::maps::KernelMaps::from_ebpf(&mut floor, None)?;
+        maps.block_insert(&blocked, BlockValue::permanent())?;
+        let xdp = loader::bench_program(&mut floor, prog)?;
+        xdp.attach("vd", XdpMode::Driver)
+            .with_context(|| format!("attaching {prog} to vd in native mode"))?;
+        measured.push(rows(what, &frame, Some(xdp), veth_xdp_drops)?);
+    } // each floor detaches when its object drops
+
+    // 1. The gateway's XDP program on vd, native mode, source blocked.
+    enter(DUT)?;
+    let mut dut = loader::load(None)?;
+    let mut maps = gateway::kernel::maps::KernelMaps::from_ebpf(&mut dut, None)?;
+    maps.set_limits(&Limits::new(1_000_000_000, 1_000_000_000, 0, 32, 64))?;
+    maps.set_ports(&[PORT])?;
+    maps.block_insert(&blocked, BlockValue::permanent())?;
+    // As the daemon leaves them after applying its policy.
+    maps.hint_rebuild([&blocked], [])?;
+    let xdp = loader::xdp_program(&mut dut)?;
+    xdp.attach("vd", XdpMode::Driver)
+        .context("attaching XDP to vd in native mode")?;
+    measured.push(rows(
+        "XDP (gateway program, native, blocklist hit)",
+        &frame,
+        Some(xdp),
+        || {
+            Ok(maps
+                .stats()?
+                .into_iter()
+                .find(|(r, _)| *r == Reason::Blocklist)
+                .map_or(0, |(_, c)| c.packets))
+        },
+    )?);
+    drop(maps);
+    drop(dut); // detaches
+
+    // 2. No XDP: GRO gives the veth a NAPI path, nftables drops in raw prerouting.
+    let ns = |args: &[&str]| {
+        let mut v = vec!["ip", "netns", "exec", DUT];
+        v.extend_from_slice(args);
+        sh(&v)
+    };
+    ns(&["nft", "add", "table", "ip", "gwbench"])?;
+    ns(&[
+        "nft",
+        "add chain ip gwbench prerouting { type filter hook prerouting priority raw; }",
+    ])?;
+    ns(&[
+        "nft",
+        "add rule ip gwbench prerouting ip saddr 10.200.0.1 counter drop",
+    ])?;
+    let nft = rows(
+        "nftables (raw prerouting drop, GRO on)",
+        &frame,
+        None,
+        || {
+            let listing = ns(&["nft", "list", "chain", "ip", "gwbench", "prerouting"])?;
+            listing
+                .split("counter packets ")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .with_context(|| format!("no nft counter in {listing}"))
+        },
+    )?;
+    if nft.iter().any(|r| r.dropped == 0) {
+        let link = ns(&["ip", "-s", "link", "show", "vd"])?;
+        bail!("nftables saw nothing; vd: {link}");
+    }
+    measured.push(nft);
+    // SAFETY: back to the namespace this thread started in.
+    unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) };
+    let syn = syn_flood(&home)?;
+    drop(topo);
+
+    let mut out = format!(
+        "Flood: one generator thread on CPU {GEN_CPU}, `BPF_PROG_TEST_RUN` live frames (batch {BATCH}) of a 54-byte \
+         IPv4 TCP SYN from 10.200.0.1, {SECONDS} s per row. The receiving veth runs threaded NAPI, so the dropping \
+         work is one thread's, as a NIC queue's softirq would be; each dropper runs twice, with that thread pinned \
+         to CPU 1 (a core of its own) and to CPU 0 (the generator's core). The generator's frames come from its own \
+         page pool: a receiver on the other CPU returns every dropped page across CPUs, under a lock the generator \
+         takes too (on this VM a paravirtual spinlock), while on the generator's core the return is local, as a \
+         NIC's receive queue recycles its pages on its own core (there the frame's bytes are also still in that \
+         core's cache, which a NIC's DMA does not give). Receiver core: the CPU time of vd's NAPI thread \
+         over the run, divided by wall time; busy cores: all non-idle CPU time (generator included) divided by wall \
+         time; the XDP program's own time per frame: the kernel's BPF run-time statistics over one more second of \
+         the same flood, enabled for that second only (they add a clock read per run, which the other columns do \
+         not pay).\n"
+    );
+    for (i, (_, layout)) in LAYOUTS.iter().enumerate() {
+        let layout_rows: Vec<&Row> = measured.iter().map(|r| &r[i]).collect();
+        out.push_str(&format!("\n**{layout}:**\n\n"));
+        out.push_str(&drop_table(&layout_rows, layout));
+    }
     out.push_str(&syn);
     println!("\n{out}");
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
