@@ -78,6 +78,8 @@ pub fn run(seconds: u64) -> Result<()> {
     drop(procs);
 
     let top = top_functions(&gw.dump, gw.total, gw.requests)?;
+    let (gw_clock, ngx_clock) = (clock_reads(&gw.dump)?, clock_reads(&ngx.dump)?);
+    let (precise_ns, coarse_ns) = clock_read_ns();
     let body = format!(
         "## Instructions per request (callgrind)\n\nCommand: `cargo xtask bench instructions` (seconds: {seconds}). \
          Machine: {}. Each proxy (the release gateway with one worker; Debian's nginx as one process, otherwise \
@@ -88,6 +90,9 @@ pub fn run(seconds: u64) -> Result<()> {
          | proxy | instructions per proxied request | requests | instructions |\n|---|---:|---:|---:|\n\
          | nginx | {} | {} | {} |\n| gateway | {} | {} | {} |\n\n\
          **Gateway / nginx: {:.2}x the user-space instructions per request.**\n\n\
+         Clock reads per request (calls to `clock_gettime` and `gettimeofday`, which callgrind counts as a few \
+         instructions each): nginx {:.2}, the gateway {:.2}. On this machine a read costs {precise_ns:.0} ns \
+         (`CLOCK_MONOTONIC`; {coarse_ns:.0} ns for `CLOCK_MONOTONIC_COARSE`), timed by this command.\n\n\
          The gateway's own functions, inclusive of what they call (the runtime and the code that polls them are outside them):\n\n| function | instructions per request | share |\n|---|---:|---:|\n{top}",
         record::machine(),
         ngx.per_request(),
@@ -97,6 +102,8 @@ pub fn run(seconds: u64) -> Result<()> {
         gw.requests,
         gw.total,
         gw.per_request() as f64 / ngx.per_request() as f64,
+        ngx_clock as f64 / ngx.requests as f64,
+        gw_clock as f64 / gw.requests as f64,
     );
     println!("\n{body}");
     record::section("instructions", &body)
@@ -258,4 +265,63 @@ fn top_functions(dump: &Path, total: u64, requests: u64) -> Result<String> {
         ));
     }
     Ok(rows)
+}
+
+/// Calls to the clock (`clock_gettime`, `gettimeofday`) in a dump: the
+/// call counts of their callers, from `callgrind_annotate --tree=caller`,
+/// whose blocks list a function's callers ("<" lines, each with its call
+/// count as "(N x)") above the function ("*" line), blocks separated by
+/// blank lines.
+fn clock_reads(dump: &Path) -> Result<u64> {
+    let out = Command::new("callgrind_annotate")
+        .args(["--inclusive=yes", "--tree=caller", "--threshold=100"])
+        .arg(dump)
+        .output()
+        .context("running callgrind_annotate")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut calls = 0;
+    for block in text.split("\n\n") {
+        let is_clock = block.lines().any(|l| {
+            l.contains("*  ") && (l.contains(":clock_gettime") || l.contains("gettimeofday"))
+        });
+        if !is_clock {
+            continue;
+        }
+        for line in block.lines().filter(|l| l.contains("< ")) {
+            let count = line
+                .rsplit_once("x)")
+                .and_then(|(head, _)| head.rsplit_once(" ("))
+                .and_then(|(_, n)| n.replace(',', "").parse::<u64>().ok());
+            calls += count.unwrap_or(0);
+        }
+    }
+    Ok(calls)
+}
+
+/// Nanoseconds per read of `CLOCK_MONOTONIC` (what `Instant::now()`
+/// reads) and of `CLOCK_MONOTONIC_COARSE` on this machine, from 2,000,000
+/// reads of each, less the same loop without the read (xtask is built
+/// without optimizations).
+fn clock_read_ns() -> (f64, f64) {
+    let per_iteration = |clock: Option<libc::clockid_t>| {
+        const READS: u32 = 2_000_000;
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        let start = std::time::Instant::now();
+        for _ in 0..READS {
+            if let Some(clock) = clock {
+                // SAFETY: `ts` is a valid timespec to write.
+                unsafe { libc::clock_gettime(clock, &mut ts) };
+            }
+            std::hint::black_box(&mut ts);
+        }
+        start.elapsed().as_nanos() as f64 / READS as f64
+    };
+    let bare = per_iteration(None);
+    (
+        (per_iteration(Some(libc::CLOCK_MONOTONIC)) - bare).max(0.0),
+        (per_iteration(Some(libc::CLOCK_MONOTONIC_COARSE)) - bare).max(0.0),
+    )
 }
