@@ -949,23 +949,26 @@ fn format_hex(mut n: usize, buf: &mut [u8; 16]) -> &[u8] {
     &buf[i..]
 }
 
-/// The `Date` header value, formatted once a second per thread.
+/// The `Date` header value, formatted once a second per thread. The
+/// second comes from the coarse clock: a precise read costs several times
+/// as much on some VMs, for a value of one-second resolution (at worst the
+/// previous second for a tick after it ends).
 mod date {
-    use std::{cell::RefCell, time::SystemTime};
+    use std::{
+        cell::RefCell,
+        time::{Duration, SystemTime},
+    };
 
     thread_local! {
         static CACHE: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
     }
 
     pub fn now(with: impl FnOnce(&[u8])) {
-        let t = SystemTime::now();
-        let secs = t
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let secs = crate::clock::coarse_unix_secs();
         CACHE.with_borrow_mut(|(at, text)| {
             if *at != secs {
                 *at = secs;
-                *text = httpdate::fmt_http_date(t);
+                *text = httpdate::fmt_http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(secs));
             }
             with(text.as_bytes());
         });

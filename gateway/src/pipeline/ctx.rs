@@ -29,6 +29,9 @@ pub struct RequestCtx {
     /// Time the gateway spent before dispatch and after upstream headers.
     pub overhead: Duration,
     pub first_byte: Option<Instant>,
+    /// When the answer's last piece came from upstream, where the body
+    /// read the clock for it already; `finish` reads it otherwise.
+    pub last_byte: Option<Instant>,
     pub usage: Option<Usage>,
     pub status: u16,
     pub bytes_out: u64,
@@ -76,6 +79,7 @@ impl RequestCtx {
             attempt_sent: None,
             overhead: Duration::ZERO,
             first_byte: None,
+            last_byte: None,
             usage: None,
             status: 0,
             bytes_out: 0,
@@ -104,7 +108,7 @@ impl RequestCtx {
                 owned.as_str()
             }
         };
-        let total = self.start.elapsed();
+        let total = self.last_byte.unwrap_or_else(Instant::now) - self.start;
         let ttft = self.first_byte.map(|t| t - self.start);
         m.with_request_series(model, key, code, |series| {
             series.requests().inc();

@@ -657,13 +657,15 @@ where
     let timeouts = model.timeouts.clone();
     let deadline = ctx.start + timeouts.total;
     let body: BodyFn = Box::new(move |mut ctx: RequestCtx| {
-        ctx.overhead += arrived.elapsed();
+        let now = Instant::now();
+        ctx.overhead += now - arrived;
         let first_data_by = ctx.attempt_sent.unwrap_or(arrived) + timeouts.first_byte;
         let finish = Finish::new(ctx, Arc::clone(&shared), Some(lease));
         ProxyBody::new(
             upstream,
             sse,
             strip_usage,
+            now,
             timeouts.idle,
             first_data_by,
             deadline,

@@ -234,6 +234,8 @@ pub async fn send(
     )
     .with_auth(backend.auth());
     let wait = first_byte.min(deadline.saturating_duration_since(dispatched));
+    // From the clock read above: `timeout` would read it again.
+    let answer_by = tokio::time::Instant::from_std(dispatched + wait);
     let timed_out = || {
         ProxyError::AnswerTimeout(format!(
             "no response from {} within {wait:?}",
@@ -258,11 +260,14 @@ pub async fn send(
     };
     if let Some(client) = backend.h1() {
         let path = backend.path(path_and_query);
-        let sent = client.send(&ctx.method, &path, &headers, body);
-        return match tokio::time::timeout(wait, sent).await {
-            Err(_) => Err(timed_out()),
-            Ok(Ok(resp)) => Ok(resp.map(Incoming::H1)),
-            Ok(Err(e)) => Err(classify(
+        // The client bounds the wait with a timer kept per connection.
+        return match client
+            .send(&ctx.method, &path, &headers, body, answer_by)
+            .await
+        {
+            Ok(resp) => Ok(resp.map(Incoming::H1)),
+            Err(e) if e.is_answer_timeout() => Err(timed_out()),
+            Err(e) => Err(classify(
                 &e,
                 e.is_timeout(),
                 e.is_connect() || e.is_connect_timeout(),
@@ -273,7 +278,7 @@ pub async fn send(
     *req.method_mut() = ctx.method.clone();
     *req.uri_mut() = backend.uri(path_and_query);
     *req.headers_mut() = headers.header_map();
-    match tokio::time::timeout(wait, backend.client().request(req)).await {
+    match tokio::time::timeout_at(answer_by, backend.client().request(req)).await {
         Err(_) => Err(timed_out()),
         // hyper's client hands a 101 back as the answer; the gateway's
         // requests never ask to switch protocols, so it is none.

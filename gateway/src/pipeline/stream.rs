@@ -105,11 +105,14 @@ impl ProxyBody {
     /// `first_data_by`: the first piece of the body may take until then
     /// (the model's `first_byte` from dispatch), even past `idle_timeout`:
     /// vLLM, SGLang and TGI send a stream's head before the request is
-    /// scheduled, so its first token is what `first_byte` is about.
+    /// scheduled, so its first token is what `first_byte` is about. `now`:
+    /// the time, as the caller has just read it.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         inner: upstream::Incoming,
         sse: bool,
         strip_usage: bool,
+        now: Instant,
         idle_timeout: Duration,
         first_data_by: Instant,
         deadline: Instant,
@@ -126,7 +129,7 @@ impl ProxyBody {
                 scan: None,
             }
         };
-        let idle_at = (Instant::now() + idle_timeout).max(first_data_by);
+        let idle_at = (now + idle_timeout).max(first_data_by);
         ProxyBody {
             inner,
             idle: tokio::time::sleep_until(idle_at.into()),
@@ -323,6 +326,7 @@ impl Body for ProxyBody {
                         // finish with the last frame rather than after it.
                         if this.inner.is_end_stream() {
                             *this.ended = true;
+                            this.finish.ctx.last_byte = Some(now);
                             if let Some(tail) = this.mode.flush(&mut this.finish.ctx) {
                                 let mut joined = BytesMut::from(&out[..]);
                                 joined.extend_from_slice(&tail);

@@ -16,6 +16,7 @@
 //! with its upstream keepalive connections.
 
 use std::{
+    future::Future,
     io,
     mem::MaybeUninit,
     net::{IpAddr, SocketAddr},
@@ -33,6 +34,7 @@ use http_body::{Frame, SizeHint};
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _, ReadBuf},
     net::TcpStream,
+    time::Sleep,
 };
 
 /// Largest response head accepted (status line and headers).
@@ -56,6 +58,9 @@ pub enum Error {
     Io(#[from] io::Error),
     #[error("connection closed before a complete response head")]
     Closed,
+    /// The response head did not come by the caller's deadline.
+    #[error("no response head in time")]
+    AnswerTimeout,
     #[error("invalid response: {0}")]
     Invalid(&'static str),
 }
@@ -71,8 +76,13 @@ impl Error {
         matches!(self, Error::ConnectTimeout(_))
     }
 
+    /// The response head did not come by the deadline `send` was given.
+    pub fn is_answer_timeout(&self) -> bool {
+        matches!(self, Error::AnswerTimeout)
+    }
+
     pub fn is_timeout(&self) -> bool {
-        matches!(self, Error::ConnectTimeout(_))
+        matches!(self, Error::ConnectTimeout(_) | Error::AnswerTimeout)
             || matches!(self, Error::Io(e) if e.kind() == io::ErrorKind::TimedOut)
     }
 
@@ -102,9 +112,44 @@ pub struct Pool {
     timeout: Duration,
 }
 
-struct Idle {
+/// A connection to a backend, with the timer that bounds the wait for each
+/// response head on it. The timer goes with the connection through the
+/// pool: moved to a later deadline, a registered timer takes one store,
+/// where a timer per request cost a registration and a removal each. (A
+/// timer whose deadline passes while its connection is idle, or reading a
+/// body, wakes the task that last waited on it once, for nothing.)
+struct Conn {
     stream: TcpStream,
-    since: Instant,
+    answer_by: Pin<Box<Sleep>>,
+}
+
+impl Conn {
+    fn new(stream: TcpStream, answer_by: tokio::time::Instant) -> Conn {
+        Conn {
+            stream,
+            answer_by: Box::pin(tokio::time::sleep_until(answer_by)),
+        }
+    }
+}
+
+/// `io`, unless `timer` fires first.
+async fn within<F: Future>(timer: &mut Pin<Box<Sleep>>, io: F) -> Result<F::Output, Error> {
+    let mut io = std::pin::pin!(io);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = io.as_mut().poll(cx) {
+            return Poll::Ready(Ok(v));
+        }
+        timer.as_mut().poll(cx).map(|()| Err(Error::AnswerTimeout))
+    })
+    .await
+}
+
+struct Idle {
+    conn: Conn,
+    /// When it went idle, by the coarse monotonic clock (`crate::clock`):
+    /// the idle timeout needs no finer time, and a precise read per
+    /// request costs more on some VMs.
+    since: Duration,
 }
 
 impl Pool {
@@ -116,32 +161,33 @@ impl Pool {
     }
 
     /// The most recently used connection that is still open.
-    fn take(&self) -> Option<TcpStream> {
+    fn take(&self) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let now = crate::clock::coarse_monotonic();
         while let Some(c) = idle.pop() {
-            if c.since.elapsed() < self.timeout && still_open(&c.stream) {
-                return Some(c.stream);
+            if now.saturating_sub(c.since) < self.timeout && still_open(&c.conn.stream) {
+                return Some(c.conn);
             }
         }
         None
     }
 
-    fn put(&self, stream: TcpStream) {
-        let now = Instant::now();
+    fn put(&self, conn: Conn) {
+        let now = crate::clock::coarse_monotonic();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         // The least recently used sit at the bottom: drop those past the
         // idle timeout (the backend has most likely closed them).
         if idle
             .first()
-            .is_some_and(|c| now.duration_since(c.since) >= self.timeout)
+            .is_some_and(|c| now.saturating_sub(c.since) >= self.timeout)
         {
-            idle.retain(|c| now.duration_since(c.since) < self.timeout);
+            idle.retain(|c| now.saturating_sub(c.since) < self.timeout);
         }
         if idle.len() >= MAX_IDLE {
             // Full: the least recently used one goes.
             idle.remove(0);
         }
-        idle.push(Idle { stream, since: now });
+        idle.push(Idle { conn, since: now });
     }
 
     pub fn idle(&self) -> usize {
@@ -211,13 +257,17 @@ impl Client {
 
     /// Sends one request; returns once the response head has arrived. The
     /// body is read as the returned `Body` is polled; the connection goes
-    /// back to the pool when the body has been read to its end.
+    /// back to the pool when the body has been read to its end. The
+    /// response head must come by `answer_by` (connecting and writing the
+    /// request included), or the request fails with
+    /// [`Error::AnswerTimeout`].
     pub async fn send(
         &self,
         method: &Method,
         path_and_query: &str,
         headers: &(impl HeadFields + ?Sized),
         body: Bytes,
+        answer_by: tokio::time::Instant,
     ) -> Result<Response<Body>, Error> {
         let mut wire = encode_head(method, path_and_query, &self.authority, headers, &body);
         let separate_body = body.len() > COALESCE_BODY;
@@ -232,23 +282,34 @@ impl Client {
         loop {
             attempt += 1;
             let pooled = if attempt <= 2 { pool.take() } else { None };
-            let (mut stream, reused) = match pooled {
-                Some(s) => (s, true),
-                None => (self.connect().await?, false),
+            let (mut conn, reused) = match pooled {
+                Some(c) => (c, true),
+                None => match tokio::time::timeout_at(answer_by, self.connect()).await {
+                    Ok(stream) => (Conn::new(stream?, answer_by), false),
+                    Err(_) => return Err(Error::AnswerTimeout),
+                },
             };
-            let sent = async {
+            if conn.answer_by.deadline() != answer_by {
+                conn.answer_by.as_mut().reset(answer_by);
+            }
+            let Conn {
+                stream,
+                answer_by: timer,
+            } = &mut conn;
+            let sent = within(timer, async {
                 stream.write_all(&wire).await?;
                 if separate_body {
                     stream.write_all(&body).await?;
                 }
                 Ok::<_, io::Error>(())
-            }
-            .await;
-            // Only a kept connection can have been closed under us.
-            let sent_at = reused.then(Instant::now);
+            })
+            .await?;
+            // Only a kept connection can have been closed under us. (The
+            // coarse clock: the race's window is hundreds of milliseconds.)
+            let sent_at = reused.then(crate::clock::coarse_monotonic);
             let write_failed = sent.is_err();
             let result = match sent {
-                Ok(()) => read_head(stream, no_body, Arc::clone(pool)).await,
+                Ok(()) => read_head(conn, no_body, Arc::clone(pool)).await,
                 Err(e) => Err(Error::Io(e)),
             };
             match result {
@@ -260,7 +321,10 @@ impl Client {
                 Err(e)
                     if reused
                         && e.is_stale()
-                        && (write_failed || sent_at.is_some_and(|t| t.elapsed() < STALE_RACE)) =>
+                        && (write_failed
+                            || sent_at.is_some_and(|t| {
+                                crate::clock::coarse_monotonic().saturating_sub(t) < STALE_RACE
+                            })) =>
                 {
                     tracing::debug!(backend = %self.authority, "kept connection was closed: {e}; sending again");
                 }
@@ -377,7 +441,7 @@ fn encode_head(
 
 /// Reads and parses the response head (skipping 1xx interim responses).
 async fn read_head(
-    mut stream: TcpStream,
+    mut conn: Conn,
     no_body: bool,
     pool: Arc<Pool>,
 ) -> Result<Response<Body>, Error> {
@@ -401,7 +465,7 @@ async fn read_head(
                 resp.headers_mut().remove(header::CONTENT_LENGTH);
             }
             let body = Body {
-                conn: Some(stream),
+                conn: Some(conn),
                 pool,
                 framing,
                 keep_alive,
@@ -416,7 +480,7 @@ async fn read_head(
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(buf.len().max(4096));
         }
-        if stream.read_buf(&mut buf).await? == 0 {
+        if within(&mut conn.answer_by, conn.stream.read_buf(&mut buf)).await?? == 0 {
             return Err(if buf.is_empty() {
                 Error::Closed
             } else {
@@ -553,7 +617,7 @@ enum Framing {
 /// A response body read straight from the backend connection.
 pub struct Body {
     /// `None` once the body has ended.
-    conn: Option<TcpStream>,
+    conn: Option<Conn>,
     pool: Arc<Pool>,
     framing: Framing,
     keep_alive: bool,
@@ -574,9 +638,9 @@ impl Body {
     /// The body has ended: the connection goes back to the pool when the
     /// backend left it clean and reusable.
     fn release(&mut self, clean: bool) {
-        if let Some(s) = self.conn.take() {
+        if let Some(c) = self.conn.take() {
             if clean && self.keep_alive {
-                self.pool.put(s);
+                self.pool.put(c);
             }
         }
     }
@@ -667,7 +731,7 @@ impl http_body::Body for Body {
             };
             let mut raw = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
             let mut rb = ReadBuf::uninit(&mut raw[..cap]);
-            match Pin::new(conn).poll_read(cx, &mut rb) {
+            match Pin::new(&mut conn.stream).poll_read(cx, &mut rb) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => {
                     this.conn = None;

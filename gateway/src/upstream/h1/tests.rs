@@ -315,6 +315,11 @@ fn client(b: &Backend) -> Client {
     )
 }
 
+/// A response deadline no test reaches.
+fn far() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(60)
+}
+
 /// Headers of a request without a body.
 fn empty_request() -> HeaderMap {
     let mut h = HeaderMap::new();
@@ -335,6 +340,7 @@ async fn post(c: &Client, body: &'static [u8]) -> Result<(Response<()>, Vec<Vec<
             "/v1/chat/completions?x=1",
             &h,
             Bytes::from_static(body),
+            far(),
         )
         .await?;
     let (parts, mut body) = resp.into_parts();
@@ -374,6 +380,49 @@ async fn requests_are_written_whole_and_kept_connections_reused() {
         b.addr
     );
     assert_eq!(first, want);
+}
+
+/// The response deadline rides on the connection's own timer, moved for
+/// each request: a kept connection whose last deadline passed while it was
+/// idle waits for the next answer by the new deadline, not the old one, and
+/// a deadline that passes fails the request, on a kept connection and on a
+/// new one.
+#[tokio::test]
+async fn each_request_waits_by_its_own_deadline_on_a_kept_connection() {
+    let slow = |wait_ms| Reply {
+        wait: Duration::from_millis(wait_ms),
+        ..reply(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+    };
+    let b = backend(vec![slow(0), slow(300), slow(800), slow(800)]).await;
+    let c = client(&b);
+    let headers = empty_request();
+    let send = |ms: u64| {
+        let by = tokio::time::Instant::now() + Duration::from_millis(ms);
+        c.send(&Method::POST, "/", &headers, Bytes::new(), by)
+    };
+    let body = |r: Response<Body>| async move { r.into_body().collect().await.unwrap().to_bytes() };
+
+    // Answered at once; the connection goes back with its timer set 150 ms on.
+    assert_eq!(body(send(150).await.unwrap()).await, "ok");
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    // That deadline has passed; this answer takes 300 ms, within its own 1 s.
+    let t = Instant::now();
+    assert_eq!(body(send(1000).await.unwrap()).await, "ok");
+    assert!(t.elapsed() >= Duration::from_millis(300));
+    assert_eq!(b.accepted.load(Ordering::SeqCst), 1, "the kept connection");
+
+    // An answer later than the deadline, on the kept connection, then on a
+    // new one (the timed-out connection is not kept).
+    for (n, connections) in [(1, 1), (2, 2)] {
+        let t = Instant::now();
+        let e = send(200).await.map(|_| ()).unwrap_err();
+        assert!(e.is_answer_timeout() && e.is_timeout(), "{n}: {e}");
+        let took = t.elapsed();
+        assert!(took >= Duration::from_millis(190), "{n}: {took:?}");
+        assert!(took < Duration::from_millis(700), "{n}: {took:?}");
+        assert_eq!(b.accepted.load(Ordering::SeqCst), connections, "{n}");
+        assert_eq!(c.idle(), 0, "{n}");
+    }
 }
 
 #[tokio::test]
@@ -550,7 +599,7 @@ async fn a_body_dropped_midway_closes_its_connection() {
     .await;
     let c = client(&b);
     let mut body = c
-        .send(&Method::POST, "/", &empty_request(), Bytes::new())
+        .send(&Method::POST, "/", &empty_request(), Bytes::new(), far())
         .await
         .unwrap()
         .into_body();
