@@ -21,6 +21,22 @@ pub const MAX_TRAILERS: u32 = 16 * 1024;
 /// Bytes read from a socket at a time, into a buffer on the stack.
 pub const READ_CHUNK: usize = 16 * 1024;
 
+/// `io`, or `None` if `timer` fires first. The timer is polled (and so
+/// registered) only while `io` is pending: a connection's one timer, moved
+/// forward per request, costs a store where one per request cost a
+/// registration and a removal.
+pub async fn before<F: std::future::Future>(
+    mut timer: Pin<&mut tokio::time::Sleep>,
+    io: F,
+) -> Option<F::Output> {
+    let mut io = std::pin::pin!(io);
+    std::future::poll_fn(|cx| match io.as_mut().poll(cx) {
+        Poll::Ready(v) => Poll::Ready(Some(v)),
+        Poll::Pending => std::future::Future::poll(timer.as_mut(), cx).map(|()| None),
+    })
+    .await
+}
+
 /// Reads at most `cap` bytes (and at most `READ_CHUNK`) into a buffer on
 /// the stack and hands what arrived to `got`; an empty slice is the end of
 /// the stream. A connection waiting here holds no heap buffer.

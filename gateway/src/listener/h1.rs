@@ -161,25 +161,18 @@ async fn exchange(
 ) -> io::Result<Next> {
     // The head first, as `timeout` would: the timer is polled (armed)
     // only while the head is not all there.
-    let read = {
-        let mut reading = pin!(read_head(&mut conn, limits, drain));
-        poll_fn(|cx| match reading.as_mut().poll(cx) {
-            Poll::Ready(r) => Poll::Ready(Ok(r)),
-            Poll::Pending => head_by.as_mut().poll(cx).map(Err),
-        })
-        .await
-    };
+    let read = http1::before(head_by.as_mut(), read_head(&mut conn, limits, drain)).await;
     let head = match read {
-        Ok(Ok(h)) => h,
-        Ok(Err(HeadError::Closed)) => return Ok(Next::Gone),
-        Ok(Err(HeadError::Io(e))) => return Err(e),
-        Err(_) => {
+        Some(Ok(h)) => h,
+        Some(Err(HeadError::Closed)) => return Ok(Next::Gone),
+        Some(Err(HeadError::Io(e))) => return Err(e),
+        None => {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "no complete request head within the header read timeout",
             ))
         }
-        Ok(Err(HeadError::Refused(status, why))) => {
+        Some(Err(HeadError::Refused(status, why))) => {
             // Answered like any response, then the connection closes.
             let resp = refusal(status, why, peer);
             write_response(&mut conn, resp, false, Version::HTTP_11, false, limits).await?;

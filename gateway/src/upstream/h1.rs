@@ -132,16 +132,11 @@ impl Conn {
     }
 }
 
-/// `io`, unless `timer` fires first.
+/// `io`, unless the answer's deadline (`timer`) passes first.
 async fn within<F: Future>(timer: &mut Pin<Box<Sleep>>, io: F) -> Result<F::Output, Error> {
-    let mut io = std::pin::pin!(io);
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(v) = io.as_mut().poll(cx) {
-            return Poll::Ready(Ok(v));
-        }
-        timer.as_mut().poll(cx).map(|()| Err(Error::AnswerTimeout))
-    })
-    .await
+    http1::before(timer.as_mut(), io)
+        .await
+        .ok_or(Error::AnswerTimeout)
 }
 
 struct Idle {
