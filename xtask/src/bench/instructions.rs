@@ -78,7 +78,11 @@ pub fn run(seconds: u64) -> Result<()> {
     drop(procs);
 
     let top = top_functions(&gw.dump, gw.total, gw.requests)?;
-    let (gw_clock, ngx_clock) = (clock_reads(&gw.dump)?, clock_reads(&ngx.dump)?);
+    let (gw_clock, ngx_clock) = (calls_into(&gw.dump, CLOCK)?, calls_into(&ngx.dump, CLOCK)?);
+    let (gw_alloc, ngx_alloc) = (
+        calls_into(&gw.dump, ALLOCATE)?,
+        calls_into(&ngx.dump, ALLOCATE)?,
+    );
     let (precise_ns, coarse_ns) = clock_read_ns();
     let body = format!(
         "## Instructions per request (callgrind)\n\nCommand: `cargo xtask bench instructions` (seconds: {seconds}). \
@@ -93,6 +97,9 @@ pub fn run(seconds: u64) -> Result<()> {
          Clock reads per request (calls to `clock_gettime` and `gettimeofday`, which callgrind counts as a few \
          instructions each): nginx {:.2}, the gateway {:.2}. On this machine a read costs {precise_ns:.0} ns \
          (`CLOCK_MONOTONIC`; {coarse_ns:.0} ns for `CLOCK_MONOTONIC_COARSE`), timed by this command.\n\n\
+         Heap allocations per request (calls to `malloc`, `posix_memalign` and the like from outside the \
+         allocator; nginx carves most of a request's memory from per-request pools, which count here as the \
+         blocks they take): nginx {:.2}, the gateway {:.2}.\n\n\
          The gateway's own functions, inclusive of what they call (the runtime and the code that polls them are outside them):\n\n| function | instructions per request | share |\n|---|---:|---:|\n{top}",
         record::machine(),
         ngx.per_request(),
@@ -104,6 +111,8 @@ pub fn run(seconds: u64) -> Result<()> {
         gw.per_request() as f64 / ngx.per_request() as f64,
         ngx_clock as f64 / ngx.requests as f64,
         gw_clock as f64 / gw.requests as f64,
+        ngx_alloc as f64 / ngx.requests as f64,
+        gw_alloc as f64 / gw.requests as f64,
     );
     println!("\n{body}");
     record::section("instructions", &body)
@@ -267,27 +276,82 @@ fn top_functions(dump: &Path, total: u64, requests: u64) -> Result<String> {
     Ok(rows)
 }
 
-/// Calls to the clock (`clock_gettime`, `gettimeofday`) in a dump: the
-/// call counts of their callers, from `callgrind_annotate --tree=caller`,
-/// whose blocks list a function's callers ("<" lines, each with its call
-/// count as "(N x)") above the function ("*" line), blocks separated by
-/// blank lines.
-fn clock_reads(dump: &Path) -> Result<u64> {
+/// The clock's entry points (what `Instant::now()` and nginx's time
+/// cache call; glibc resolves `gettimeofday` to `__gettimeofday_syscall`
+/// where the vDSO does not serve it).
+const CLOCK: &[&str] = &[
+    "clock_gettime",
+    "__clock_gettime",
+    "gettimeofday",
+    "__gettimeofday",
+    "__gettimeofday_syscall",
+];
+
+/// The allocators' entry points: glibc's (nginx) and mimalloc's as Rust's
+/// global allocator calls it (the gateway). A `realloc` counts as one
+/// allocation: the growth of a buffer costs about what a new one does.
+const ALLOCATE: &[&str] = &[
+    "malloc",
+    "calloc",
+    "realloc",
+    "posix_memalign",
+    "memalign",
+    "aligned_alloc",
+    "mi_malloc",
+    "mi_malloc_aligned",
+    "mi_zalloc_aligned",
+    "mi_realloc_aligned",
+];
+
+/// Calls into any of `names` in a dump, from outside them and outside the
+/// allocators' own internals: the call counts of their callers, from
+/// `callgrind_annotate --tree=caller`, whose blocks list a function's
+/// callers ("<" lines, each with its call count as "(N x)") above the
+/// function ("*" line), blocks separated by blank lines.
+fn calls_into(dump: &Path, names: &[&str]) -> Result<u64> {
     let out = Command::new("callgrind_annotate")
         .args(["--inclusive=yes", "--tree=caller", "--threshold=100"])
         .arg(dump)
         .output()
         .context("running callgrind_annotate")?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(count_calls(&String::from_utf8_lossy(&out.stdout), names))
+}
+
+fn count_calls(tree: &str, names: &[&str]) -> u64 {
+    // "file:function[@version] (N x) [object]" or "file:function [object]"
+    // after the marker: the file and the function's name.
+    let function = |line: &str, marker: &str| -> Option<(String, String)> {
+        let (_, rest) = line.split_once(marker)?;
+        let (file, name) = rest.trim_start().split_once(':')?;
+        let end = name
+            .find(" (")
+            .or_else(|| name.find(" ["))
+            .unwrap_or(name.len());
+        let name = name[..end].trim();
+        let name = name.split_once('@').map_or(name, |(n, _)| n);
+        Some((file.to_owned(), name.to_owned()))
+    };
+    // An entry point calling another (glibc's `realloc` of nothing calls
+    // `malloc`), or the allocator's own code calling one, is not a new call.
+    let internal = |(file, f): &(String, String)| {
+        names.contains(&f.as_str())
+            || f.starts_with("mi_")
+            || f.starts_with("_mi_")
+            || file.contains("/malloc/")
+    };
     let mut calls = 0;
-    for block in text.split("\n\n") {
-        let is_clock = block.lines().any(|l| {
-            l.contains("*  ") && (l.contains(":clock_gettime") || l.contains("gettimeofday"))
-        });
-        if !is_clock {
+    for block in tree.split("\n\n") {
+        let target = block
+            .lines()
+            .find_map(|l| function(l, "*  "))
+            .is_some_and(|(_, f)| names.contains(&f.as_str()));
+        if !target {
             continue;
         }
         for line in block.lines().filter(|l| l.contains("< ")) {
+            if function(line, "< ").is_some_and(|f| internal(&f)) {
+                continue;
+            }
             let count = line
                 .rsplit_once("x)")
                 .and_then(|(head, _)| head.rsplit_once(" ("))
@@ -295,7 +359,7 @@ fn clock_reads(dump: &Path) -> Result<u64> {
             calls += count.unwrap_or(0);
         }
     }
-    Ok(calls)
+    calls
 }
 
 /// Nanoseconds per read of `CLOCK_MONOTONIC` (what `Instant::now()`
@@ -324,4 +388,45 @@ fn clock_read_ns() -> (f64, f64) {
         (per_iteration(Some(libc::CLOCK_MONOTONIC)) - bare).max(0.0),
         (per_iteration(Some(libc::CLOCK_MONOTONIC_COARSE)) - bare).max(0.0),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Blocks as `callgrind_annotate --tree=caller` prints them.
+    const TREE: &str = "\
+  1,000 ( 1.00%)  < ???:ngx_memalign (300x) [/usr/sbin/nginx]
+  1,000 ( 1.00%)  *  ./malloc/./malloc/malloc.c:posix_memalign [/usr/lib/libc.so.6]
+
+  2,000 ( 2.00%)  < ./malloc/./malloc/malloc.c:_mid_memalign.constprop.0 (300x) [/usr/lib/libc.so.6]
+  1,000 ( 1.00%)  < ???:ngx_alloc (200x) [/usr/sbin/nginx]
+  3,000 ( 3.00%)  *  ./malloc/./malloc/malloc.c:malloc [/usr/lib/libc.so.6]
+
+  5,000 ( 5.00%)  < ???:gateway::pipeline::serve::{{closure}} (1,500x) [/gateway]
+  5,000 ( 5.00%)  < ???:mi_realloc_aligned (7x) [/gateway]
+  9,000 ( 9.00%)  *  ???:mi_malloc_aligned [/gateway]
+
+  4,000 ( 4.00%)  < ???:std::time::Instant::now (40x) [/gateway]
+  4,000 ( 4.00%)  *  ./time/../sysdeps/unix/sysv/linux/clock_gettime.c:clock_gettime@@GLIBC_2.17 [/usr/lib/libc.so.6]
+
+  1,000 ( 1.00%)  < ???:ngx_time_update (5x) [/usr/sbin/nginx]
+  1,000 ( 1.00%)  *  ./time/../sysdeps/unix/sysv/linux/gettimeofday.c:__gettimeofday_syscall [/usr/lib/libc.so.6]
+
+  1,000 ( 1.00%)  < ???:gateway::clock::coarse (10x) [/gateway]
+  1,000 ( 1.00%)  *  ???:gateway::clock::clock_gettime_like [/gateway]
+";
+
+    #[test]
+    fn counts_calls_from_outside_the_allocators() {
+        // posix_memalign 300 + malloc from ngx_alloc 200 (not the 300
+        // from glibc's own memalign) + 1,500 from the gateway (not the 7
+        // from mimalloc's realloc).
+        assert_eq!(count_calls(TREE, ALLOCATE), 2000);
+    }
+
+    #[test]
+    fn counts_clock_reads_by_exact_name() {
+        assert_eq!(count_calls(TREE, CLOCK), 45);
+    }
 }
