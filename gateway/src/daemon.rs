@@ -175,10 +175,10 @@ impl Daemon {
                         .map(|g| g.name.to_string())
                         .filter(|g| !g.is_empty());
                     serde_json::json!({
-                        "model": m.name,
+                        "model": &*m.name,
                         "group": group,
                         "balance": m.policy().name(),
-                        "url": b.label,
+                        "url": &*b.label,
                         "weight": b.weight(),
                         "in_flight": b.in_flight(),
                         "max_connections": b.max_connections(),
@@ -204,7 +204,7 @@ impl Daemon {
                 .models
                 .iter()
                 .flat_map(|m| &m.backends)
-                .filter(|b| b.label == want)
+                .filter(|b| &*b.label == want)
         };
         if matching().next().is_none() {
             let mut r = Reply::failed(vec![format!(
@@ -242,7 +242,7 @@ impl Daemon {
         let s = crate::kernel::state::State::load(state_dir)?;
         let routes = self.shared.routes.load();
         for b in routes.models.iter().flat_map(|m| &m.backends) {
-            if s.drained.iter().any(|u| *u == b.label) {
+            if s.drained.iter().any(|u| **u == *b.label) {
                 b.set_drained(true);
             }
         }

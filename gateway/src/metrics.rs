@@ -244,22 +244,18 @@ impl Metrics {
         let kept: std::collections::HashSet<(&str, &str)> = after
             .models
             .iter()
-            .flat_map(|m| {
-                m.backends
-                    .iter()
-                    .map(|b| (m.name.as_str(), b.label.as_str()))
-            })
+            .flat_map(|m| m.backends.iter().map(|b| (&*m.name, &*b.label)))
             .collect();
         for m in &before.models {
             for b in &m.backends {
-                let labels = [m.name.as_str(), b.label.as_str()];
+                let labels = [&*m.name, &*b.label];
                 if !kept.contains(&(labels[0], labels[1])) {
                     let _ = self.backend_in_flight.remove_label_values(&labels);
                     let _ = self.backend_healthy.remove_label_values(&labels);
                 }
             }
             if !after.models.iter().any(|n| n.name == m.name) {
-                let _ = self.queue_waiting.remove_label_values(&[m.name.as_str()]);
+                let _ = self.queue_waiting.remove_label_values(&[&*m.name]);
             }
         }
     }

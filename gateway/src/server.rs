@@ -111,7 +111,7 @@ fn refresh_gauges(shared: &Shared) {
     let routes = shared.routes.load();
     for m in &routes.models {
         for b in &m.backends {
-            let labels = [m.name.as_str(), b.label.as_str()];
+            let labels = [&*m.name, &*b.label];
             shared
                 .metrics
                 .backend_in_flight
@@ -127,7 +127,7 @@ fn refresh_gauges(shared: &Shared) {
             shared
                 .metrics
                 .queue_waiting
-                .with_label_values(&[m.name.as_str()])
+                .with_label_values(&[&*m.name])
                 .set(b.slots().waiting.load(std::sync::atomic::Ordering::Relaxed) as i64);
         }
     }

@@ -771,9 +771,16 @@ async fn write_response(
     if framing == OutFraming::Close {
         keep_alive = false;
     }
+    // Room for the head, and for a body short enough to go with it in the
+    // same write (so the buffer does not grow, and copy, once it comes).
     let mut len = 128;
     for (n, v) in &parts.headers {
         len += n.as_str().len() + v.len() + 4;
+    }
+    if let OutFraming::Length(n) = framing {
+        if n <= COALESCE as u64 {
+            len += n as usize;
+        }
     }
     let mut out = Vec::with_capacity(len);
     status_line(&mut out, status);

@@ -15,12 +15,14 @@ pub struct RequestCtx {
     pub request_id: String,
     pub client: SocketAddr,
     pub method: http::Method,
-    pub path: String,
+    /// The request target's path and query (a share of the head's bytes,
+    /// not a copy).
+    pub target: http::uri::PathAndQuery,
     pub start: Instant,
     pub key: Option<Arc<str>>,
     /// Canonical model name, once routed.
-    pub model: Option<String>,
-    pub backend: Option<String>,
+    pub model: Option<Arc<str>>,
+    pub backend: Option<Arc<str>>,
     pub stream: bool,
     /// When the request was handed to the upstream client.
     pub dispatched: Option<Instant>,
@@ -63,13 +65,13 @@ impl RequestCtx {
         request_id: String,
         client: SocketAddr,
         method: http::Method,
-        path: String,
+        target: http::uri::PathAndQuery,
     ) -> RequestCtx {
         RequestCtx {
             request_id,
             client,
             method,
-            path,
+            target,
             start: Instant::now(),
             key: None,
             model: None,
@@ -141,7 +143,7 @@ impl RequestCtx {
             request_id = %self.request_id,
             client = %self.client.ip(),
             method = %self.method,
-            path = %self.path,
+            path = %self.target.path(),
             key = key,
             model = model,
             backend = self.backend.as_deref().unwrap_or(NONE),

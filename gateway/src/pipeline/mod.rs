@@ -232,8 +232,12 @@ where
         }
     }
     let rid = request_id(req.headers());
-    let path = req.uri().path().to_owned();
-    match (req.method(), path.as_str()) {
+    let target = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    match (req.method(), target.path()) {
         (&Method::GET | &Method::HEAD, "/healthz") => {
             return json_response(StatusCode::OK, br#"{"status":"ok"}"#.to_vec(), &rid)
         }
@@ -245,7 +249,7 @@ where
         _ => {}
     }
     let mut pending = Unanswered {
-        ctx: Some(RequestCtx::new(rid, client, req.method().clone(), path)),
+        ctx: Some(RequestCtx::new(rid, client, req.method().clone(), target)),
         shared: &shared,
     };
     let served = match screen(&req) {
@@ -259,7 +263,7 @@ where
             ctx.finish(&shared.metrics);
             resp
         }
-        Ok(Served::Proxied { head, body }) => Response::from_parts(head, body(ctx)),
+        Ok(Served::Proxied { head, body }) => Response::from_parts(head, body.body(ctx)),
         Err(e) => {
             let (status, ..) = e.class();
             ctx.status = status.as_u16();
@@ -401,16 +405,52 @@ fn screen<B>(req: &Request<B>) -> Result<(), ProxyError> {
     Ok(())
 }
 
-type BodyFn = Box<dyn FnOnce(RequestCtx) -> ResponseBody + Send>;
-
+// Made once per request and taken apart where it is made: boxing the
+// proxied answer would be the allocation `Answer` saves.
+#[allow(clippy::large_enum_variant)]
 enum Served {
     /// Answered by the gateway itself.
     Done(Response<ResponseBody>),
     /// Proxied: the body takes the context and finishes it.
     Proxied {
         head: http::response::Parts,
-        body: BodyFn,
+        body: Answer,
     },
+}
+
+/// A proxied answer's body before it has the request's context: what
+/// `ProxyBody` is made of, once the context is handed over.
+struct Answer {
+    shared: Arc<Shared>,
+    upstream: crate::upstream::Incoming,
+    lease: crate::upstream::Lease,
+    sse: bool,
+    strip_usage: bool,
+    /// When the upstream's head arrived.
+    arrived: Instant,
+    timeouts: crate::config::Timeouts,
+    /// The request's own deadline (`timeouts.total` from its start).
+    deadline: Instant,
+}
+
+impl Answer {
+    fn body(self, mut ctx: RequestCtx) -> ResponseBody {
+        let now = Instant::now();
+        ctx.overhead += now - self.arrived;
+        let first_data_by = ctx.attempt_sent.unwrap_or(self.arrived) + self.timeouts.first_byte;
+        let finish = Finish::new(ctx, self.shared, Some(self.lease));
+        ProxyBody::new(
+            self.upstream,
+            self.sse,
+            self.strip_usage,
+            now,
+            self.timeouts.idle,
+            first_data_by,
+            self.deadline,
+            finish,
+        )
+        .boxed_unsync()
+    }
 }
 
 async fn serve<B>(
@@ -425,7 +465,7 @@ where
 {
     let key = auth::authenticate(req.headers(), &routes.keys)?;
     ctx.key = Some(Arc::clone(&key.name));
-    let path = ctx.path.as_str();
+    let path = ctx.target.path();
     match (req.method(), path) {
         (&Method::GET | &Method::HEAD, "/v1/models") => {
             let data: Vec<serde_json::Value> = routes
@@ -467,12 +507,8 @@ where
     // its share of requests_per_minute and holds a max_concurrent slot.
     admit_request(shared, key, ctx)?;
 
-    let path_and_query = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
     let (parts, body) = req.into_parts();
+    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let content_length = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -556,7 +592,7 @@ where
             shared,
             model,
             pick,
-            &path_and_query,
+            path_and_query,
             &parts.headers,
             upstream_body,
             ctx,
@@ -653,26 +689,16 @@ where
         ctx.bytes_out = body.len() as u64;
         return Ok(Served::Done(Response::from_parts(head, full(body))));
     }
-    let shared = Arc::clone(shared);
-    let timeouts = model.timeouts.clone();
-    let deadline = ctx.start + timeouts.total;
-    let body: BodyFn = Box::new(move |mut ctx: RequestCtx| {
-        let now = Instant::now();
-        ctx.overhead += now - arrived;
-        let first_data_by = ctx.attempt_sent.unwrap_or(arrived) + timeouts.first_byte;
-        let finish = Finish::new(ctx, Arc::clone(&shared), Some(lease));
-        ProxyBody::new(
-            upstream,
-            sse,
-            strip_usage,
-            now,
-            timeouts.idle,
-            first_data_by,
-            deadline,
-            finish,
-        )
-        .boxed_unsync()
-    });
+    let body = Answer {
+        shared: Arc::clone(shared),
+        upstream,
+        lease,
+        sse,
+        strip_usage,
+        arrived,
+        timeouts: model.timeouts.clone(),
+        deadline: ctx.start + model.timeouts.total,
+    };
     Ok(Served::Proxied { head, body })
 }
 
@@ -687,8 +713,8 @@ fn fallback<'r>(
     while let Some(name) = names.get(*from) {
         *from += 1;
         if let Some(m) = routes.model(name) {
-            if std::iter::once(&m.name)
-                .chain(&m.aliases)
+            if std::iter::once(&*m.name)
+                .chain(m.aliases.iter().map(String::as_str))
                 .any(|n| key.allows(m, n))
             {
                 return Some(m);
@@ -864,7 +890,7 @@ async fn acquire(
     match g.balancer.pick_in_panic(&g.backends, tried, pick.hash) {
         Ok(p) => Ok(p),
         Err(balance::NoPick::Full) => Err(ProxyError::Overloaded {
-            model: model.name.clone(),
+            model: model.name.to_string(),
             retry_after_secs: routes::OVERLOADED_RETRY_AFTER.as_secs() as u32,
         }),
         Err(balance::NoPick::NoneHealthy) => first,
@@ -903,7 +929,7 @@ async fn send_with_retries(
         attempts += 1;
         let backend = Arc::clone(lease.backend());
         backend.count_request(&shared.metrics, &model.name);
-        ctx.backend = Some(backend.label.clone());
+        ctx.backend = Some(Arc::clone(&backend.label));
         let result = proxy::send(
             &backend,
             path_and_query,
@@ -941,7 +967,7 @@ async fn send_with_retries(
                 shared
                     .metrics
                     .upstream_errors
-                    .with_label_values(&[&model.name, &backend.label, kind])
+                    .with_label_values(&[&*model.name, &backend.label, kind])
                     .inc();
                 // A non-stream answer's head comes after its whole
                 // generation: one that ran out of `first_byte` may still

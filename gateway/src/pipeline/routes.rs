@@ -66,7 +66,7 @@ impl Key {
 
 /// A model and the pool that serves it.
 pub struct Model {
-    pub name: String,
+    pub name: Arc<str>,
     /// Other names clients may ask for, in config order.
     pub aliases: Vec<String>,
     pub upstream_model: Option<String>,
@@ -164,7 +164,7 @@ impl Model {
         };
         slots.set_grouped(groups.len() > 1);
         Model {
-            name: m.name.clone(),
+            name: m.name.as_str().into(),
             aliases: m.aliases.clone(),
             upstream_model: m.upstream_model.clone(),
             timeouts: m.timeouts.clone(),
@@ -284,7 +284,7 @@ impl Routes {
             .models
             .iter()
             .map(|m| {
-                let prev = old.and_then(|o| o.models.iter().find(|x| x.name == m.name));
+                let prev = old.and_then(|o| o.models.iter().find(|x| *x.name == *m.name));
                 Arc::new(Model::new(m, workers, prev.map(|p| p.as_ref())))
             })
             .collect();
@@ -319,10 +319,7 @@ impl Routes {
     pub fn visible_models(&self, key: &Key) -> Vec<&str> {
         let mut out = Vec::new();
         for m in &self.models {
-            for n in std::iter::once(&m.name)
-                .chain(&m.aliases)
-                .map(String::as_str)
-            {
+            for n in std::iter::once(&*m.name).chain(m.aliases.iter().map(String::as_str)) {
                 if key.allows(m, n) && !out.contains(&n) {
                     out.push(n);
                 }

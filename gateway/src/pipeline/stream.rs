@@ -373,12 +373,12 @@ impl Body for ProxyBody {
             let kind = failure.expect("set above");
             *this.ended = true;
             let f = &mut this.finish;
-            let model = f.ctx.model.clone().unwrap_or_default();
-            let backend = f.ctx.backend.clone().unwrap_or_default();
+            let model = f.ctx.model.as_deref().unwrap_or_default();
+            let backend = f.ctx.backend.as_deref().unwrap_or_default();
             f.shared
                 .metrics
                 .upstream_errors
-                .with_label_values(&[&model, &backend, kind])
+                .with_label_values(&[model, backend, kind])
                 .inc();
             // The request's own time running out is no fault of the
             // backend's to eject it for (a long generation is not a
@@ -425,7 +425,7 @@ mod tests {
             "id".into(),
             "127.0.0.1:1".parse().unwrap(),
             http::Method::POST,
-            "/".into(),
+            http::uri::PathAndQuery::from_static("/"),
         )
     }
 

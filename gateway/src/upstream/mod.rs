@@ -99,7 +99,7 @@ pub(crate) fn tcp_keepalive() -> socket2::TcpKeepalive {
 /// One backend server of a model.
 pub struct Backend {
     /// The URL as configured: the `backend` label in metrics and logs.
-    pub label: String,
+    pub label: Arc<str>,
     /// Scheme (http/https) and authority requests are sent to.
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
@@ -245,7 +245,7 @@ impl Backend {
             b.build(connector)
         };
         Backend {
-            label: cfg.url.to_string().trim_end_matches('/').to_owned(),
+            label: cfg.url.to_string().trim_end_matches('/').into(),
             scheme,
             authority,
             prefix,
@@ -339,7 +339,7 @@ impl Backend {
             .get_or_init(|| {
                 metrics
                     .backend_requests
-                    .with_label_values(&[model, self.label.as_str()])
+                    .with_label_values(&[model, &*self.label])
             })
             .inc();
     }
