@@ -946,32 +946,8 @@ async fn each_keep_alive_request_gets_its_own_head_deadline() {
         for _ in 0..3 {
             s.write_all(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
                 .unwrap();
-            // One whole answer: its head, then Content-Length bytes.
-            let mut got = Vec::new();
-            let mut buf = [0u8; 1024];
-            let whole = |got: &[u8]| {
-                let text = String::from_utf8_lossy(got);
-                let (head, body) = text.split_once("\r\n\r\n")?;
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().to_owned())
-                    })?
-                    .parse()
-                    .ok()?;
-                (body.len() >= len).then_some(head.starts_with("HTTP/1.1 200"))
-            };
-            let ok = loop {
-                if let Some(ok) = whole(&got) {
-                    break ok;
-                }
-                let n = s.read(&mut buf).unwrap();
-                assert!(n > 0, "closed after {answers} answers");
-                got.extend_from_slice(&buf[..n]);
-            };
-            assert!(ok, "{}", String::from_utf8_lossy(&got));
+            let status = read_answers(&mut s, 1);
+            assert_eq!(status, [200], "answer {answers}");
             answers += 1;
             std::thread::sleep(Duration::from_millis(300));
         }
@@ -988,6 +964,80 @@ async fn each_keep_alive_request_gets_its_own_head_deadline() {
     assert!(
         cut_after < Duration::from_millis(1500),
         "an unfinished head was cut after {cut_after:?}"
+    );
+}
+
+/// Reads `n` whole answers (each a head and its Content-Length bytes) from
+/// a raw HTTP/1.1 connection and returns their status codes; panics if
+/// the connection closes first.
+fn read_answers(s: &mut std::net::TcpStream, n: usize) -> Vec<u16> {
+    let mut got = Vec::new();
+    let mut statuses = Vec::new();
+    let mut buf = [0u8; 4096];
+    while statuses.len() < n {
+        // One whole answer at the front of `got`: its status and length.
+        let whole = |got: &[u8]| {
+            let end = got.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))?
+                .trim()
+                .parse()
+                .ok()?;
+            let status = head.get(9..12)?.parse().ok()?;
+            (got.len() >= end + len).then_some((status, end + len))
+        };
+        if let Some((status, used)) = whole(&got) {
+            statuses.push(status);
+            got.drain(..used);
+            continue;
+        }
+        let k = s.read(&mut buf).unwrap();
+        assert!(
+            k > 0,
+            "closed after {} answers: {statuses:?}",
+            statuses.len()
+        );
+        got.extend_from_slice(&buf[..k]);
+    }
+    statuses
+}
+
+/// A refused request whose small body came with its head does not cost
+/// the client its connection: the body is already read, so the next
+/// request on it (here pipelined in the same write) is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_with_a_whole_body_keeps_its_connection() {
+    let up = mock("a").await;
+    let models = model_toml("m", "", &[(up.url(), 1, None)]);
+    let gw = TestGateway::start("", &models).await;
+    let addr = gw.url.trim_start_matches("http://").to_owned();
+    let statuses = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+        let mut out = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n\
+             Authorization: Bearer sk-wrong\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        out.push_str("GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n");
+        s.write_all(out.as_bytes()).unwrap();
+        let first = read_answers(&mut s, 2);
+        // And a third request after both answers, on the same connection.
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+            .unwrap();
+        [first, read_answers(&mut s, 1)].concat()
+    })
+    .await
+    .unwrap();
+    assert_eq!(statuses, [401, 200, 200]);
+    assert_eq!(
+        chat_requests(&up),
+        0,
+        "a refused request reaches no backend"
     );
 }
 

@@ -192,6 +192,20 @@ async fn exchange(
     // it and gives it back when it ends or is dropped.
     let (req, mut here, mut back) = match framing {
         BodyFraming::Length(0) => (req.map(|()| RequestBody::empty()), Some(conn), None),
+        // All of it came with the head (a small POST, in one read): it
+        // goes with the request, and the connection stays here, read to
+        // the end of the request whether the handler reads the body or not.
+        BodyFraming::Length(n) if conn.buf.len() as u64 >= n => {
+            let data = conn.buf.split_to(n as usize).freeze();
+            if conn.buf.is_empty() {
+                conn.buf = BytesMut::new();
+            }
+            (
+                req.map(|()| RequestBody::whole(Some(data))),
+                Some(conn),
+                None,
+            )
+        }
         framing => {
             let (tx, rx) = oneshot::channel();
             conn.body_done = false;
@@ -200,6 +214,7 @@ async fn exchange(
                 back: Some(tx),
                 framing,
                 continue_100: expect_continue.then_some(0),
+                whole: None,
             };
             (req.map(|()| body), None, Some(rx))
         }
@@ -538,24 +553,32 @@ enum BodyFraming {
 
 /// A request body read from the client connection as it is polled. It
 /// holds the connection while the request is read and gives it back to
-/// the connection's task when it ends or is dropped.
+/// the connection's task when it ends or is dropped. A body that came
+/// whole with its head is just its bytes.
 pub struct RequestBody {
     conn: Option<Conn>,
     back: Option<oneshot::Sender<Conn>>,
     framing: BodyFraming,
     /// `Some(bytes written)` while `100 Continue` is owed to the client.
     continue_100: Option<usize>,
+    /// All of the body, read with the head.
+    whole: Option<Bytes>,
 }
 
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 impl RequestBody {
     fn empty() -> RequestBody {
+        RequestBody::whole(None)
+    }
+
+    fn whole(data: Option<Bytes>) -> RequestBody {
         RequestBody {
             conn: None,
             back: None,
             framing: BodyFraming::Length(0),
             continue_100: None,
+            whole: data,
         }
     }
 
@@ -618,6 +641,9 @@ impl http_body::Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = self.get_mut();
+        if let Some(d) = this.whole.take() {
+            return Poll::Ready(Some(Ok(Frame::data(d))));
+        }
         loop {
             match this.decode() {
                 Ok(Some(d)) => return Poll::Ready(Some(Ok(Frame::data(d)))),
@@ -663,12 +689,12 @@ impl http_body::Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.conn.is_none()
+        self.conn.is_none() && self.whole.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
         match (&self.conn, &self.framing) {
-            (None, _) => SizeHint::with_exact(0),
+            (None, _) => SizeHint::with_exact(self.whole.as_ref().map_or(0, |d| d.len() as u64)),
             (Some(_), BodyFraming::Length(n)) => SizeHint::with_exact(*n),
             (Some(_), BodyFraming::Chunked(_)) => SizeHint::default(),
         }
