@@ -77,13 +77,16 @@ pub fn run(seconds: u64) -> Result<()> {
     let ngx = count("nginx", &ngx_dir, nginx, ngx_port, &script, seconds)?;
     drop(procs);
 
-    let top = top_functions(&gw.dump, gw.total, gw.requests)?;
+    let gw_costs = inclusive_costs(&gw.dump)?;
+    let top = top_functions(&gw_costs, gw.total, gw.requests);
+    let sha = inclusive_cost(&gw_costs, SHA256).unwrap_or(0) / gw.requests;
     let (gw_clock, ngx_clock) = (calls_into(&gw.dump, CLOCK)?, calls_into(&ngx.dump, CLOCK)?);
     let (gw_alloc, ngx_alloc) = (
         calls_into(&gw.dump, ALLOCATE)?,
         calls_into(&ngx.dump, ALLOCATE)?,
     );
     let (precise_ns, coarse_ns) = clock_read_ns();
+    let digest_ns = key_digest_ns();
     let body = format!(
         "## Instructions per request (callgrind)\n\nCommand: `cargo xtask bench instructions` (seconds: {seconds}). \
          Machine: {}. Each proxy (the release gateway with one worker; Debian's nginx as one process, otherwise \
@@ -100,6 +103,11 @@ pub fn run(seconds: u64) -> Result<()> {
          Heap allocations per request (calls to `malloc`, `posix_memalign` and the like from outside the \
          allocator; nginx carves most of a request's memory from per-request pools, which count here as the \
          blocks they take): nginx {:.2}, the gateway {:.2}.\n\n\
+         Of the gateway's count, {sha} per request are the SHA-256 of the presented API key (`{SHA256}`; \
+         nginx compares the key itself in its map). Under valgrind that digest runs the portable code: \
+         valgrind does not offer the CPU's SHA extensions{}, which the gateway uses when they are there. \
+         Natively that block takes {digest_ns:.0} ns on this machine, timed by this command; \
+         the rest of the gateway's count is {:.2}x nginx's.\n\n\
          The gateway's own functions, inclusive of what they call (the runtime and the code that polls them are outside them):\n\n| function | instructions per request | share |\n|---|---:|---:|\n{top}",
         record::machine(),
         ngx.per_request(),
@@ -113,6 +121,12 @@ pub fn run(seconds: u64) -> Result<()> {
         gw_clock as f64 / gw.requests as f64,
         ngx_alloc as f64 / ngx.requests as f64,
         gw_alloc as f64 / gw.requests as f64,
+        if sha_extensions() {
+            " (this CPU has them)"
+        } else {
+            " (this CPU has none either)"
+        },
+        gw.per_request().saturating_sub(sha) as f64 / ngx.per_request() as f64,
     );
     println!("\n{body}");
     record::section("instructions", &body)
@@ -244,16 +258,10 @@ fn totals(dump: &Path) -> Result<u64> {
 /// The gateway's own functions with the most inclusive cost (callees
 /// included), as table rows. (This callgrind's self-cost view lumps a
 /// zeroed-then-dumped profile into the thread's entry function.)
-fn top_functions(dump: &Path, total: u64, requests: u64) -> Result<String> {
-    let out = Command::new("callgrind_annotate")
-        .arg("--inclusive=yes")
-        .arg(dump)
-        .output()
-        .context("running callgrind_annotate")?;
-    let text = String::from_utf8_lossy(&out.stdout);
+fn top_functions(inclusive: &str, total: u64, requests: u64) -> String {
     let mut rows = String::new();
     // Lines look like: "12,345 ( 1.23%)  ???:name [/path/binary]".
-    for line in text
+    for line in inclusive
         .lines()
         .skip_while(|l| !l.contains("file:function"))
         .filter(|l| l.contains("???:gateway::") && !l.contains("spawn_connection"))
@@ -273,7 +281,65 @@ fn top_functions(dump: &Path, total: u64, requests: u64) -> Result<String> {
             n as f64 * 100.0 / total as f64
         ));
     }
-    Ok(rows)
+    rows
+}
+
+/// A dump's functions with their inclusive costs, as
+/// `callgrind_annotate --inclusive=yes` prints them.
+fn inclusive_costs(dump: &Path) -> Result<String> {
+    let out = Command::new("callgrind_annotate")
+        .arg("--inclusive=yes")
+        .arg(dump)
+        .output()
+        .context("running callgrind_annotate")?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The inclusive cost of the function named `name` (path included, as
+/// callgrind names it) in `callgrind_annotate --inclusive=yes` output.
+fn inclusive_cost(inclusive: &str, name: &str) -> Option<u64> {
+    inclusive.lines().find_map(|line| {
+        let (count, rest) = line.trim().split_once(' ')?;
+        let function = rest.split_once(':')?.1.split(" [").next()?;
+        (function == name)
+            .then(|| count.replace(',', "").parse().ok())
+            .flatten()
+    })
+}
+
+/// SHA-256's block function, where the key digest spends its
+/// instructions.
+const SHA256: &str = "sha2::sha256::compress256";
+
+/// Nanoseconds per call of [`SHA256`] on one block (an API key's digest
+/// is one block: a key of up to 55 bytes and its padding) on this
+/// machine, from 1,000,000 calls. The function is not generic, so it runs
+/// as `sha2` was built (optimized, see the workspace's Cargo.toml), not as
+/// this unoptimized xtask is.
+fn key_digest_ns() -> f64 {
+    use sha2::digest::generic_array::GenericArray;
+    const CALLS: u32 = 1_000_000;
+    let key = b"sk-bench-0123456789abcdef0123456789abcdef";
+    let mut block = [0u8; 64];
+    block[..key.len()].copy_from_slice(key);
+    block[key.len()] = 0x80;
+    block[56..].copy_from_slice(&(key.len() as u64 * 8).to_be_bytes());
+    let blocks = [GenericArray::from(block)];
+    let mut state = [0u32; 8];
+    let start = std::time::Instant::now();
+    for _ in 0..CALLS {
+        sha2::compress256(
+            std::hint::black_box(&mut state),
+            std::hint::black_box(&blocks),
+        );
+    }
+    start.elapsed().as_nanos() as f64 / CALLS as f64
+}
+
+/// Whether this CPU has the SHA extensions (`sha_ni` in /proc/cpuinfo).
+fn sha_extensions() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .is_ok_and(|c| c.split_whitespace().any(|flag| flag == "sha_ni"))
 }
 
 /// The clock's entry points (what `Instant::now()` and nginx's time
@@ -423,6 +489,20 @@ mod tests {
         // from glibc's own memalign) + 1,500 from the gateway (not the 7
         // from mimalloc's realloc).
         assert_eq!(count_calls(TREE, ALLOCATE), 2000);
+    }
+
+    #[test]
+    fn finds_a_functions_inclusive_cost_by_exact_name() {
+        let costs = "\
+--------------------------------------------------------------------------------
+Ir                      file:function
+--------------------------------------------------------------------------------
+1,234,567 (50.00%)  ???:gateway::pipeline::auth::authenticate [/gateway]
+  987,654 (40.00%)  ???:sha2::sha256::compress256 [/gateway]
+    1,000 ( 0.01%)  ???:sha2::sha256::compress256_soft [/gateway]
+";
+        assert_eq!(inclusive_cost(costs, SHA256), Some(987_654));
+        assert_eq!(inclusive_cost(costs, "sha2::sha256"), None);
     }
 
     #[test]
