@@ -291,10 +291,8 @@ pub(super) fn refusal(
     );
     // A fresh id: the head that might have carried one was refused.
     let id = crate::pipeline::request_id(&http::HeaderMap::new());
-    if let Ok(v) = http::HeaderValue::from_str(&id) {
-        resp.headers_mut()
-            .insert(crate::pipeline::proxy::X_REQUEST_ID, v);
-    }
+    resp.headers_mut()
+        .insert(crate::pipeline::proxy::X_REQUEST_ID, id.header());
     tracing::info!(
         target: "access",
         request_id = %id,

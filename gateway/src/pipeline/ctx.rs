@@ -8,11 +8,56 @@ use std::{
     time::{Duration, Instant},
 };
 
+use http::HeaderValue;
+
 use super::{limits::Permit, usage::Usage};
 use crate::metrics::{Metrics, NONE};
 
+/// A request's id: the client's `x-request-id` when it is sane, else a
+/// new one. Held as a header value, so the response's header, the access
+/// log and the upstream request share it; none copies it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestId(HeaderValue);
+
+impl RequestId {
+    /// `value` must be visible ASCII (every caller checked it).
+    pub(super) fn new(value: HeaderValue) -> RequestId {
+        debug_assert!(value.to_str().is_ok());
+        RequestId(value)
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(self.0.as_bytes()).expect("a request id is ASCII")
+    }
+
+    /// The id as a header value (a shared reference, not a copy).
+    pub fn header(&self) -> HeaderValue {
+        self.0.clone()
+    }
+}
+
+impl std::ops::Deref for RequestId {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for RequestId {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 pub struct RequestCtx {
-    pub request_id: String,
+    pub request_id: RequestId,
     pub client: SocketAddr,
     pub method: http::Method,
     /// The request target's path and query (a share of the head's bytes,
@@ -62,7 +107,7 @@ fn charged(usage: Option<Usage>, status: u16, dispatched: bool) -> Option<u64> {
 
 impl RequestCtx {
     pub fn new(
-        request_id: String,
+        request_id: RequestId,
         client: SocketAddr,
         method: http::Method,
         target: http::uri::PathAndQuery,

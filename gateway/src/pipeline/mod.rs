@@ -40,7 +40,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt as _, Full};
 
 use self::{
-    ctx::RequestCtx,
+    ctx::{RequestCtx, RequestId},
     routes::Routes,
     stream::{BoxError, Finish, ProxyBody},
 };
@@ -117,37 +117,38 @@ pub(crate) fn full(b: Bytes) -> ResponseBody {
     Full::new(b).map_err(|never| match never {}).boxed_unsync()
 }
 
-fn json_response(status: StatusCode, body: Vec<u8>, request_id: &str) -> Response<ResponseBody> {
+fn json_response(
+    status: StatusCode,
+    body: Vec<u8>,
+    request_id: &RequestId,
+) -> Response<ResponseBody> {
     let mut r = Response::new(full(Bytes::from(body)));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    r.headers_mut().insert(
-        proxy::X_REQUEST_ID,
-        HeaderValue::from_str(request_id).expect("validated"),
-    );
+    r.headers_mut()
+        .insert(proxy::X_REQUEST_ID, request_id.header());
     r
 }
 
 /// The client's request id if it is sane, else a new one: a random
 /// per-process prefix and a counter, unique without a syscall per request.
-pub(crate) fn request_id(headers: &http::HeaderMap) -> String {
+pub(crate) fn request_id(headers: &http::HeaderMap) -> RequestId {
     use std::sync::{
         atomic::{AtomicU64, Ordering},
         OnceLock,
     };
-    if let Some(v) = headers
-        .get(proxy::X_REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-    {
-        if !v.is_empty()
-            && v.len() <= 128
-            && v.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+    if let Some(v) = headers.get(proxy::X_REQUEST_ID) {
+        let b = v.as_bytes();
+        if !b.is_empty()
+            && b.len() <= 128
+            && b.iter()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
         {
-            return v.to_owned();
+            // A share of the head's bytes, not a copy.
+            return RequestId::new(v.clone());
         }
     }
     static PREFIX: OnceLock<u64> = OnceLock::new();
@@ -169,7 +170,9 @@ pub(crate) fn request_id(headers: &http::HeaderMap) -> String {
     for (i, d) in hex.iter_mut().rev().enumerate() {
         *d = b"0123456789abcdef"[((id >> (i * 4)) & 0xf) as usize];
     }
-    std::str::from_utf8(&hex).expect("hex digits").to_owned()
+    // One block, counted by reference: the response header and the log
+    // share it.
+    RequestId::new(HeaderValue::from_maybe_shared(Bytes::from_owner(hex)).expect("hex digits"))
 }
 
 /// Response headers a browser's script may read.
@@ -284,10 +287,8 @@ where
             ctx.finish(&shared.metrics);
             let (parts, body) = e.response().into_parts();
             let mut r = Response::from_parts(parts, full(body));
-            r.headers_mut().insert(
-                proxy::X_REQUEST_ID,
-                HeaderValue::from_str(&ctx.request_id).expect("validated"),
-            );
+            r.headers_mut()
+                .insert(proxy::X_REQUEST_ID, ctx.request_id.header());
             r
         }
     };

@@ -330,15 +330,12 @@ fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
 /// Turns upstream's response headers into the client's, in place: the
 /// end-to-end headers plus the request id; no length when the gateway
 /// edits the body.
-pub fn client_headers(h: &mut HeaderMap, request_id: &str, body_edited: bool) {
+pub fn client_headers(h: &mut HeaderMap, request_id: &super::ctx::RequestId, body_edited: bool) {
     strip_hop_by_hop(h);
     if body_edited {
         h.remove(header::CONTENT_LENGTH);
     }
-    h.insert(
-        X_REQUEST_ID,
-        HeaderValue::from_str(request_id).expect("validated request id"),
-    );
+    h.insert(X_REQUEST_ID, request_id.header());
 }
 
 /// An address as a header value.

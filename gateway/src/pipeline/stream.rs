@@ -422,7 +422,7 @@ mod tests {
 
     fn ctx() -> RequestCtx {
         RequestCtx::new(
-            "id".into(),
+            super::super::request_id(&http::HeaderMap::new()),
             "127.0.0.1:1".parse().unwrap(),
             http::Method::POST,
             http::uri::PathAndQuery::from_static("/"),
