@@ -129,15 +129,33 @@ fn digits(t: &[u8]) -> Option<u64> {
 
 /// Where each header's name and value lie in a head's bytes, so the values
 /// can share those bytes instead of being copied; made only by [`fields`]
-/// from what httparse accepted.
-pub struct Fields(smallvec::SmallVec<[(Range<usize>, Range<usize>); 16]>);
+/// from what httparse accepted. Positions are `u32` (a head is far smaller)
+/// so that the list, which moves with the parsed head, stays small.
+pub struct Fields(smallvec::SmallVec<[(Span, Span); 16]>);
+
+/// A range of a head's bytes.
+#[derive(Clone, Copy)]
+pub struct Span {
+    start: u32,
+    end: u32,
+}
+
+impl Span {
+    fn range(self) -> Range<usize> {
+        self.start as usize..self.end as usize
+    }
+}
 
 /// The positions of `headers`, which httparse found inside `buf`.
 pub(crate) fn fields(buf: &[u8], headers: &[httparse::Header<'_>]) -> Fields {
     let base = buf.as_ptr() as usize;
     let range = |s: &[u8]| {
         let start = s.as_ptr() as usize - base;
-        start..start + s.len()
+        let at = |i: usize| u32::try_from(i).expect("a request or response head is under 4 GiB");
+        Span {
+            start: at(start),
+            end: at(start + s.len()),
+        }
     };
     Fields(
         headers
@@ -163,14 +181,14 @@ pub(crate) fn fields(buf: &[u8], headers: &[httparse::Header<'_>]) -> Fields {
 pub(crate) unsafe fn fill_headers(
     h: &mut HeaderMap,
     head: &Bytes,
-    fields: Fields,
+    fields: &Fields,
 ) -> Result<(), &'static str> {
     h.reserve(fields.0.len());
-    for (n, v) in fields.0 {
-        let name = HeaderName::from_bytes(&head[n]).map_err(|_| "bad header name")?;
+    for &(n, v) in &fields.0 {
+        let name = HeaderName::from_bytes(&head[n.range()]).map_err(|_| "bad header name")?;
         // SAFETY: httparse accepted these bytes as a field value (the
         // caller's promise), and those are valid `HeaderValue` bytes.
-        let value = unsafe { HeaderValue::from_maybe_shared_unchecked(head.slice(v)) };
+        let value = unsafe { HeaderValue::from_maybe_shared_unchecked(head.slice(v.range())) };
         h.append(name, value);
     }
     Ok(())
@@ -416,10 +434,10 @@ mod tests {
         let (same, copy) = (fields(&head, req.headers), fields(&head, req.headers));
         let mut shared = HeaderMap::new();
         // SAFETY: `head` is what httparse just parsed.
-        unsafe { fill_headers(&mut shared, &head, same) }.unwrap();
+        unsafe { fill_headers(&mut shared, &head, &same) }.unwrap();
         let mut copied = HeaderMap::new();
         // SAFETY: a copy of what httparse just parsed.
-        unsafe { fill_headers(&mut copied, &Bytes::copy_from_slice(raw), copy) }.unwrap();
+        unsafe { fill_headers(&mut copied, &Bytes::copy_from_slice(raw), &copy) }.unwrap();
         assert_eq!(shared, copied);
         assert_eq!(shared["authorization"], "Bearer k");
         assert_eq!(shared.get_all("x-b").iter().count(), 2);

@@ -495,7 +495,7 @@ impl Parsed {
             .map_err(|_| bad("bad request target"))?;
         *req.version_mut() = self.version;
         // SAFETY: the caller's promise.
-        unsafe { http1::fill_headers(req.headers_mut(), bytes, self.fields) }.map_err(bad)?;
+        unsafe { http1::fill_headers(req.headers_mut(), bytes, &self.fields) }.map_err(bad)?;
         let (framing, close) = request_framing(req.headers(), self.version).map_err(bad)?;
         let h = req.headers();
         let keep_alive = !close

@@ -567,7 +567,7 @@ impl Parsed {
             StatusCode::from_u16(self.status).map_err(|_| Error::Invalid("bad status code"))?;
         *resp.version_mut() = self.version;
         // SAFETY: the caller's promise.
-        unsafe { http1::fill_headers(resp.headers_mut(), head, self.headers) }
+        unsafe { http1::fill_headers(resp.headers_mut(), head, &self.headers) }
             .map_err(Error::Invalid)?;
         Ok(resp)
     }
