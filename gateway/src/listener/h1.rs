@@ -75,6 +75,20 @@ pub struct Conn {
     body_done: bool,
 }
 
+impl Conn {
+    /// Splits the first `n` buffered bytes off (a head, or a body that
+    /// came with it). When nothing is left, the buffer lets go of their
+    /// allocation, so that it goes with the request rather than staying
+    /// with the connection as spare capacity.
+    fn take_front(&mut self, n: usize) -> Bytes {
+        let front = self.buf.split_to(n).freeze();
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
+        front
+    }
+}
+
 /// Serves HTTP/1.1 requests on `io` (whose first bytes, already read, are
 /// `buf`) until the client closes, an error, or `drain` turns true. The
 /// first request's head must be complete by `first_head_by` (the
@@ -196,10 +210,7 @@ async fn exchange(
         // goes with the request, and the connection stays here, read to
         // the end of the request whether the handler reads the body or not.
         BodyFraming::Length(n) if conn.buf.len() as u64 >= n => {
-            let data = conn.buf.split_to(n as usize).freeze();
-            if conn.buf.is_empty() {
-                conn.buf = BytesMut::new();
-            }
+            let data = conn.take_front(n as usize);
             (
                 req.map(|()| RequestBody::whole(Some(data))),
                 Some(conn),
@@ -367,11 +378,7 @@ async fn read_head(
         // past the limit.
         let upto = conn.buf.len().min(max);
         if let Some((len, head)) = parse_head(&conn.buf[..upto], limits.max_headers as usize)? {
-            let bytes = conn.buf.split_to(len).freeze();
-            // Nothing of the head's allocation is kept past the request.
-            if conn.buf.is_empty() {
-                conn.buf = BytesMut::new();
-            }
+            let bytes = conn.take_front(len);
             // SAFETY: `bytes` is the head just parsed, split off unchanged.
             return unsafe { head.into_head(&bytes) };
         }
