@@ -178,20 +178,103 @@ pub(crate) fn fields(buf: &[u8], headers: &[httparse::Header<'_>]) -> Fields {
 /// configuration, into the headers `fields` was made from (those bytes, or
 /// a copy of them), unchanged: what it accepted as values is then what
 /// `head` holds at their ranges.
+///
+/// Returns what it noted of the fields that frame the message or steer its
+/// connection (see [`Noted`]).
 pub(crate) unsafe fn fill_headers(
     h: &mut HeaderMap,
     head: &Bytes,
     fields: &Fields,
-) -> Result<(), &'static str> {
+) -> Result<Noted, &'static str> {
     h.reserve(fields.0.len());
+    let mut noted = Noted::default();
     for &(n, v) in &fields.0 {
         let name = HeaderName::from_bytes(&head[n.range()]).map_err(|_| "bad header name")?;
+        let raw = &head[v.range()];
+        noted.note(&name, raw);
         // SAFETY: httparse accepted these bytes as a field value (the
         // caller's promise), and those are valid `HeaderValue` bytes.
         let value = unsafe { HeaderValue::from_maybe_shared_unchecked(head.slice(v.range())) };
         h.append(name, value);
     }
-    Ok(())
+    Ok(noted)
+}
+
+/// What [`fill_headers`] noted, as it added a head's fields, of those that
+/// frame the message or steer its connection. A typical head has none of
+/// them but one `Content-Length` of plain digits, and then the questions
+/// below are answered without a lookup in the map (each lookup hashes the
+/// name and probes, ~100-230 instructions, and a request asked six).
+///
+/// Valid only for the map as `fill_headers` left it (or for the map whose
+/// every field was passed to [`Noted::note`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Noted {
+    /// [`Noted::CONNECTION`], [`Noted::TRANSFER_ENCODING`] and
+    /// [`Noted::EXPECT`], for the fields present.
+    seen: u8,
+    length: NotedLength,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum NotedLength {
+    #[default]
+    Absent,
+    /// One `Content-Length` field, this number and nothing else.
+    Plain(u64),
+    /// Anything else (more fields, a list, not a number): the map decides.
+    Other,
+}
+
+impl Noted {
+    const CONNECTION: u8 = 1;
+    const TRANSFER_ENCODING: u8 = 2;
+    const EXPECT: u8 = 4;
+
+    /// Notes one field, in the head's order.
+    pub fn note(&mut self, name: &HeaderName, value: &[u8]) {
+        if *name == header::CONTENT_LENGTH {
+            self.length = match (self.length, digits(value.trim_ascii())) {
+                (NotedLength::Absent, Some(n)) => NotedLength::Plain(n),
+                _ => NotedLength::Other,
+            };
+        } else if *name == header::CONNECTION {
+            self.seen |= Self::CONNECTION;
+        } else if *name == header::TRANSFER_ENCODING {
+            self.seen |= Self::TRANSFER_ENCODING;
+        } else if *name == header::EXPECT {
+            self.seen |= Self::EXPECT;
+        }
+    }
+
+    /// Whether there is a `Transfer-Encoding` field.
+    pub fn transfer_encoding(self) -> bool {
+        self.seen & Self::TRANSFER_ENCODING != 0
+    }
+
+    /// Whether there is an `Expect` field.
+    pub fn expect(self) -> bool {
+        self.seen & Self::EXPECT != 0
+    }
+
+    /// Whether there is a `Content-Length` field.
+    pub fn has_content_length(self) -> bool {
+        self.length != NotedLength::Absent
+    }
+
+    /// [`content_length`] of `h`, the map these notes were taken of.
+    pub fn content_length(self, h: &HeaderMap) -> Result<Option<u64>, &'static str> {
+        match self.length {
+            NotedLength::Absent => Ok(None),
+            NotedLength::Plain(n) => Ok(Some(n)),
+            NotedLength::Other => content_length(h),
+        }
+    }
+
+    /// [`connection_has`] of `h`, the map these notes were taken of.
+    pub fn connection_has(self, h: &HeaderMap, token: &[u8]) -> bool {
+        self.seen & Self::CONNECTION != 0 && connection_has(h, token)
+    }
 }
 
 /// Incremental decoder of the chunked transfer coding (RFC 9112 section
@@ -441,6 +524,65 @@ mod tests {
         assert_eq!(shared, copied);
         assert_eq!(shared["authorization"], "Bearer k");
         assert_eq!(shared.get_all("x-b").iter().count(), 2);
+    }
+
+    /// What `fill_headers` notes answers as the lookups in the map do, for
+    /// heads with and without each field, in plain and unusual forms.
+    #[test]
+    fn notes_agree_with_the_map() {
+        let cases = [
+            "",
+            "Content-Length: 12\r\n",
+            "content-length:  7 \r\n",
+            "Content-Length: 5\r\nContent-Length: 5\r\n",
+            "Content-Length: 5, 5\r\n",
+            "Content-Length: 5\r\nContent-Length: 6\r\n",
+            "Content-Length: x\r\n",
+            "Content-Length: \r\n",
+            "Content-Length: 99999999999999999999999\r\n",
+            "Transfer-Encoding: chunked\r\n",
+            "Transfer-Encoding: gzip, chunked\r\nContent-Length: 3\r\n",
+            "Connection: close\r\n",
+            "Connection: Keep-Alive, x-a\r\nx-a: 1\r\n",
+            "connection: upgrade\r\nConnection: CLOSE\r\n",
+            "Expect: 100-continue\r\n",
+            "x-content-length: 5\r\nx-connection: close\r\n",
+        ];
+        for f in cases {
+            let raw = format!("POST / HTTP/1.1\r\nHost: a\r\n{f}\r\n");
+            let head = Bytes::from(raw);
+            let mut slots = [httparse::EMPTY_HEADER; 8];
+            let mut req = httparse::Request::new(&mut slots);
+            assert!(req.parse(&head).unwrap().is_complete(), "{f:?}");
+            let parsed = fields(&head, req.headers);
+            let mut h = HeaderMap::new();
+            // SAFETY: `head` is what httparse just parsed.
+            let noted = unsafe { fill_headers(&mut h, &head, &parsed) }.unwrap();
+            assert_eq!(noted.content_length(&h), content_length(&h), "{f:?}");
+            assert_eq!(
+                noted.has_content_length(),
+                h.contains_key(header::CONTENT_LENGTH),
+                "{f:?}"
+            );
+            assert_eq!(
+                noted.transfer_encoding(),
+                h.contains_key(header::TRANSFER_ENCODING),
+                "{f:?}"
+            );
+            assert_eq!(noted.expect(), h.contains_key(header::EXPECT), "{f:?}");
+            for token in [&b"close"[..], b"keep-alive", b"upgrade", b"x-a"] {
+                assert_eq!(
+                    noted.connection_has(&h, token),
+                    connection_has(&h, token),
+                    "{f:?}"
+                );
+            }
+            let mut again = Noted::default();
+            for (n, v) in &h {
+                again.note(n, v.as_bytes());
+            }
+            assert_eq!(again, noted, "{f:?}");
+        }
     }
 
     fn lengths(values: &[&'static str]) -> Result<Option<u64>, &'static str> {

@@ -502,15 +502,17 @@ impl Parsed {
             .map_err(|_| bad("bad request target"))?;
         *req.version_mut() = self.version;
         // SAFETY: the caller's promise.
-        unsafe { http1::fill_headers(req.headers_mut(), bytes, &self.fields) }.map_err(bad)?;
-        let (framing, close) = request_framing(req.headers(), self.version).map_err(bad)?;
+        let noted =
+            unsafe { http1::fill_headers(req.headers_mut(), bytes, &self.fields) }.map_err(bad)?;
         let h = req.headers();
+        let (framing, close) = request_framing(h, noted, self.version).map_err(bad)?;
         let keep_alive = !close
             && match self.version {
-                Version::HTTP_11 => !http1::connection_has(h, b"close"),
-                _ => http1::connection_has(h, b"keep-alive"),
+                Version::HTTP_11 => !noted.connection_has(h, b"close"),
+                _ => noted.connection_has(h, b"keep-alive"),
             };
         let expect_continue = self.version == Version::HTTP_11
+            && noted.expect()
             && h.get(header::EXPECT)
                 .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         Ok(Head {
@@ -524,9 +526,12 @@ impl Parsed {
 
 /// How a request body is framed, and whether its connection must close
 /// after the answer (RFC 9112 sections 6.1 and 6.3).
-fn request_framing(h: &HeaderMap, version: Version) -> Result<(BodyFraming, bool), &'static str> {
-    let te = h.get_all(header::TRANSFER_ENCODING);
-    if te.iter().next().is_some() {
+fn request_framing(
+    h: &HeaderMap,
+    noted: http1::Noted,
+    version: Version,
+) -> Result<(BodyFraming, bool), &'static str> {
+    if noted.transfer_encoding() {
         // A header that names no coding is invalid, not absent: read as
         // absent, the body would be framed by a Content-Length that a
         // proxy in front may have ignored.
@@ -541,11 +546,11 @@ fn request_framing(h: &HeaderMap, version: Version) -> Result<(BodyFraming, bool
         }
         // With a Content-Length too, the length is ignored and the
         // connection not trusted with another request.
-        let both = h.contains_key(header::CONTENT_LENGTH);
+        let both = noted.has_content_length();
         return Ok((BodyFraming::Chunked(Chunked::strict()), both));
     }
     Ok((
-        BodyFraming::Length(http1::content_length(h)?.unwrap_or(0)),
+        BodyFraming::Length(noted.content_length(h)?.unwrap_or(0)),
         false,
     ))
 }
@@ -788,7 +793,16 @@ async fn write_response(
     let within = limits.send_timeout;
     let (parts, mut body) = resp.into_parts();
     let status = parts.status;
-    let declared = http1::content_length(&parts.headers).ok().flatten();
+    // Room for the head, and (below) for a body short enough to go with it
+    // in the same write, so the buffer does not grow, and copy, once it
+    // comes. The same pass notes the declared length.
+    let mut len = 128;
+    let mut noted = http1::Noted::default();
+    for (n, v) in &parts.headers {
+        len += n.as_str().len() + v.len() + 4;
+        noted.note(n, v.as_bytes());
+    }
+    let declared = noted.content_length(&parts.headers).ok().flatten();
     let length = declared.or_else(|| body.size_hint().exact());
     let no_body = status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -801,12 +815,6 @@ async fn write_response(
     };
     if framing == OutFraming::Close {
         keep_alive = false;
-    }
-    // Room for the head, and for a body short enough to go with it in the
-    // same write (so the buffer does not grow, and copy, once it comes).
-    let mut len = 128;
-    for (n, v) in &parts.headers {
-        len += n.as_str().len() + v.len() + 4;
     }
     if let OutFraming::Length(n) = framing {
         if n <= COALESCE as u64 {

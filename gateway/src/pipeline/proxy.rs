@@ -41,6 +41,11 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 
 /// The header names the `Connection` header lists (hop-by-hop too).
 fn connection_listed(from: &HeaderMap) -> Vec<HeaderName> {
+    // Usually there is none: a look along the few fields present costs a
+    // compare each, where a lookup hashes the name and probes.
+    if from.len() <= 16 && !from.keys().any(|k| k == header::CONNECTION) {
+        return Vec::new();
+    }
     from.get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
@@ -492,6 +497,17 @@ mod tests {
             header::TRANSFER_ENCODING,
             HeaderValue::from_static("chunked"),
         );
+        for n in [
+            "proxy-connection",
+            "proxy-authenticate",
+            "proxy-authorization",
+            "te",
+            "trailer",
+            "upgrade",
+            "host",
+        ] {
+            h.insert(n, HeaderValue::from_static("x"));
+        }
         h.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),

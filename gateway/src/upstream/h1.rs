@@ -445,7 +445,7 @@ async fn read_head(
         if let Some((head_len, parsed)) = parse_head(&buf)? {
             let head = buf.split_to(head_len).freeze();
             // SAFETY: `head` is the head just parsed, split off unchanged.
-            let mut resp = unsafe { parsed.into_response(&head) }?;
+            let (mut resp, noted) = unsafe { parsed.into_response(&head) }?;
             let status = resp.status();
             if status.is_informational() {
                 if status == StatusCode::SWITCHING_PROTOCOLS {
@@ -453,7 +453,7 @@ async fn read_head(
                 }
                 continue;
             }
-            let (framing, keep_alive) = framing(&resp, no_body)?;
+            let (framing, keep_alive) = framing(&resp, noted, no_body)?;
             if !matches!(framing, Framing::Length(_)) {
                 // A Content-Length beside Transfer-Encoding does not frame
                 // this body; passed on, it would frame the client's.
@@ -503,8 +503,8 @@ pub fn inspect_head(buf: &[u8]) -> Result<Option<HeadSummary>, Error> {
         return Ok(None);
     };
     // SAFETY: a copy of the head just parsed.
-    let resp = unsafe { parsed.into_response(&Bytes::copy_from_slice(&buf[..len])) }?;
-    let (f, keep) = framing(&resp, false)?;
+    let (resp, noted) = unsafe { parsed.into_response(&Bytes::copy_from_slice(&buf[..len])) }?;
+    let (f, keep) = framing(&resp, noted, false)?;
     let body = match f {
         Framing::Length(n) => Some(n),
         Framing::Chunked(_) => None,
@@ -561,29 +561,37 @@ impl Parsed {
     ///
     /// `head` holds the head this was parsed from (or a copy of it),
     /// unchanged: see [`http1::fill_headers`].
-    unsafe fn into_response(self, head: &Bytes) -> Result<Response<()>, Error> {
+    unsafe fn into_response(self, head: &Bytes) -> Result<(Response<()>, http1::Noted), Error> {
         let mut resp = Response::new(());
         *resp.status_mut() =
             StatusCode::from_u16(self.status).map_err(|_| Error::Invalid("bad status code"))?;
         *resp.version_mut() = self.version;
         // SAFETY: the caller's promise.
-        unsafe { http1::fill_headers(resp.headers_mut(), head, &self.headers) }
+        let noted = unsafe { http1::fill_headers(resp.headers_mut(), head, &self.headers) }
             .map_err(Error::Invalid)?;
-        Ok(resp)
+        Ok((resp, noted))
     }
 }
 
 /// How the body's end is found (RFC 9112 section 6.3), and whether the
 /// connection may carry another request after it.
-fn framing(resp: &Response<()>, no_body: bool) -> Result<(Framing, bool), Error> {
+fn framing(
+    resp: &Response<()>,
+    noted: http1::Noted,
+    no_body: bool,
+) -> Result<(Framing, bool), Error> {
     let h = resp.headers();
-    let mut keep_alive = resp.version() == Version::HTTP_11 && !http1::connection_has(h, b"close");
+    let mut keep_alive = resp.version() == Version::HTTP_11 && !noted.connection_has(h, b"close");
     let status = resp.status().as_u16();
     if no_body || status == 204 || status == 304 {
         return Ok((Framing::Length(0), keep_alive));
     }
-    if let Some(last) = http1::tokens(h, header::TRANSFER_ENCODING).last() {
-        if h.contains_key(header::CONTENT_LENGTH) {
+    let coding = match noted.transfer_encoding() {
+        true => http1::tokens(h, header::TRANSFER_ENCODING).last(),
+        false => None,
+    };
+    if let Some(last) = coding {
+        if noted.has_content_length() {
             // Both: the length is ignored, and the connection not trusted.
             keep_alive = false;
         }
@@ -593,7 +601,7 @@ fn framing(resp: &Response<()>, no_body: bool) -> Result<(Framing, bool), Error>
             (Framing::Eof, false)
         });
     }
-    let len = http1::content_length(h).map_err(Error::Invalid)?;
+    let len = noted.content_length(h).map_err(Error::Invalid)?;
     Ok(match len {
         Some(n) => (Framing::Length(n), keep_alive),
         None => (Framing::Eof, false),

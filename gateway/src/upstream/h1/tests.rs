@@ -90,11 +90,17 @@ fn chunked_decoding_stops_at_the_end_and_refuses_garbage() {
     );
 }
 
-fn head(raw: &str) -> Response<()> {
+fn head(raw: &str) -> (Response<()>, http1::Noted) {
     let (len, parsed) = parse_head(raw.as_bytes()).unwrap().unwrap();
     assert_eq!(len, raw.len());
     // SAFETY: a copy of the head just parsed (the whole of `raw`).
     unsafe { parsed.into_response(&Bytes::copy_from_slice(raw.as_bytes())) }.unwrap()
+}
+
+/// The framing of the response head `raw`.
+fn framed(raw: &str, no_body: bool) -> Result<(Framing, bool), Error> {
+    let (resp, noted) = head(raw);
+    framing(&resp, noted, no_body)
 }
 
 #[test]
@@ -146,7 +152,7 @@ fn framing_follows_rfc_9112() {
         ),
     ];
     for (raw, want_len, want_keep) in cases {
-        let (f, keep) = framing(&head(raw), false).unwrap();
+        let (f, keep) = framed(raw, false).unwrap();
         let len = match f {
             Framing::Length(n) => Some(n),
             Framing::Chunked(_) => None,
@@ -155,7 +161,7 @@ fn framing_follows_rfc_9112() {
         };
         assert_eq!((len, keep), (want_len, want_keep), "{raw:?}");
     }
-    let (f, _) = framing(&head("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"), true).unwrap();
+    let (f, _) = framed("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", true).unwrap();
     assert!(matches!(f, Framing::Length(0)), "HEAD has no body");
     for bad in [
         "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
@@ -163,7 +169,7 @@ fn framing_follows_rfc_9112() {
         "HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\n",
         "HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n",
     ] {
-        assert!(framing(&head(bad), false).is_err(), "{bad:?}");
+        assert!(framed(bad, false).is_err(), "{bad:?}");
     }
 }
 
@@ -172,7 +178,8 @@ fn heads_are_parsed_or_refused() {
     assert!(parse_head(b"HTTP/1.1 200 OK\r\ncontent-le")
         .unwrap()
         .is_none());
-    let r = head("HTTP/1.1 429 Too Many Requests\r\nretry-after: 3\r\nx-a: 1\r\nx-a: 2\r\n\r\n");
+    let (r, _) =
+        head("HTTP/1.1 429 Too Many Requests\r\nretry-after: 3\r\nx-a: 1\r\nx-a: 2\r\n\r\n");
     assert_eq!(r.status(), 429);
     assert_eq!(r.headers()["retry-after"], "3");
     assert_eq!(r.headers().get_all("x-a").iter().count(), 2);
