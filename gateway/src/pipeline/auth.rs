@@ -7,17 +7,19 @@ use sha2::{Digest, Sha256};
 use super::routes::Key;
 use crate::error::ProxyError;
 
+const X_API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
+
 /// The presented key, if any: a Bearer token, else `x-api-key` (an
 /// `Authorization` of another scheme, say Basic for a proxy in front,
 /// leaves `x-api-key` to carry the key).
 fn presented(headers: &HeaderMap) -> Option<&[u8]> {
-    if let Some(v) = headers.get(http::header::AUTHORIZATION) {
+    if let Some(v) = crate::http1::find(headers, &http::header::AUTHORIZATION) {
         let v = v.as_bytes();
         if v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ") {
             return Some(v[7..].trim_ascii());
         }
     }
-    headers.get("x-api-key").map(|v| v.as_bytes().trim_ascii())
+    crate::http1::find(headers, &X_API_KEY).map(|v| v.as_bytes().trim_ascii())
 }
 
 /// Compares two digests without an early exit.

@@ -140,7 +140,7 @@ pub(crate) fn request_id(headers: &http::HeaderMap) -> RequestId {
         atomic::{AtomicU64, Ordering},
         OnceLock,
     };
-    if let Some(v) = headers.get(proxy::X_REQUEST_ID) {
+    if let Some(v) = crate::http1::find(headers, &proxy::X_REQUEST_ID) {
         let b = v.as_bytes();
         if !b.is_empty()
             && b.len() <= 128
@@ -151,9 +151,11 @@ pub(crate) fn request_id(headers: &http::HeaderMap) -> RequestId {
             return RequestId::new(v.clone());
         }
     }
-    static PREFIX: OnceLock<u64> = OnceLock::new();
+    // The prefix's 16 hex digits are written once; each id writes only
+    // its counter's.
+    static PREFIX: OnceLock<[u8; 16]> = OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    let prefix = *PREFIX.get_or_init(|| {
+    let prefix = PREFIX.get_or_init(|| {
         let mut b = [0u8; 8];
         if getrandom::fill(&mut b).is_err() {
             // No entropy source: time still separates restarts.
@@ -162,17 +164,28 @@ pub(crate) fn request_id(headers: &http::HeaderMap) -> RequestId {
                 .unwrap_or_default();
             b.copy_from_slice(&(t.as_nanos() as u64).to_le_bytes());
         }
-        u64::from_le_bytes(b)
+        hex16(u64::from_le_bytes(b))
     });
     // 32 lowercase hex digits, written without the `fmt` machinery.
-    let id = ((prefix as u128) << 64) | NEXT.fetch_add(1, Ordering::Relaxed) as u128;
-    let mut hex = [0u8; 32];
-    for (i, d) in hex.iter_mut().rev().enumerate() {
-        *d = b"0123456789abcdef"[((id >> (i * 4)) & 0xf) as usize];
-    }
+    let mut id = [0u8; 32];
+    id[..16].copy_from_slice(prefix);
+    id[16..].copy_from_slice(&hex16(NEXT.fetch_add(1, Ordering::Relaxed)));
     // One block, counted by reference: the response header and the log
     // share it.
-    RequestId::new(HeaderValue::from_maybe_shared(Bytes::from_owner(hex)).expect("hex digits"))
+    let bytes = Bytes::from_owner(id);
+    // SAFETY: hex digits only, valid in a header value.
+    RequestId::new(unsafe { HeaderValue::from_maybe_shared_unchecked(bytes) })
+}
+
+/// `n` as 16 lowercase hex digits, a byte (two digits) at a time.
+fn hex16(n: u64) -> [u8; 16] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 16];
+    for (pair, b) in out.chunks_exact_mut(2).zip(n.to_be_bytes()) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0xf)];
+    }
+    out
 }
 
 /// Response headers a browser's script may read.
@@ -797,7 +810,7 @@ fn refused(shared: &Shared, key: &routes::Key, r: limits::Refusal) -> ProxyError
 
 /// Whether a response is a stream of server-sent events.
 fn is_event_stream(h: &http::HeaderMap) -> bool {
-    h.get(header::CONTENT_TYPE)
+    crate::http1::find(h, &header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"))
 }
@@ -1050,6 +1063,9 @@ mod tests {
             );
         }
         assert_ne!(a, b);
+        for n in [0, 9, 0xa, 0x0123_4567_89ab_cdef, u64::MAX] {
+            assert_eq!(hex16(n), format!("{n:016x}").as_bytes());
+        }
         assert_eq!(a[..16], b[..16], "one per-process prefix");
         // A counter after it (other tests take ids in between).
         assert!(
