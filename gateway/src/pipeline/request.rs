@@ -299,8 +299,11 @@ pub fn inspect(body: &[u8]) -> Result<RequestInfo, ProxyError> {
     }
     // A field of the wrong type (`"stream": "maybe"`) or given twice is
     // named in serde's words; no or a non-string `model` is `missing_model`.
+    // SAFETY: checked to be UTF-8 above. As a `str`, serde reads strings
+    // without checking each one's UTF-8 again.
+    let text = unsafe { std::str::from_utf8_unchecked(body) };
     let peek: Peek =
-        serde_json::from_slice(body).map_err(|e| ProxyError::InvalidJson(e.to_string()))?;
+        serde_json::from_str(text).map_err(|e| ProxyError::InvalidJson(e.to_string()))?;
     let model = peek
         .model
         .filter(|m| !m.is_empty())
