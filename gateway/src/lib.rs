@@ -1,6 +1,7 @@
 //! The gateway as a library: the `gateway` binary is a thin `main` over
 //! these modules, and the integration tests and benchmarks use them too.
 
+pub mod access_log;
 pub mod admin;
 pub mod cli;
 pub mod clock;

@@ -1101,3 +1101,59 @@ async fn a_reload_serves_a_renewed_certificate() {
         );
     }
 }
+
+/// The access log: one line per answered request in the daemon's log (its
+/// stderr), with the request's id, key, model, status and tokens, and no
+/// colour codes in a file; `GATEWAY_LOG=warn` turns it off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_writes_one_access_line_per_request() {
+    let up = MockLlm::start(MockOptions::default()).await.unwrap();
+    for (level, lines) in [("info", 3), ("warn", 0)] {
+        let port = free_port();
+        let body = config(port, &up.url(), &up.url(), (1, 1));
+        let gw = tokio::task::spawn_blocking(move || {
+            Daemon::start_with_env(None, &body, &[("GATEWAY_LOG", level)])
+        })
+        .await
+        .unwrap()
+        .expect("daemon");
+        let c = Client::http1();
+        let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            let r = c.post(&url, Some(KEY_A), &[], &chat("m", false)).await;
+            assert_eq!(r.status, 200);
+            ids.push(r.headers["x-request-id"].to_str().unwrap().to_owned());
+        }
+        let read = || std::fs::read_to_string(&gw.log).unwrap();
+        let access = |log: &str| {
+            log.lines()
+                .filter(|l| l.contains(" INFO access: "))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        if lines > 0 {
+            eventually(Duration::from_secs(5), "three access lines", || {
+                access(&read()).len() == lines
+            })
+            .await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let log = read();
+        let got = access(&log);
+        assert_eq!(got.len(), lines, "{log}");
+        for (line, id) in got.iter().zip(&ids) {
+            for want in [
+                format!(" request_id={id} "),
+                " client=127.0.0.1 method=POST path=/v1/chat/completions ".into(),
+                " key=\"team-a\" model=\"m\" ".into(),
+                " status=200 stream=false ".into(),
+                " completion_tokens=16 attempts=1 outcome=\"ok\"".into(),
+            ] {
+                assert!(line.contains(&want), "{want:?} not in {line}");
+            }
+        }
+        assert!(!log.contains('\u{1b}'), "colour codes in a log file: {log}");
+    }
+}

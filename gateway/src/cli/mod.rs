@@ -244,9 +244,21 @@ fn lenient_admin_socket(path: &std::path::Path) -> Option<PathBuf> {
 pub fn init_logging(cli: &Cli) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("GATEWAY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal: under systemd, journald
+    // keeps a line with escape codes as binary (`journalctl` shows "[blob
+    // data]"), and colouring every access-log line cost ~14k instructions a
+    // request (`NO_COLOR`, https://no-color.org, turns them off anyway).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
+    // The access log writes its own lines, in the same format.
+    crate::access_log::set_format(match cli.log_format {
+        LogFormat::Text => crate::access_log::Format::Text,
+        LogFormat::Json => crate::access_log::Format::Json,
+    });
     let _ = match cli.log_format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

@@ -183,26 +183,26 @@ impl RequestCtx {
         if let Some(g) = &self.group {
             m.group_requests.with_label_values(&[model, g, code]).inc();
         }
-        tracing::info!(
-            target: "access",
-            request_id = %self.request_id,
-            client = %self.client.ip(),
-            method = %self.method,
-            path = %self.target.path(),
-            key = key,
-            model = model,
-            backend = self.backend.as_deref().unwrap_or(NONE),
-            status = self.status,
-            stream = self.stream,
-            bytes = self.bytes_out,
-            ttft_ms = ttft.map(|t| t.as_secs_f64() * 1000.0),
-            duration_ms = total.as_secs_f64() * 1000.0,
-            prompt_tokens = self.usage.map(|u| u.prompt),
-            completion_tokens = self.usage.map(|u| u.completion),
-            attempts = self.attempts,
-            group = self.group.as_deref(),
-            outcome = self.outcome.unwrap_or("ok"),
-        );
+        crate::access_log::Entry {
+            request_id: &self.request_id,
+            client: self.client.ip(),
+            method: self.method.as_str(),
+            path: self.target.path(),
+            key,
+            model,
+            backend: self.backend.as_deref().unwrap_or(NONE),
+            status: self.status,
+            stream: self.stream,
+            bytes: self.bytes_out,
+            ttft,
+            duration: total,
+            prompt_tokens: self.usage.map(|u| u.prompt),
+            completion_tokens: self.usage.map(|u| u.completion),
+            attempts: self.attempts,
+            group: self.group.as_deref(),
+            outcome: self.outcome.unwrap_or("ok"),
+        }
+        .log();
     }
 }
 

@@ -353,7 +353,7 @@ fn ip_header(ip: std::net::IpAddr) -> HeaderValue {
 
 /// An address's text form, written on the stack (no `fmt` machinery and no
 /// heap string on the request path); its length.
-fn ip_text(ip: std::net::IpAddr, buf: &mut [u8; 45]) -> usize {
+pub(crate) fn ip_text(ip: std::net::IpAddr, buf: &mut [u8; 45]) -> usize {
     use std::io::Write as _;
     match ip.to_canonical() {
         std::net::IpAddr::V4(a) => {
