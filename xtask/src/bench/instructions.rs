@@ -24,7 +24,7 @@ use anyhow::{bail, Context as _, Result};
 use super::{l7, record};
 use crate::util::{self, root, step, wait_for_port, Children};
 
-pub fn run(seconds: u64) -> Result<()> {
+pub fn run(seconds: u64, access_log: bool) -> Result<()> {
     for tool in ["valgrind", "callgrind_control", "callgrind_annotate"] {
         if Command::new(tool)
             .arg("--help")
@@ -37,7 +37,12 @@ pub fn run(seconds: u64) -> Result<()> {
         }
     }
     let bin = util::build_release_bins()?;
-    let dir = root().join("target/bench/instructions");
+    let section = if access_log {
+        "instructions-access"
+    } else {
+        "instructions"
+    };
+    let dir = root().join("target/bench").join(section);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let mut procs = Children::default();
@@ -52,11 +57,14 @@ pub fn run(seconds: u64) -> Result<()> {
     // batches the same share of the load.
     let (conf, port) = l7::gateway_config(&dir, &format!("http://{mock}"), "workers = 1")?;
     let mut gateway = Command::new(bin.join("gateway"));
-    gateway
-        .arg("--config")
-        .arg(&conf)
-        .arg("run")
-        .env("GATEWAY_LOG", "warn");
+    gateway.arg("--config").arg(&conf).arg("run").env(
+        "GATEWAY_LOG",
+        if access_log {
+            "warn,access=info"
+        } else {
+            "warn"
+        },
+    );
     let gw = count(
         "the gateway",
         &dir.join("gateway"),
@@ -72,6 +80,15 @@ pub fn run(seconds: u64) -> Result<()> {
     let ngx_dir = dir.join("nginx");
     let (ngx_conf, (ngx_port, ..)) =
         l7::nginx_config(&ngx_dir, mock, "master_process off;\nworker_processes 1;")?;
+    if access_log {
+        let conf = std::fs::read_to_string(&ngx_conf)?;
+        let log = format!("access_log {};", ngx_dir.join("access.log").display());
+        anyhow::ensure!(
+            conf.contains("access_log off;"),
+            "nginx.conf has no access_log line"
+        );
+        std::fs::write(&ngx_conf, conf.replace("access_log off;", &log))?;
+    }
     let mut nginx = Command::new("nginx");
     nginx.arg("-p").arg(&ngx_dir).arg("-c").arg(&ngx_conf);
     let ngx = count("nginx", &ngx_dir, nginx, ngx_port, &script, seconds)?;
@@ -87,13 +104,23 @@ pub fn run(seconds: u64) -> Result<()> {
     );
     let (precise_ns, coarse_ns) = clock_read_ns();
     let digest_ns = key_digest_ns();
+    let (title, flag, logs) = if access_log {
+        (
+            ", access logs on",
+            " --access-log",
+            " Both proxies write their access logs: nginx its default `combined` format to a file, the \
+             gateway its line (`GATEWAY_LOG=warn,access=info`) to stderr, here /dev/null.",
+        )
+    } else {
+        ("", "", " Access logs off on both.")
+    };
     let body = format!(
-        "## Instructions per request (callgrind)\n\nCommand: `cargo xtask bench instructions` (seconds: {seconds}). \
+        "## Instructions per request{title} (callgrind)\n\nCommand: `cargo xtask bench instructions{flag}` (seconds: {seconds}). \
          Machine: {}. Each proxy (the release gateway with one worker; Debian's nginx as one process, otherwise \
          configured as in `bench l7`: least_conn, keepalive upstream, the API key checked by a map) under \
          callgrind in turn, in \
          front of the release mock-llm; wrk, 8 connections, the same 16-token non-stream chat completion as \
-         `bench l7`. User space only: the kernel's TCP work, which both pay alike, is not counted.\n\n\
+         `bench l7`.{logs} User space only: the kernel's TCP work, which both pay alike, is not counted.\n\n\
          | proxy | instructions per proxied request | requests | instructions |\n|---|---:|---:|---:|\n\
          | nginx | {} | {} | {} |\n| gateway | {} | {} | {} |\n\n\
          **Gateway / nginx: {:.2}x the user-space instructions per request.**\n\n\
@@ -129,7 +156,7 @@ pub fn run(seconds: u64) -> Result<()> {
         gw.per_request().saturating_sub(sha) as f64 / ngx.per_request() as f64,
     );
     println!("\n{body}");
-    record::section("instructions", &body)
+    record::section(section, &body)
 }
 
 /// What callgrind counted over one proxy's measured load.

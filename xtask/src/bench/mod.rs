@@ -53,6 +53,11 @@ pub enum Which {
         /// Seconds of load while counting.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// With both proxies writing their access logs (nginx's `combined`
+        /// to a file, the gateway's line to stderr), recorded as a section
+        /// of its own.
+        #[arg(long)]
+        access_log: bool,
     },
     /// Request-body inspection (what the gateway reads of each body before
     /// routing it) against a full JSON parse, for bodies of 1 KiB to 4 MiB.
@@ -105,7 +110,10 @@ pub fn run(which: Which) -> Result<()> {
         Which::L7 { seconds } => l7::run(seconds),
         Which::Policies { seconds } => policies::run(seconds),
         Which::Quick => quick::run(),
-        Which::Instructions { seconds } => instructions::run(seconds),
+        Which::Instructions {
+            seconds,
+            access_log,
+        } => instructions::run(seconds, access_log),
         Which::Veth => {
             if !is_root() {
                 bail!("the veth benchmark creates namespaces and attaches XDP: run it as root");
