@@ -196,17 +196,14 @@ impl Line<'_> {
         self.name(name);
         match self.format {
             Format::Text => self.out.extend_from_slice(v),
-            Format::Json => json_string(self.out, v),
+            Format::Json => quoted(self.out, v, Format::Json),
         }
     }
 
     /// A string, quoted and escaped in both formats.
     fn string(&mut self, name: &str, v: &str) {
         self.name(name);
-        match self.format {
-            Format::Text => text_string(self.out, v.as_bytes()),
-            Format::Json => json_string(self.out, v.as_bytes()),
-        }
+        quoted(self.out, v.as_bytes(), self.format);
     }
 
     fn number(&mut self, name: &str, n: u64) {
@@ -239,9 +236,10 @@ impl Line<'_> {
     }
 }
 
-/// `"v"` with `"`, `\` and control characters escaped as Rust's `Debug`
-/// does for text (what tracing's text format printed).
-fn text_string(out: &mut Vec<u8>, v: &[u8]) {
+/// `"v"` with `"`, `\` and control characters escaped: in text as Rust's
+/// `Debug` escapes them (what tracing's text format printed), in JSON as
+/// RFC 8259 section 7 does.
+fn quoted(out: &mut Vec<u8>, v: &[u8], format: Format) {
     out.push(b'"');
     for &b in v {
         match b {
@@ -250,9 +248,17 @@ fn text_string(out: &mut Vec<u8>, v: &[u8]) {
             b'\n' => out.extend_from_slice(b"\\n"),
             b'\r' => out.extend_from_slice(b"\\r"),
             b'\t' => out.extend_from_slice(b"\\t"),
-            0..0x20 | 0x7f => {
-                out.extend_from_slice(b"\\u{");
+            0..0x20 if format == Format::Json => {
+                out.extend_from_slice(b"\\u00");
                 hex_byte(out, b);
+            }
+            0..0x20 | 0x7f if format == Format::Text => {
+                // As `Debug` writes it: `\u{1b}`, `\u{1}`.
+                out.extend_from_slice(b"\\u{");
+                if b >= 0x10 {
+                    out.push(HEX[usize::from(b >> 4)]);
+                }
+                out.push(HEX[usize::from(b & 0xf)]);
                 out.push(b'}');
             }
             _ => out.push(b),
@@ -261,30 +267,11 @@ fn text_string(out: &mut Vec<u8>, v: &[u8]) {
     out.push(b'"');
 }
 
-/// `"v"` as a JSON string (RFC 8259 section 7).
-fn json_string(out: &mut Vec<u8>, v: &[u8]) {
-    out.push(b'"');
-    for &b in v {
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            0..0x20 => {
-                out.extend_from_slice(b"\\u00");
-                hex_byte(out, b);
-            }
-            _ => out.push(b),
-        }
-    }
-    out.push(b'"');
-}
+const HEX: &[u8; 16] = b"0123456789abcdef";
 
 fn hex_byte(out: &mut Vec<u8>, b: u8) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    out.push(DIGITS[usize::from(b >> 4)]);
-    out.push(DIGITS[usize::from(b & 0xf)]);
+    out.push(HEX[usize::from(b >> 4)]);
+    out.push(HEX[usize::from(b & 0xf)]);
 }
 
 /// `at` as RFC 3339 in UTC with microseconds, as tracing's default timer
@@ -386,7 +373,7 @@ mod tests {
         let mut e = entry();
         (e.ttft, e.prompt_tokens, e.completion_tokens) = (None, None, None);
         e.group = Some("canary");
-        e.key = "\u{1b}[31mx\u{7f}";
+        e.key = "\u{1b}[31mx\u{7f}\u{1}";
         let text = line(&e, Format::Text);
         assert!(
             !text.contains("ttft_ms") && !text.contains("tokens="),
@@ -394,7 +381,7 @@ mod tests {
         );
         assert!(text.contains(" group=\"canary\" outcome="), "{text}");
         // Escape codes in a name do not reach a terminal or journald.
-        assert!(text.contains("key=\"\\u{1b}[31mx\\u{7f}\""), "{text}");
+        assert!(text.contains(&format!("key={:?}", e.key)), "{text}");
         assert!(!text.bytes().any(|b| b < 0x20 && b != b'\n'), "{text:?}");
     }
 

@@ -1103,20 +1103,24 @@ async fn a_reload_serves_a_renewed_certificate() {
 }
 
 /// The access log: one line per answered request in the daemon's log (its
-/// stderr), with the request's id, key, model, status and tokens, and no
-/// colour codes in a file; `GATEWAY_LOG=warn` turns it off.
+/// stderr), with the request's id, key, model, status and tokens, as text
+/// without colour codes in a file, or as JSON; `GATEWAY_LOG=warn` turns it
+/// off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_writes_one_access_line_per_request() {
     let up = MockLlm::start(MockOptions::default()).await.unwrap();
-    for (level, lines) in [("info", 3), ("warn", 0)] {
+    for (level, format, lines) in [
+        ("info", "text", 3),
+        ("info", "json", 3),
+        ("warn", "text", 0),
+    ] {
         let port = free_port();
         let body = config(port, &up.url(), &up.url(), (1, 1));
-        let gw = tokio::task::spawn_blocking(move || {
-            Daemon::start_with_env(None, &body, &[("GATEWAY_LOG", level)])
-        })
-        .await
-        .unwrap()
-        .expect("daemon");
+        let env = [("GATEWAY_LOG", level), ("GATEWAY_LOG_FORMAT", format)];
+        let gw = tokio::task::spawn_blocking(move || Daemon::start_with_env(None, &body, &env))
+            .await
+            .unwrap()
+            .expect("daemon");
         let c = Client::http1();
         let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
         let mut ids = Vec::new();
@@ -1128,7 +1132,10 @@ async fn the_daemon_writes_one_access_line_per_request() {
         let read = || std::fs::read_to_string(&gw.log).unwrap();
         let access = |log: &str| {
             log.lines()
-                .filter(|l| l.contains(" INFO access: "))
+                .filter(|l| match format {
+                    "json" => l.contains(r#""target":"access""#),
+                    _ => l.contains(" INFO access: "),
+                })
                 .map(str::to_owned)
                 .collect::<Vec<_>>()
         };
@@ -1144,6 +1151,21 @@ async fn the_daemon_writes_one_access_line_per_request() {
         let got = access(&log);
         assert_eq!(got.len(), lines, "{log}");
         for (line, id) in got.iter().zip(&ids) {
+            if format == "json" {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                assert_eq!(v["request_id"], id.as_str(), "{line}");
+                assert_eq!(
+                    (
+                        &v["key"],
+                        &v["model"],
+                        &v["status"],
+                        &v["completion_tokens"]
+                    ),
+                    (&"team-a".into(), &"m".into(), &200.into(), &16.into()),
+                    "{line}"
+                );
+                continue;
+            }
             for want in [
                 format!(" request_id={id} "),
                 " client=127.0.0.1 method=POST path=/v1/chat/completions ".into(),

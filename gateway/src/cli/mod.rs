@@ -30,8 +30,8 @@ pub struct Cli {
     /// built-in defaults when the default path does not exist.
     #[arg(long, global = true, env = "GATEWAY_CONFIG", default_value = config::DEFAULT_CONFIG_PATH)]
     pub config: PathBuf,
-    /// Log format of the daemon.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    /// Log format of the daemon (its log and its access log).
+    #[arg(long, global = true, value_enum, env = "GATEWAY_LOG_FORMAT", default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
