@@ -33,6 +33,23 @@ pub fn set_format(f: Format) {
     let _ = FORMAT.set(f);
 }
 
+/// A field's name with what goes around it in each format, joined at
+/// compile time: ` name=` and `,"name":`.
+#[derive(Clone, Copy)]
+struct Key {
+    text: &'static [u8],
+    json: &'static [u8],
+}
+
+macro_rules! key {
+    ($name:literal) => {
+        Key {
+            text: concat!(" ", $name, "=").as_bytes(),
+            json: concat!(",\"", $name, "\":").as_bytes(),
+        }
+    };
+}
+
 /// One request's line.
 pub struct Entry<'a> {
     pub request_id: &'a str,
@@ -109,33 +126,33 @@ impl Entry<'_> {
     fn write(&self, out: &mut Vec<u8>, format: Format, at: SystemTime) {
         let mut w = Line { out, format };
         w.start(at);
-        w.raw("request_id", self.request_id);
+        w.raw(key!("request_id"), self.request_id);
         let mut ip = [0u8; 45];
         let n = crate::pipeline::proxy::ip_text(self.client, &mut ip);
-        w.raw_bytes("client", &ip[..n]);
-        w.raw("method", self.method);
-        w.raw("path", self.path);
-        w.string("key", self.key);
-        w.string("model", self.model);
-        w.string("backend", self.backend);
-        w.number("status", u64::from(self.status));
-        w.bool("stream", self.stream);
-        w.number("bytes", self.bytes);
+        w.raw_bytes(key!("client"), &ip[..n]);
+        w.raw(key!("method"), self.method);
+        w.raw(key!("path"), self.path);
+        w.string(key!("key"), self.key);
+        w.string(key!("model"), self.model);
+        w.string(key!("backend"), self.backend);
+        w.number(key!("status"), u64::from(self.status));
+        w.bool(key!("stream"), self.stream);
+        w.number(key!("bytes"), self.bytes);
         if let Some(t) = self.ttft {
-            w.millis("ttft_ms", t);
+            w.millis(key!("ttft_ms"), t);
         }
-        w.millis("duration_ms", self.duration);
+        w.millis(key!("duration_ms"), self.duration);
         if let Some(n) = self.prompt_tokens {
-            w.number("prompt_tokens", n);
+            w.number(key!("prompt_tokens"), n);
         }
         if let Some(n) = self.completion_tokens {
-            w.number("completion_tokens", n);
+            w.number(key!("completion_tokens"), n);
         }
-        w.number("attempts", u64::from(self.attempts));
+        w.number(key!("attempts"), u64::from(self.attempts));
         if let Some(g) = self.group {
-            w.string("group", g);
+            w.string(key!("group"), g);
         }
-        w.string("outcome", self.outcome);
+        w.string(key!("outcome"), self.outcome);
         w.end();
     }
 }
@@ -170,29 +187,21 @@ impl Line<'_> {
         self.out.push(b'\n');
     }
 
-    fn name(&mut self, name: &str) {
-        match self.format {
-            Format::Text => {
-                self.out.push(b' ');
-                self.out.extend_from_slice(name.as_bytes());
-                self.out.push(b'=');
-            }
-            Format::Json => {
-                self.out.extend_from_slice(b",\"");
-                self.out.extend_from_slice(name.as_bytes());
-                self.out.extend_from_slice(b"\":");
-            }
-        }
+    fn name(&mut self, name: Key) {
+        self.out.extend_from_slice(match self.format {
+            Format::Text => name.text,
+            Format::Json => name.json,
+        });
     }
 
     /// A value written as it is in text (an id, an address, a method, a
     /// path: none has a space or a control character), as a string in
     /// JSON.
-    fn raw(&mut self, name: &str, v: &str) {
+    fn raw(&mut self, name: Key, v: &str) {
         self.raw_bytes(name, v.as_bytes());
     }
 
-    fn raw_bytes(&mut self, name: &str, v: &[u8]) {
+    fn raw_bytes(&mut self, name: Key, v: &[u8]) {
         self.name(name);
         match self.format {
             Format::Text => self.out.extend_from_slice(v),
@@ -201,26 +210,26 @@ impl Line<'_> {
     }
 
     /// A string, quoted and escaped in both formats.
-    fn string(&mut self, name: &str, v: &str) {
+    fn string(&mut self, name: Key, v: &str) {
         self.name(name);
         quoted(self.out, v.as_bytes(), self.format);
     }
 
-    fn number(&mut self, name: &str, n: u64) {
+    fn number(&mut self, name: Key, n: u64) {
         self.name(name);
         let mut digits = [0u8; 20];
         self.out
             .extend_from_slice(crate::http1::decimal(n, &mut digits));
     }
 
-    fn bool(&mut self, name: &str, b: bool) {
+    fn bool(&mut self, name: Key, b: bool) {
         self.name(name);
         self.out
             .extend_from_slice(if b { b"true" } else { b"false" });
     }
 
     /// Milliseconds with three decimals (microsecond precision).
-    fn millis(&mut self, name: &str, d: Duration) {
+    fn millis(&mut self, name: Key, d: Duration) {
         self.name(name);
         let us = d.as_micros().min(u128::from(u64::MAX)) as u64;
         let mut digits = [0u8; 20];
