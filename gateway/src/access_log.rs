@@ -250,30 +250,42 @@ impl Line<'_> {
 /// RFC 8259 section 7 does.
 fn quoted(out: &mut Vec<u8>, v: &[u8], format: Format) {
     out.push(b'"');
-    for &b in v {
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            0..0x20 if format == Format::Json => {
-                out.extend_from_slice(b"\\u00");
-                hex_byte(out, b);
-            }
-            0..0x20 | 0x7f if format == Format::Text => {
-                // As `Debug` writes it: `\u{1b}`, `\u{1}`.
-                out.extend_from_slice(b"\\u{");
-                if b >= 0x10 {
-                    out.push(HEX[usize::from(b >> 4)]);
-                }
-                out.push(HEX[usize::from(b & 0xf)]);
-                out.push(b'}');
-            }
-            _ => out.push(b),
-        }
+    // Runs with nothing to escape (usually the whole value) go in one copy.
+    let mut rest = v;
+    while let Some(i) = rest
+        .iter()
+        .position(|&b| b < 0x20 || b == b'"' || b == b'\\' || b == 0x7f)
+    {
+        out.extend_from_slice(&rest[..i]);
+        escape(out, rest[i], format);
+        rest = &rest[i + 1..];
     }
+    out.extend_from_slice(rest);
     out.push(b'"');
+}
+
+fn escape(out: &mut Vec<u8>, b: u8, format: Format) {
+    match b {
+        b'"' => out.extend_from_slice(b"\\\""),
+        b'\\' => out.extend_from_slice(b"\\\\"),
+        b'\n' => out.extend_from_slice(b"\\n"),
+        b'\r' => out.extend_from_slice(b"\\r"),
+        b'\t' => out.extend_from_slice(b"\\t"),
+        0..0x20 if format == Format::Json => {
+            out.extend_from_slice(b"\\u00");
+            hex_byte(out, b);
+        }
+        0..0x20 | 0x7f if format == Format::Text => {
+            // As `Debug` writes it: `\u{1b}`, `\u{1}`.
+            out.extend_from_slice(b"\\u{");
+            if b >= 0x10 {
+                out.push(HEX[usize::from(b >> 4)]);
+            }
+            out.push(HEX[usize::from(b & 0xf)]);
+            out.push(b'}');
+        }
+        _ => out.push(b),
+    }
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
