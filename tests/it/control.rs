@@ -1129,26 +1129,25 @@ async fn the_daemon_writes_one_access_line_per_request() {
             assert_eq!(r.status, 200);
             ids.push(r.headers["x-request-id"].to_str().unwrap().to_owned());
         }
-        let read = || std::fs::read_to_string(&gw.log).unwrap();
-        let access = |log: &str| {
-            log.lines()
-                .filter(|l| match format {
-                    "json" => l.contains(r#""target":"access""#),
-                    _ => l.contains(" INFO access: "),
-                })
-                .map(str::to_owned)
-                .collect::<Vec<_>>()
-        };
-        if lines > 0 {
-            eventually(Duration::from_secs(5), "three access lines", || {
-                access(&read()).len() == lines
+        // Once the daemon has drained and exited, every line is written
+        // (and the lines that must not be are not).
+        let (gw, exit) = tokio::task::spawn_blocking(move || {
+            let mut gw = gw;
+            gw.terminate();
+            let exit = gw.wait_exit(Duration::from_secs(30));
+            (gw, exit)
+        })
+        .await
+        .unwrap();
+        assert!(exit.is_some_and(|s| s.success()), "{exit:?}");
+        let log = std::fs::read_to_string(&gw.log).unwrap();
+        let got: Vec<&str> = log
+            .lines()
+            .filter(|l| match format {
+                "json" => l.contains(r#""target":"access""#),
+                _ => l.contains(" INFO access: "),
             })
-            .await;
-        } else {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-        let log = read();
-        let got = access(&log);
+            .collect();
         assert_eq!(got.len(), lines, "{log}");
         for (line, id) in got.iter().zip(&ids) {
             if format == "json" {
