@@ -279,20 +279,18 @@ fn escape(out: &mut Vec<u8>, b: u8, format: Format) {
             // As `Debug` writes it: `\u{1b}`, `\u{1}`.
             out.extend_from_slice(b"\\u{");
             if b >= 0x10 {
-                out.push(HEX[usize::from(b >> 4)]);
+                out.push(crate::http1::HEX_DIGITS[usize::from(b >> 4)]);
             }
-            out.push(HEX[usize::from(b & 0xf)]);
+            out.push(crate::http1::HEX_DIGITS[usize::from(b & 0xf)]);
             out.push(b'}');
         }
         _ => out.push(b),
     }
 }
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
 fn hex_byte(out: &mut Vec<u8>, b: u8) {
-    out.push(HEX[usize::from(b >> 4)]);
-    out.push(HEX[usize::from(b & 0xf)]);
+    out.push(crate::http1::HEX_DIGITS[usize::from(b >> 4)]);
+    out.push(crate::http1::HEX_DIGITS[usize::from(b & 0xf)]);
 }
 
 /// `at` as RFC 3339 in UTC with microseconds, as tracing's default timer

@@ -110,6 +110,9 @@ pub fn content_length(h: &HeaderMap) -> Result<Option<u64>, &'static str> {
     Ok(len)
 }
 
+/// Lowercase hex digits by value, for the hand-written numbers and escapes.
+pub const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+
 /// `n` in decimal, in the tail of `buf` (no `fmt` machinery).
 pub fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     let mut i = buf.len();

@@ -979,7 +979,7 @@ fn format_hex(mut n: usize, buf: &mut [u8; 16]) -> &[u8] {
     let mut i = buf.len();
     loop {
         i -= 1;
-        buf[i] = b"0123456789abcdef"[n & 0xf];
+        buf[i] = http1::HEX_DIGITS[n & 0xf];
         n >>= 4;
         if n == 0 {
             break;

@@ -179,11 +179,10 @@ pub(crate) fn request_id(headers: &http::HeaderMap) -> RequestId {
 
 /// `n` as 16 lowercase hex digits, a byte (two digits) at a time.
 fn hex16(n: u64) -> [u8; 16] {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = [0u8; 16];
     for (pair, b) in out.chunks_exact_mut(2).zip(n.to_be_bytes()) {
-        pair[0] = DIGITS[usize::from(b >> 4)];
-        pair[1] = DIGITS[usize::from(b & 0xf)];
+        pair[0] = crate::http1::HEX_DIGITS[usize::from(b >> 4)];
+        pair[1] = crate::http1::HEX_DIGITS[usize::from(b & 0xf)];
     }
     out
 }
