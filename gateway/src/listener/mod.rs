@@ -127,14 +127,16 @@ impl Listeners {
                     }
                 }
                 Some((stream, peer)) = rx.recv() => {
+                    // A refusal is counted before the connection closes:
+                    // whoever sees the close then sees the count too.
                     if let Err(why) = shared.guard.check(peer.ip()) {
-                        drop(stream);
                         if why == guard::Refused::RateLimited {
                             shared.metrics.refused(Refusal::Rate);
                             shared.abuse.record(peer.ip(), crate::pipeline::abuse::Cause::RateLimited);
                         } else {
                             shared.metrics.refused(Refusal::Blocked);
                         }
+                        drop(stream);
                         continue;
                     }
                     let slot = match shared.per_ip.acquire(peer.ip()) {
@@ -142,16 +144,16 @@ impl Listeners {
                         Err(limit::Full::Client) => {
                             // Over max_connections_per_ip: close at once,
                             // and count it towards a ban.
-                            drop(stream);
                             shared.metrics.refused(Refusal::PerIp);
                             shared.abuse.record(peer.ip(), crate::pipeline::abuse::Cause::RateLimited);
+                            drop(stream);
                             continue;
                         }
                         Err(limit::Full::All) => {
                             // Over max_connections: close at once; the
                             // open files kept back serve the open ones.
-                            drop(stream);
                             shared.metrics.refused(Refusal::Total);
+                            drop(stream);
                             full_warning.note(shared.per_ip.max_total());
                             continue;
                         }
