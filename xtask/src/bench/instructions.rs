@@ -24,8 +24,33 @@ use anyhow::{bail, Context as _, Result};
 use super::{l7, record};
 use crate::util::{self, root, step, wait_for_port, Children};
 
-pub fn run(seconds: u64, access_log: bool) -> Result<()> {
-    for tool in ["valgrind", "callgrind_control", "callgrind_annotate"] {
+/// What the counted load is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// wrk's HTTP/1.1, access logs off.
+    Plain,
+    /// wrk's HTTP/1.1 with both proxies' access logs on.
+    AccessLog,
+    /// h2load's HTTP/2 (cleartext, prior knowledge), access logs off.
+    Http2,
+}
+
+impl Variant {
+    fn section(self) -> &'static str {
+        match self {
+            Variant::Plain => "instructions",
+            Variant::AccessLog => "instructions-access",
+            Variant::Http2 => "instructions-h2",
+        }
+    }
+}
+
+pub fn run(seconds: u64, variant: Variant) -> Result<()> {
+    let mut tools = vec!["valgrind", "callgrind_control", "callgrind_annotate"];
+    if variant == Variant::Http2 {
+        tools.push("h2load");
+    }
+    for tool in tools {
         if Command::new(tool)
             .arg("--help")
             .stdout(Stdio::null())
@@ -33,25 +58,26 @@ pub fn run(seconds: u64, access_log: bool) -> Result<()> {
             .status()
             .is_err()
         {
-            bail!("{tool} not found: `cargo xtask setup` installs valgrind");
+            bail!("{tool} not found: `cargo xtask setup` installs valgrind and h2load");
         }
     }
+    let access_log = variant == Variant::AccessLog;
     let bin = util::build_release_bins()?;
-    let section = if access_log {
-        "instructions-access"
-    } else {
-        "instructions"
-    };
+    let section = variant.section();
     let dir = root().join("target/bench").join(section);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let mut procs = Children::default();
     let mock = l7::start_mock(&bin, &mut procs, "bench")?;
-    let script = dir.join("post.lua");
-    l7::post_script(
-        &script,
-        r#"{"model":"bench-model","messages":[{"role":"user","content":"hello from the benchmark"}]}"#,
-    )?;
+    let load = if variant == Variant::Http2 {
+        let body = dir.join("body.json");
+        std::fs::write(&body, l7::BODY)?;
+        Load::H2load(body)
+    } else {
+        let script = dir.join("post.lua");
+        l7::post_script(&script, l7::BODY)?;
+        Load::Wrk(script)
+    };
 
     // One worker, as nginx runs one process here: each event loop then
     // batches the same share of the load.
@@ -70,7 +96,7 @@ pub fn run(seconds: u64, access_log: bool) -> Result<()> {
         &dir.join("gateway"),
         gateway,
         port,
-        &script,
+        &load,
         seconds,
     )?;
 
@@ -78,7 +104,7 @@ pub fn run(seconds: u64, access_log: bool) -> Result<()> {
     // keepalive upstream, the key checked by a map) but as one process,
     // so that one callgrind counts all of its work.
     let ngx_dir = dir.join("nginx");
-    let (ngx_conf, (ngx_port, ..)) =
+    let (ngx_conf, (ngx_port, ngx_h2c, _)) =
         l7::nginx_config(&ngx_dir, mock, "master_process off;\nworker_processes 1;")?;
     if access_log {
         let conf = std::fs::read_to_string(&ngx_conf)?;
@@ -91,7 +117,12 @@ pub fn run(seconds: u64, access_log: bool) -> Result<()> {
     }
     let mut nginx = Command::new("nginx");
     nginx.arg("-p").arg(&ngx_dir).arg("-c").arg(&ngx_conf);
-    let ngx = count("nginx", &ngx_dir, nginx, ngx_port, &script, seconds)?;
+    let ngx_port = if variant == Variant::Http2 {
+        ngx_h2c
+    } else {
+        ngx_port
+    };
+    let ngx = count("nginx", &ngx_dir, nginx, ngx_port, &load, seconds)?;
     drop(procs);
 
     let gw_costs = inclusive_costs(&gw.dump)?;
@@ -104,22 +135,28 @@ pub fn run(seconds: u64, access_log: bool) -> Result<()> {
     );
     let (precise_ns, coarse_ns) = clock_read_ns();
     let digest_ns = key_digest_ns();
-    let (title, flag, logs) = if access_log {
-        (
+    let (title, flag, logs, client) = match variant {
+        Variant::AccessLog => (
             ", access logs on",
             " --access-log",
             " Both proxies write their access logs: nginx its default `combined` format to a file, the \
              gateway its line (`GATEWAY_LOG=warn,access=info`) to stderr, here /dev/null.",
-        )
-    } else {
-        ("", "", " Access logs off on both.")
+            "wrk, 8 connections",
+        ),
+        Variant::Plain => ("", "", " Access logs off on both.", "wrk, 8 connections"),
+        Variant::Http2 => (
+            ", HTTP/2 clients",
+            " --h2",
+            " Access logs off on both; the upstream side is HTTP/1.1 for both.",
+            "h2load over cleartext HTTP/2 (prior knowledge), 8 connections of 10 concurrent streams",
+        ),
     };
     let body = format!(
         "## Instructions per request{title} (callgrind)\n\nCommand: `cargo xtask bench instructions{flag}` (seconds: {seconds}). \
          Machine: {}. Each proxy (the release gateway with one worker; Debian's nginx as one process, otherwise \
          configured as in `bench l7`: least_conn, keepalive upstream, the API key checked by a map) under \
          callgrind in turn, in \
-         front of the release mock-llm; wrk, 8 connections, the same 16-token non-stream chat completion as \
+         front of the release mock-llm; {client}, the same 16-token non-stream chat completion as \
          `bench l7`.{logs} User space only: the kernel's TCP work, which both pay alike, is not counted.\n\n\
          | proxy | instructions per proxied request | requests | instructions |\n|---|---:|---:|---:|\n\
          | nginx | {} | {} | {} |\n| gateway | {} | {} | {} |\n\n\
@@ -172,15 +209,40 @@ impl Counted {
     }
 }
 
+/// The load generator a count runs, with its request body.
+enum Load {
+    /// wrk, 8 connections, with the POST script at this path.
+    Wrk(PathBuf),
+    /// h2load, 8 connections x 10 streams, with the body at this path.
+    H2load(PathBuf),
+}
+
+impl Load {
+    /// Drives about `secs` seconds of load (h2load runs a request count,
+    /// see [`H2_RATE`]) at `port`; returns the requests completed.
+    fn drive(&self, port: u16, secs: u64) -> Result<u64> {
+        let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+        match self {
+            Load::Wrk(script) => wrk8(&url, script, secs),
+            Load::H2load(body) => h2load8(&url, body, secs * H2_RATE),
+        }
+    }
+}
+
+/// Requests per second of load for h2load, which runs a count rather than
+/// a duration (at a deadline it counts the requests in flight as failed):
+/// about what either proxy serves under callgrind here.
+const H2_RATE: u64 = 1_500;
+
 /// Runs `program` (a proxy listening on 127.0.0.1:`port`) under callgrind
-/// with its dumps in `dir`: wrk warms it for 3 s, the counters are zeroed,
-/// wrk drives `seconds` of load, and the counters are dumped.
+/// with its dumps in `dir`: `load` warms it for 3 s, the counters are
+/// zeroed, `load` runs for `seconds`, and the counters are dumped.
 fn count(
     name: &str,
     dir: &Path,
     program: Command,
     port: u16,
-    script: &Path,
+    load: &Load,
     seconds: u64,
 ) -> Result<Counted> {
     std::fs::create_dir_all(dir)?;
@@ -204,12 +266,11 @@ fn count(
     let pid = procs.0.last().expect("valgrind").id().to_string();
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     wait_for_port(addr, &mut procs)?;
-    let url = format!("http://{addr}/v1/chat/completions");
     step(&format!("bench: warming {name} up (3 s)"));
-    let _ = wrk8(&url, script, 3)?;
+    let _ = load.drive(port, 3)?;
     callgrind_control(&["-z", &pid])?;
     step(&format!("bench: counting {name} over {seconds} s of load"));
-    let requests = wrk8(&url, script, seconds)?;
+    let requests = load.drive(port, seconds)?;
     callgrind_control(&["-d", &pid])?;
     drop(procs);
     if requests == 0 {
@@ -241,6 +302,33 @@ fn wrk8(url: &str, script: &Path, secs: u64) -> Result<u64> {
         .and_then(|l| l.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .context("no request count in wrk output")
+}
+
+/// One h2load run of `requests` over 8 connections of 10 streams each;
+/// returns the requests completed, all of them with a 2xx answer.
+fn h2load8(url: &str, body: &Path, requests: u64) -> Result<u64> {
+    let out = Command::new("h2load")
+        .args(["-c8", "-m10", "-t1", "-n", &requests.to_string(), "-d"])
+        .arg(body)
+        .args([
+            "-H",
+            "content-type: application/json",
+            "-H",
+            &format!("authorization: Bearer {}", l7::KEY),
+            url,
+        ])
+        .output()
+        .context("running h2load")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ok = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("status codes: "))
+        .and_then(|l| l.split(' ').next())
+        .and_then(|n| n.parse::<u64>().ok());
+    match ok {
+        Some(n) if out.status.success() && n == requests => Ok(n),
+        _ => bail!("h2load against {url} failed or saw errors:\n{text}"),
+    }
 }
 
 fn callgrind_control(args: &[&str]) -> Result<()> {

@@ -19,7 +19,7 @@ use super::{load, record};
 use crate::util::{self, root, step, wait_for_port, Children};
 
 pub(super) const KEY: &str = "sk-bench-key";
-const BODY: &str =
+pub(super) const BODY: &str =
     r#"{"model":"bench-model","messages":[{"role":"user","content":"hello from the benchmark"}]}"#;
 pub(super) const CONNECTIONS: u32 = 64;
 
@@ -413,7 +413,9 @@ pub(super) fn start_gateway_to(
 }
 
 /// Writes the bench gateway's config in `dir`: one model, `bench-model`,
-/// on `upstream`; returns its path and the port it listens on.
+/// on `upstream`; returns its path and the port it listens on. Its
+/// `keepalive_requests` is nginx's in [`nginx_config`]: h2load does not
+/// reopen a connection that the server closes (GOAWAY) after its share.
 pub(super) fn gateway_config(
     dir: &Path,
     upstream: &str,
@@ -425,7 +427,7 @@ pub(super) fn gateway_config(
     std::fs::write(
         &conf,
         format!(
-            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nstate_dir = \"{d}/state\"\nadmin_socket = \"{d}/admin.sock\"\n{server_extra}\n\
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nstate_dir = \"{d}/state\"\nadmin_socket = \"{d}/admin.sock\"\nkeepalive_requests = 1000000\n{server_extra}\n\
              [metrics]\nlisten = \"127.0.0.1:0\"\n\
              [[keys]]\nname = \"bench\"\nsha256 = \"{digest}\"\n\
              [[models]]\nname = \"bench-model\"\n[[models.backends]]\nurl = \"{upstream}\"\n",

@@ -58,6 +58,10 @@ pub enum Which {
         /// of its own.
         #[arg(long)]
         access_log: bool,
+        /// HTTP/2 clients (h2load, 8 connections x 10 streams, cleartext)
+        /// instead of wrk's HTTP/1.1, recorded as a section of its own.
+        #[arg(long, conflicts_with = "access_log")]
+        h2: bool,
     },
     /// Request-body inspection (what the gateway reads of each body before
     /// routing it) against a full JSON parse, for bodies of 1 KiB to 4 MiB.
@@ -113,7 +117,17 @@ pub fn run(which: Which) -> Result<()> {
         Which::Instructions {
             seconds,
             access_log,
-        } => instructions::run(seconds, access_log),
+            h2,
+        } => instructions::run(
+            seconds,
+            if h2 {
+                instructions::Variant::Http2
+            } else if access_log {
+                instructions::Variant::AccessLog
+            } else {
+                instructions::Variant::Plain
+            },
+        ),
         Which::Veth => {
             if !is_root() {
                 bail!("the veth benchmark creates namespaces and attaches XDP: run it as root");
