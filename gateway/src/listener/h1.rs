@@ -279,7 +279,7 @@ async fn exchange(
 /// `Box::pin(make())`, with the future made in its heap slot: `Box::pin`
 /// makes it on the stack and copies all of it (3.6 KiB for the pipeline's,
 /// of which only the arguments are set before its first poll).
-fn boxed<F: std::future::Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
+pub(super) fn boxed<F: std::future::Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
     let mut slot = Box::<F>::new_uninit();
     slot.write(make());
     // SAFETY: written just above.

@@ -475,7 +475,11 @@ async fn serve_h2(
             }
             let activity = Arc::clone(&activity);
             let watch = Arc::clone(&watch);
-            async move {
+            // Boxed: hyper spawns each stream as a task holding this
+            // future, and the runtime moves a task's future by value when
+            // it spawns it and when it finishes (~4 KiB each time, the
+            // pipeline's future inline); a box moves as a pointer.
+            h1::boxed(move || async move {
                 let mut answering = Answering {
                     activity: &activity,
                     opened: tokio::time::Instant::now(),
@@ -520,7 +524,7 @@ async fn serve_h2(
                         )
                         .boxed_unsync()
                 }))
-            }
+            })
         })
     };
     let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
