@@ -30,9 +30,15 @@ impl RequestId {
         std::str::from_utf8(self.0.as_bytes()).expect("a request id is ASCII")
     }
 
-    /// The id as a header value (a shared reference, not a copy).
+    /// The id as a header value (a shared reference, not a copy), marked
+    /// never to be indexed: an HTTP/2 (HPACK) encoder otherwise adds each
+    /// response's new id to its table, where it evicts the fields that do
+    /// repeat and lengthens the search of every later id (RFC 7541 7.1.3
+    /// allows the mark for any value not worth indexing).
     pub fn header(&self) -> HeaderValue {
-        self.0.clone()
+        let mut v = self.0.clone();
+        v.set_sensitive(true);
+        v
     }
 }
 
