@@ -26,6 +26,7 @@ use std::{
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
+use super::StreamOpen;
 use crate::pipeline::{stream::BoxError, ResponseBody};
 
 /// Ticks per `send_timeout`: a stuck stream is let go after 4-5 ticks.
@@ -50,7 +51,9 @@ struct Slots {
 const PRUNE_MIN: usize = 64;
 
 struct Slot {
-    body: Mutex<Option<ResponseBody>>,
+    /// The body, with the stream's place in its connection's count of
+    /// open streams: both go when the watch takes the body back.
+    body: Mutex<Option<(ResponseBody, StreamOpen)>>,
     /// The tick at which the body last handed hyper a frame that hyper has
     /// not yet come back after (0: hyper is not held up by the client).
     handed: AtomicU64,
@@ -63,10 +66,11 @@ impl Watch {
     }
 
     /// Hands `body` to hyper through a slot this watch can take it back
-    /// from.
-    pub fn watched(self: &Arc<Self>, body: ResponseBody) -> Watched {
+    /// from; the stream counts as open until then, or until hyper is done
+    /// with it.
+    pub fn watched(self: &Arc<Self>, body: ResponseBody, open: StreamOpen) -> Watched {
         let slot = Arc::new(Slot {
-            body: Mutex::new(Some(body)),
+            body: Mutex::new(Some((body, open))),
             handed: AtomicU64::new(0),
         });
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
@@ -131,7 +135,7 @@ impl Body for Watched {
         // hyper is back for more: whatever it held has gone to the client.
         this.slot.handed.store(0, Ordering::Relaxed);
         let mut body = this.slot.body.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(b) = body.as_mut() else {
+        let Some((b, _)) = body.as_mut() else {
             return Poll::Ready(Some(Err(
                 "the client took none of its response within the send timeout".into(),
             )));
@@ -165,6 +169,7 @@ impl Watched {
             .body
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .as_ref())
+            .as_ref()
+            .map(|(b, _)| b))
     }
 }

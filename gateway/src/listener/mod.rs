@@ -370,7 +370,10 @@ async fn sniff(io: &mut BoxIo, buf: &mut BytesMut) -> io::Result<bool> {
 /// before their answer.
 struct H2Activity {
     open: std::sync::atomic::AtomicUsize,
-    idle_since: std::sync::Mutex<tokio::time::Instant>,
+    /// When the last stream ended, by the coarse monotonic clock
+    /// (`crate::clock`), in nanoseconds: a stamp per stream, checked
+    /// against a timeout of seconds.
+    idle_since: AtomicU64,
     opened: AtomicU64,
     reset_early: AtomicU64,
     /// Told when the resets pass [`reset_flood`].
@@ -418,6 +421,11 @@ impl Drop for Answering<'_> {
     }
 }
 
+/// The coarse monotonic clock in nanoseconds.
+fn coarse_nanos() -> u64 {
+    crate::clock::coarse_monotonic().as_nanos() as u64
+}
+
 /// One open stream; its end (the response body dropped) is counted.
 struct StreamOpen(Arc<H2Activity>);
 
@@ -430,7 +438,9 @@ impl StreamOpen {
 
 impl Drop for StreamOpen {
     fn drop(&mut self) {
-        *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
+        self.0
+            .idle_since
+            .store(coarse_nanos(), std::sync::atomic::Ordering::Relaxed);
         self.0
             .open
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -450,11 +460,10 @@ async fn serve_h2(
     limits: ConnLimits,
     mut drain: watch::Receiver<bool>,
 ) -> Result<(), crate::pipeline::stream::BoxError> {
-    use http_body_util::BodyExt as _;
     let shared = Arc::clone(shared);
     let activity = Arc::new(H2Activity {
         open: Default::default(),
-        idle_since: std::sync::Mutex::new(tokio::time::Instant::now()),
+        idle_since: AtomicU64::new(coarse_nanos()),
         opened: AtomicU64::new(0),
         reset_early: AtomicU64::new(0),
         flood: tokio::sync::Notify::new(),
@@ -513,17 +522,7 @@ async fn serve_h2(
                 answering.answered = true;
                 // The stream stays open until its response body is done,
                 // or the send timeout takes the body back from hyper.
-                Ok::<_, Infallible>(r.map(|b| {
-                    watch
-                        .watched(
-                            b.map_frame(move |f| {
-                                let _ = &open;
-                                f
-                            })
-                            .boxed_unsync(),
-                        )
-                        .boxed_unsync()
-                }))
+                Ok::<_, Infallible>(r.map(|b| watch.watched(b, open)))
             })
         })
     };
@@ -580,20 +579,19 @@ async fn serve_h2(
             }
         }
         let open = activity.open.load(std::sync::atomic::Ordering::Relaxed);
-        let since = *activity
-            .idle_since
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if open == 0 && since.elapsed() >= idle {
+        let since = activity.idle_since.load(Ordering::Relaxed);
+        let idled = Duration::from_nanos(coarse_nanos().saturating_sub(since));
+        if open == 0 && idled >= idle {
             break false;
         }
-        // With streams open, look again once they could have been idle
-        // that long.
-        check = if open == 0 {
-            since
-        } else {
-            tokio::time::Instant::now()
-        } + idle;
+        // Look again once the connection could have been idle that long
+        // (with streams open, that long after now).
+        check = tokio::time::Instant::now()
+            + if open == 0 {
+                idle.saturating_sub(idled)
+            } else {
+                idle
+            };
     };
     conn.as_mut().graceful_shutdown();
     if drained {
