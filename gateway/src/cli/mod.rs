@@ -241,9 +241,24 @@ fn lenient_admin_socket(path: &std::path::Path) -> Option<PathBuf> {
     }
 }
 
+/// The log filter: `GATEWAY_LOG` (default `info`), with rustls held to
+/// errors unless it names rustls itself. rustls warns about what a client
+/// sent (an IP address as SNI, a fatal alert it answers with), once per
+/// handshake: nothing an operator can act on, and any client could fill
+/// the log with it.
+fn log_filter(env: Option<&str>) -> tracing_subscriber::EnvFilter {
+    let spec = env.filter(|s| !s.trim().is_empty()).unwrap_or("info");
+    let spec = if spec.contains("rustls") {
+        spec.to_owned()
+    } else {
+        format!("{spec},rustls=error")
+    };
+    tracing_subscriber::EnvFilter::try_new(&spec)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rustls=error"))
+}
+
 pub fn init_logging(cli: &Cli) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("GATEWAY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = log_filter(std::env::var("GATEWAY_LOG").ok().as_deref());
     // Colours only for a person at a terminal: under systemd, journald
     // keeps a line with escape codes as binary (`journalctl` shows "[blob
     // data]"), and colouring every access-log line cost ~14k instructions a
@@ -421,6 +436,33 @@ fn check(path: &std::path::Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn rustls_is_held_to_errors_unless_named() {
+        let directives = |env: Option<&str>| {
+            let mut d: Vec<String> = log_filter(env)
+                .to_string()
+                .split(',')
+                .map(str::to_owned)
+                .collect();
+            d.sort();
+            d
+        };
+        assert_eq!(directives(None), ["info", "rustls=error"]);
+        assert_eq!(directives(Some("")), ["info", "rustls=error"]);
+        assert_eq!(
+            directives(Some("warn,access=info")),
+            ["access=info", "rustls=error", "warn"]
+        );
+        assert_eq!(
+            directives(Some("info,rustls=debug")),
+            ["info", "rustls=debug"]
+        );
+        // A spec EnvFilter cannot read: the default, as before.
+        assert_eq!(directives(Some("[[")), ["info", "rustls=error"]);
+    }
+
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
