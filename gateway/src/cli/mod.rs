@@ -436,7 +436,7 @@ fn check(path: &std::path::Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::log_filter;
+    use super::*;
 
     #[test]
     fn rustls_is_held_to_errors_unless_named() {
@@ -462,8 +462,6 @@ mod tests {
         // A spec EnvFilter cannot read: the default, as before.
         assert_eq!(directives(Some("[[")), ["info", "rustls=error"]);
     }
-
-    use super::*;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("gateway").chain(args.iter().copied()))
