@@ -307,26 +307,14 @@ fn wrk8(url: &str, script: &Path, secs: u64) -> Result<u64> {
 /// One h2load run of `requests` over 8 connections of 10 streams each;
 /// returns the requests completed, all of them with a 2xx answer.
 fn h2load8(url: &str, body: &Path, requests: u64) -> Result<u64> {
-    let out = Command::new("h2load")
-        .args(["-c8", "-m10", "-t1", "-n", &requests.to_string(), "-d"])
-        .arg(body)
-        .args([
-            "-H",
-            "content-type: application/json",
-            "-H",
-            &format!("authorization: Bearer {}", l7::KEY),
-            url,
-        ])
-        .output()
-        .context("running h2load")?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    let (exited_well, text) = l7::post_h2load(&["-c8", "-m10", "-t1"], requests, body, url)?;
     let ok = text
         .lines()
         .find_map(|l| l.trim().strip_prefix("status codes: "))
         .and_then(|l| l.split(' ').next())
         .and_then(|n| n.parse::<u64>().ok());
     match ok {
-        Some(n) if out.status.success() && n == requests => Ok(n),
+        Some(n) if exited_well && n == requests => Ok(n),
         _ => bail!("h2load against {url} failed or saw errors:\n{text}"),
     }
 }

@@ -272,22 +272,18 @@ impl Cpu10k {
     }
 }
 
-/// One h2load run of `requests` (HTTP/2, 64 connections x 10 streams):
-/// requests/s and mean request time (µs). A count rather than a duration:
-/// h2load counts the requests in flight at a deadline as errors.
-fn h2load(url: &str, body: &Path, requests: u64) -> Result<(f64, f64)> {
+/// Runs h2load with `args` (connections, streams, threads) for `requests`
+/// POSTs of `body` with the bench key to `url`; returns whether it exited
+/// well, and its output.
+pub(super) fn post_h2load(
+    args: &[&str],
+    requests: u64,
+    body: &Path,
+    url: &str,
+) -> Result<(bool, String)> {
     let out = Command::new("h2load")
-        .args([
-            "-c",
-            "64",
-            "-m",
-            "10",
-            "-t",
-            "1",
-            "-n",
-            &requests.to_string(),
-        ])
-        .arg("-d")
+        .args(args)
+        .args(["-n", &requests.to_string(), "-d"])
         .arg(body)
         .args([
             "-H",
@@ -298,14 +294,24 @@ fn h2load(url: &str, body: &Path, requests: u64) -> Result<(f64, f64)> {
         ])
         .output()
         .context("running h2load (cargo xtask setup installs nghttp2-client)")?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    ))
+}
+
+/// One h2load run of `requests` (HTTP/2, 64 connections x 10 streams):
+/// requests/s and mean request time (µs). A count rather than a duration:
+/// h2load counts the requests in flight at a deadline as errors.
+fn h2load(url: &str, body: &Path, requests: u64) -> Result<(f64, f64)> {
+    let (ok, text) = post_h2load(&["-c64", "-m10", "-t1"], requests, body, url)?;
     let failed = text
         .lines()
         .find_map(|l| l.trim().strip_prefix("requests: "))
         .and_then(|l| l.split(", ").find_map(|p| p.strip_suffix(" failed")))
         .and_then(|n| n.trim().parse::<u64>().ok())
         .unwrap_or(1);
-    if !out.status.success() || failed != 0 || !text.contains("2xx") {
+    if !ok || failed != 0 || !text.contains("2xx") {
         bail!("h2load against {url} failed:\n{text}");
     }
     let rps = text
