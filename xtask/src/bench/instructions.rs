@@ -12,7 +12,9 @@
 //! the release mock; wrk warms it, the counters are zeroed, wrk drives
 //! `seconds` of load over 8 connections, and the counters are dumped. nginx,
 //! the peer, is counted the same way after it, as one process, so the two
-//! figures come from the same run on the same load.
+//! figures come from the same run on the same load. `--access-log` turns
+//! both proxies' access logs on; `--h2` drives HTTP/2 clients with h2load
+//! (8 connections of 10 streams) instead, against nginx's h2c port.
 
 use std::{
     path::{Path, PathBuf},
