@@ -248,7 +248,12 @@ fn lenient_admin_socket(path: &std::path::Path) -> Option<PathBuf> {
 /// the log with it.
 fn log_filter(env: Option<&str>) -> tracing_subscriber::EnvFilter {
     let spec = env.filter(|s| !s.trim().is_empty()).unwrap_or("info");
-    let spec = if spec.contains("rustls") {
+    // A directive for rustls or one of its modules (not `hyper_rustls`).
+    let names_rustls = spec.split(',').any(|d| {
+        let target = d.split(['=', '[']).next().unwrap_or_default().trim();
+        target == "rustls" || target.starts_with("rustls::")
+    });
+    let spec = if names_rustls {
         spec.to_owned()
     } else {
         format!("{spec},rustls=error")
@@ -458,6 +463,14 @@ mod tests {
         assert_eq!(
             directives(Some("info,rustls=debug")),
             ["info", "rustls=debug"]
+        );
+        assert_eq!(
+            directives(Some("info,rustls::msgs=warn")),
+            ["info", "rustls::msgs=warn"]
+        );
+        assert_eq!(
+            directives(Some("info,hyper_rustls=debug")),
+            ["hyper_rustls=debug", "info", "rustls=error"]
         );
         // A spec EnvFilter cannot read: the default, as before.
         assert_eq!(directives(Some("[[")), ["info", "rustls=error"]);
