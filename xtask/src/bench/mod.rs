@@ -44,7 +44,8 @@ pub enum Which {
     /// vs an nftables raw-prerouting rule (needs root).
     Veth,
     /// The headline ratios in under two minutes (XDP ns/packet, gateway vs
-    /// nginx requests/s, streaming TTFT and memory); nothing recorded.
+    /// nginx requests/s, latency added at 1,000 requests/s, streaming TTFT
+    /// and memory); nothing recorded.
     Quick,
     /// User-space instructions per proxied request, counted by callgrind:
     /// a figure this shared VM's noise does not move, for before/after

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use super::{l7, streams};
+use super::{l7, load, streams};
 use crate::util::{self, is_root, root, step};
 
 pub fn run() -> Result<()> {
@@ -102,6 +102,40 @@ pub fn run() -> Result<()> {
         median(&|r| r[2]),
         median(&|r| r[3]),
         median(&|r| r[3] / r[2])
+    ));
+
+    // Open loop at the target's rate, alternating like the rounds above.
+    step("quick: open loop at 1,000 req/s, 3 s each against direct, nginx and the gateway");
+    let auth = format!("Bearer {}", l7::KEY);
+    let headers = [
+        ("content-type", "application/json"),
+        ("authorization", auth.as_str()),
+    ];
+    let mut open = Vec::new();
+    for (name, u) in [
+        ("direct", &direct),
+        ("nginx", &proxies[0].1),
+        ("gateway", &proxies[1].1),
+    ] {
+        let l = load::run(u, &headers, l7::BODY, 1000, 3)?;
+        anyhow::ensure!(
+            l.errors() == 0,
+            "{name}: {} of {} requests failed",
+            l.errors(),
+            l.sent
+        );
+        open.push(l);
+    }
+    let added = |i: usize, p: f64| (open[i].pct(p) - open[0].pct(p)) / 1e3;
+    lines.push(format!(
+        "l7 added latency at 1,000 req/s (open loop): p50 nginx {:.2} ms, gateway {:.2} ms; \
+         p99 nginx {:.2} ms, gateway {:.2} ms (direct p99 {:.2} ms; machine's worst stall {:.1} ms)",
+        added(1, 0.5),
+        added(2, 0.5),
+        added(1, 0.99),
+        added(2, 0.99),
+        open[0].pct(0.99) / 1e3,
+        open.iter().map(|l| l.worst_stall).fold(0.0, f64::max) / 1e3
     ));
 
     let mut ttft = Vec::new();
