@@ -707,9 +707,9 @@ fn report(secs: u64, peak: &[Peak], fixed: &[(u64, Runs)], protocols: &[ProtoRow
         }
     }
     out.push_str(
-        "\nThe last column is the longest a thread of the generator, sleeping 2 ms at a time beside \
-         the load, woke late during that target's runs: a stall of the whole machine, which every \
-         request in flight then carries whatever it was sent to.\n\
+        "\nThe last column is the longest one of the generator's watcher threads (one pinned to each \
+         CPU, sleeping 2 ms at a time beside the load) woke late during that target's runs: a stall \
+         of that CPU, which every request in flight there then carries whatever it was sent to.\n\
          \nTarget: added p99 <= 0.5 ms at 1,000 requests/s.\n",
     );
     println!("\n{out}");

@@ -36,10 +36,11 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Latencies {
     sorted: Vec<f64>,
     pub sent: usize,
-    /// The longest a watcher thread, sleeping `WATCH` at a time
-    /// alongside the load, woke late (µs): a stall of the whole machine
-    /// (the VM descheduled, say), which every request in flight then
-    /// carries, whichever target it was sent to.
+    /// The longest one of the watcher threads (one pinned to each CPU,
+    /// sleeping `WATCH` at a time alongside the load) woke late (µs): a
+    /// stall of a CPU (the host running something else on that vCPU, say),
+    /// which every request in flight there then carries, whichever target
+    /// it was sent to.
     pub worst_stall: f64,
 }
 
@@ -99,20 +100,16 @@ pub fn run(
     let interval = Duration::from_nanos(1_000_000_000 * CONNS / rate.max(1));
     let start = Instant::now() + Duration::from_millis(100);
     let end = start + interval * per_conn as u32;
-    // The watcher is a thread of its own: a stall of the generator's
-    // thread must not hide from it.
-    let watcher = std::thread::Builder::new()
-        .name("load-watch".into())
-        .spawn(move || {
-            set_timer_slack();
-            let mut worst = Duration::ZERO;
-            while Instant::now() < end {
-                let t = Instant::now();
-                std::thread::sleep(WATCH);
-                worst = worst.max(t.elapsed().saturating_sub(WATCH));
-            }
-            worst
-        })?;
+    // One watcher per CPU, pinned there: a stall of one vCPU (the host
+    // running something else on it) holds whatever runs on that CPU, and
+    // a watcher free to move would mostly be on the other one.
+    let watchers = (0..cpus())
+        .map(|cpu| {
+            std::thread::Builder::new()
+                .name(format!("load-watch-{cpu}"))
+                .spawn(move || watch(cpu, end))
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
     // Tokio's timer serves only the per-request timeout.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -133,9 +130,13 @@ pub fn run(
         }
         anyhow::Ok(all)
     });
-    let worst = watcher
-        .join()
-        .map_err(|_| anyhow::anyhow!("the watcher thread panicked"))?;
+    let mut worst = Duration::ZERO;
+    for w in watchers {
+        let w = w
+            .join()
+            .map_err(|_| anyhow::anyhow!("a watcher thread panicked"))?;
+        worst = worst.max(w);
+    }
     let mut all = all?;
     all.sort_by(f64::total_cmp);
     Ok(Latencies {
@@ -267,6 +268,31 @@ impl Timer {
             guard.clear_ready();
         }
     }
+}
+
+/// The CPUs this process may run on.
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Sleeps `WATCH` at a time on `cpu` until `end`; returns the longest it
+/// woke late. Unpinned (the CPU set may be sparse), it still watches.
+fn watch(cpu: usize, end: Instant) -> Duration {
+    // SAFETY: a zeroed cpu_set_t is an empty set; the calls read the set
+    // passed and pin only this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+    set_timer_slack();
+    let mut worst = Duration::ZERO;
+    while Instant::now() < end {
+        let t = Instant::now();
+        std::thread::sleep(WATCH);
+        worst = worst.max(t.elapsed().saturating_sub(WATCH));
+    }
+    worst
 }
 
 /// The default slack lets the kernel fire a sleep up to 50 µs late.
