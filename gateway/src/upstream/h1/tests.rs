@@ -241,6 +241,8 @@ fn closing(raw: &'static [u8]) -> Reply {
 struct Backend {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
+    /// Connections the client closed (the backend read their end).
+    closed: Arc<AtomicUsize>,
     requests: Arc<Mutex<Vec<Vec<u8>>>>,
 }
 
@@ -250,16 +252,25 @@ async fn backend(replies: Vec<Reply>) -> Backend {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
+    let closed = Arc::new(AtomicUsize::new(0));
     let requests = Arc::new(Mutex::new(Vec::new()));
-    let (acc, reqs) = (Arc::clone(&accepted), Arc::clone(&requests));
+    let (acc, reqs, ends) = (
+        Arc::clone(&accepted),
+        Arc::clone(&requests),
+        Arc::clone(&closed),
+    );
     let replies = Arc::new(replies);
     let next = Arc::new(AtomicUsize::new(0));
     tokio::spawn(async move {
         loop {
             let (mut s, _) = l.accept().await.unwrap();
             acc.fetch_add(1, Ordering::SeqCst);
-            let (replies, next, reqs) =
-                (Arc::clone(&replies), Arc::clone(&next), Arc::clone(&reqs));
+            let (replies, next, reqs, ends) = (
+                Arc::clone(&replies),
+                Arc::clone(&next),
+                Arc::clone(&reqs),
+                Arc::clone(&ends),
+            );
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 loop {
@@ -270,7 +281,10 @@ async fn backend(replies: Vec<Reply>) -> Backend {
                         }
                         let mut b = [0u8; 4096];
                         match s.read(&mut b).await {
-                            Ok(0) | Err(_) => return,
+                            Ok(0) | Err(_) => {
+                                ends.fetch_add(1, Ordering::SeqCst);
+                                return;
+                            }
                             Ok(n) => buf.extend_from_slice(&b[..n]),
                         }
                     };
@@ -308,6 +322,7 @@ async fn backend(replies: Vec<Reply>) -> Backend {
     Backend {
         addr,
         accepted,
+        closed,
         requests,
     }
 }
@@ -460,6 +475,52 @@ async fn a_chunked_stream_arrives_piece_by_piece() {
     let (r, frames) = post(&c, b"{}").await.unwrap();
     assert!(r.status().is_success() && frames.is_empty());
     assert_eq!(b.accepted.load(Ordering::SeqCst), 1);
+}
+
+/// Connections left idle past the timeout are not used again: the next
+/// request opens a new one, and the stale ones are closed (off the
+/// request path, on the blocking pool).
+#[tokio::test]
+async fn connections_idle_past_the_timeout_are_closed_and_replaced() {
+    let slow = Reply {
+        wait: Duration::from_millis(100),
+        ..reply(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na")
+    };
+    let b = backend(vec![
+        slow.clone(),
+        slow.clone(),
+        slow,
+        reply(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nb"),
+    ])
+    .await;
+    let authority: http::uri::Authority = b.addr.to_string().parse().unwrap();
+    let c = Client::new(
+        &authority,
+        Duration::from_secs(2),
+        Duration::from_millis(300),
+        1,
+    );
+    // Three at once: three connections, all back in the pool after.
+    let (x, y, z) = tokio::join!(post(&c, b"{}"), post(&c, b"{}"), post(&c, b"{}"));
+    for r in [x, y, z] {
+        assert_eq!(r.unwrap().1.concat(), b"a");
+    }
+    assert_eq!(c.idle(), 3);
+    assert_eq!(b.accepted.load(Ordering::SeqCst), 3);
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(post(&c, b"{}").await.unwrap().1.concat(), b"b");
+    assert_eq!(b.accepted.load(Ordering::SeqCst), 4, "a new connection");
+    assert_eq!(c.idle(), 1, "only the new one is kept");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while b.closed.load(Ordering::SeqCst) < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stale connections were not closed: {} of 3",
+            b.closed.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test]
