@@ -505,10 +505,6 @@ pub fn run(secs: u64) -> Result<()> {
     let protocols = protocol_rows(&bin, &dir, &mut stack, secs)?;
     let half = (peak[2].1.rps / 2.0) as u64;
     let mut fixed = Vec::new();
-    let headers = [
-        ("content-type", "application/json"),
-        ("authorization", &*format!("Bearer {KEY}")),
-    ];
     for rate in [1000, half] {
         // LiteLLM cannot sustain these rates; its peak row says so.
         let mut runs: Runs = targets[..3]
@@ -523,7 +519,7 @@ pub fn run(secs: u64) -> Result<()> {
                 step(&format!(
                     "bench: open loop at {rate} req/s, round {round}/{OPEN_LOOP_ROUNDS}, against {name}"
                 ));
-                pooled.merge(load::run(url, &headers, BODY, rate, round_secs)?);
+                pooled.merge(open_loop(url, rate, round_secs)?);
             }
         }
         for (name, l) in &runs {
@@ -606,6 +602,17 @@ fn protocol_rows(bin: &Path, dir: &Path, stack: &mut Stack, secs: u64) -> Result
 }
 
 type Runs<'a> = Vec<(&'a str, load::Latencies)>;
+
+/// The bench's chat completion, with its key, POSTed to `url` at `rate`
+/// per second for `secs` seconds by the open-loop generator.
+pub(super) fn open_loop(url: &str, rate: u64, secs: u64) -> Result<load::Latencies> {
+    let auth = format!("Bearer {KEY}");
+    let headers = [
+        ("content-type", "application/json"),
+        ("authorization", auth.as_str()),
+    ];
+    load::run(url, &headers, BODY, rate, secs)
+}
 
 /// Rounds of the open-loop runs, each a third of the run's seconds.
 const OPEN_LOOP_ROUNDS: u64 = 3;

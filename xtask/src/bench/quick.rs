@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use super::{l7, load, streams};
+use super::{l7, streams};
 use crate::util::{self, is_root, root, step};
 
 pub fn run() -> Result<()> {
@@ -106,18 +106,13 @@ pub fn run() -> Result<()> {
 
     // Open loop at the target's rate, alternating like the rounds above.
     step("quick: open loop at 1,000 req/s, 3 s each against direct, nginx and the gateway");
-    let auth = format!("Bearer {}", l7::KEY);
-    let headers = [
-        ("content-type", "application/json"),
-        ("authorization", auth.as_str()),
-    ];
     let mut open = Vec::new();
     for (name, u) in [
         ("direct", &direct),
         ("nginx", &proxies[0].1),
         ("gateway", &proxies[1].1),
     ] {
-        let l = load::run(u, &headers, l7::BODY, 1000, 3)?;
+        let l = l7::open_loop(u, 1000, 3)?;
         anyhow::ensure!(
             l.errors() == 0,
             "{name}: {} of {} requests failed",
